@@ -1,0 +1,219 @@
+r"""MedUnifier pre-training: ITC + ITM + ITG + TIG in one step.
+
+Variants (the config's own argument selects one; nothing is copied between files):
+  paper     EVA ViT-g/14 (frozen), BERT-base Q-Former, d=768, K=512, 224 px, 95 tokens.
+  small     a reduced model that still has the paper's 16x16 patch grid (112 px, patch 7).
+  demo      learns on phantom radiographs in minutes on 2 CPU cores (the README's main job).
+  tiny      the smallest model that exercises every code path; used by the tests.
+  bench_xs  the benchmark geometry: 112 px, patch 7, width 256, 4 layers, 4 heads, 32 queries,
+            64 text tokens, vocabulary 30,524, batch 8, ViT frozen.
+
+Launch:
+  python -m medunifier_jax.train --config configs/pretrain.py:demo --workdir workdirs/demo
+  python -m medunifier_jax.train --config configs/pretrain.py:paper --workdir gs://BUCKET/run \
+      --config.data.name=mimic_cxr --config.init_from=hf-blip2:/path/to/blip2
+"""
+
+import ml_collections
+
+VARIANTS = ("paper", "small", "demo", "tiny", "bench_xs")
+
+# Geometry rules the model checks (see medunifier_jax/models/vqvae.py):
+#   vit.image_size / vit.patch_size == vqvae.grid            (patch tokens read as a grid)
+#   vit.image_size == (vqvae.grid - 2) * 2**k, k >= 1         (3x3 valid conv, then k x2 upsamples)
+#   vqvae.query_grid[0] * vqvae.query_grid[1] == qformer.num_queries
+#   len(vqvae.decoder_channels) == k - 1
+
+
+def _model(variant: str) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  vit = m.vit = ml_collections.ConfigDict()
+  qf = m.qformer = ml_collections.ConfigDict()
+  vq = m.vqvae = ml_collections.ConfigDict()
+
+  # Defaults follow the paper / BLIP-2; variants override sizes only.
+  vit.image_size = 224
+  vit.patch_size = 14
+  vit.width = 1408
+  vit.depth = 39  # EVA ViT-g has 40 blocks; BLIP-2 drops the last one.
+  vit.num_heads = 16
+  vit.mlp_dim = 6144
+  vit.layer_norm_eps = 1e-6
+  vit.qkv_bias = True
+  vit.frozen = True
+  vit.dropout = 0.0
+
+  qf.hidden_size = 768
+  qf.num_layers = 12
+  qf.num_heads = 12
+  qf.intermediate_size = 3072
+  qf.cross_attention_freq = 2
+  qf.num_queries = 32
+  qf.vocab_size = 30523  # BERT's 30,522 + [DEC]
+  qf.max_position_embeddings = 512
+  qf.layer_norm_eps = 1e-12
+  qf.hidden_dropout = 0.1
+  qf.attention_dropout = 0.1
+  qf.pad_token_id = 0
+  qf.cls_token_id = 101
+  qf.dec_token_id = 30522  # [DEC], appended after BERT's vocabulary
+
+  m.embed_dim = 256  # vision_proj / text_proj output width
+  m.temperature_init = 0.07
+  m.temperature_min = 0.001
+  m.temperature_max = 0.5
+  m.max_text_len = 95
+
+  vq.latent_dim = 768  # d
+  vq.codebook_size = 512  # K, both levels
+  vq.grid = 16  # bottom grid (patch grid)
+  vq.query_grid = (4, 8)  # 32 query outputs read as 4x8, resized to grid // 2
+  vq.num_res_layers = 3
+  vq.decoder_channels = (6 * 768, 6 * 768, 3 * 768)  # after each upsample but the last (-> 3)
+  vq.commitment_weight = 1.0  # mean((sg(z_q) - z_e)^2), as in the paper's code
+  vq.codebook_weight = 0.5  # mean((z_q - sg(z_e))^2), as in the paper's code
+  vq.batchnorm_momentum = 0.9
+  vq.ema = False  # EMA codebook updates (off: the paper's behaviour)
+  vq.ema_decay = 0.99
+  vq.restart_dead_codes = False
+
+  if variant == "paper":
+    pass
+  elif variant in ("small", "bench_xs"):
+    vit.image_size, vit.patch_size = 112, 7
+    vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 256, 4, 4, 1024
+    qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size = 256, 4, 4, 1024
+    m.max_text_len = 64
+    vq.latent_dim, vq.codebook_size = 128, 512
+    vq.decoder_channels = (256, 128)
+    if variant == "bench_xs":
+      qf.vocab_size, qf.dec_token_id = 30524, 30522
+    else:
+      vit.frozen = False
+  elif variant == "demo":
+    vit.image_size, vit.patch_size = 48, 6
+    vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 128, 3, 4, 256
+    vit.frozen = False
+    qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size = 128, 3, 4, 256
+    qf.num_queries = 16
+    qf.vocab_size, qf.dec_token_id = 2049, 2048  # tokenizer trained on the report corpus
+    qf.cls_token_id = 2
+    m.embed_dim = 128
+    m.max_text_len = 64
+    vq.grid, vq.query_grid = 8, (4, 4)
+    vq.latent_dim, vq.codebook_size = 64, 128
+    vq.decoder_channels = (128, 64)
+  elif variant == "tiny":
+    vit.image_size, vit.patch_size = 48, 6
+    vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 2, 2, 64
+    vit.frozen = False
+    qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size = 32, 2, 2, 64
+    qf.num_queries = 8
+    qf.max_position_embeddings = 64
+    qf.vocab_size, qf.dec_token_id = 513, 512
+    qf.cls_token_id = 2
+    m.embed_dim = 16
+    m.max_text_len = 24
+    vq.grid, vq.query_grid = 8, (2, 4)
+    vq.latent_dim, vq.codebook_size = 16, 32
+    vq.num_res_layers = 1
+    vq.decoder_channels = (32, 16)
+  else:
+    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "demo"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  c.model = _model(variant)
+
+  # Objectives: weight 0 switches one off (its computation is skipped, not just zeroed).
+  c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, itg=1.0, tig=1.0))
+  c.label_smoothing = 0.1  # ITC and ITG
+
+  # Data (medunifier_jax/data). Paths are config values; nothing is hard-coded.
+  d = c.data = ml_collections.ConfigDict()
+  d.name = "phantom_openi"  # phantoms paired with the real Open-i reports (+ templated ones)
+  d.data_dir = ""  # for TFDS-built real data sets
+  d.tokenizer_dir = ""  # empty: train a WordPiece vocabulary on the report corpus, cache it here
+  d.tokenizer_vocab_size = c.model.qformer.dec_token_id  # [DEC] takes the id after the vocab
+  d.image_size = c.model.vit.image_size
+  d.max_text_len = c.model.max_text_len
+  d.image_mean = (0.48145466, 0.4578275, 0.40821073)  # the BLIP-2 / CLIP normalisation
+  d.image_std = (0.26862954, 0.26130258, 0.27577711)
+  d.phantom_seed = 0
+  d.templated_fraction = 0.5  # share of pre-training pairs with templated (not Open-i) reports
+  d.num_train = 20000
+  d.num_val = 500
+  d.num_test = 500
+  d.worker_count = 0  # grain worker processes (0: in the main process)
+  d.shuffle_seed = 0
+
+  # Optimisation (the paper's recipe, DESIGN.md section 1.6, plus warm-up and clipping).
+  c.batch_size = 32  # global
+  c.num_steps = 10000
+  c.learning_rate = 1e-4
+  c.end_learning_rate = 1e-8
+  c.warmup_steps = 500
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.weight_decay = 0.05
+  c.grad_clip_norm = 1.0
+  c.compute_dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
+  c.remat = False  # rematerialise transformer blocks
+
+  # Device mesh: one -1 is filled in with the remaining devices.
+  c.mesh = [("data", -1), ("model", 1)]
+  c.sharding_rules = [
+      ("batch", "data"),
+      ("embed", None),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv", None),
+      ("vocab", "model"),
+      ("codebook", None),
+      ("conv_in", None),
+      ("conv_out", None),
+  ]
+
+  # Checkpoints, logging, evaluation.
+  c.init_from = ""  # "hf-blip2:DIR" / "hf-bert:DIR": used only when the workdir has no checkpoint
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate at the end only
+  c.evals = ml_collections.ConfigDict()
+
+  if variant == "paper":
+    c.compute_dtype = "bfloat16"
+    c.data.name = "mimic_cxr"
+    c.batch_size = 256
+    c.num_steps = 100000
+    c.warmup_steps = 2000
+  elif variant == "small":
+    c.batch_size = 32
+  elif variant == "bench_xs":
+    c.batch_size = 8
+    c.num_steps = 20
+  elif variant == "demo":
+    c.batch_size = 32
+    c.num_steps = 2000
+    c.learning_rate = 5e-4
+    c.warmup_steps = 100
+    c.weight_decay = 0.01
+    c.checkpoint_every = 250
+  elif variant == "tiny":
+    c.batch_size = 8
+    c.num_steps = 20
+    c.learning_rate = 1e-3
+    c.warmup_steps = 2
+    c.checkpoint_every = 10
+    c.log_every = 5
+    c.data.num_train, c.data.num_val, c.data.num_test = 256, 32, 32
+  c.lock()
+  return c
