@@ -1,0 +1,103 @@
+"""Report text: cleaning for the model input and offline sentence splitting for references.
+
+`clean_report` follows the paper's code (BLIP's `pre_caption` without its lower-casing and
+without removing full stops): the characters ``! " ( ) * # : ; ~`` become spaces, runs of
+whitespace collapse to one space, and the text is cut to `max_words` words (95 in the paper).
+
+De-identified Open-i reports replace names, dates and many ordinary words by ``XXXX``
+("Normal chest x-XXXX.", "Comparison XXXX, XXXX."). Such a run carries no information, so
+`clean_report` collapses each run of placeholders (with the commas or spaces between them)
+into one `deid_token` (``XXXX`` by default; an empty string drops them). A BERT vocabulary then
+sees one token where there was one redacted span instead of spending several on nothing.
+
+`split_sentences` uses pysbd (a rule-based segmenter implementing the "Golden Rules" of
+sentence boundary detection; its rules ship inside the package, so it works offline).
+Differences from NLTK's punkt, which the paper's evaluation code uses:
+  * punkt is an unsupervised statistical model whose parameters (abbreviations, collocations,
+    frequent sentence starters) are learned from a corpus and must be downloaded
+    (``nltk.download("punkt")``); pysbd needs no data files.
+  * Enumerations: impressions such as "... disease. 1. Increased opacity ... 2. XXXX opacity"
+    come out of pysbd as one sentence per item with its number in front ("1. Increased
+    opacity ..."); punkt decides case by case whether "1." ends or starts a sentence.
+    `split_sentences` strips the leading item numbers by default, so a reference sentence is
+    the finding itself.
+  * Abbreviations and numbers ("Dr.", "e.g.", "vs.", "p.m.", "2.5 cm") are handled by fixed
+    rules in pysbd and by learned statistics in punkt; on radiology text both keep them
+    inside the sentence, but rare abbreviations may split differently.
+  * pysbd is slower (about 1 ms per report), irrelevant for building evaluation references.
+Sentence counts can therefore differ slightly from published pipelines, which moves corpus
+BLEU/CIDEr computed against per-sentence references by a small amount.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+DEFAULT_MAX_WORDS = 95
+DEID_TOKEN = "XXXX"
+
+_PUNCTUATION = re.compile(r"[!\"()*#:;~]")
+_WHITESPACE = re.compile(r"\s+")
+# A run of de-identification placeholders, e.g. "XXXX", "XXXX XXXX", "XXXX, XXXX".
+_DEID_RUN = re.compile(r"\bX{3,}\b(?:[\s,]+X{3,}\b)*")
+_ENUMERATION = re.compile(r"^\(?\d{1,2}[.)]\s+")
+_HAS_WORD = re.compile(r"\w")
+
+
+def clean_report(
+    text: str, max_words: int | None = DEFAULT_MAX_WORDS, deid_token: str = DEID_TOKEN
+) -> str:
+  """Cleans one report for the model input (DESIGN 2.1).
+
+  Args:
+    text: the raw report (any whitespace, any length).
+    max_words: keep at most this many whitespace-separated words; None keeps all.
+    deid_token: what each run of ``XXXX`` placeholders becomes ("" drops it).
+
+  Returns:
+    The cleaned text: single spaces, no leading/trailing space, at most `max_words` words.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"a report must be a str, got {type(text).__name__}: {text!r:.80}")
+  if max_words is not None and max_words < 1:
+    raise ValueError(f"max_words must be a positive word count or None, got {max_words}")
+  text = _DEID_RUN.sub(deid_token, text)
+  text = _PUNCTUATION.sub(" ", text)
+  words = _WHITESPACE.sub(" ", text).strip().split(" ")
+  if max_words is not None:
+    words = words[:max_words]
+  return " ".join(words)
+
+
+@functools.cache
+def _segmenter():
+  import pysbd  # Imported on first use: loading its rules costs ~0.1 s.
+
+  return pysbd.Segmenter(language="en", clean=False)
+
+
+def split_sentences(text: str, strip_enumeration: bool = True) -> list[str]:
+  """Splits a report into sentences with pysbd (offline; see the module docstring).
+
+  Args:
+    text: the raw report.
+    strip_enumeration: remove a leading item number ("1. ", "2) ") from each sentence.
+
+  Returns:
+    The sentences, stripped, in order; fragments without any word character (a stray ".")
+    are dropped. An empty or blank report gives [].
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"a report must be a str, got {type(text).__name__}: {text!r:.80}")
+  text = _WHITESPACE.sub(" ", text).strip()
+  if not text:
+    return []
+  sentences = []
+  for s in _segmenter().segment(text):
+    s = s.strip()
+    if strip_enumeration:
+      s = _ENUMERATION.sub("", s)
+    if _HAS_WORD.search(s):
+      sentences.append(s)
+  return sentences
