@@ -1,0 +1,143 @@
+"""Building blocks shared by the ViT, the Q-Former and the VQ-VAE.
+
+Weights carry logical axis names (see docs/ARCHITECTURE.md); the training code maps them to mesh
+axes with `config.sharding_rules`. Parameters are stored in float32; `dtype` is the compute dtype.
+Numerics follow the Hugging Face PyTorch modules so that imported weights reproduce their outputs:
+exact (erf) GELU, attention logits scaled by 1/sqrt(head_dim), LayerNorm eps from the config.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = Sequence[str | None]
+
+# BERT / BLIP-2 initialise dense and embedding weights with N(0, 0.02).
+INIT_STD = 0.02
+
+
+def partitioned(init, axes: Axes):
+  """`init` annotated with logical axis names, sharded later by the training code's rules."""
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes) -> nnx.Param:
+  """A float32 `nnx.Param` initialised by `init` and annotated with logical axes."""
+  return nnx.Param(
+      init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes), eager_sharding=False
+  )
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
+    use_bias: bool = True,
+    std: float = INIT_STD,
+) -> nnx.Linear:
+  """`nnx.Linear` with N(0, std) kernel (in, out), zero bias, and logical axes `axes`."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=partitioned(nnx.initializers.normal(std), axes),
+      bias_init=partitioned(nnx.initializers.zeros, axes[1:]),
+      rngs=rngs,
+  )
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+  """LayerNorm over the last axis (two-pass variance, as PyTorch)."""
+  return nnx.LayerNorm(
+      features,
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+      bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+      rngs=rngs,
+  )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x): Hugging Face's "gelu" activation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """(B, T, h*d) -> (B, h, T, d)."""
+  b, t, _ = x.shape
+  return x.reshape(b, t, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """(B, h, T, d) -> (B, T, h*d)."""
+  b, _, t, _ = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    dropout: nnx.Dropout | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> jax.Array:
+  """Scaled dot-product attention.
+
+  Args:
+    q: (B, h, Tq, d); k, v: (B, h, Tk, d).
+    mask: bool, broadcastable to (B, h, Tq, Tk); True where a query may attend. None: all.
+    dropout: applied to the attention probabilities when `rngs` is given.
+  Returns:
+    (B, h, Tq, d), in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+  if mask is not None:
+    # finfo.min rather than -inf, as the PyTorch reference: a fully masked row stays finite.
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout is not None and rngs is not None:
+    probs = dropout(probs, rngs=rngs)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+
+def apply_dropout(dropout: nnx.Dropout, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+  """Dropout that is active only when call-time `rngs` are given (None: evaluation)."""
+  return x if rngs is None else dropout(x, rngs=rngs)
+
+
+def new_dropout(rate: float) -> nnx.Dropout:
+  """A stateless dropout layer; its randomness always comes from call-time `rngs`."""
+  return nnx.Dropout(rate, deterministic=False)
+
+
+def sinusoidal_position_encoding_2d(height: int, width: int, channels: int) -> jax.Array:
+  """Fixed 2D sine/cosine position encoding, (height, width, channels) float32.
+
+  The first half of the channels encodes the row, the second half the column; within each half
+  the first quarter is sin(pos * w_i) and the second cos(pos * w_i), w_i = 10000^(-i / (c/4)),
+  the transformer encoding applied per axis. `channels` must be divisible by 4.
+  """
+  if channels % 4:
+    raise ValueError(f"2D sinusoidal encoding needs channels divisible by 4, got {channels}")
+  quarter = channels // 4
+  freqs = 1.0 / (10000.0 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter))
+
+  def encode(n: int) -> jax.Array:  # (n, channels // 2)
+    angles = jnp.arange(n, dtype=jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  rows = jnp.broadcast_to(encode(height)[:, None, :], (height, width, channels // 2))
+  cols = jnp.broadcast_to(encode(width)[None, :, :], (height, width, channels // 2))
+  return jnp.concatenate([rows, cols], axis=-1)

@@ -1,0 +1,234 @@
+"""MedUnifier: BLIP-2 ViT + Q-Former + contrastive/matching heads + text-grounded VQ-VAE.
+
+Shapes: B batch, S image size, N = (S / patch)^2 patch tokens, Dv ViT width, Q queries, H Q-Former
+width, T text length, E embed_dim, V vocabulary. The model holds only `nnx.Param` and
+`nnx.BatchStat` state; dropout draws from the `rngs` passed at call time (None: deterministic).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from medunifier_jax.models import layers
+from medunifier_jax.models.qformer import KV, QFormer
+from medunifier_jax.models.vit import VisionTransformer
+from medunifier_jax.models.vqvae import VQVAE
+
+
+def validate_geometry(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the offending config values when the parts do not fit together."""
+  vit, qf, vq = cfg.vit, cfg.qformer, cfg.vqvae
+  s, p = vit.image_size, vit.patch_size
+  if s % p:
+    raise ValueError(f"model.vit.image_size={s} must be a multiple of model.vit.patch_size={p}")
+  if s // p != vq.grid:
+    raise ValueError(
+        f"the ViT's patch grid is {s}/{p}={s // p} but model.vqvae.grid={vq.grid}; the VQ-VAE "
+        f"reads the patch tokens as its grid: set vqvae.grid={s // p} or change image/patch size"
+    )
+  k = len(vq.decoder_channels) + 1
+  if s != (vq.grid - 2) * 2**k:
+    raise ValueError(
+        f"the VQ-VAE decoder maps its {vq.grid}x{vq.grid} grid to (grid - 2) * 2**k pixels with "
+        f"k = len(vqvae.decoder_channels) + 1 = {k}, i.e. {(vq.grid - 2) * 2**k}, but "
+        f"vit.image_size={s}; adjust vqvae.decoder_channels or the image size"
+    )
+  qh, qw = vq.query_grid
+  if qh * qw != qf.num_queries:
+    raise ValueError(
+        f"model.vqvae.query_grid={tuple(vq.query_grid)} holds {qh * qw} cells but "
+        f"model.qformer.num_queries={qf.num_queries}; they must match"
+    )
+  if cfg.max_text_len > qf.max_position_embeddings:
+    raise ValueError(
+        f"model.max_text_len={cfg.max_text_len} exceeds "
+        f"model.qformer.max_position_embeddings={qf.max_position_embeddings}"
+    )
+
+
+class MedUnifier(nnx.Module):
+  """The whole model. Attribute names are a contract (weight import and freezing use them)."""
+
+  def __init__(
+      self,
+      cfg: ml_collections.ConfigDict,
+      *,
+      rngs: nnx.Rngs,
+      dtype: str | jnp.dtype | None = None,
+      remat: bool | None = None,
+  ):
+    """Builds the model from `config.model`.
+
+    Args:
+      cfg: `config.model` (configs/pretrain.py).
+      rngs: initialisation randomness (`params` stream).
+      dtype: compute dtype ("float32", "bfloat16"); parameters stay float32. Default:
+        `cfg.dtype` if present, else float32.
+      remat: rematerialise each transformer block in the backward pass. Default: `cfg.remat`
+        if present, else False.
+    """
+    validate_geometry(cfg)
+    dtype = jnp.dtype(dtype or cfg.get("dtype", "float32"))
+    remat = bool(cfg.get("remat", False) if remat is None else remat)
+    self.dtype = dtype
+    self.vit_frozen = bool(cfg.vit.frozen)
+    self.image_size = cfg.vit.image_size
+    self.vocab_size = cfg.qformer.vocab_size
+    self.max_text_len = cfg.qformer.max_position_embeddings
+    self.temperature_min = float(cfg.temperature_min)
+    self.temperature_max = float(cfg.temperature_max)
+    h, e, dv = cfg.qformer.hidden_size, cfg.embed_dim, cfg.vit.width
+
+    self.vit = VisionTransformer(cfg.vit, rngs=rngs, dtype=dtype, remat=remat)
+    self.qformer = QFormer(cfg.qformer, dv, rngs=rngs, dtype=dtype, remat=remat)
+    self.query_tokens = layers.param(
+        rngs, nnx.initializers.normal(layers.INIT_STD), (1, cfg.qformer.num_queries, h),
+        (None, None, "embed"),
+    )
+    self.vision_proj = layers.dense(h, e, ("embed", None), rngs=rngs, dtype=dtype)
+    self.text_proj = layers.dense(h, e, ("embed", None), rngs=rngs, dtype=dtype)
+    self.itm_head = layers.dense(h, 2, ("embed", None), rngs=rngs, dtype=dtype)
+    self.temp = nnx.Param(jnp.asarray(cfg.temperature_init, jnp.float32))
+    self.vqvae = VQVAE(
+        cfg=cfg.vqvae, query_width=h, vision_width=dv, text_width=h, image_size=cfg.vit.image_size,
+        rngs=rngs,
+    )
+
+  # -- encoders ------------------------------------------------------------------------------
+
+  def image_tokens(self, pixel_values: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """(B, S, S, 3) normalised pixels -> (B, 1 + N, Dv) after `ln_vision`."""
+    tokens = self.vit(pixel_values.astype(self.dtype), rngs=rngs)
+    return jax.lax.stop_gradient(tokens) if self.vit_frozen else tokens
+
+  def _queries(self, batch: int) -> jax.Array:
+    q = self.query_tokens[...]
+    return jnp.broadcast_to(q, (batch,) + q.shape[1:]).astype(self.dtype)
+
+  def image_queries(self, image_tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Q-Former image mode: (B, 1 + N, Dv) -> (B, Q, H)."""
+    return self.image_queries_with_kv(image_tokens, rngs=rngs)[0]
+
+  def image_queries_with_kv(
+      self, image_tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, list[KV]]:
+    """Image mode, also returning each layer's query keys/values for the generation mode."""
+    return self.qformer.image_mode_with_kv(
+        self._queries(image_tokens.shape[0]), image_tokens, rngs=rngs
+    )
+
+  def text_hidden(
+      self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None
+  ) -> jax.Array:
+    """Q-Former text mode: (B, T) ids and mask -> (B, T, H); position 0 ([CLS]) is the feature."""
+    self._check_text(input_ids, attention_mask)
+    return self.qformer(None, input_ids, attention_mask, None, mode="text", rngs=rngs)
+
+  def image_embeddings(self, queries: jax.Array) -> jax.Array:
+    """(B, Q, H) -> (B, Q, E) float32, L2-normalised."""
+    return l2_normalize(self.vision_proj(queries).astype(jnp.float32))
+
+  def text_embeddings(self, text_hidden: jax.Array) -> jax.Array:
+    """(B, T, H) -> (B, E) float32 from the [CLS] position, L2-normalised."""
+    return l2_normalize(self.text_proj(text_hidden[:, 0]).astype(jnp.float32))
+
+  def temperature(self) -> jax.Array:
+    """The learnable temperature clamped to [temperature_min, temperature_max] (as BLIP-2)."""
+    return jnp.clip(self.temp[...], self.temperature_min, self.temperature_max)
+
+  # -- matching and generation ---------------------------------------------------------------
+
+  def itm_logits(
+      self,
+      image_tokens: jax.Array,
+      input_ids: jax.Array,
+      attention_mask: jax.Array,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Matching mode on row-aligned pairs -> (B, 2) float32 (no-match, match), query-averaged."""
+    self._check_text(input_ids, attention_mask)
+    q = self.query_tokens.shape[1]
+    hidden = self.qformer(
+        self._queries(input_ids.shape[0]), input_ids, attention_mask, image_tokens,
+        mode="matching", rngs=rngs,
+    )
+    return self.itm_head(hidden[:, :q]).astype(jnp.float32).mean(axis=1)
+
+  def lm_logits(
+      self,
+      image_tokens: jax.Array,
+      input_ids: jax.Array,
+      attention_mask: jax.Array,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Generation mode, one joint pass -> (B, T, V) float32; logits[:, t] predicts token t + 1.
+
+    The first token is replaced by [DEC] inside.
+    """
+    self._check_text(input_ids, attention_mask)
+    q = self.query_tokens.shape[1]
+    hidden = self.qformer(
+        self._queries(input_ids.shape[0]), input_ids, attention_mask, image_tokens,
+        mode="generation", rngs=rngs,
+    )
+    return self.qformer.lm_logits(hidden[:, q:])
+
+  def lm_logits_from_query_kv(
+      self,
+      query_kvs: list[KV],
+      input_ids: jax.Array,
+      attention_mask: jax.Array,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """As `lm_logits`, reusing the image pass's query keys/values (`image_queries_with_kv`)."""
+    self._check_text(input_ids, attention_mask)
+    hidden = self.qformer.generate_text(query_kvs, input_ids, attention_mask, rngs=rngs)
+    return self.qformer.lm_logits(hidden)
+
+  def init_decode_cache(
+      self, image_tokens: jax.Array, batch_size: int, max_len: int
+  ) -> dict[str, jax.Array]:
+    """Decoding state for `batch_size` sequences of at most `max_len` tokens ([DEC] included).
+
+    image_tokens: (B, 1 + N, Dv); batch_size must be a multiple of B: each image's state is
+    repeated batch_size // B times in a row (e.g. one row per beam).
+    """
+    b = image_tokens.shape[0]
+    if batch_size % b:
+      raise ValueError(f"batch_size={batch_size} must be a multiple of the {b} images")
+    _, kvs = self.image_queries_with_kv(image_tokens)
+    r = batch_size // b
+    kvs = [(jnp.repeat(k, r, axis=0), jnp.repeat(v, r, axis=0)) for k, v in kvs]
+    return self.qformer.init_decode_cache(kvs, max_len)
+
+  def decode_step(
+      self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """token_ids (B,) at text position `position` (int32 scalar; feed [DEC] at 0).
+
+    Returns next-token logits (B, V) float32 and the updated cache; equal to `lm_logits`
+    row `position` for the same prefix.
+    """
+    return self.qformer.decode_step(cache, token_ids, jnp.asarray(position, jnp.int32))
+
+  def _check_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> None:
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+      raise ValueError(
+          f"expected input_ids and attention_mask of one shape (B, T), got "
+          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+      )
+    if input_ids.shape[1] > self.max_text_len:
+      raise ValueError(
+          f"text length {input_ids.shape[1]} exceeds the {self.max_text_len} positions of the "
+          f"Q-Former; truncate to model.max_text_len"
+      )
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)

@@ -1,0 +1,459 @@
+"""The BLIP-2 Q-Former: a BERT encoder with learned queries, four attention modes and an LM head.
+
+The joint sequence is [queries; text]. Every layer runs self-attention over it under the mode's
+mask; in layers whose index is divisible by `cross_attention_freq` the query positions (and only
+they) then cross-attend to the image tokens; the feed-forward block has separate weights for
+query and text positions.
+
+Modes (B batch, Q queries, T text tokens, H width):
+  image       queries only, cross-attention on                        -> (B, Q, H)
+  text        text only, padding mask, no cross-attention             -> (B, T, H)
+  matching    queries + text, bidirectional, queries cross-attend     -> (B, Q + T, H)
+  generation  queries see queries; text sees all queries and earlier  -> (B, Q + T, H)
+              text (causal); the first text token becomes [DEC]
+
+In generation mode the queries never see text, so their per-layer keys/values equal those of the
+image pass: `image_mode_with_kv` returns them and `generate_text` / `decode_step` reuse them (the
+BLIP-2 recipe) instead of running the queries again.
+
+Module names mirror Hugging Face (`Blip2ForImageTextRetrieval` with `use_qformer_text_input=True`,
+and `BertLMHeadModel` for the head), so the weight import is a renaming (torch Linear weights are
+transposed: ours are (in, out)):
+
+  ours (under `qformer.`)                      Hugging Face BLIP-2 / BERT
+  embeddings.word_embeddings                   embeddings.word_embeddings / bert.embeddings.*
+  embeddings.position_embeddings               embeddings.position_embeddings
+  embeddings.layernorm                         qformer.layernorm / bert.embeddings.LayerNorm
+  layers[i].attention.query / key / value      qformer.encoder.layer.i.attention.attention.query...
+  layers[i].attention.output_dense             qformer.encoder.layer.i.attention.output.dense
+  layers[i].attention.output_layernorm         qformer.encoder.layer.i.attention.output.LayerNorm
+  layers[i].crossattention.*  (i % freq == 0)  qformer.encoder.layer.i.crossattention.* (as above)
+  layers[i].intermediate.dense                 qformer.encoder.layer.i.intermediate.dense
+  layers[i].output.dense / output.layernorm    qformer.encoder.layer.i.output.dense / .LayerNorm
+  layers[i].intermediate_query.dense           qformer.encoder.layer.i.intermediate_query.dense
+  layers[i].output_query.dense / .layernorm    qformer.encoder.layer.i.output_query.*
+  lm_head.dense / lm_head.layernorm            cls.predictions.transform.dense / .LayerNorm
+  lm_head.bias                                 cls.predictions.bias
+  (decoder weight)                             tied: embeddings.word_embeddings
+"""
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from medunifier_jax.models import layers
+
+Mode = Literal["image", "text", "matching", "generation"]
+KV = tuple[jax.Array, jax.Array]  # keys, values: (B, heads, T, head_dim) each
+
+
+class QFormerEmbeddings(nnx.Module):
+  """Word + absolute position embeddings for text; queries prepended; one LayerNorm + dropout."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
+    h = cfg.hidden_size
+    init = nnx.initializers.normal(layers.INIT_STD)
+    self.word_embeddings = nnx.Embed(
+        cfg.vocab_size,
+        h,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=layers.partitioned(init, ("vocab", "embed")),
+        rngs=rngs,
+    )
+    self.position_embeddings = nnx.Embed(
+        cfg.max_position_embeddings,
+        h,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=layers.partitioned(init, (None, "embed")),
+        rngs=rngs,
+    )
+    self.layernorm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+    self.dropout = layers.new_dropout(cfg.hidden_dropout)
+    self.max_positions = cfg.max_position_embeddings
+
+  def __call__(
+      self,
+      query_embeds: jax.Array | None,
+      input_ids: jax.Array | None,
+      *,
+      first_position: jax.Array | int = 0,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """query_embeds (B, Q, H) and/or input_ids (B, T) -> (B, Q + T, H).
+
+    Text positions run from `first_position` (0 for a whole text; the step index when decoding).
+    """
+    parts = []
+    if query_embeds is not None:
+      parts.append(query_embeds)
+    if input_ids is not None:
+      t = input_ids.shape[1]
+      if isinstance(first_position, int) and first_position + t > self.max_positions:
+        raise ValueError(
+            f"text of {first_position + t} tokens exceeds qformer.max_position_embeddings="
+            f"{self.max_positions}; shorten it (max_text_len) or enlarge the position table"
+        )
+      positions = first_position + jnp.arange(t)
+      text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+      parts.append(text)
+    if not parts:
+      raise ValueError("need query embeddings, input_ids or both")
+    dtype = parts[-1].dtype
+    x = jnp.concatenate([p.astype(dtype) for p in parts], axis=1)
+    return layers.apply_dropout(self.dropout, self.layernorm(x), rngs)
+
+
+class QFormerAttention(nnx.Module):
+  """BERT attention + output block: LN(x + dropout(dense(attend(x, source))))."""
+
+  def __init__(
+      self, cfg: ml_collections.ConfigDict, source_width: int, *, rngs: nnx.Rngs, dtype=None
+  ):
+    h = cfg.hidden_size
+    if h % cfg.num_heads:
+      raise ValueError(f"qformer.hidden_size={h} must be divisible by num_heads={cfg.num_heads}")
+    self.num_heads = cfg.num_heads
+    self.query = layers.dense(h, h, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.key = layers.dense(source_width, h, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.value = layers.dense(source_width, h, ("embed", "heads"), rngs=rngs, dtype=dtype)
+    self.output_dense = layers.dense(h, h, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.output_layernorm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+    self.attention_dropout = layers.new_dropout(cfg.attention_dropout)
+    self.dropout = layers.new_dropout(cfg.hidden_dropout)
+
+  def project_query(self, x: jax.Array) -> jax.Array:
+    """(B, T, H) -> (B, heads, T, d)."""
+    return layers.split_heads(self.query(x), self.num_heads)
+
+  def project_kv(self, source: jax.Array) -> KV:
+    """(B, S, W) -> keys, values (B, heads, S, d)."""
+    return (
+        layers.split_heads(self.key(source), self.num_heads),
+        layers.split_heads(self.value(source), self.num_heads),
+    )
+
+  def attend(
+      self, q: jax.Array, k: jax.Array, v: jax.Array, mask, residual, rngs: nnx.Rngs | None
+  ) -> jax.Array:
+    """Attention of q over (k, v), then the output block on `residual` (B, T, H)."""
+    ctx = layers.dot_product_attention(q, k, v, mask, self.attention_dropout, rngs)
+    out = layers.apply_dropout(self.dropout, self.output_dense(layers.merge_heads(ctx)), rngs)
+    return self.output_layernorm(out + residual)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None,
+      *,
+      source: jax.Array | None = None,
+      prefix_kv: KV | None = None,
+      rngs: nnx.Rngs | None = None,
+  ) -> tuple[jax.Array, KV]:
+    """Self-attention (source None) or cross-attention over `source`.
+
+    Args:
+      x: (B, T, H).
+      mask: bool (B, 1, T, S'), True where attending is allowed; None: everything.
+      prefix_kv: keys/values (B, heads, P, d) placed before x's own (S' = P + T).
+    Returns:
+      (B, T, H) output and the keys/values computed from x (or source).
+    """
+    k, v = self.project_kv(x if source is None else source)
+    kk, vv = k, v
+    if prefix_kv is not None:
+      kk = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)
+      vv = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
+    return self.attend(self.project_query(x), kk, vv, mask, x, rngs), (k, v)
+
+
+class Intermediate(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
+    self.dense = layers.dense(
+        cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs, dtype=dtype
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layers.gelu(self.dense(x))
+
+
+class Output(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
+    self.dense = layers.dense(
+        cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs, dtype=dtype
+    )
+    self.layernorm = layers.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+    self.dropout = layers.new_dropout(cfg.hidden_dropout)
+
+  def __call__(self, h: jax.Array, residual: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    return self.layernorm(layers.apply_dropout(self.dropout, self.dense(h), rngs) + residual)
+
+
+class QFormerLayer(nnx.Module):
+  """Self-attention, cross-attention for the queries (some layers), query/text feed-forward."""
+
+  def __init__(
+      self,
+      cfg: ml_collections.ConfigDict,
+      index: int,
+      vision_width: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype=None,
+  ):
+    self.attention = QFormerAttention(cfg, cfg.hidden_size, rngs=rngs, dtype=dtype)
+    self.has_cross_attention = index % cfg.cross_attention_freq == 0
+    self.crossattention = (
+        QFormerAttention(cfg, vision_width, rngs=rngs, dtype=dtype)
+        if self.has_cross_attention
+        else None
+    )
+    self.intermediate = Intermediate(cfg, rngs=rngs, dtype=dtype)
+    self.output = Output(cfg, rngs=rngs, dtype=dtype)
+    self.intermediate_query = Intermediate(cfg, rngs=rngs, dtype=dtype)
+    self.output_query = Output(cfg, rngs=rngs, dtype=dtype)
+
+  def text_ffn(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    return self.output(self.intermediate(x), x, rngs)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None,
+      image_tokens: jax.Array | None,
+      prefix_kv: KV | None,
+      rngs: nnx.Rngs | None,
+      *,
+      num_queries: int,
+  ) -> tuple[jax.Array, KV]:
+    """x (B, Q + T, H) with the first `num_queries` positions being queries -> (same, self kv)."""
+    a, kv = self.attention(x, mask, prefix_kv=prefix_kv, rngs=rngs)
+    if num_queries == 0:
+      return self.text_ffn(a, rngs), kv
+    q = a[:, :num_queries]
+    if self.has_cross_attention:
+      if image_tokens is None:
+        raise ValueError("query positions need image tokens for cross-attention")
+      q, _ = self.crossattention(q, None, source=image_tokens, rngs=rngs)
+    out = self.output_query(self.intermediate_query(q), q, rngs)
+    if a.shape[1] > num_queries:
+      out = jnp.concatenate([out, self.text_ffn(a[:, num_queries:], rngs)], axis=1)
+    return out, kv
+
+
+class LMHead(nnx.Module):
+  """BERT prediction head: dense + GELU + LayerNorm; the decoder is the word embedding matrix."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
+    h = cfg.hidden_size
+    self.dense = layers.dense(h, h, ("embed", None), rngs=rngs, dtype=dtype)
+    self.layernorm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+    self.bias = layers.param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",))
+
+  def __call__(self, hidden: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+    """(..., H) -> (..., V) float32 logits."""
+    h = self.layernorm(layers.gelu(self.dense(hidden)))
+    return word_embeddings.attend(h).astype(jnp.float32) + self.bias[...]
+
+
+class QFormer(nnx.Module):
+  """BERT Q-Former with the four modes; query embeddings are passed in (they live on the model)."""
+
+  def __init__(
+      self,
+      cfg: ml_collections.ConfigDict,
+      vision_width: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype=None,
+      remat: bool = False,
+  ):
+    if not 0 <= cfg.dec_token_id < cfg.vocab_size:
+      raise ValueError(
+          f"qformer.dec_token_id={cfg.dec_token_id} must be a token id below "
+          f"qformer.vocab_size={cfg.vocab_size}"
+      )
+    self.dec_token_id = cfg.dec_token_id
+    self.num_heads = cfg.num_heads
+    self.remat = remat
+    self.embeddings = QFormerEmbeddings(cfg, rngs=rngs, dtype=dtype)
+    self.layers = nnx.List(
+        [QFormerLayer(cfg, i, vision_width, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)]
+    )
+    self.lm_head = LMHead(cfg, rngs=rngs, dtype=dtype)
+
+  # -- the layer stack -----------------------------------------------------------------------
+
+  def encode(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None,
+      image_tokens: jax.Array | None,
+      *,
+      num_queries: int,
+      prefix_kvs: list[KV] | None = None,
+      rngs: nnx.Rngs | None = None,
+  ) -> tuple[jax.Array, list[KV]]:
+    """Runs every layer on embedded x (B, L, H); returns the output and each layer's self kv."""
+    block = _layer_fn(self.remat, num_queries)
+    kvs = []
+    for i, layer in enumerate(self.layers):
+      prefix = None if prefix_kvs is None else prefix_kvs[i]
+      x, kv = block(layer, x, mask, image_tokens, prefix, rngs)
+      kvs.append(kv)
+    return x, kvs
+
+  # -- the four modes ------------------------------------------------------------------------
+
+  def __call__(
+      self,
+      query_embeds: jax.Array | None,
+      input_ids: jax.Array | None,
+      attention_mask: jax.Array | None,
+      image_tokens: jax.Array | None,
+      *,
+      mode: Mode,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """One pass in `mode`.
+
+    Args:
+      query_embeds: (B, Q, H) learned queries (image, matching, generation modes).
+      input_ids, attention_mask: (B, T) text (text, matching, generation modes).
+      image_tokens: (B, 1 + N, Dv) ViT output (image, matching, generation modes).
+    Returns:
+      (B, Q + T, H) hidden states (Q = 0 in text mode, T = 0 in image mode).
+    """
+    if mode == "image":
+      x = self.embeddings(query_embeds, None, rngs=rngs)
+      return self.encode(x, None, image_tokens, num_queries=x.shape[1], rngs=rngs)[0]
+    if mode == "text":
+      x = self.embeddings(None, input_ids, rngs=rngs)
+      mask = padding_mask(attention_mask)
+      return self.encode(x, mask, None, num_queries=0, rngs=rngs)[0]
+    if mode == "matching":
+      q = query_embeds.shape[1]
+      x = self.embeddings(query_embeds, input_ids, rngs=rngs)
+      ones = jnp.ones(attention_mask.shape[:1] + (q,), attention_mask.dtype)
+      mask = padding_mask(jnp.concatenate([ones, attention_mask], axis=1))
+      return self.encode(x, mask, image_tokens, num_queries=q, rngs=rngs)[0]
+    if mode == "generation":
+      q = query_embeds.shape[1]
+      x = self.embeddings(query_embeds, self.with_dec_token(input_ids), rngs=rngs)
+      mask = generation_mask(q, attention_mask)
+      return self.encode(x, mask, image_tokens, num_queries=q, rngs=rngs)[0]
+    raise ValueError(f"unknown mode {mode!r}; use image, text, matching or generation")
+
+  def image_mode_with_kv(
+      self, query_embeds: jax.Array, image_tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, list[KV]]:
+    """Image mode; also returns each layer's query keys/values (B, heads, Q, d) for generation."""
+    x = self.embeddings(query_embeds, None, rngs=rngs)
+    return self.encode(x, None, image_tokens, num_queries=x.shape[1], rngs=rngs)
+
+  def generate_text(
+      self,
+      query_kvs: list[KV],
+      input_ids: jax.Array,
+      attention_mask: jax.Array,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Text half of the generation mode on top of the queries' cached keys/values -> (B, T, H)."""
+    q = query_kvs[0][0].shape[2]
+    x = self.embeddings(None, self.with_dec_token(input_ids), rngs=rngs)
+    mask = generation_mask(q, attention_mask)[:, :, q:]
+    return self.encode(x, mask, None, num_queries=0, prefix_kvs=query_kvs, rngs=rngs)[0]
+
+  def with_dec_token(self, input_ids: jax.Array) -> jax.Array:
+    """(B, T): the first token ([CLS]) replaced by [DEC], the generation BOS."""
+    return input_ids.at[:, 0].set(self.dec_token_id)
+
+  def lm_logits(self, text_hidden: jax.Array) -> jax.Array:
+    """(B, T, H) -> (B, T, V) float32 next-token logits."""
+    return self.lm_head(text_hidden, self.embeddings.word_embeddings)
+
+  # -- cached incremental decoding -----------------------------------------------------------
+
+  def init_decode_cache(self, query_kvs: list[KV], max_len: int) -> dict[str, jax.Array]:
+    """Fixed-shape decoding state: the queries' keys/values per layer and empty text buffers.
+
+    Returns a dict of arrays: `query_k`, `query_v` (L, B, heads, Q, d) and `text_k`, `text_v`
+    (L, B, heads, max_len, d), zero until written.
+    """
+    if max_len > self.embeddings.max_positions:
+      raise ValueError(
+          f"max_len={max_len} exceeds qformer.max_position_embeddings="
+          f"{self.embeddings.max_positions}"
+      )
+    query_k = jnp.stack([k for k, _ in query_kvs])
+    query_v = jnp.stack([v for _, v in query_kvs])
+    text_shape = query_k.shape[:3] + (max_len,) + query_k.shape[4:]
+    return {
+        "query_k": query_k,
+        "query_v": query_v,
+        "text_k": jnp.zeros(text_shape, query_k.dtype),
+        "text_v": jnp.zeros(text_shape, query_v.dtype),
+    }
+
+  def decode_step(
+      self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Feeds token_ids (B,) at text position `position` (int32 scalar; 0 takes [DEC]).
+
+    Returns the next-token logits (B, V) float32 and the cache with this step's keys/values.
+    Deterministic (no dropout); shapes do not depend on `position`, so it compiles once.
+    """
+    max_len = cache["text_k"].shape[3]
+    x = self.embeddings(None, token_ids[:, None], first_position=position)  # (B, 1, H)
+    visible = jnp.arange(max_len) <= position
+    mask = jnp.concatenate([jnp.ones((cache["query_k"].shape[3],), bool), visible])
+    mask = mask[None, None, None, :]
+    text_k, text_v = [], []
+    for i, layer in enumerate(self.layers):
+      attn = layer.attention
+      k, v = attn.project_kv(x)
+      buf_k, buf_v = cache["text_k"][i], cache["text_v"][i]
+      buf_k = jax.lax.dynamic_update_slice_in_dim(buf_k, k.astype(buf_k.dtype), position, 2)
+      buf_v = jax.lax.dynamic_update_slice_in_dim(buf_v, v.astype(buf_v.dtype), position, 2)
+      kk = jnp.concatenate([cache["query_k"][i].astype(k.dtype), buf_k], axis=2)
+      vv = jnp.concatenate([cache["query_v"][i].astype(v.dtype), buf_v], axis=2)
+      a = attn.attend(attn.project_query(x), kk, vv, mask, x, None)
+      x = layer.text_ffn(a, None)
+      text_k.append(buf_k)
+      text_v.append(buf_v)
+    cache = dict(cache, text_k=jnp.stack(text_k), text_v=jnp.stack(text_v))
+    return self.lm_logits(x)[:, 0], cache
+
+
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """(B, L) 1/0 -> bool (B, 1, 1, L): every position may attend to the non-padding keys."""
+  return (attention_mask > 0)[:, None, None, :]
+
+
+def generation_mask(num_queries: int, attention_mask: jax.Array) -> jax.Array:
+  """Generation-mode mask over [queries; text], bool (B, 1, Q + T, Q + T).
+
+  Queries attend to queries only; text token i attends to every query and to the non-padding
+  text tokens j <= i.
+  """
+  b, t = attention_mask.shape
+  q = num_queries
+  causal = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask > 0)[:, None, :]  # (B, T, T)
+  query_rows = jnp.concatenate([jnp.ones((q, q), bool), jnp.zeros((q, t), bool)], axis=1)
+  text_rows = jnp.concatenate([jnp.ones((b, t, q), bool), causal], axis=2)
+  mask = jnp.concatenate([jnp.broadcast_to(query_rows, (b, q, q + t)), text_rows], axis=1)
+  return mask[:, None]
+
+
+@functools.cache
+def _layer_fn(remat: bool, num_queries: int):
+  def call(layer, x, mask, image_tokens, prefix_kv, rngs):
+    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries)
+
+  return nnx.remat(call) if remat else call
