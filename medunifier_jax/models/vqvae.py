@@ -1,0 +1,425 @@
+"""Two-level VQ-VAE of MedUnifier's text-grounded image generation (TIG).
+
+Shapes below use B batch, g = cfg.grid (the ViT patch grid), d = cfg.latent_dim, K =
+cfg.codebook_size, S the image size, (qh, qw) = cfg.query_grid. Arrays are NHWC.
+
+  queries (B, qh*qw, Hq) -> top bridge -> (B, g/2, g/2, d) -> top quantizer (K x d)
+  patch tokens (B, g*g, Dv) + text [CLS] (B, Ht) -> bottom bridge -> (B, g, g, d)
+  quantized top -> residual layer -> x2 transposed conv -> (B, g, g, d), concatenated with the
+      bottom encoding -> (B, g, g, 2d) -> bottom quantizer (K x 2d)
+  decoder: quantized top -> its own x2 transposed conv (d) ++ quantized bottom (2d) -> 3d
+      -> 3x3 valid conv (g -> g-2) -> residual layer -> k x2 transposed convs -> (B, S, S, 3)
+      with S = (g - 2) * 2^k.
+
+Weights are float32 `nnx.Param`s with logical axis names; `dtype` is the compute dtype (the
+quantizers always work in float32). BatchNorm uses batch statistics when `train=True` (and
+updates its running averages), running averages when `train=False`. Transposed convolutions
+double the size exactly, as PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1).
+Initialisation follows Flax's defaults (LeCun-normal kernels, zero biases); the codebooks are
+uniform(-1/K, 1/K) as in the paper's code.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from medunifier_jax.models.layers import partitioned, sinusoidal_position_encoding_2d
+from medunifier_jax.models.quantizer import VectorQuantizer
+
+CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+@struct.dataclass
+class VQOutput:
+  """One VQ-VAE pass.
+
+  recon: (B, S, S, 3) reconstruction (compute dtype), to be compared with the [0, 1] image.
+  loss_top, loss_bottom: scalar quantizer losses (commitment + codebook terms as configured).
+  perplexity_top, perplexity_bottom: exp(entropy) of the batch's code histogram per level.
+  usage_top, usage_bottom: fraction of the K codes selected at least once in the batch.
+  codes_top: (B, g/2, g/2) int32; codes_bottom: (B, g, g) int32.
+  """
+
+  recon: jax.Array
+  loss_top: jax.Array
+  loss_bottom: jax.Array
+  perplexity_top: jax.Array
+  perplexity_bottom: jax.Array
+  usage_top: jax.Array
+  usage_bottom: jax.Array
+  codes_top: jax.Array
+  codes_bottom: jax.Array
+
+
+def valid_image_sizes(grid: int, count: int = 5) -> list[int]:
+  """The first `count` image sizes a bottom grid `grid` can decode to: (grid - 2) * 2^k, k >= 1."""
+  return [(grid - 2) * 2**k for k in range(1, count + 1)]
+
+
+def check_geometry(cfg, image_size: int) -> int:
+  """Checks the VQ-VAE config against the image size; returns k, the number of x2 upsamplings.
+
+  Raises:
+    ValueError: naming the value to change (grid, query_grid, latent_dim, image size or
+      decoder_channels) and the values that would work.
+  """
+  grid = int(cfg.grid)
+  if grid < 4 or grid % 2:
+    raise ValueError(
+        f"vqvae.grid must be even and >= 4 (the top grid is grid/2 and the decoder's 3x3 valid "
+        f"convolution needs grid - 2 >= 2), got {grid}."
+    )
+  if len(cfg.query_grid) != 2 or min(cfg.query_grid) < 1:
+    raise ValueError(f"vqvae.query_grid must be two positive sizes (rows, cols), got "
+                     f"{tuple(cfg.query_grid)}.")
+  if cfg.latent_dim < 4 or cfg.latent_dim % 4:
+    raise ValueError(
+        f"vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position encoding "
+        f"and d/2 residual bottlenecks), got {cfg.latent_dim}."
+    )
+  base = grid - 2
+  ratio, rest = divmod(image_size, base)
+  if rest or ratio < 2 or ratio & (ratio - 1):
+    raise ValueError(
+        f"image size {image_size} cannot be decoded from a {grid}x{grid} grid: the decoder maps "
+        f"{grid} -> {base} (3x3 valid convolution) and then doubles k >= 1 times, so the image "
+        f"size must be {base} * 2^k; valid sizes for grid {grid}: "
+        f"{', '.join(map(str, valid_image_sizes(grid)))}, ... (or change vqvae.grid together "
+        f"with vit.image_size / vit.patch_size)."
+    )
+  k = ratio.bit_length() - 1
+  if len(cfg.decoder_channels) != k - 1:
+    raise ValueError(
+        f"image size {image_size} from grid {grid} takes k={k} x2 upsamplings, so "
+        f"vqvae.decoder_channels needs k-1={k - 1} entries (the channels after each upsampling "
+        f"but the last, which outputs 3); got {len(cfg.decoder_channels)}: "
+        f"{tuple(cfg.decoder_channels)}."
+    )
+  return k
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(B, H, W, C) -> (B, h, w, C), PyTorch's `F.interpolate(mode="nearest")`: src = floor(i*H/h)."""
+  _, height, width, _ = x.shape
+  rows = (jnp.arange(size[0]) * height) // size[0]
+  cols = (jnp.arange(size[1]) * width) // size[1]
+  return x[:, rows][:, :, cols]
+
+
+def _conv(in_ch, out_ch, kernel, *, padding, use_bias, rngs, dtype) -> nnx.Conv:
+  return nnx.Conv(
+      in_ch, out_ch, (kernel, kernel), padding=padding, use_bias=use_bias, dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+
+
+def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> nnx.ConvTranspose:
+  """4x4 stride-2 transposed convolution, H -> 2H exactly.
+
+  PyTorch's ConvTranspose2d(4, stride=2, padding=1) is a convolution of the 2x-dilated input
+  padded by kernel - 1 - padding = 2 on each side: (2H - 1) + 4 - 4 + 1 = 2H.
+  """
+  return nnx.ConvTranspose(
+      in_ch, out_ch, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+
+
+def _batch_norm(channels, momentum, *, rngs, dtype) -> nnx.BatchNorm:
+  # Flax's momentum is the running average's decay: 0.9 equals PyTorch's default momentum=0.1.
+  return nnx.BatchNorm(
+      channels, momentum=momentum, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=partitioned(nnx.initializers.ones, CONV_AXES[-1:]),
+      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+
+
+def _dense(in_f, out_f, axes, *, rngs, dtype) -> nnx.Linear:
+  return nnx.Linear(
+      in_f, out_f, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+      bias_init=partitioned(nnx.initializers.zeros, axes[1:]), rngs=rngs)
+
+
+class ResidualLayer(nnx.Module):
+  """Bottleneck residual layer: relu(x + BN(1x1(relu(BN(3x3(relu(BN(1x1(x))))))))), (B,H,W,C)."""
+
+  def __init__(self, width: int, *, momentum: float, rngs: nnx.Rngs, dtype=None):
+    hidden = width // 2
+    conv = lambda i, o, k: _conv(i, o, k, padding="SAME", use_bias=False, rngs=rngs, dtype=dtype)
+    bn = lambda c: _batch_norm(c, momentum, rngs=rngs, dtype=dtype)
+    self.conv1, self.bn1 = conv(width, hidden, 1), bn(hidden)
+    self.conv2, self.bn2 = conv(hidden, hidden, 3), bn(hidden)
+    self.conv3, self.bn3 = conv(hidden, width, 1), bn(width)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    avg = not train
+    h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=avg))
+    h = jax.nn.relu(self.bn2(self.conv2(h), use_running_average=avg))
+    h = self.bn3(self.conv3(h), use_running_average=avg)
+    return jax.nn.relu(x + h)
+
+
+class ResidualStack(nnx.Module):
+  """`depth` independent residual layers.
+
+  The paper's code builds its stacks as `[layer] * n`, which repeats one layer object, so its
+  stacked layers share weights; that reads as an accident, and here every layer has its own.
+  """
+
+  def __init__(self, width: int, depth: int, *, momentum: float, rngs: nnx.Rngs, dtype=None):
+    self.layers = nnx.List(
+        [ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype) for _ in range(depth)])
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for layer in self.layers:
+      x = layer(x, train=train)
+    return x
+
+
+class MLP(nnx.Module):
+  """Linear -> ReLU -> Linear over the last axis."""
+
+  def __init__(self, in_f: int, hidden: int, out_f: int, *, rngs: nnx.Rngs, dtype=None):
+    self.fc1 = _dense(in_f, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = _dense(hidden, out_f, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class TopBridge(nnx.Module):
+  """Query outputs (B, qh*qw, Hq) -> top encoding (B, g/2, g/2, d)."""
+
+  def __init__(self, cfg, query_width: int, *, rngs: nnx.Rngs, dtype=None):
+    d = cfg.latent_dim
+    self.query_grid = tuple(cfg.query_grid)
+    self.out_grid = (cfg.grid // 2, cfg.grid // 2)
+    self.mlp = MLP(query_width, 2 * d, d, rngs=rngs, dtype=dtype)
+    self.res = ResidualStack(
+        d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype)
+
+  def __call__(self, queries: jax.Array, *, train: bool) -> jax.Array:
+    x = self.mlp(queries)
+    b, _, d = x.shape
+    # Query i sits at row i // qw, column i % qw (the paper's channel-first view, in NHWC).
+    x = x.reshape(b, *self.query_grid, d)
+    x = x + sinusoidal_position_encoding_2d(*self.query_grid, d).astype(x.dtype)
+    x = resize_nearest(x, self.out_grid)
+    return self.res(x, train=train)
+
+
+class BottomBridge(nnx.Module):
+  """Patch tokens (B, g*g, Dv) and text [CLS] (B, Ht) -> bottom encoding (B, g, g, d)."""
+
+  def __init__(self, cfg, vision_width: int, text_width: int, *, rngs: nnx.Rngs, dtype=None):
+    d = cfg.latent_dim
+    self.grid = cfg.grid
+    self.mlp = MLP(vision_width + text_width, d, d, rngs=rngs, dtype=dtype)
+    self.res = ResidualStack(
+        d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype)
+
+  def __call__(self, patch_tokens: jax.Array, text_cls: jax.Array, *, train: bool) -> jax.Array:
+    b, _, _ = patch_tokens.shape
+    g = self.grid
+    patches = patch_tokens.reshape(b, g, g, -1)
+    text = jnp.broadcast_to(text_cls[:, None, None, :], (b, g, g, text_cls.shape[-1]))
+    x = self.mlp(jnp.concatenate([patches, text.astype(patches.dtype)], axis=-1))
+    x = x + sinusoidal_position_encoding_2d(g, g, x.shape[-1]).astype(x.dtype)
+    return self.res(x, train=train)
+
+
+class TopToBottom(nnx.Module):
+  """Quantized top (B, g/2, g/2, d) -> residual layer -> x2 transposed conv -> (B, g, g, d)."""
+
+  def __init__(self, d: int, *, momentum: float, rngs: nnx.Rngs, dtype=None):
+    self.res = ResidualLayer(d, momentum=momentum, rngs=rngs, dtype=dtype)
+    self.up = _upsample_conv(d, d, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return self.up(self.res(x, train=train))
+
+
+class ImageDecoder(nnx.Module):
+  """(B, g, g, 3d) -> 3x3 valid conv -> residual layer -> k x2 transposed convs -> (B, S, S, 3).
+
+  Channels 3d -> channels[0] -> ... -> channels[-1] -> 3; BatchNorm + ReLU after every
+  transposed convolution but the last.
+  """
+
+  def __init__(
+      self, width: int, channels: Sequence[int], *, momentum: float, rngs: nnx.Rngs, dtype=None
+  ):
+    self.merge = _conv(width, width, 3, padding="VALID", use_bias=True, rngs=rngs, dtype=dtype)
+    self.res = ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype)
+    widths = [width, *channels, 3]
+    self.ups = nnx.List(
+        [_upsample_conv(i, o, rngs=rngs, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])])
+    self.norms = nnx.List(
+        [_batch_norm(c, momentum, rngs=rngs, dtype=dtype) for c in widths[1:-1]])
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = self.res(self.merge(x), train=train)
+    for i, up in enumerate(self.ups):
+      x = up(x)
+      if i < len(self.norms):
+        x = jax.nn.relu(self.norms[i](x, use_running_average=not train))
+    return x
+
+
+class VQVAE(nnx.Module):
+  """MedUnifier's two-level VQ-VAE (DESIGN.md section 1.4).
+
+  Args:
+    cfg: `config.model.vqvae` (latent_dim, codebook_size, grid, query_grid, num_res_layers,
+      decoder_channels, commitment_weight, codebook_weight, batchnorm_momentum, ema,
+      ema_decay, restart_dead_codes).
+    query_width: Hq, width of the Q-Former query outputs.
+    vision_width: Dv, width of the ViT patch tokens.
+    text_width: Ht, width of the text [CLS] feature.
+    image_size: S, the reconstructed image size; must be (grid - 2) * 2^k.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  def __init__(
+      self,
+      cfg,
+      *,
+      query_width: int,
+      vision_width: int,
+      text_width: int,
+      image_size: int,
+      rngs: nnx.Rngs,
+      dtype=None,
+  ):
+    check_geometry(cfg, image_size)
+    d, k, momentum = cfg.latent_dim, cfg.codebook_size, cfg.batchnorm_momentum
+    self.grid = cfg.grid
+    self.query_grid = tuple(cfg.query_grid)
+    self.image_size = image_size
+    self.dtype = dtype
+    quantizer = lambda width: VectorQuantizer(
+        k, width, commitment_weight=cfg.commitment_weight, codebook_weight=cfg.codebook_weight,
+        ema=cfg.ema, ema_decay=cfg.ema_decay, restart_dead_codes=cfg.restart_dead_codes,
+        rngs=rngs)
+    self.top_bridge = TopBridge(cfg, query_width, rngs=rngs, dtype=dtype)
+    self.bottom_bridge = BottomBridge(cfg, vision_width, text_width, rngs=rngs, dtype=dtype)
+    self.quantizer_top = quantizer(d)
+    self.top_to_bottom = TopToBottom(d, momentum=momentum, rngs=rngs, dtype=dtype)
+    self.quantizer_bottom = quantizer(2 * d)
+    self.upsample_top = _upsample_conv(d, d, rngs=rngs, dtype=dtype)
+    self.decoder = ImageDecoder(
+        3 * d, tuple(cfg.decoder_channels), momentum=momentum, rngs=rngs, dtype=dtype)
+
+  def __call__(
+      self,
+      queries: jax.Array,
+      patch_tokens: jax.Array,
+      text_cls: jax.Array,
+      *,
+      train: bool,
+      rngs: nnx.Rngs | None = None,
+  ) -> VQOutput:
+    """Encodes, quantizes and reconstructs.
+
+    Args:
+      queries: (B, qh*qw, Hq) Q-Former query outputs.
+      patch_tokens: (B, g*g, Dv) ViT patch tokens, class token dropped.
+      text_cls: (B, Ht) text [CLS] feature.
+      train: batch statistics (and their running averages, EMA codebooks, code restarts) in
+        training; running averages and fixed codebooks otherwise.
+      rngs: only needed in training with `restart_dead_codes`.
+    """
+    self._check_inputs(queries, patch_tokens, text_cls)
+    z_top = self.top_bridge(queries, train=train)
+    z_bottom = self.bottom_bridge(patch_tokens, text_cls, train=train)
+    top = self.quantizer_top(z_top, train=train, rngs=rngs)
+    bottom_in = jnp.concatenate([z_bottom, self.top_to_bottom(top.z_q, train=train)], axis=-1)
+    bottom = self.quantizer_bottom(bottom_in, train=train, rngs=rngs)
+    return VQOutput(
+        recon=self._decode(top.z_q, bottom.z_q, train=train),
+        loss_top=top.loss,
+        loss_bottom=bottom.loss,
+        perplexity_top=top.perplexity,
+        perplexity_bottom=bottom.perplexity,
+        usage_top=top.usage,
+        usage_bottom=bottom.usage,
+        codes_top=top.codes,
+        codes_bottom=bottom.codes,
+    )
+
+  def decode_codes(
+      self, codes_top: jax.Array, codes_bottom: jax.Array, *, train: bool = False
+  ) -> jax.Array:
+    """Images from code grids (e.g. sampled from a prior).
+
+    Args:
+      codes_top: (B, g/2, g/2) integer codes of the top level.
+      codes_bottom: (B, g, g) integer codes of the bottom level.
+    Returns:
+      (B, S, S, 3) images (BatchNorm running averages unless `train`).
+    """
+    g = self.grid
+    if codes_top.shape[1:] != (g // 2, g // 2) or codes_bottom.shape[1:] != (g, g):
+      raise ValueError(
+          f"decode_codes expects codes_top (B, {g // 2}, {g // 2}) and codes_bottom (B, {g}, {g}),"
+          f" got {codes_top.shape} and {codes_bottom.shape}."
+      )
+    z_top = self.quantizer_top.lookup(codes_top).astype(self.dtype or jnp.float32)
+    z_bottom = self.quantizer_bottom.lookup(codes_bottom).astype(self.dtype or jnp.float32)
+    return self._decode(z_top, z_bottom, train=train)
+
+  def _decode(self, z_top: jax.Array, z_bottom: jax.Array, *, train: bool) -> jax.Array:
+    x = jnp.concatenate([self.upsample_top(z_top), z_bottom.astype(z_top.dtype)], axis=-1)
+    return self.decoder(x, train=train)
+
+  def _check_inputs(self, queries, patch_tokens, text_cls) -> None:
+    qh, qw = self.query_grid
+    g = self.grid
+    if queries.ndim != 3 or queries.shape[1] != qh * qw:
+      raise ValueError(
+          f"the top bridge reads the queries as a {qh}x{qw} grid, so it needs (B, {qh * qw}, H) "
+          f"query outputs, got {queries.shape}; make vqvae.query_grid multiply to "
+          f"qformer.num_queries."
+      )
+    if patch_tokens.ndim != 3 or patch_tokens.shape[1] != g * g:
+      hint = " (drop the class token)" if patch_tokens.shape[1] == g * g + 1 else ""
+      raise ValueError(
+          f"the bottom bridge reads patch tokens as a {g}x{g} grid, so it needs (B, {g * g}, Dv), "
+          f"got {patch_tokens.shape}{hint}; vit.image_size / vit.patch_size must equal "
+          f"vqvae.grid."
+      )
+    if text_cls.ndim != 2 or text_cls.shape[0] != queries.shape[0]:
+      raise ValueError(f"text_cls must be (B, Ht) with B={queries.shape[0]}, got {text_cls.shape}")
+
+
+def tig_loss(out: VQOutput, target: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TIG loss = MSE(recon, target) + top and bottom quantizer losses.
+
+  Args:
+    out: a `VQOutput`.
+    target: (B, S, S, 3) the image in [0, 1].
+  Returns:
+    (scalar float32 loss, metrics: tig_mse, vq_loss_top/bottom, vq_perplexity_top/bottom,
+    vq_usage_top/bottom).
+  """
+  if target.shape != out.recon.shape:
+    raise ValueError(
+        f"TIG target must match the reconstruction {out.recon.shape} (the [0, 1] image at the "
+        f"model's image size), got {target.shape}."
+    )
+  mse = jnp.mean(jnp.square(out.recon.astype(jnp.float32) - target.astype(jnp.float32)))
+  loss = mse + out.loss_top + out.loss_bottom
+  metrics = {
+      "tig_mse": mse,
+      "vq_loss_top": out.loss_top,
+      "vq_loss_bottom": out.loss_bottom,
+      "vq_perplexity_top": out.perplexity_top,
+      "vq_perplexity_bottom": out.perplexity_bottom,
+      "vq_usage_top": out.usage_top,
+      "vq_usage_bottom": out.usage_bottom,
+  }
+  return loss, metrics
