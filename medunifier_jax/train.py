@@ -1,0 +1,53 @@
+r"""Pre-training entry point.
+
+  python -m medunifier_jax.train --config configs/pretrain.py:demo --workdir workdirs/demo \
+      [--config.num_steps=500 --config.model.vit.frozen=True ...]
+
+Running the same command again resumes from the workdir's latest checkpoint. On a multi-host
+TPU slice or a multi-node GPU cluster run it on every host; JAX's distributed runtime is
+initialised from the environment the launcher sets (see launch/).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with an optional variant, e.g. configs/pretrain.py:tiny.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _is_multi_process() -> bool:
+  """True when the environment describes one process of several (TPU pod slice, SLURM,
+  Open MPI, or an explicit JAX coordinator)."""
+  env = os.environ
+  return (
+      "," in env.get("TPU_WORKER_HOSTNAMES", "")
+      or int(env.get("SLURM_NTASKS", "1")) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+      or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+  )
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  if _is_multi_process():
+    # Reads the coordinator address, process count and id from the environment (TPU metadata,
+    # SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
+    jax.distributed.initialize()
+  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
+  from medunifier_jax.training.loop import train_and_evaluate
+
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

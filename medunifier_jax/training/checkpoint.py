@@ -1,0 +1,187 @@
+"""Checkpoints with orbax: the train state and the data iterator as two items of one step.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`. The `state` item holds the parameters,
+optimizer state (with the step count), batch statistics and the base PRNG key; `data` holds the
+grain iterator position (one file per process). Orbax writes each step to a temporary directory
+and renames it when complete, so a process killed at any moment leaves every listed step
+readable; unfinished temporary directories are removed on the next start.
+"""
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+STATE, DATA = "state", "data"
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (what TPU VMs and most schedulers send before preempting).
+
+  The loop polls it at step boundaries, saves, and exits cleanly. Multi-host preemption
+  notices from JAX's coordination service are honoured through
+  `CheckpointManager.reached_preemption` as well.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for s in signals:
+        self._previous[s] = signal.signal(s, lambda *_: self._event.set())
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def restore_handlers(self) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous = {}
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def make_manager(
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    *,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+  """A manager saving every `config.checkpoint_every` steps and on preemption, keeping the
+  latest `config.keep_checkpoints`."""
+  policies = ocp.checkpoint_managers
+  every = int(config.checkpoint_every)
+  save_policy = policies.AnySavePolicy(
+      ([policies.FixedIntervalPolicy(every)] if every > 0 else [])
+      + [policies.PreemptionCheckpointingPolicy()]
+  )
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=save_policy,
+      preservation_policy=policies.LatestN(int(config.keep_checkpoints)),
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=True,
+      read_only=read_only,
+      create=not read_only,
+  )
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), item_names=(STATE, DATA), options=options
+  )
+
+
+def _pack(state: nnx.State, rng: jax.Array) -> dict[str, Any]:
+  return {"train_state": nnx.to_pure_dict(state), "rng": jax.random.key_data(rng)}
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: nnx.State,
+    rng: jax.Array,
+    data_iter: Any | None = None,
+    *,
+    force: bool = False,
+) -> bool:
+  """Saves (asynchronously) when the policies say so or `force`; returns whether it saved."""
+  items = {STATE: ocp.args.StandardSave(_pack(state, rng))}
+  if data_iter is not None:
+    items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: nnx.State,
+    data_iter: Any | None = None,
+) -> tuple[nnx.State, jax.Array]:
+  """Restores step `step` into the shardings of `abstract_state`; the iterator in place.
+
+  Returns:
+    `(state, rng)` with `state` an `nnx.State` like `abstract_state`.
+  """
+  target = {
+      "train_state": nnx.to_pure_dict(abstract_state),
+      "rng": jax.ShapeDtypeStruct(
+          jax.random.key_data(jax.random.key(0)).shape, jax.numpy.uint32,
+          sharding=jax.sharding.NamedSharding(
+              _any_mesh(abstract_state), jax.sharding.PartitionSpec()),
+      ),
+  }
+  items = {STATE: ocp.args.StandardRestore(target)}
+  if data_iter is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  state = jax.tree.map(lambda x: x, abstract_state)
+  nnx.replace_by_pure_dict(state, restored[STATE]["train_state"])
+  return state, jax.random.wrap_key_data(restored[STATE]["rng"])
+
+
+def restore_model_state(
+    workdir: str | os.PathLike, abstract_model_state: nnx.State, step: int | None = None
+) -> tuple[nnx.State, int]:
+  """The model part of a training checkpoint (latest unless `step`), for inference.
+
+  Only the `model` subtree is read; optimizer state is skipped.
+
+  Raises:
+    FileNotFoundError: when the workdir has no finished checkpoint.
+  """
+  directory = checkpoint_dir(workdir)
+  manager = ocp.CheckpointManager(
+      directory, item_names=(STATE, DATA),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(
+        f"no finished checkpoint under {directory}; train first "
+        "(python -m medunifier_jax.train --workdir ...) or pass a directory that has one."
+    )
+  target = {"train_state": {"model": nnx.to_pure_dict(abstract_model_state)}}
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          **{STATE: ocp.args.PyTreeRestore(target, partial_restore=True)}
+      ),
+  )
+  state = jax.tree.map(lambda x: x, abstract_model_state)
+  nnx.replace_by_pure_dict(state, restored[STATE]["train_state"]["model"])
+  manager.close()
+  return state, int(step)
+
+
+def _any_mesh(tree: Any) -> jax.sharding.Mesh:
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  raise ValueError("abstract_state carries no NamedSharding; build it with abstract_train_state")
+
+
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Writes `WORKDIR/config.json` (process 0) so the run can be loaded by `api.load(workdir)`."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Reads `WORKDIR/config.json` back into a ConfigDict (tuples come back as lists)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: not a training workdir (train.py writes it at the start of a run)."
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

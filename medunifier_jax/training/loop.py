@@ -1,0 +1,188 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, testable without the CLI.
+
+Start-up order: mesh and batch checks (fail before anything heavy), the abstract train state
+and its shardings, then the state itself from, in order, this workdir's latest checkpoint,
+`config.init_from` (imported weights), or a fresh initialisation.
+"""
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from medunifier_jax.training import checkpoint as ckpt
+from medunifier_jax.training import logging as log_lib
+from medunifier_jax.training import mesh as mesh_lib
+from medunifier_jax.training import sharding as sharding_lib
+from medunifier_jax.training import state as state_lib
+from medunifier_jax.training import step as step_lib
+
+# `data_fn(config, workdir) -> iterator` of host-local batches (dicts of numpy arrays holding
+# this process's slice of the global batch). Grain iterators also checkpoint their position.
+DataFn = Callable[[ml_collections.ConfigDict, str], Iterator[dict[str, Any]]]
+# `eval_fn(model, step) -> {name: value}` run every `config.eval_every` steps and at the end.
+EvalFn = Callable[[nnx.Module, int], dict[str, float]]
+
+
+def default_data_fn(config: ml_collections.ConfigDict, workdir: str) -> Iterator[dict[str, Any]]:
+  """The grain pre-training iterator for `config.data` (this process's shard).
+
+  Without `config.data.tokenizer_dir` the vocabulary trained on the reports is cached in
+  `WORKDIR/tokenizer`, so a resumed run tokenises exactly as before.
+  """
+  from medunifier_jax.data import pipeline
+
+  tokenizer = pipeline.build_tokenizer(config, cache_dir=f"{workdir}/tokenizer")
+  return iter(pipeline.train_dataset(config, tokenizer))
+
+
+def to_global(batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, jax.Array]:
+  """Host-local batch slices -> global arrays split over the batch's mesh axes."""
+  axes = sharding_lib.batch_axes(mesh, rules)
+  if len(axes) == 1:
+    from medunifier_jax.data.pipeline import make_global_batch
+
+    return make_global_batch(batch, mesh, axes[0])
+  sharding = sharding_lib.batch_sharding(mesh, rules)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def _checkpointable(it: Any) -> Any | None:
+  return it if hasattr(it, "get_state") and hasattr(it, "set_state") else None
+
+
+def initial_state(
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    abstract: nnx.State,
+    shardings: nnx.State,
+    data_iter: Any,
+    model_fn: state_lib.ModelFn | None = None,
+) -> tuple[nnx.State, jax.Array, str]:
+  """`(state, base_rng, source)`: workdir latest -> `config.init_from` -> fresh."""
+  latest = manager.latest_step()
+  if latest is not None:
+    state, rng = ckpt.restore(manager, latest, abstract, _checkpointable(data_iter))
+    return state, rng, f"resumed from step {latest}"
+  state = state_lib.init_train_state(config, shardings, model_fn)
+  rng = jax.random.key(int(config.seed))
+  if config.init_from:
+    state = _import_weights(config, state, shardings)
+    return state, rng, f"initialised from {config.init_from}"
+  return state, rng, "fresh initialisation"
+
+
+def _import_weights(config, state: nnx.State, shardings: nnx.State) -> nnx.State:
+  """Loads `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into the model part."""
+  from medunifier_jax.weights import hf_import
+
+  model_state = jax.device_get(state["model"])
+  imported = hf_import.import_into_state(config.init_from, config, model_state)
+  state["model"] = jax.device_put(imported, shardings["model"])
+  return state
+
+
+def _evaluators_fn(config: ml_collections.ConfigDict, workdir: str) -> EvalFn | None:
+  """Periodic evaluation through `medunifier_jax.evaluators`, when configured and present."""
+  if not config.get("evals") or not len(config.evals):
+    return None
+  if importlib.util.find_spec("medunifier_jax.evaluators.registry") is None:
+    return None
+  from medunifier_jax.evaluators import registry
+
+  return registry.make_eval_fn(config, workdir)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    model_fn: state_lib.ModelFn | None = None,
+    loss_fn: step_lib.LossFn | None = None,
+    data_fn: DataFn | None = None,
+    eval_fn: EvalFn | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+  """Trains `config.num_steps` steps in `workdir`, resuming from its latest checkpoint.
+
+  The keyword arguments replace the MedUnifier model, its four-objective loss, the data
+  pipeline and the evaluators (custom models and tests); by default they come from the config.
+
+  Returns:
+    `{"step": last step, "metrics": last logged metrics, "start": how the state began}`.
+
+  Raises:
+    ValueError: a mesh or batch size that does not fit the devices (before any compilation).
+    NonFiniteLossError: the loss became NaN/inf; the latest checkpoint is the last good one.
+  """
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  sharding_lib.check_batch_divisible(int(config.batch_size), mesh, rules)
+  ckpt.save_config(workdir, config)
+  graphdef, abstract, shardings = state_lib.abstract_train_state(config, mesh, model_fn)
+  data_iter = (data_fn or default_data_fn)(config, workdir)
+  eval_fn = eval_fn or _evaluators_fn(config, workdir)
+  manager = ckpt.make_manager(workdir, config)
+  state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, model_fn)
+  start = state_lib.step_of(state)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, config, loss_fn), shardings, mesh, rules
+  )
+  num_steps = int(config.num_steps)
+  logger = log_lib.MetricLogger(
+      workdir, num_steps, start, int(config.batch_size), show_progress=show_progress
+  )
+  logger.message(
+      f"{source}; mesh {dict(mesh.shape)}; "
+      f"{state_lib.count_params(state):,} parameters, "
+      f"{state_lib.count_params(state, state_lib.optimizer_lib.trainable_filter(config.model)):,}"
+      " trainable"
+  )
+  preempted = ckpt.PreemptionFlag()
+  window = log_lib.MetricWindow()
+  last: dict[str, Any] = {}
+  step = start
+  error: Exception | None = None
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = to_global(next(data_iter), mesh, rules)
+      state, metrics = train_step(state, batch, rng)
+      window.add(step, metrics)
+      stop = preempted.is_set() or manager.reached_preemption(step)
+      saving = stop or step == num_steps or manager.should_save(step)
+      evaluating = eval_fn is not None and (
+          step == num_steps or (config.eval_every and step % int(config.eval_every) == 0)
+      )
+      if saving or evaluating or step % int(config.log_every) == 0:
+        steps, values = window.fetch()
+        bad = log_lib.first_non_finite(steps, values)
+        if bad is not None:
+          raise log_lib.NonFiniteLossError(
+              f"non-finite loss at step {bad} (loss={values[steps.index(bad)]['loss']}); "
+              "stopped without saving it. The latest checkpoint in "
+              f"{ckpt.checkpoint_dir(workdir)} is the last good state. Lower "
+              "--config.learning_rate, raise --config.warmup_steps or check the input data."
+          )
+        last = logger.log(step, log_lib.mean_metrics(values))
+      if saving:
+        ckpt.save(manager, step, state, rng, _checkpointable(data_iter), force=True)
+      if evaluating:
+        model = nnx.merge(graphdef, state).model
+        logger.log(step, eval_fn(model, step), prefix="eval")
+        logger.reset_clock(step)
+      if stop:
+        logger.message(f"preemption signal: saved step {step}, exiting.")
+        break
+  except Exception as e:  # noqa: BLE001 - re-raised after the checkpoints are safe
+    error = e
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    logger.close()
+    preempted.restore_handlers()
+  if error is not None:
+    raise error
+  return {"step": step, "metrics": last, "start": source}

@@ -1,0 +1,87 @@
+"""AdamW with warm-up + cosine decay, clipping, selective weight decay, and the trainable filter.
+
+Weight decay applies to the weight matrices and convolution kernels of linear maps only. It is
+not applied to
+  * parameters with fewer than two dimensions: biases, LayerNorm/BatchNorm scales, the
+    temperature (decaying a norm scale or the temperature changes the function, not its
+    complexity);
+  * embedding tables and learned vectors (word/position embeddings, the class token, the
+    learned queries, VQ codebooks): decay pulls rows that are rarely used (rare tokens, idle
+    codes) towards zero between their updates, which is a bias rather than a regulariser.
+"""
+
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+# Path components (regular expressions, full match) that mark embedding-like parameters.
+NO_DECAY_NAMES = (
+    r".*embedding.*",
+    r".*embeddings.*",
+    r"pos(ition)?_embed.*",
+    r"cls_token",
+    r"query_tokens",
+    r"codebook.*",
+    r"embed",
+    r"temp",
+)
+
+
+def trainable_filter(model_config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  """The parameters that receive gradients: all `nnx.Param`s, minus the ViT when it is frozen."""
+  if model_config.vit.frozen:
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vit")))
+  return nnx.Param
+
+
+def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> nnx.State:
+  """A tree of bools like `params`: True where weight decay applies (see module docstring)."""
+  patterns = [re.compile(p) for p in no_decay_names]
+
+  def decays(path, x) -> bool:
+    if jnp.ndim(x) < 2:
+      return False
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return not any(p.fullmatch(n) for p in patterns for n in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then cosine decay to `end_learning_rate`."""
+  warmup = int(config.warmup_steps)
+  decay_steps = max(int(config.num_steps), warmup + 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=float(config.learning_rate),
+      warmup_steps=warmup,
+      decay_steps=decay_steps,
+      end_value=float(config.end_learning_rate),
+  )
+
+
+def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW (paper values: betas 0.9/0.95, weight decay 0.05)."""
+  parts = []
+  if config.grad_clip_norm and config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
+  parts.append(
+      optax.adamw(
+          learning_rate_schedule(config),
+          b1=float(config.adam_b1),
+          b2=float(config.adam_b2),
+          weight_decay=float(config.weight_decay),
+          mask=decay_mask,
+      )
+  )
+  return optax.chain(*parts)
+
+
+def make_optimizer(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.Optimizer:
+  """`nnx.Optimizer` over the trainable filter: frozen parameters get no optimizer state."""
+  return nnx.Optimizer(model, make_tx(config), wrt=trainable_filter(config.model))
