@@ -1,0 +1,316 @@
+"""grain input pipeline: source -> shuffle -> per-host shard -> image and text -> batches.
+
+Training (`train_dataset`), per epoch e:
+
+  indices 0..n-1 -> permutation (seed config.data.shuffle_seed + e)
+    -> host h of H keeps positions h, h+H, ... (the last n mod H positions are dropped, so every
+       host has the same count and the hosts are disjoint)
+    -> `ExampleProcessor`: read the record, resize it (PIL, when the stored size differs), gray
+       -> 3 channels, `image` normalised with config.data.image_mean/std and `target_image`
+       in [0, 1], report cleaned (`text.clean_report`) and tokenised to config.data.max_text_len
+    -> batches of config.batch_size / H examples, repeated over epochs without end (or
+       `num_epochs`), computed in config.data.worker_count processes (0: this process).
+
+Batches are numbered, and batch k is a pure function of (source, seed, host, k): the output does
+not depend on the number of worker processes, and an iterator's state is its position. Save and
+restore it with grain's orbax handler, next to the model state:
+
+  ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(iterator))
+  ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(iterator))
+
+(or `iterator.get_state()` / `iterator.set_state(state)` directly); the restored iterator yields
+exactly the batches the saved one would have. Restoring needs the same source, seed, batch
+size, host count and worker count.
+
+Evaluation (`eval_dataset`): no shuffle, nothing dropped. Host h reads h, h+H, ...; every host
+pads its last batch (repeating a real example) to the same number of batches, and each batch
+carries `mask` (bool (B,)): False on padding, so metrics skip it.
+
+`make_global_batch` turns each host's batch into global `jax.Array`s sharded over the mesh's
+data axis (`jax.make_array_from_process_local_data`).
+
+Batches (docs/ARCHITECTURE.md, "Batches"); B host batch, S image size, T text length,
+F findings:
+  image float32 (B,S,S,3), target_image float32 (B,S,S,3), input_ids int32 (B,T),
+  attention_mask int32 (B,T), index int32 (B,) (the source index), labels float32 (B,F) and
+  label int32 (B,) when the records have them, mask bool (B,) in evaluation batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from medunifier_jax.data import registry
+from medunifier_jax.data import text as text_lib
+from medunifier_jax.data import tokenizer as tokenizer_lib
+
+# Thread prefetching inside each process; elements are whole batches.
+DEFAULT_READ_THREADS = 2
+DEFAULT_PREFETCH_BATCHES = 4
+
+
+def _gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
+  """A stored image as float32 (size, size) in [0, 1].
+
+  Accepts uint8 (or uint16/int32, scaled by their maximum, or float in [0, 1]) arrays of shape
+  (H, W), (H, W, 1) or (H, W, 3) (converted to luminance), or PNG/JPEG bytes. Other sizes than
+  `size` are resized with PIL (bicubic).
+  """
+  if isinstance(image, bytes | bytearray):
+    try:
+      pil = Image.open(io.BytesIO(image))
+      pil.load()
+    except Exception as e:  # PIL raises several types for corrupt data.
+      raise ValueError(f"record {record_id}: image bytes cannot be decoded ({e})") from None
+    image = np.asarray(pil if pil.mode in ("L", "I;16", "I") else pil.convert("L"))
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  elif image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
+    image = np.asarray(Image.fromarray(image).convert("L"))
+  if image.ndim != 2 or min(image.shape) == 0:
+    raise ValueError(
+        f"record {record_id}: expected a grayscale uint8 image (H, W) or (H, W, 1), got shape "
+        f"{image.shape} dtype {image.dtype}"
+    )
+  if image.dtype == np.uint8:
+    if image.shape != (size, size):
+      image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    return image.astype(np.float32) * np.float32(1.0 / 255.0)
+  if image.dtype in (np.uint16, np.int32):
+    unit = image.astype(np.float32) / np.float32(max(int(image.max()), 1))
+  elif image.dtype in (np.float32, np.float64):
+    unit = image.astype(np.float32)
+  else:
+    raise ValueError(f"record {record_id}: image dtype {image.dtype} is not supported; store uint8")
+  if unit.shape != (size, size):
+    resized = Image.fromarray(unit, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+    unit = np.asarray(resized)
+  return np.clip(unit, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExampleProcessor:
+  """Reads source[index] and turns it into one example (the per-example part of a batch).
+
+  Picklable (worker processes receive a copy), so `source` and `tokenizer` must be too.
+  """
+
+  source: Any
+  tokenizer: Any
+  image_size: int
+  max_text_len: int
+  image_mean: tuple[float, float, float]
+  image_std: tuple[float, float, float]
+  max_words: int | None = text_lib.DEFAULT_MAX_WORDS
+
+  @classmethod
+  def from_config(cls, source: Any, tokenizer: Any, data_config: Any) -> ExampleProcessor:
+    return cls(
+        source=source,
+        tokenizer=tokenizer,
+        image_size=int(data_config.image_size),
+        max_text_len=int(data_config.max_text_len),
+        image_mean=tuple(float(m) for m in data_config.image_mean),
+        image_std=tuple(float(s) for s in data_config.image_std),
+        max_words=data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS),
+    )
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    """Example for source[index]: image/target_image (S,S,3), input_ids/attention_mask (T,),
+    index (), and labels (F,) / label () when the record has them."""
+    index = int(index)
+    record = self.source[index]
+    record_id = str(record.get("id", index))
+    gray = _gray_unit_image(record["image"], self.image_size, record_id)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    mean = np.asarray(self.image_mean, np.float32)
+    std = np.asarray(self.image_std, np.float32)
+    report = text_lib.clean_report(record["report"], self.max_words)
+    tokens = tokenizer_lib.tokenize(self.tokenizer, [report], self.max_text_len)
+    example = {
+        "image": (rgb - mean) / std,
+        "target_image": rgb,
+        "input_ids": tokens["input_ids"][0],
+        "attention_mask": tokens["attention_mask"][0],
+        "index": np.int32(index),
+    }
+    if record.get("labels") is not None:
+      example["labels"] = np.asarray(record["labels"], np.float32)
+    if record.get("label") is not None:
+      example["label"] = np.int32(record["label"])
+    return example
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PaddedExample:
+  """(index, valid) -> the example with `mask` = valid (evaluation padding)."""
+
+  processor: ExampleProcessor
+
+  def __call__(self, item: tuple[int, bool]) -> dict[str, np.ndarray]:
+    index, valid = item
+    example = self.processor(index)
+    example["mask"] = np.bool_(valid)
+    return example
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  if shard_index is None or shard_count is None:
+    import jax  # Only here: worker processes never need it.
+
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+  return shard_index, shard_count
+
+
+def host_batch_size(global_batch_size: int, shard_count: int) -> int:
+  """The per-host batch: global / number of hosts (must divide)."""
+  if global_batch_size % shard_count:
+    raise ValueError(
+        f"the global batch size {global_batch_size} is not divisible by the {shard_count} "
+        f"hosts; set config.batch_size to a multiple of {shard_count}"
+    )
+  return global_batch_size // shard_count
+
+
+def _prefetched(ds: grain.MapDataset, worker_count: int, read_threads: int,
+                prefetch_batches: int) -> grain.IterDataset:
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def train_dataset(
+    config: Any,
+    tokenizer: Any,
+    *,
+    source: Any = None,
+    split: str = "train",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = None,
+    read_threads: int = DEFAULT_READ_THREADS,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> grain.IterDataset:
+  """Shuffled, sharded, repeated training batches of config.batch_size / shard_count examples.
+
+  Args:
+    config: the full configuration (uses batch_size, data.*, model.qformer token ids).
+    tokenizer: from `build_tokenizer` / `tokenizer.get_tokenizer`.
+    source: a random-access source; default `registry.get_source(config.data.name, split, ...)`.
+    shard_index, shard_count: this host and the number of hosts; default
+      jax.process_index() / jax.process_count().
+    num_epochs: None repeats forever; otherwise the last incomplete batch is dropped.
+    read_threads, prefetch_batches: thread prefetching per process (batches are elements).
+  """
+  tokenizer_lib.check_tokenizer(tokenizer, config.model)
+  if source is None:
+    source = registry.get_source(config.data.name, split, config.data)
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  batch = host_batch_size(int(config.batch_size), shard_count)
+  n = len(source)
+  per_host = n // shard_count
+  if per_host < batch:
+    raise ValueError(
+        f"split {split!r} has {n} examples, {per_host} per host, fewer than one host batch of "
+        f"{batch}; lower config.batch_size or use a larger split"
+    )
+  ds = grain.MapDataset.range(n).shuffle(seed=int(config.data.shuffle_seed))
+  # A strided slice of the permuted indices; epoch e of the slice reads epoch e of the shuffle.
+  ds = ds[shard_index : per_host * shard_count : shard_count]
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(ExampleProcessor.from_config(source, tokenizer, config.data))
+  ds = ds.batch(batch, drop_remainder=True)
+  return _prefetched(ds, int(config.data.worker_count), read_threads, prefetch_batches)
+
+
+def eval_dataset(
+    config: Any,
+    tokenizer: Any,
+    *,
+    source: Any = None,
+    split: str = "val",
+    batch_size: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    read_threads: int = DEFAULT_READ_THREADS,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> grain.IterDataset:
+  """Every example once, in order, in padded batches with a `mask` (see module docstring).
+
+  Every host yields ceil(ceil(n / shard_count) / host batch) batches, so all hosts take part in
+  every global batch. `batch_size` is global (default config.batch_size).
+  """
+  tokenizer_lib.check_tokenizer(tokenizer, config.model)
+  if source is None:
+    source = registry.get_source(config.data.name, split, config.data)
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  batch = host_batch_size(int(batch_size or config.batch_size), shard_count)
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"split {split!r} of {config.data.name!r} is empty; nothing to evaluate")
+  mine = list(range(shard_index, n, shard_count))
+  total = math.ceil(math.ceil(n / shard_count) / batch) * batch
+  items = [(i, True) for i in mine] + [(mine[0] if mine else 0, False)] * (total - len(mine))
+  ds = grain.MapDataset.source(items)
+  ds = ds.map(_PaddedExample(ExampleProcessor.from_config(source, tokenizer, config.data)))
+  ds = ds.batch(batch, drop_remainder=False)
+  return _prefetched(ds, int(config.data.worker_count), read_threads, prefetch_batches)
+
+
+def make_global_batch(host_batch: dict[str, np.ndarray], mesh: Any, data_axis: str = "data"):
+  """Host batches -> global jax.Arrays, leading axis sharded over `data_axis` of `mesh`.
+
+  Every process passes its own host batch (B_host, ...); the global arrays have leading size
+  B_host * process_count and are replicated over the other mesh axes.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+  data_size = mesh.shape[data_axis]
+
+  def put(x):
+    x = np.asarray(x)
+    global_size = x.shape[0] * jax.process_count()
+    if global_size % data_size:
+      raise ValueError(
+          f"the global batch of {global_size} does not split over the {data_size} devices of "
+          f"mesh axis {data_axis!r}; make config.batch_size a multiple of {data_size}"
+      )
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, host_batch)
+
+
+def source_reports(source: Any) -> Sequence[str]:
+  """Every report of a source, in order: `source.reports` when it has one (no images are
+  rendered or decoded), otherwise read record by record."""
+  reports = getattr(source, "reports", None)
+  if reports is not None:
+    return list(reports)
+  return [source[i]["report"] for i in range(len(source))]
+
+
+def build_tokenizer(config: Any, cache_dir: str | None = None):
+  """The tokenizer for `config`: config.data.tokenizer_dir, or a vocabulary trained on the
+  training split's reports and cached under `cache_dir`; checked against config.model."""
+  corpus = None
+  if not config.data.tokenizer_dir:
+    corpus = source_reports(registry.get_source(config.data.name, "train", config.data))
+  tokenizer = tokenizer_lib.get_tokenizer(config.data, corpus, cache_dir)
+  tokenizer_lib.check_tokenizer(tokenizer, config.model)
+  return tokenizer
