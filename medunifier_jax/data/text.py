@@ -18,9 +18,10 @@ Differences from NLTK's punkt, which the paper's evaluation code uses:
     (``nltk.download("punkt")``); pysbd needs no data files.
   * Enumerations: impressions such as "... disease. 1. Increased opacity ... 2. XXXX opacity"
     come out of pysbd as one sentence per item with its number in front ("1. Increased
-    opacity ..."); punkt decides case by case whether "1." ends or starts a sentence.
-    `split_sentences` strips the leading item numbers by default, so a reference sentence is
-    the finding itself.
+    opacity ..."), though now and then the number comes out as a segment of its own ("1.");
+    punkt decides case by case whether "1." ends or starts a sentence. `split_sentences`
+    strips item numbers (and drops number-only segments) by default, so a reference
+    sentence is the finding itself.
   * Abbreviations and numbers ("Dr.", "e.g.", "vs.", "p.m.", "2.5 cm") are handled by fixed
     rules in pysbd and by learned statistics in punkt; on radiology text both keep them
     inside the sentence, but rare abbreviations may split differently.
@@ -41,7 +42,7 @@ _PUNCTUATION = re.compile(r"[!\"()*#:;~]")
 _WHITESPACE = re.compile(r"\s+")
 # A run of de-identification placeholders, e.g. "XXXX", "XXXX XXXX", "XXXX, XXXX".
 _DEID_RUN = re.compile(r"\bX{3,}\b(?:[\s,]+X{3,}\b)*")
-_ENUMERATION = re.compile(r"^\(?\d{1,2}[.)]\s+")
+_ENUMERATION = re.compile(r"^\(?\d{1,2}[.)](?:\s+|$)")
 _HAS_WORD = re.compile(r"\w")
 
 
