@@ -1,0 +1,121 @@
+"""Open-i (Indiana University chest X-ray collection): XML reports + PNG images.
+
+One example per image named by a report's `parentImage` ids; the report text is FINDINGS +
+IMPRESSION (cleaned), the sections and the MeSH terms are stored too. The collection has no
+official split; reports (with all their images) are assigned by a hash of the report file
+name and the seed: 80% train, 10% validation, 10% test. The assignment of a report does not
+depend on which other files are present, and `manifest.csv` lists it.
+
+Manual directory (NLMCXR_reports.tgz and NLMCXR_png.tgz from https://openi.nlm.nih.gov/faq):
+
+  ecgen-radiology/1.xml ...          (or the NLMCXR_reports.tgz archive itself)
+  NLMCXR_png/CXR1_1_IM-0001-3001.png ...   (any folder below --manual-dir; found by name)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from medunifier_jax.data.builders import common
+
+REPORT_DIR = "ecgen-radiology"
+REPORT_ARCHIVE = "NLMCXR_reports.tgz"
+SPLIT_PERCENT = (("train", 80), ("validation", 90), ("test", 100))
+
+INSTRUCTIONS = """\
+Download NLMCXR_reports.tgz and NLMCXR_png.tgz (https://openi.nlm.nih.gov/faq, "What is the
+Indiana University chest X-ray collection?") and unpack both into the folder passed as
+--manual-dir (the reports archive may also stay packed there).
+"""
+
+
+def report_split(report_file: str, seed: int = 0) -> str:
+  """train / validation / test for a report file name (e.g. "1.xml"), by a stable hash."""
+  digest = hashlib.sha256(f"{seed}:{report_file}".encode()).hexdigest()
+  bucket = int(digest, 16) % 100
+  return next(split for split, limit in SPLIT_PERCENT if bucket < limit)
+
+
+def iter_report_files(root: Path) -> Iterator[tuple[str, bytes]]:
+  """(file name, XML bytes) of every report: from ecgen-radiology/ or the packed archive."""
+  folder = Path(root) / REPORT_DIR
+  if folder.is_dir():
+    for path in sorted(folder.glob("*.xml"), key=lambda p: (len(p.name), p.name)):
+      yield path.name, path.read_bytes()
+    return
+  archive = Path(root) / REPORT_ARCHIVE
+  if not archive.is_file():
+    raise common.LayoutError(
+      f"Open-i reports: neither {folder} nor {archive} exists; see docs/DATASETS.md"
+    )
+  with tarfile.open(archive) as tar:
+    members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".xml")]
+    for m in sorted(members, key=lambda m: (len(m.name), m.name)):
+      yield Path(m.name).name, tar.extractfile(m).read()
+
+
+class OpenI(common.RadiographBuilder):
+  """Open-i reports paired with each of their images."""
+
+  name = "open_i"
+  HOMEPAGE = "https://openi.nlm.nih.gov/"
+  DESCRIPTION = "Indiana University chest X-ray collection: PNG images with their reports."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+
+  def _features(self):
+    text = tfds.features.Text
+    return {
+      "report": text(),
+      "findings": text(),
+      "impression": text(),
+      "indication": text(),
+      "comparison": text(),
+      "mesh": text(),  # JSON list of the report's MeSH terms (major, then minor)
+      "report_id": text(),
+    }
+
+  def _split_generators(self, dl_manager):
+    from medunifier_jax.data import openi  # the shared Open-i XML parser
+
+    root = self._manual(dl_manager)
+    pngs = {p.stem: p for p in root.rglob("*.png")}
+    items: dict[str, list] = {split: [] for split, _ in SPLIT_PERCENT}
+    manifest = []
+    for file_name, xml in iter_report_files(root):
+      report = openi.parse_report(xml)
+      split = report_split(file_name, self.builder_config.seed)
+      if not report.images:
+        self._skip(split, Path(REPORT_DIR) / file_name, "report names no image")
+      for image_id in report.images:
+        items[split].append((file_name, report, image_id, pngs.get(image_id)))
+        manifest.append({"image_id": image_id, "report_file": file_name, "split": split})
+    self._write_manifest(("image_id", "report_file", "split"), manifest)
+    return {split: self._generate_examples(root, split, rows) for split, rows in items.items()}
+
+  def _generate_examples(self, root: Path, split: str, rows):
+    def make(item):
+      file_name, report, image_id, path = item
+      if not (report.findings or report.impression):
+        raise common.SkipExample(
+          "empty report: no FINDINGS or IMPRESSION text", Path(root) / REPORT_DIR / file_name
+        )
+      pixels = common.load_image(path or Path(root) / f"{image_id}.png")
+      return image_id, {
+        "image": self._image(pixels),
+        "id": image_id,
+        "report": common.clean_report(f"{report.findings} {report.impression}"),
+        "findings": report.findings,
+        "impression": report.impression,
+        "indication": report.indication,
+        "comparison": report.comparison,
+        "mesh": json.dumps(list(report.mesh)),
+        "report_id": file_name,
+      }
+
+    return self._examples(split, rows, make)
