@@ -1,0 +1,225 @@
+"""Templated radiology reports for phantoms, and a small negation-aware finding matcher.
+
+`templated_report(findings, rng)` writes "FINDINGS: ... IMPRESSION: ..." in varied words: each
+present finding with its severity and side, a random selection of negations of absent ones, and
+an impression that summarises. It never states a finding the labels deny: every sentence is
+either purely positive or purely negated, and `mentioned_findings` (the matcher the tests use)
+reads that back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from medunifier_jax.data.phantoms import Finding
+
+_SEVERITY = {
+  "default": {"mild": ("mild", "minimal", "slight"), "moderate": ("moderate",),
+              "severe": ("severe", "marked", "extensive")},
+  "size": {"mild": ("small", "small", "tiny"), "moderate": ("moderate", "moderate-sized"),
+           "severe": ("large", "large")},
+}
+_ADVERB = {"mild": ("mildly",), "moderate": ("moderately",), "severe": ("markedly", "severely")}
+_NODULE_SIZE = {"mild": ("6 mm", "7 mm", "small"), "moderate": ("1 cm", "12 mm"),
+                "severe": ("2 cm", "large")}
+
+_POSITIVE = {
+  "Cardiomegaly": (
+    "The heart is {adv} enlarged.",
+    "{Sev} cardiomegaly.",
+    "There is {sev} cardiomegaly.",
+    "The cardiac silhouette is {adv} enlarged.",
+  ),
+  "Pleural Effusion": (
+    "{Size} {side} pleural effusion{s}.",
+    "There is a {size} {side} pleural effusion{s}.",
+    "{Size} {side} pleural effusion{s} blunting the costophrenic angle{s}.",
+  ),
+  "Consolidation": (
+    "Dense consolidation in the {lobe}.",
+    "There is {sev} consolidation of the {lobe}.",
+    "{Sev} consolidation in the {lobe}.",
+  ),
+  "Pneumonia": (
+    "Patchy airspace opacity in the {lobe}, concerning for pneumonia.",
+    "{Sev} patchy opacities in the {lobe} consistent with pneumonia.",
+    "Ill-defined opacity in the {lobe} compatible with pneumonia.",
+  ),
+  "Atelectasis": (
+    "Linear atelectasis in the {lobe}.",
+    "{Sev} plate-like atelectasis at the {base}.",
+    "Streaky {lobe} opacities, likely atelectasis.",
+  ),
+  "Edema": (
+    "{Sev} pulmonary edema with perihilar haziness.",
+    "There is {sev} interstitial edema with Kerley B lines.",
+    "Perihilar haziness and septal lines consistent with {sev} pulmonary edema.",
+  ),
+  "Pneumothorax": (
+    "{Size} {side} pneumothorax.",
+    "There is a {size} {side} apical pneumothorax with a visible visceral pleural line.",
+    "A {size} {side} pneumothorax is present.",
+  ),
+  "Nodule": (
+    "A {nodule} nodule{s} in the {lobe}.",
+    "There {is} {a}{nodule} pulmonary nodule{s} in the {lobe}.",
+    "{A}{nodule} nodular opacit{ies} projecting over the {lobe}.",
+  ),
+  "Calcified Granuloma": (
+    "Calcified granuloma{s} in the {lobe}.",
+    "There {is} {a}small calcified granuloma{s} in the {lobe}.",
+    "{A}calcified granuloma{s} projecting over the {lobe}.",
+  ),
+  "COVID-19": (
+    "Bilateral peripheral ground-glass opacities, typical of COVID-19.",
+    "{Sev} multifocal peripheral opacities in both lower lungs, compatible with COVID-19.",
+    "Bilateral patchy peripheral opacities, consistent with COVID-19 infection.",
+  ),
+}
+_DEVICE = {
+  "endotracheal tube": ("Endotracheal tube in standard position.",
+                        "The endotracheal tube tip is above the carina."),
+  "central venous catheter": ("Right subclavian central venous catheter with tip in the SVC.",
+                              "A right-sided central venous catheter terminates in the SVC."),
+  "pacemaker": ("Left chest wall pacemaker with lead in the right ventricle.",
+                "A left-sided pacemaker is in place."),
+  "ecg leads": ("ECG leads overlie the chest.",
+                "External monitoring leads project over the chest."),
+}
+_IMPRESSION = {
+  "Cardiomegaly": ("{Sev} cardiomegaly.",),
+  "Pleural Effusion": ("{Size} {side} pleural effusion{s}.",),
+  "Consolidation": ("Consolidation in the {lobe}.", "{Sev} consolidation of the {lobe}."),
+  "Pneumonia": ("Pneumonia in the {lobe}.", "Findings concerning for pneumonia in the {lobe}."),
+  "Atelectasis": ("Atelectasis in the {lobe}.", "{Sev} atelectasis."),
+  "Edema": ("{Sev} pulmonary edema.",),
+  "Pneumothorax": ("{Size} {side} pneumothorax.",),
+  "Nodule": ("Pulmonary nodule{s} in the {lobe}; CT recommended.", "Nodule{s} in the {lobe}."),
+  "Calcified Granuloma": ("Calcified granuloma{s}, benign.", "Old granulomatous disease."),
+  "COVID-19": ("Findings compatible with COVID-19.",),
+  "Support Devices": ("Support devices as described.", "Lines and tubes as above."),
+}
+# Negations of absent findings (one finding per sentence, or two both absent).
+_NEGATIVE = {
+  "Pleural Effusion": ("No pleural effusion.", "There is no pleural effusion.",
+                       "No evidence of pleural effusion."),
+  "Pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."),
+  "Consolidation": ("No focal consolidation.", "There is no focal consolidation."),
+  "Edema": ("No pulmonary edema.", "There is no pulmonary edema."),
+  "Cardiomegaly": ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
+                   "No cardiomegaly."),
+  "Pneumonia": ("No evidence of pneumonia.",),
+  "Nodule": ("No suspicious pulmonary nodules.",),
+  "Atelectasis": ("No atelectasis.",),
+}
+_NEGATIVE_PAIR = "No pleural effusion or pneumothorax."
+_CLEAR_LUNGS = ("The lungs are clear.", "Lungs are clear bilaterally.",
+                "The lungs are well expanded and clear.")
+_NORMAL_IMPRESSION = ("No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.",
+                      "Normal chest radiograph.", "No active disease.")
+_LUNG_FINDINGS = {"Atelectasis", "Consolidation", "Edema", "Pleural Effusion", "Pneumonia",
+                  "Pneumothorax", "Nodule", "Calcified Granuloma", "COVID-19"}
+
+
+def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
+  return options[int(rng.integers(len(options)))]
+
+
+def _lobe(f: Finding) -> str:
+  zone = f.zone or "lower"
+  if f.side not in ("right", "left"):
+    return {"upper": "both upper lobes", "middle": "mid lungs", "lower": "both lower lobes"}[zone]
+  if zone == "middle":
+    return "right middle lobe" if f.side == "right" else "lingula"
+  return f"{f.side} {zone} lobe"
+
+
+def _fill(template: str, f: Finding, rng: np.random.Generator) -> str:
+  plural = f.side == "bilateral" and f.name in ("Pleural Effusion",) or f.count > 1
+  kind = "size" if f.name in ("Pleural Effusion", "Pneumothorax") else "default"
+  side = f.side if f.side in ("right", "left") else "bilateral"
+  words = {
+    "sev": _choice(rng, _SEVERITY["default"][f.severity]),
+    "size": _choice(rng, _SEVERITY[kind][f.severity]),
+    "adv": _choice(rng, _ADVERB[f.severity]),
+    "side": side,
+    "lobe": _lobe(f),
+    "base": {"right": "right base", "left": "left base"}.get(side, "lung bases"),
+    "nodule": _choice(rng, _NODULE_SIZE[f.severity]),
+    "s": "s" if plural else "",
+    "is": "are" if plural else "is",
+    "a": "" if plural else "a ",
+    "ies": "ies" if plural else "y",
+  }
+  text = template.format(**words, **{k.capitalize(): v for k, v in words.items()})
+  text = re.sub(r"\ba ([aeiou])", r"an \1", text)
+  return text[0].upper() + text[1:]
+
+
+def templated_report(findings_: Sequence[Finding], rng: np.random.Generator) -> str:
+  """A report "FINDINGS: ... IMPRESSION: ..." that agrees with `findings_`."""
+  present = {f.name for f in findings_}
+  findings_text, impression = [], []
+  for f in findings_:
+    if f.name == "Support Devices":
+      findings_text.append(_choice(rng, _DEVICE[f.device or "endotracheal tube"]))
+    else:
+      findings_text.append(_fill(_choice(rng, _POSITIVE[f.name]), f, rng))
+    impression.append(_fill(_choice(rng, _IMPRESSION[f.name]), f, rng))
+
+  negations = []
+  if not present & _LUNG_FINDINGS and rng.random() < 0.8:
+    negations.append(_choice(rng, _CLEAR_LUNGS))
+  absent = [n for n in _NEGATIVE if n not in present]
+  if "Pleural Effusion" in absent and "Pneumothorax" in absent and rng.random() < 0.5:
+    negations.append(_NEGATIVE_PAIR)
+    absent = [n for n in absent if n not in ("Pleural Effusion", "Pneumothorax")]
+  k = min(len(absent), int(rng.integers(1, 4)))
+  for i in rng.choice(len(absent), size=k, replace=False) if k else ():
+    negations.append(_choice(rng, _NEGATIVE[absent[int(i)]]))
+  body = findings_text + negations
+  order = rng.permutation(len(body)) if rng.random() < 0.3 else np.arange(len(body))
+  body = [body[i] for i in order]
+
+  only_devices = present <= {"Support Devices"}
+  if only_devices:
+    impression.append(_choice(rng, _NORMAL_IMPRESSION))
+  return f"FINDINGS: {' '.join(body)}\nIMPRESSION: {' '.join(impression)}"
+
+
+# Negation-aware matcher: keyword patterns per finding, and cues that negate a sentence.
+KEYWORDS = {
+  "Atelectasis": r"atelecta",
+  "Cardiomegaly": r"cardiomegaly|(heart|cardiac silhouette)\b[^.]*\benlarged|enlarged (heart|card)",
+  "Consolidation": r"consolidat",
+  "Edema": r"edema|vascular congestion|kerley",
+  "Pleural Effusion": r"effusion",
+  "Pneumonia": r"pneumonia",
+  "Pneumothorax": r"pneumothora",
+  "Nodule": r"nodul",
+  "Calcified Granuloma": r"granulom",
+  "Support Devices": r"pacemaker|endotracheal|catheter|support devices?|monitoring leads|"
+  r"ecg leads|lines and tubes|\btube\b",
+  "COVID-19": r"covid",
+}
+_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|resolved)\b")
+
+
+def mentioned_findings(text: str) -> tuple[set[str], set[str]]:
+  """(positively mentioned, negated) finding names in `text`, sentence by sentence.
+
+  A sentence that contains a negation cue before a keyword negates that finding; otherwise the
+  keyword counts as positive. Good enough for templated text; not a clinical labeler.
+  """
+  positive, negative = set(), set()
+  for sentence in re.split(r"(?<=[.;])\s+|\n", text.lower()):
+    for name, pattern in KEYWORDS.items():
+      m = re.search(pattern, sentence)
+      if m is None:
+        continue
+      cue = _NEGATION.search(sentence[: m.start()])
+      (negative if cue else positive).add(name)
+  return positive, negative
