@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import tarfile
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.data.phantoms import SEVERITIES, ZONES, Finding
 
 PACKAGE = "torchxrayvision"
@@ -44,7 +46,7 @@ class OpenIReport:
   impression: str
   mesh_major: tuple[str, ...]
   mesh_minor: tuple[str, ...]
-  image_ids: tuple[str, ...]
+  images: tuple[str, ...]  # parentImage ids, e.g. "CXR1_1_IM-0001-3001" (PNG names)
 
   @property
   def mesh(self) -> tuple[str, ...]:
@@ -99,8 +101,8 @@ def _text(e: ET.Element | None) -> str:
   return " ".join((e.text or "").split()) if e is not None else ""
 
 
-def parse_report_xml(data: bytes, name: str) -> OpenIReport:
-  """Parses one report file's bytes; `name` is used in errors and kept as `file`."""
+def parse_report(data: bytes | str, name: str = "<report>") -> OpenIReport:
+  """Parses one report file's XML; `name` (the file name) is used in errors and kept as `file`."""
   try:
     root = ET.fromstring(data)
   except ET.ParseError as e:
@@ -120,7 +122,7 @@ def parse_report_xml(data: bytes, name: str) -> OpenIReport:
     impression=sections.get("IMPRESSION", ""),
     mesh_major=tuple(_text(m) for m in mesh.iter("major")) if mesh is not None else (),
     mesh_minor=tuple(_text(m) for m in mesh.iter("minor")) if mesh is not None else (),
-    image_ids=tuple(p.get("id", "") for p in root.iter("parentImage")),
+    images=tuple(p.get("id", "") for p in root.iter("parentImage")),
   )
 
 
@@ -145,7 +147,7 @@ def load_reports(path: str | Path | None = None) -> OpenIReports:
       for member in tar:
         if not (member.isfile() and member.name.endswith(".xml")):
           continue
-        report = parse_report_xml(tar.extractfile(member).read(), member.name)
+        report = parse_report(tar.extractfile(member).read(), member.name)
         (reports if report.findings or report.impression else skipped).append(report)
   except (tarfile.TarError, EOFError, OSError) as e:
     raise OpenIFormatError(f"{path}: cannot read the report archive ({e}); reinstall with: "
@@ -284,6 +286,25 @@ def mesh_to_findings(terms: Iterable[str], rng: np.random.Generator) -> tuple[Fi
 def supported_findings(terms: Sequence[str]) -> set[str]:
   """Finding names the mapping derives from `terms` (what the rendered labels must include)."""
   return {m["name"] for m in map(map_mesh_term, terms) if m is not None}
+
+
+def labels_from_mesh(terms: Sequence[str]) -> np.ndarray:
+  """CheXpert-style labels float32 (F,) of a report's MeSH terms ("No Finding" when none map)."""
+  return findings_lib.labels_from_names(supported_findings(terms))
+
+
+SPLIT_PERCENT = (("train", 80), ("validation", 90), ("test", 100))
+
+
+def report_split(report_file: str, seed: int = 0) -> str:
+  """train / validation / test (80 / 10 / 10) for a report file name such as "1.xml".
+
+  A stable hash of (seed, name): a report's split does not depend on which others exist, and
+  it is the same rule the TFDS Open-i builder uses, so phantom and real splits agree.
+  """
+  digest = hashlib.sha256(f"{seed}:{Path(report_file).name}".encode()).hexdigest()
+  bucket = int(digest, 16) % 100
+  return next(split for split, limit in SPLIT_PERCENT if bucket < limit)
 
 
 assert set(_SEVERITY_WORDS.values()) <= set(SEVERITIES)
