@@ -151,6 +151,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.num_train = 20000
   d.num_val = 500
   d.num_test = 500
+  d.openi_split_seed = 0  # Open-i reports split 80/10/10 by a hash of (seed, file name)
+  d.phantom_normal_fraction = 0.3  # share of templated phantoms without findings
+  d.num_per_class_5x200 = 200  # phantom_5x200: images per class
+  d.cls_num_train = 2000  # phantom_pneumonia / _pneumothorax / _covidx split sizes
+  d.cls_num_val = 200
+  d.cls_num_test = 500
+  d.cls_positive_fraction = 0.5  # binary phantom sets: share of positives
   d.worker_count = 0  # grain worker processes (0: in the main process)
   d.shuffle_seed = 0
 
