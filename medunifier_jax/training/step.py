@@ -100,7 +100,7 @@ def make_train_step(
     opt.update(model, grad_state)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+    metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)
     return nnx.state(train_state), metrics
 
   return train_step

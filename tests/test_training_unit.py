@@ -1,0 +1,242 @@
+"""Training system on a toy model: mesh and batch checks, sharding rules, the optimizer's
+masks, frozen parameters, retracing, checkpoints, the non-finite-loss stop."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs.pretrain import get_config
+from medunifier_jax.training import checkpoint as ckpt
+from medunifier_jax.training import logging as log_lib
+from medunifier_jax.training import loop
+from medunifier_jax.training import mesh as mesh_lib
+from medunifier_jax.training import optimizer as opt_lib
+from medunifier_jax.training import sharding as sharding_lib
+from medunifier_jax.training import state as state_lib
+from medunifier_jax.training import step as step_lib
+
+
+class Toy(nnx.Module):
+  """A stand-in with the parts the training system cares about: a `vit` subtree, logical axis
+  names, an embedding table, a LayerNorm and a BatchNorm (batch statistics)."""
+
+  def __init__(self, config, rngs):
+    part = lambda axes: nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+    self.vit = nnx.Linear(3, 8, kernel_init=part(("embed", "mlp")), rngs=rngs)
+    self.emb = nnx.Embed(config.model.qformer.vocab_size, 8, rngs=rngs)
+    self.ln = nnx.LayerNorm(8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.out = nnx.Linear(8, 2, kernel_init=part(("mlp", "vocab")), rngs=rngs)
+
+
+def toy_loss(model, batch, rng):
+  h = model.vit(batch["image"].mean((1, 2)))
+  h = model.bn(model.ln(h + model.emb(batch["input_ids"]).mean(1)), use_running_average=False)
+  h = h + 0.01 * jax.random.normal(rng, h.shape)
+  loss = jnp.mean((model.out(h) - batch["target_image"].mean((1, 2, 3))[:, None]) ** 2)
+  return loss, {k: loss for k in ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig")}
+
+
+def toy_model_fn(config, rngs):
+  return Toy(config, rngs)
+
+
+def tiny(**overrides):
+  config = get_config("tiny")
+  with config.unlocked():
+    for key, value in overrides.items():
+      target = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def synthetic_data(config, workdir=None):
+  i = 0
+  while True:
+    yield step_lib.random_batch(config, seed=i)
+    i += 1
+
+
+# ------------------------------------------------------------------------------------ mesh
+
+
+def test_mesh_fills_in_minus_one():
+  mesh = mesh_lib.make_mesh([("data", -1), ("model", 2)])
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert mesh_lib.resolve_mesh_shape([("data", 2), ("model", 4)], 8) == (("data", "model"), (2, 4))
+
+
+@pytest.mark.parametrize(
+    "axes, fix",
+    [
+        ([("data", 16), ("model", 1)], "asks for 16 devices but 8 are available"),
+        ([("data", -1), ("model", 3)], "does not divide the 8 devices"),
+        ([("data", -1), ("model", -1)], "at most one may be -1"),
+        ([("data", 0), ("model", -1)], "must be positive or -1"),
+    ],
+)
+def test_mis_sized_mesh_says_what_to_change(axes, fix):
+  with pytest.raises(ValueError, match=fix):
+    mesh_lib.make_mesh(axes)
+
+
+def test_batch_not_divisible_fails_before_training(tmp_path):
+  config = tiny(batch_size=6, mesh=[("data", 4), ("model", 2)])
+  calls = []
+  with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the data-parallel size 4"):
+    loop.train_and_evaluate(
+        config, str(tmp_path), model_fn=toy_model_fn, loss_fn=toy_loss,
+        data_fn=lambda c, w: calls.append(1),
+    )
+  assert not calls and not (tmp_path / "checkpoints").exists()
+
+
+# -------------------------------------------------------------------------------- sharding
+
+
+def test_logical_rules_map_to_mesh_axes():
+  mesh = mesh_lib.make_mesh([("data", 2), ("model", 4)])
+  rules = sharding_lib.rules_dict(get_config("tiny").sharding_rules)
+  spec = lambda names, shape: sharding_lib.logical_to_spec(names, shape, mesh, rules)
+  assert spec(("embed", "mlp"), (32, 64)) == P(None, "model")
+  assert spec(("vocab", "embed"), (512, 32)) == P("model", None)
+  # Not divisible by the model axis (a 513-token vocabulary): replicated instead of failing.
+  assert spec(("vocab", "embed"), (513, 32)) == P(None, None)
+  # One mesh axis is used at most once per array.
+  assert spec(("heads", "mlp"), (8, 64)) == P("model", None)
+  with pytest.raises(ValueError, match="no entry in config.sharding_rules"):
+    spec(("nonsense",), (4,))
+
+
+def test_state_shardings_follow_the_rules():
+  config = tiny()
+  mesh = mesh_lib.make_mesh([("data", 2), ("model", 4)])
+  _, abstract, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  assert shardings["model"]["vit"]["kernel"].get_value().spec == P(None, "model")
+  assert shardings["model"]["out"]["kernel"].get_value().spec == P("model", None)
+  # Adam's moments shard like their parameter.
+  mu = shardings["optimizer"]["opt_state"][1][0]["mu"]["out"]["kernel"].get_value()
+  assert mu.spec == P("model", None)
+  assert abstract["model"]["vit"]["kernel"].get_value().sharding.spec == P(None, "model")
+
+
+# ------------------------------------------------------------------------------- optimizer
+
+
+def test_decay_mask_spares_biases_norms_and_embeddings():
+  model = state_lib.build_model(tiny(), toy_model_fn)
+  mask = nnx.to_pure_dict(opt_lib.decay_mask(nnx.state(model, nnx.Param)))
+  assert mask["vit"]["kernel"] and mask["out"]["kernel"]
+  assert not mask["vit"]["bias"] and not mask["out"]["bias"]
+  assert not mask["ln"]["scale"] and not mask["bn"]["scale"]
+  assert not mask["emb"]["embedding"]
+
+
+def test_schedule_warms_up_then_decays_to_the_end_value():
+  config = tiny(warmup_steps=10, num_steps=100, learning_rate=1e-3, end_learning_rate=1e-6)
+  lr = opt_lib.learning_rate_schedule(config)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(100)), 1e-6, rtol=1e-4)
+  assert float(lr(55)) < float(lr(30))
+
+
+# ---------------------------------------------------------------- frozen parameters, retrace
+
+
+@pytest.fixture(scope="module")
+def frozen_run():
+  """Three jitted steps of the toy with `model.vit.frozen=True` on a (4, 2) mesh."""
+  config = tiny(**{"model.vit.frozen": True, "mesh": [("data", 4), ("model", 2)]})
+  mesh = mesh_lib.make_mesh(config.mesh)
+  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  state = state_lib.init_train_state(config, shardings, toy_model_fn)
+  before = jax.device_get(nnx.to_pure_dict(state))
+  # Fails with an AssertionError if the step is traced a second time.
+  fn = chex.assert_max_traces(step_lib.make_train_step(graphdef, config, toy_loss), n=1)
+  train_step = step_lib.jit_train_step(fn, shardings, mesh, config.sharding_rules)
+  data, rng, losses = synthetic_data(config), jax.random.key(0), []
+  for _ in range(3):
+    state, metrics = train_step(state, loop.to_global(next(data), mesh, config.sharding_rules), rng)
+    losses.append(float(metrics["loss"]))
+  return before, jax.device_get(nnx.to_pure_dict(state)), losses, train_step
+
+
+def test_frozen_vit_gets_no_update_and_no_optimizer_state(frozen_run):
+  before, after, losses, _ = frozen_run
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(after["model"]["vit"][name], before["model"]["vit"][name])
+  assert not np.array_equal(after["model"]["out"]["kernel"], before["model"]["out"]["kernel"])
+  adam = after["optimizer"]["opt_state"][1][0]
+  assert "vit" not in adam["mu"] and "vit" not in adam["nu"]
+  assert set(adam["mu"]) == {"emb", "ln", "bn", "out"}
+  # Batch statistics moved (they are state, not parameters).
+  assert not np.array_equal(after["model"]["bn"]["mean"], before["model"]["bn"]["mean"])
+  assert int(after["optimizer"]["step"]) == 3 and all(np.isfinite(losses))
+
+
+def test_step_is_not_retraced(frozen_run):
+  *_, train_step = frozen_run
+  # chex.assert_max_traces(n=1) inside the step raised if any call had retraced; the jit
+  # cache holds exactly one executable.
+  assert train_step._cache_size() == 1
+
+
+# ------------------------------------------------------------------ checkpoints, NaN stop
+
+
+def test_checkpoint_round_trip_restores_state_rng_and_shardings(tmp_path):
+  config = tiny(mesh=[("data", 2), ("model", 4)])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  state = state_lib.init_train_state(config, shardings, toy_model_fn)
+  rng = jax.random.key(7)
+  manager = ckpt.make_manager(tmp_path, config)
+  assert ckpt.save(manager, 3, state, rng, force=True)
+  manager.wait_until_finished()
+  restored, rng2 = ckpt.restore(manager, 3, abstract)
+  manager.close()
+  chex.assert_trees_all_equal(nnx.to_pure_dict(restored), nnx.to_pure_dict(state))
+  np.testing.assert_array_equal(jax.random.key_data(rng2), jax.random.key_data(rng))
+  kernel = restored["model"]["vit"]["kernel"].get_value()
+  assert kernel.sharding.spec == P(None, "model")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny(num_steps=12, checkpoint_every=4, log_every=100)
+
+  def exploding_loss(model, batch, rng):
+    loss, metrics = toy_loss(model, batch, rng)
+    # A corrupt batch (negative mask) turns the loss into NaN, as overflowing logits would.
+    loss = jnp.where(batch["attention_mask"].sum() < 0, jnp.nan, loss)
+    return loss, {**metrics, "loss": loss}
+
+  def data_fn(config, workdir):
+    for i, batch in enumerate(synthetic_data(config)):
+      if i >= 5:  # the 6th step sees a corrupt batch
+        batch["attention_mask"] = -np.ones_like(batch["attention_mask"])
+      yield batch
+
+  with pytest.raises(log_lib.NonFiniteLossError, match="non-finite loss at step 6"):
+    loop.train_and_evaluate(config, str(tmp_path), model_fn=toy_model_fn,
+                            loss_fn=exploding_loss, data_fn=data_fn, show_progress=False)
+  manager = ckpt.make_manager(tmp_path, config, read_only=True)
+  assert manager.all_steps() == [4]
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  restored, _ = ckpt.restore(manager, 4, abstract)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.to_pure_dict(restored)))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [4]
+  assert {"step", "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig",
+          "learning_rate"} <= set(records[0])
