@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import inspect
 import io
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm.auto import tqdm
@@ -338,6 +340,17 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   HOMEPAGE = ""
   DESCRIPTION = ""
 
+  def __init__(self, *, file_format: str = "array_record", **kwargs):
+    # ArrayRecord: random access for grain, and written without TensorFlow.
+    super().__init__(file_format=file_format, **kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's own lookup imports the `importlib_resources` backport for editable installs, which
+    # Python >= 3.9 does not need and TFDS does not declare; the class's file is the answer.
+    return epath.Path(inspect.getfile(cls))
+
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
     if "BUILDER_CONFIGS" not in cls.__dict__:
@@ -434,11 +447,19 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   ) -> Iterator[tuple[str, dict]]:
     """Yields `make(item)` -> (key, example) for each item with a progress bar; an item whose
     `make` raises SkipExample is recorded in the skip ledger and left out."""
+    made = 0
     for item in tqdm(items, desc=f"{self.name} {split}", unit="img", leave=False):
       try:
         yield make(item)
+        made += 1
       except SkipExample as e:
         self._skip(split, e.path, e.reason)
+    if not made:  # TFDS cannot write an empty split; say why instead
+      reasons = sorted({s[2] for s in self.info.metadata["skipped"] if s[0] == split})
+      raise LayoutError(
+        f"{self.name}: split {split!r} has no usable example ({len(items)} listed, all skipped: "
+        f"{reasons or 'none listed'}); check --manual-dir against docs/DATASETS.md"
+      )
 
   def _image(self, array: np.ndarray) -> bytes:
     """uint8 (H, W) -> PNG bytes of the configured square size."""

@@ -1,0 +1,438 @@
+"""Each builder built from a tiny directory tree in its data set's published layout.
+
+File names, CSV headers and compression follow the real releases; images are phantom
+radiographs written as JPEG, PNG or DICOM (JPEG-baseline and uncompressed) as the real sets
+have them. Every tree holds one or more broken inputs, which must be skipped and named.
+"""
+
+import csv
+import gzip
+import importlib.util
+import io
+import tarfile
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import pretrain
+from medunifier_jax.data import findings as findings_lib
+from medunifier_jax.data import pipeline, registry
+from medunifier_jax.data import tokenizer as tokenizer_lib
+from medunifier_jax.data.builders import common, mimic_cxr
+from medunifier_jax.data.phantoms import make_phantom
+from medunifier_jax.data.prepare import main, prepare
+
+SIZE = 32
+
+
+def radiograph(index: int, shape=(48, 40)) -> np.ndarray:
+  """A non-square uint8 phantom (H, W), distinct per index."""
+  image = make_phantom(seed=7, index=index, size=max(shape)).image
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.asarray(np.clip(image * 255 if image.max() <= 1 else image, 0, 255), np.uint8)
+  return image[: shape[0], : shape[1]]
+
+
+def write_image(path: Path, image: np.ndarray, truncate: bool = False) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG" if path.suffix == ".png" else "JPEG")
+  data = buffer.getvalue()
+  path.write_bytes(data[: len(data) // 2] if truncate else data)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], gz: bool = False) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  data = text.getvalue().encode()
+  path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def write_dicom(path: Path, image: np.ndarray | None, jpeg: bool = False) -> None:
+  """A chest radiograph DICOM (8-bit MONOCHROME2), JPEG-baseline or uncompressed; no pixel
+  data when `image` is None."""
+  from pydicom.dataset import FileMetaDataset
+  from pydicom.dataset import Dataset
+  from pydicom.encaps import encapsulate
+  from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.PatientID = path.stem
+  ds.Modality = "CR"
+  ds.BodyPartExamined = "CHEST"
+  if image is not None:
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if jpeg:
+      buffer = io.BytesIO()
+      Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+      ds.PixelData = encapsulate([buffer.getvalue()])
+      ds["PixelData"].VR = "OB"
+      ds.LossyImageCompression = "01"
+    else:
+      ds.PixelData = image.tobytes()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ds.save_as(path, enforce_file_format=True)
+
+
+def _xrv_data() -> Path:
+  spec = importlib.util.find_spec("torchxrayvision")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("torchxrayvision (data files) is not installed; `make install` adds it")
+  return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake trees
+
+MIMIC_SPLIT = ["dicom_id", "study_id", "subject_id", "split"]
+MIMIC_METADATA = [
+  "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+  "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+  "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning",
+]  # fmt: skip
+MIMIC_CHEXPERT = [
+  "subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+  "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "No Finding",
+  "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+]  # fmt: skip
+MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with cough  // eval for pneumonia
+
+ COMPARISON:  None.
+
+ FINDINGS:
+
+ There is {finding}.  The cardiomediastinal
+ silhouette is normal.
+
+ IMPRESSION:
+
+ {impression}
+"""
+
+# (study, split, views, the single positive observation, defect)
+MIMIC_STUDIES = [
+  ("50000001", "train", ("PA", "LATERAL"), "Atelectasis", None),
+  ("50000002", "train", ("AP",), "Cardiomegaly", None),
+  ("50000003", "validate", ("PA",), "Consolidation", None),
+  ("50000004", "test", ("PA",), "Edema", "truncated"),
+  ("50000005", "test", ("PA",), "Pleural Effusion", "empty report"),
+  ("50000006", "train", ("PA",), "Pneumonia", "missing image"),
+  ("50000007", "train", ("PA",), "Atelectasis+uncertain Edema", None),
+  ("50000008", "test", ("AP",), "Pneumothorax", None),
+]
+
+
+def make_mimic_tree(root: Path) -> dict[str, str]:
+  """Returns {study_id: dicom_id of its frontal image}."""
+  split_rows, meta_rows, label_rows, frontal = [], [], [], {}
+  for k, (study, split, views, positive, defect) in enumerate(MIMIC_STUDIES):
+    subject = f"1000000{k}"
+    study_dir = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+    for v, view in enumerate(views):
+      dicom = f"{k:08x}-{v:08x}-0000abcd-1234ef56-9abc0def"
+      split_rows.append([dicom, study, subject, split])
+      meta_rows.append([dicom, subject, study, "CHEST (PA AND LAT)", view, 48, 40,
+                        21800506, 213014.531, "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+      if view != "LATERAL":
+        frontal[study] = dicom
+      if defect != "missing image":
+        write_image(study_dir / f"{dicom}.jpg", radiograph(k), truncate=defect == "truncated")
+    labels = {name: "" for name in MIMIC_CHEXPERT[2:]}
+    first = positive.split("+")[0]
+    labels[first] = "1.0"
+    labels["No Finding"] = ""
+    if "uncertain" in positive:
+      labels["Edema"] = "-1.0"
+    labels["Fracture"] = "0.0"
+    label_rows.append([subject, study, *labels.values()])
+    report = study_dir.parent / f"s{study}.txt"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    if defect == "empty report":
+      report.write_text(" EXAMINATION:  CHEST (PA AND LAT)\n\n INDICATION:  ___\n")
+    else:
+      report.write_text(MIMIC_REPORT.format(finding=f"{first.lower()} in study {study}",
+                                            impression=f"{first}. No pneumothorax."))
+  write_csv(root / mimic_cxr.SPLIT_CSV, MIMIC_SPLIT, split_rows, gz=True)
+  write_csv(root / mimic_cxr.METADATA_CSV, MIMIC_METADATA, meta_rows, gz=True)
+  write_csv(root / mimic_cxr.CHEXPERT_CSV, MIMIC_CHEXPERT, label_rows, gz=True)
+  return frontal
+
+
+def make_chexpert_tree(root: Path) -> list[str]:
+  """Two candidates per class (gloria set), a lateral and an uncertain row. Returns header."""
+  header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *common.CHEXPERT_OBSERVATIONS]
+  classes = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+  rows, n = [], 0
+  specs = [(c, "Frontal", "1.0") for c in classes for _ in range(2)]
+  specs += [("Edema", "Lateral", "1.0"), ("Cardiomegaly", "Frontal", "-1.0")]
+  for cls, view, value in specs:
+    n += 1
+    path = f"CheXpert-v1.0-small/train/patient{n:05d}/study1/view1_{view.lower()}.jpg"
+    labels = {o: "" for o in common.CHEXPERT_OBSERVATIONS}
+    labels[cls] = value
+    labels["Pneumothorax"] = "0.0"
+    if value == "-1.0":
+      labels["Atelectasis"] = "1.0"  # positive for one class but uncertain for another
+    rows.append([path, "Female", 60 + n, view, "AP" if view == "Frontal" else "", *labels.values()])
+    write_image(root / path, radiograph(100 + n))
+  write_csv(root / "CheXpert-v1.0-small" / "train.csv", header, rows)
+  return header
+
+
+RSNA = [  # patientId, boxes (Target 1 rows), defect
+  ("0004cfab-14fd-4e49-80ba-63a80b6bddd6", 0, None),
+  ("00313ee0-9eaa-42f4-b0ab-c148ed3241cd", 0, None),
+  ("00322d4d-1c29-4943-afc9-b6754be640eb", 2, None),
+  ("003d8fa0-6bf1-40ed-b54c-ac657f8495c5", 0, "no pixel data"),
+  ("00436515-870c-4b36-a041-de91049b9ab4", 1, None),
+  ("00569f44-917d-4c86-a842-81832af98c30", 0, "missing"),
+  ("00704310-78a8-4b38-8475-49f4573b2dbb", 1, None),
+]
+
+
+def make_rsna_tree(root: Path) -> None:
+  rows = []
+  for k, (patient, boxes, defect) in enumerate(RSNA):
+    if boxes:
+      rows += [[patient, 264.0 + b, 152.0, 213.0, 379.0, 1] for b in range(boxes)]
+    else:
+      rows.append([patient, "", "", "", "", 0])
+    path = root / "stage_2_train_images" / f"{patient}.dcm"
+    if defect != "missing":
+      write_dicom(path, None if defect else radiograph(200 + k, (40, 40)), jpeg=True)
+  write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height",
+                                                "Target"], rows)
+
+
+def make_siim_tree(root: Path) -> dict[str, int]:
+  """20 images (6 positive, one with two masks), one corrupt DICOM. Returns labels."""
+  rows, labels = [], {}
+  for k in range(20):
+    image_id = f"1.2.276.0.7230010.3.1.4.8323329.{1000 + k}.1517875{k:03d}.{k}"
+    positive = k % 10 < 3
+    labels[image_id] = int(positive)
+    rows.append([image_id, f"{1000 + k} 5 1019 7" if positive else "-1"])
+    if k == 0:
+      rows.append([image_id, "2000 3 1021 3"])
+    path = root / "dicom-images-train" / f"1.2.276.0.{k}.2" / f"1.2.276.0.{k}.3" / f"{image_id}.dcm"
+    if k == 5:
+      path.parent.mkdir(parents=True)
+      path.write_bytes(b"\x00" * 64 + b"not a dicom file")
+    else:
+      write_dicom(path, radiograph(300 + k, (40, 40)))
+  header = ["ImageId", " EncodedPixels"]
+  write_csv(root / "train-rle.csv", header, rows)
+  return labels
+
+
+def make_covidx_tree(root: Path) -> None:
+  lines = {
+    "train": [("419639-003251", "MIDRC-RICORD-1C-419639-003251-46647-0.png", "positive", "ricord"),
+              ("8cbbd9a9", "8cbbd9a9-a4e4-4a64-8c9d-7d7e8ed2e6c1.png", "negative", "rsna"),
+              ("1", "case 1 (frontal).jpg", "negative", "cohen")],
+    "val": [("A0001", "A0001.jpeg", "positive", "sirm")],
+    "test": [("b1", "b1.png", "negative", "rsna"), ("b2", "b2-missing.png", "positive", "bimcv")],
+  }
+  for split, items in lines.items():
+    (root / f"{split}.txt").write_text("".join(" ".join(item) + "\n" for item in items))
+    for k, (_, name, _, _) in enumerate(items):
+      if "missing" not in name:
+        write_image(root / split / name, radiograph(400 + k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and checks
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  reports = [MIMIC_REPORT.format(finding="no effusion", impression="normal chest")] * 4
+  return tokenizer_lib.train_tokenizer(reports, 512, str(tmp_path_factory.mktemp("vocab")))
+
+
+def data_config(name: str, data_dir: Path, **kw) -> ml_collections.ConfigDict:
+  config = pretrain.get_config("tiny")
+  config.unlock()
+  config.data.name = name
+  config.data.data_dir = str(data_dir)
+  config.data.builder_config = kw.pop("builder_config", "")
+  config.batch_size = 2
+  return config
+
+
+def read_back(config, tokenizer, split: str) -> list[dict]:
+  """Every example of a split through the grain evaluation pipeline, as one list of batches."""
+  batches = list(pipeline.eval_dataset(config, tokenizer, split=split, shard_index=0,
+                                       shard_count=1))
+  for batch in batches:
+    s = config.data.image_size
+    assert batch["image"].shape == (2, s, s, 3) and batch["target_image"].max() <= 1.0
+  return batches
+
+
+def skipped_files(summary) -> dict[str, str]:
+  return {Path(s.file).name: s.reason for s in summary.skipped}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_mimic_cxr(tmp_path, data_dir, tokenizer):
+  frontal = make_mimic_tree(tmp_path)
+  summary = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE)
+  skipped = skipped_files(summary)
+  d4, d6 = frontal["50000004"], frontal["50000006"]
+  assert skipped == {
+    f"{d4}.jpg": skipped[f"{d4}.jpg"],
+    "s50000005.txt": "empty report: no FINDINGS or IMPRESSION text",
+    f"{d6}.jpg": "image file missing",
+  }
+  assert skipped[f"{d4}.jpg"].startswith("corrupt or truncated image")
+  assert summary.examples == {"test": 1, "train": 3, "validation": 1}  # no lateral image
+  text = summary.format()
+  assert f"{d4}.jpg" in text and "s50000005.txt" in text and "image file missing" in text
+
+  source = registry.get_source("mimic_cxr", "train", data_config("mimic_cxr", data_dir).data)
+  records = {source[i]["study_id"]: source[i] for i in range(len(source))}
+  assert set(records) == {"50000001", "50000002", "50000007"}
+  r = records["50000002"]
+  assert r["image"].shape == (SIZE, SIZE) and r["image"].dtype == np.uint8
+  assert r["findings"] == "There is cardiomegaly in study 50000002. The cardiomediastinal " \
+                          "silhouette is normal."
+  assert r["impression"] == "Cardiomegaly. No pneumothorax."
+  assert r["report"].startswith("There is cardiomegaly in study 50000002.")
+  assert findings_lib.names_from_labels(r["labels"]) == ("Cardiomegaly",)
+  assert r["view"] == "AP" and r["id"] == frontal["50000002"]
+  # Padding keeps the aspect ratio: the 48x40 image leaves black columns at both sides.
+  assert r["image"][:, 0].max() == 0 and r["image"][:, SIZE // 2].max() > 0
+
+  batches = read_back(data_config("mimic_cxr", data_dir), tokenizer, "train")
+  assert sum(int(b["mask"].sum()) for b in batches) == 3
+  assert batches[0]["labels"].shape == (2, findings_lib.NUM_FINDINGS)
+
+  # Preparing again reuses the files.
+  files = {p: p.stat().st_mtime_ns for p in summary.data_path.iterdir()}
+  again = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE)
+  assert not again.built and again.examples == summary.examples
+  assert len(again.skipped) == 3
+  assert {p: p.stat().st_mtime_ns for p in summary.data_path.iterdir()} == files
+
+
+def test_mimic_5x200(tmp_path, data_dir, tokenizer):
+  make_mimic_tree(tmp_path)
+  summary = prepare("mimic_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1)
+  # One study per class; Edema's image is truncated and Pleural Effusion's report is empty.
+  assert summary.examples == {"test": 3}
+  assert {s.reason.split(" (")[0] for s in summary.skipped} == {
+    "corrupt or truncated image", "empty report: no FINDINGS or IMPRESSION text"}
+  manifest = list(csv.DictReader(open(summary.data_path / "manifest.csv")))
+  assert [(m["study_id"], m["class_name"]) for m in manifest] == [
+    ("50000001", "Atelectasis"), ("50000002", "Cardiomegaly"), ("50000003", "Consolidation"),
+    ("50000004", "Edema"), ("50000005", "Pleural Effusion")]  # 50000007 is uncertain on Edema
+  config = data_config("mimic_5x200", data_dir)
+  source = registry.get_source("mimic_5x200", "test", config.data)
+  assert source.class_names == findings_lib.CLASSES_5X200
+  assert sorted(source[i]["label"] for i in range(3)) == [0, 1, 2]
+  batches = read_back(config, tokenizer, "test")
+  assert sorted(np.concatenate([b["label"][b["mask"]] for b in batches])) == [0, 1, 2]
+
+
+def test_chexpert_5x200(tmp_path, data_dir):
+  make_chexpert_tree(tmp_path)
+  a = prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, seed=0)
+  b = prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, seed=0,
+              class_set="gloria")
+  assert not b.built and a.config == "gloria_32px_n1" and a.examples == {"test": 5}
+  manifest = list(csv.DictReader(open(a.data_path / "manifest.csv")))
+  assert [m["class_name"] for m in manifest] == list(findings_lib.CLASSES_5X200)
+  assert all("frontal" in m["Path"] for m in manifest) and not a.skipped
+  with pytest.raises(ValueError, match="only 0 candidate images for 'Pneumonia'"):
+    prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1,
+            class_set="pneumonia")
+
+
+def test_rsna_pneumonia(tmp_path, data_dir, tokenizer):
+  make_rsna_tree(tmp_path)
+  summary = prepare("rsna_pneumonia", tmp_path, data_dir, image_size=SIZE)
+  assert skipped_files(summary) == {
+    "003d8fa0-6bf1-40ed-b54c-ac657f8495c5.dcm": "DICOM has no pixel data",
+    "00569f44-917d-4c86-a842-81832af98c30.dcm": "DICOM file missing",
+  }
+  assert sum(summary.examples.values()) == 5
+  manifest = list(csv.DictReader(open(summary.data_path / "manifest.csv")))
+  assert {m["patientId"]: int(m["label"]) for m in manifest} == {
+    p: int(boxes > 0) for p, boxes, _ in RSNA}
+  config = data_config("rsna_pneumonia", data_dir)
+  labels = {}
+  for split in ("train", "val", "test"):
+    source = registry.get_source("rsna_pneumonia", split, config.data)
+    labels.update({source[i]["id"]: source[i]["label"] for i in range(len(source))})
+  assert labels == {p: int(boxes > 0) for p, boxes, defect in RSNA if not defect}
+  batches = read_back(config, tokenizer, "train")
+  assert sum(int(b["mask"].sum()) for b in batches) == summary.examples["train"]
+
+
+def test_siim_pneumothorax(tmp_path, data_dir):
+  labels = make_siim_tree(tmp_path)
+  summary = prepare("siim_pneumothorax", tmp_path, data_dir, image_size=SIZE)
+  (name, reason), = skipped_files(summary).items()
+  assert name.endswith(".1005.1517875005.5.dcm") and reason.startswith("not a readable DICOM")
+  assert summary.examples == {"test": 2, "train": 15, "validation": 2}  # 20 -> 18 + 2 -> 16 + 2
+  config = data_config("siim_pneumothorax", data_dir)
+  for split in ("train", "validation", "test"):
+    source = registry.get_source("siim_pneumothorax", split, config.data)
+    for i in range(len(source)):
+      assert source[i]["label"] == labels[source[i]["id"]]
+      assert source[i]["image"].std() > 0
+
+
+def test_covidx(tmp_path, data_dir):
+  make_covidx_tree(tmp_path)
+  with pytest.raises(common.LayoutError, match="--class-set binary"):
+    prepare("covidx", tmp_path, data_dir, image_size=SIZE)
+  summary = prepare("covidx", tmp_path, data_dir, image_size=SIZE, class_set="binary")
+  assert summary.examples == {"test": 1, "train": 3, "validation": 1}
+  assert skipped_files(summary) == {"b2-missing.png": "image file missing"}
+  config = data_config("covidx", data_dir)
+  source = registry.get_source("covidx", "train", config.data)
+  records = {source[i]["id"]: source[i] for i in range(len(source))}
+  assert records["case 1 (frontal).jpg"]["patient_id"] == "1"
+  assert records["MIDRC-RICORD-1C-419639-003251-46647-0.png"]["label"] == 1
+
+
+def test_wrong_header_stops_with_file_and_columns(tmp_path, data_dir, capsys):
+  make_rsna_tree(tmp_path)
+  labels = tmp_path / "stage_2_train_labels.csv"
+  labels.write_text(labels.read_text().replace("patientId", "PatientID", 1))
+  code = main(["rsna_pneumonia", "--manual-dir", str(tmp_path), "--data-dir",
+               str(tmp_path / "out"), "--image-size", str(SIZE)])
+  err = capsys.readouterr().err
+  assert code == 2 and str(labels) in err
+  assert "expected columns ['patientId', 'x', 'y', 'width', 'height', 'Target']" in err
+  assert not (tmp_path / "out" / "rsna_pneumonia" / "32px" / "1.0.0").exists()
