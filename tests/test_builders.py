@@ -58,8 +58,7 @@ def write_csv(path: Path, header: list[str], rows: list[list], gz: bool = False)
 def write_dicom(path: Path, image: np.ndarray | None, jpeg: bool = False) -> None:
   """A chest radiograph DICOM (8-bit MONOCHROME2), JPEG-baseline or uncompressed; no pixel
   data when `image` is None."""
-  from pydicom.dataset import FileMetaDataset
-  from pydicom.dataset import Dataset
+  from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.encaps import encapsulate
   from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
@@ -436,3 +435,37 @@ def test_wrong_header_stops_with_file_and_columns(tmp_path, data_dir, capsys):
   assert code == 2 and str(labels) in err
   assert "expected columns ['patientId', 'x', 'y', 'width', 'height', 'Target']" in err
   assert not (tmp_path / "out" / "rsna_pneumonia" / "32px" / "1.0.0").exists()
+
+
+def test_open_i(tmp_path, data_dir, tokenizer):
+  from medunifier_jax.data import openi
+
+  names = ["1.xml", "2.xml", "3.xml", "4.xml", "16.xml"]  # 16.xml has no FINDINGS/IMPRESSION
+  reports = {}
+  with tarfile.open(_xrv_data() / "NLMCXR_reports.tgz") as tar:
+    for name in names:
+      data = tar.extractfile(f"ecgen-radiology/{name}").read()
+      (tmp_path / "ecgen-radiology").mkdir(exist_ok=True)
+      (tmp_path / "ecgen-radiology" / name).write_bytes(data)
+      reports[name] = openi.parse_report(data, name)
+  images = [i for n in names for i in reports[n].images]
+  missing = reports["2.xml"].images[1]
+  for k, image_id in enumerate(images):
+    if image_id != missing:
+      write_image(tmp_path / "NLMCXR_png" / f"{image_id}.png", radiograph(500 + k, (40, 48)))
+  summary = prepare("open_i", tmp_path, data_dir, image_size=SIZE)
+  assert skipped_files(summary) == {
+    "16.xml": "empty report: no FINDINGS or IMPRESSION text",
+    f"{missing}.png": "image file missing",
+  }
+  assert summary.examples == {"test": 2, "train": 5}  # 4.xml is a test report
+  config = data_config("open_i", data_dir)
+  source = registry.get_source("open_i", "train", config.data)
+  records = {source[i]["id"]: source[i] for i in range(len(source))}
+  first = records[reports["1.xml"].images[0]]
+  assert first["findings"] == reports["1.xml"].findings and first["report_id"] == "1.xml"
+  assert first["report"].startswith("The cardiac silhouette and mediastinum size")
+  np.testing.assert_array_equal(first["labels"], openi.labels_from_mesh(reports["1.xml"].mesh))
+  batches = read_back(config, tokenizer, "train")
+  assert sum(int(b["mask"].sum()) for b in batches) == 5
+  assert all(b["input_ids"][0, 0] == 2 for b in batches)  # [CLS] first

@@ -29,7 +29,9 @@ COLUMNS = ("Path", "Frontal/Lateral", *common.CHEXPERT_OBSERVATIONS)
 # GLoRIA's five classes, and the paper's code's choice (Pneumonia in place of Consolidation).
 CLASS_SETS = {
   "gloria": tuple(findings_lib.CLASSES_5X200),
-  "pneumonia": tuple("Pneumonia" if c == "Consolidation" else c for c in findings_lib.CLASSES_5X200),
+  "pneumonia": tuple(
+    "Pneumonia" if c == "Consolidation" else c for c in findings_lib.CLASSES_5X200
+  ),
 }
 
 INSTRUCTIONS = """\

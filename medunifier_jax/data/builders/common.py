@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -323,8 +323,8 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """Base of the real-data builders: manual directory, ArrayRecord, square PNG images.
 
   Subclasses set `name`, `CLASS_SETS` (class set name -> class names, where selectable) or
-  `CLASS_NAMES` (fixed classes), `HOMEPAGE`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, and implement `_features()`,
-  `_split_generators` and `_generate_examples`. Inside a generator, `self._skip(split, path,
+  `CLASS_NAMES` (fixed classes), `HOMEPAGE`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, and implement
+  `_features()`, `_split_generators` and `_generate_examples`. Inside a generator, `self._skip(split, path,
   reason)` records an unusable input; `self._examples(split, items, make)` loops with a
   progress bar and records every SkipExample.
 

@@ -91,7 +91,9 @@ class Covidx(common.RadiographBuilder):
       if not hits:
         if split == "validation":
           continue  # only CXR-3 and later publish a validation split
-        raise common.LayoutError(f"COVIDx {split} split: no file matching {list(patterns)} in {root}")
+        raise common.LayoutError(
+          f"COVIDx {split} split: no file matching {list(patterns)} in {root}"
+        )
       rows = parse_split_file(hits[0])
       for row in rows:
         row["label"] = self._class_index(hits[0], row["class"])

@@ -1,4 +1,4 @@
-"""MIMIC-CXR-JPG 2.x with the MIMIC-CXR reports: frontal images, FINDINGS + IMPRESSION, official split.
+"""MIMIC-CXR-JPG 2.x with MIMIC-CXR reports: frontal images, FINDINGS + IMPRESSION, official split.
 
 Manual directory (as PhysioNet publishes it; the reports zip unpacked into the same tree):
 

@@ -3,7 +3,8 @@
 One example per image named by a report's `parentImage` ids; the report text is FINDINGS +
 IMPRESSION (cleaned), the sections and the MeSH terms are stored too. The collection has no
 official split; reports (with all their images) are assigned by a hash of the report file
-name and the seed: 80% train, 10% validation, 10% test. The assignment of a report does not
+name and the seed: 80% train, 10% validation, 10% test (`openi.report_split`, the rule the
+phantom Open-i sets use too). The assignment of a report does not
 depend on which other files are present, and `manifest.csv` lists it.
 
 Manual directory (NLMCXR_reports.tgz and NLMCXR_png.tgz from https://openi.nlm.nih.gov/faq):
@@ -14,7 +15,6 @@ Manual directory (NLMCXR_reports.tgz and NLMCXR_png.tgz from https://openi.nlm.n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections.abc import Iterator
@@ -26,20 +26,13 @@ from medunifier_jax.data.builders import common
 
 REPORT_DIR = "ecgen-radiology"
 REPORT_ARCHIVE = "NLMCXR_reports.tgz"
-SPLIT_PERCENT = (("train", 80), ("validation", 90), ("test", 100))
+EMPTY_REPORT = "empty report: no FINDINGS or IMPRESSION text"
 
 INSTRUCTIONS = """\
 Download NLMCXR_reports.tgz and NLMCXR_png.tgz (https://openi.nlm.nih.gov/faq, "What is the
 Indiana University chest X-ray collection?") and unpack both into the folder passed as
 --manual-dir (the reports archive may also stay packed there).
 """
-
-
-def report_split(report_file: str, seed: int = 0) -> str:
-  """train / validation / test for a report file name (e.g. "1.xml"), by a stable hash."""
-  digest = hashlib.sha256(f"{seed}:{report_file}".encode()).hexdigest()
-  bucket = int(digest, 16) % 100
-  return next(split for split, limit in SPLIT_PERCENT if bucket < limit)
 
 
 def iter_report_files(root: Path) -> Iterator[tuple[str, bytes]]:
@@ -85,26 +78,32 @@ class OpenI(common.RadiographBuilder):
 
     root = self._manual(dl_manager)
     pngs = {p.stem: p for p in root.rglob("*.png")}
-    items: dict[str, list] = {split: [] for split, _ in SPLIT_PERCENT}
+    items: dict[str, list] = {split: [] for split, _ in openi.SPLIT_PERCENT}
     manifest = []
     for file_name, xml in iter_report_files(root):
-      report = openi.parse_report(xml)
-      split = report_split(file_name, self.builder_config.seed)
+      try:
+        report = openi.parse_report(xml, file_name)
+      except openi.OpenIFormatError as e:
+        self._skip("all", root / REPORT_DIR / file_name, str(e).split(": ", 1)[-1])
+        continue
+      split = openi.report_split(file_name, self.builder_config.seed)
+      if not (report.findings or report.impression):
+        self._skip(split, root / REPORT_DIR / file_name, EMPTY_REPORT)
+        continue
       if not report.images:
-        self._skip(split, Path(REPORT_DIR) / file_name, "report names no image")
+        self._skip(split, root / REPORT_DIR / file_name, "report names no image")
       for image_id in report.images:
         items[split].append((file_name, report, image_id, pngs.get(image_id)))
         manifest.append({"image_id": image_id, "report_file": file_name, "split": split})
     self._write_manifest(("image_id", "report_file", "split"), manifest)
-    return {split: self._generate_examples(root, split, rows) for split, rows in items.items()}
+    # A split no report falls into (only in small subsets) is left out rather than empty.
+    return {
+      split: self._generate_examples(root, split, rows) for split, rows in items.items() if rows
+    }
 
   def _generate_examples(self, root: Path, split: str, rows):
     def make(item):
       file_name, report, image_id, path = item
-      if not (report.findings or report.impression):
-        raise common.SkipExample(
-          "empty report: no FINDINGS or IMPRESSION text", Path(root) / REPORT_DIR / file_name
-        )
       pixels = common.load_image(path or Path(root) / f"{image_id}.png")
       return image_id, {
         "image": self._image(pixels),

@@ -68,7 +68,10 @@ class RsnaPneumonia(common.RadiographBuilder):
   CLASS_NAMES = tuple(findings_lib.CLASSES_PNEUMONIA)
 
   def _features(self):
-    return {"label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)), "report": tfds.features.Text()}
+    return {
+      "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
+      "report": tfds.features.Text(),
+    }
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
@@ -79,7 +82,9 @@ class RsnaPneumonia(common.RadiographBuilder):
       ({"patientId": p, "label": y, "split": split[p]} for p, y in labels.items()),
     )
     return {
-      name: self._generate_examples(root, name, [(p, y) for p, y in labels.items() if split[p] == name])
+      name: self._generate_examples(
+        root, name, [(p, y) for p, y in labels.items() if split[p] == name]
+      )
       for name in ("train", "validation", "test")
     }
 
