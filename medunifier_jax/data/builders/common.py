@@ -324,9 +324,9 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   Subclasses set `name`, `CLASS_SETS` (class set name -> class names, where selectable) or
   `CLASS_NAMES` (fixed classes), `HOMEPAGE`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, and implement
-  `_features()`, `_split_generators` and `_generate_examples`. Inside a generator, `self._skip(split, path,
-  reason)` records an unusable input; `self._examples(split, items, make)` loops with a
-  progress bar and records every SkipExample.
+  `_features()`, `_split_generators` and `_generate_examples`. Inside a generator,
+  `self._skip(split, path, reason)` records an unusable input; `self._examples(split, items,
+  make)` loops with a progress bar and records every SkipExample.
 
   Any configuration name of the form `config_name(...)` builds (`tfds.builder("mimic_cxr/512px")`,
   `tfds.data_source(...)`), not only the ones listed in BUILDER_CONFIGS.
