@@ -565,7 +565,7 @@ def _device(device: str, att: np.ndarray, cv: _Canvas) -> None:
 
 
 def make_phantom(
-  seed: int,
+  seed: int | Sequence[int],
   index: int,
   size: int = 224,
   findings_: Sequence[Finding] | None = None,
@@ -573,10 +573,12 @@ def make_phantom(
 ) -> Phantom:
   """The phantom for (seed, index): identical pixels for identical arguments, in any order.
 
-  With `findings_=None` the findings are drawn too (`sample_findings`); otherwise the given
-  findings are drawn on a random anatomy.
+  `seed` may be a tuple of ints (a stream, e.g. (seed, set, split)). With `findings_=None` the
+  findings are drawn too (`sample_findings`); otherwise the given findings are drawn on a
+  random anatomy.
   """
-  rng = np.random.default_rng([int(seed), int(index)])
+  stream = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
+  rng = np.random.default_rng([*stream, int(index)])
   drawn = sample_findings(rng, normal_fraction) if findings_ is None else tuple(findings_)
   anatomy = sample_anatomy(rng)
   image = render(drawn, anatomy, size, rng)

@@ -124,8 +124,19 @@ _LUNG_FINDINGS = {"Atelectasis", "Consolidation", "Edema", "Pleural Effusion", "
                   "Pneumothorax", "Nodule", "Calcified Granuloma", "COVID-19"}
 
 
-def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
-  return options[int(rng.integers(len(options)))]
+class _Draws:
+  """Uniform draws taken from `rng` in one call (per-call overhead dominates small draws)."""
+
+  def __init__(self, rng: np.random.Generator, n: int = 64):
+    self._u = rng.random(n).tolist()
+    self._k = 0
+
+  def random(self) -> float:
+    self._k = (self._k + 1) % len(self._u)
+    return self._u[self._k]
+
+  def choice(self, options: Sequence[str]) -> str:
+    return options[int(self.random() * len(options))]
 
 
 def _lobe(f: Finding) -> str:
@@ -137,56 +148,64 @@ def _lobe(f: Finding) -> str:
   return f"{f.side} {zone} lobe"
 
 
-def _fill(template: str, f: Finding, rng: np.random.Generator) -> str:
-  plural = f.side == "bilateral" and f.name in ("Pleural Effusion",) or f.count > 1
+_FIELD = re.compile(r"{(\w+)}")
+
+
+def _fill(template: str, f: Finding, d: _Draws) -> str:
+  plural = (f.side == "bilateral" and f.name == "Pleural Effusion") or f.count > 1
   kind = "size" if f.name in ("Pleural Effusion", "Pneumothorax") else "default"
   side = f.side if f.side in ("right", "left") else "bilateral"
   words = {
-    "sev": _choice(rng, _SEVERITY["default"][f.severity]),
-    "size": _choice(rng, _SEVERITY[kind][f.severity]),
-    "adv": _choice(rng, _ADVERB[f.severity]),
-    "side": side,
-    "lobe": _lobe(f),
-    "base": {"right": "right base", "left": "left base"}.get(side, "lung bases"),
-    "nodule": _choice(rng, _NODULE_SIZE[f.severity]),
-    "s": "s" if plural else "",
-    "is": "are" if plural else "is",
-    "a": "" if plural else "a ",
-    "ies": "ies" if plural else "y",
+    "sev": lambda: d.choice(_SEVERITY["default"][f.severity]),
+    "size": lambda: d.choice(_SEVERITY[kind][f.severity]),
+    "adv": lambda: d.choice(_ADVERB[f.severity]),
+    "side": lambda: side,
+    "lobe": lambda: _lobe(f),
+    "base": lambda: {"right": "right base", "left": "left base"}.get(side, "lung bases"),
+    "nodule": lambda: d.choice(_NODULE_SIZE[f.severity]),
+    "s": lambda: "s" if plural else "",
+    "is": lambda: "are" if plural else "is",
+    "a": lambda: "" if plural else "a ",
+    "ies": lambda: "ies" if plural else "y",
   }
-  text = template.format(**words, **{k.capitalize(): v for k, v in words.items()})
-  text = re.sub(r"\ba ([aeiou])", r"an \1", text)
+
+  def word(m: re.Match) -> str:
+    key = m.group(1)
+    value = words[key.lower()]()
+    return value[:1].upper() + value[1:] if key[0].isupper() else value
+
+  text = re.sub(r"\ba ([aeiou])", r"an \1", _FIELD.sub(word, template))
   return text[0].upper() + text[1:]
 
 
 def templated_report(findings_: Sequence[Finding], rng: np.random.Generator) -> str:
-  """A report "FINDINGS: ... IMPRESSION: ..." that agrees with `findings_`."""
+  """A report "FINDINGS: ...\nIMPRESSION: ..." that agrees with `findings_`."""
+  d = _Draws(rng)
   present = {f.name for f in findings_}
   findings_text, impression = [], []
   for f in findings_:
     if f.name == "Support Devices":
-      findings_text.append(_choice(rng, _DEVICE[f.device or "endotracheal tube"]))
+      findings_text.append(d.choice(_DEVICE[f.device or "endotracheal tube"]))
     else:
-      findings_text.append(_fill(_choice(rng, _POSITIVE[f.name]), f, rng))
-    impression.append(_fill(_choice(rng, _IMPRESSION[f.name]), f, rng))
+      findings_text.append(_fill(d.choice(_POSITIVE[f.name]), f, d))
+    impression.append(_fill(d.choice(_IMPRESSION[f.name]), f, d))
 
   negations = []
-  if not present & _LUNG_FINDINGS and rng.random() < 0.8:
-    negations.append(_choice(rng, _CLEAR_LUNGS))
+  if not present & _LUNG_FINDINGS and d.random() < 0.8:
+    negations.append(d.choice(_CLEAR_LUNGS))
   absent = [n for n in _NEGATIVE if n not in present]
-  if "Pleural Effusion" in absent and "Pneumothorax" in absent and rng.random() < 0.5:
+  if "Pleural Effusion" in absent and "Pneumothorax" in absent and d.random() < 0.5:
     negations.append(_NEGATIVE_PAIR)
     absent = [n for n in absent if n not in ("Pleural Effusion", "Pneumothorax")]
-  k = min(len(absent), int(rng.integers(1, 4)))
-  for i in rng.choice(len(absent), size=k, replace=False) if k else ():
-    negations.append(_choice(rng, _NEGATIVE[absent[int(i)]]))
+  absent.sort(key=lambda _: d.random())  # a random subset of 1-3 negations
+  for name in absent[: 1 + int(d.random() * 3)]:
+    negations.append(d.choice(_NEGATIVE[name]))
   body = findings_text + negations
-  order = rng.permutation(len(body)) if rng.random() < 0.3 else np.arange(len(body))
-  body = [body[i] for i in order]
+  if d.random() < 0.3:
+    body.sort(key=lambda _: d.random())
 
-  only_devices = present <= {"Support Devices"}
-  if only_devices:
-    impression.append(_choice(rng, _NORMAL_IMPRESSION))
+  if present <= {"Support Devices"}:
+    impression.append(d.choice(_NORMAL_IMPRESSION))
   return f"FINDINGS: {' '.join(body)}\nIMPRESSION: {' '.join(impression)}"
 
 
