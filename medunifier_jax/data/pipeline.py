@@ -189,8 +189,20 @@ def _prefetched(ds: grain.MapDataset, worker_count: int, read_threads: int,
   it = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
   if worker_count > 0:
+    from absl import flags
+
+    # grain's process prefetch reads its absl flags; outside an absl app (scripts, notebooks,
+    # pytest) they were never parsed, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    # Batches arrive in shared memory; plain copies free it at once and outlive the workers.
+    it = it.map(_copy_arrays)
   return it
+
+
+def _copy_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.array(v) for k, v in batch.items()}
 
 
 def train_dataset(
