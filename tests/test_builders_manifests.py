@@ -45,12 +45,16 @@ def test_chexpert_5x200_manifest_meets_its_definition(chexpert_rows, class_set):
 
 def test_chexpert_5x200_is_seeded_and_order_free(chexpert_rows):
   classes = chexpert_5x200.CLASS_SETS["gloria"]
-  draw = lambda rows, seed: [  # noqa: E731
-    r["Path"] for r in chexpert_5x200.chexpert_manifest(rows, classes, seed=seed, per_class=200)
-  ]
-  first = draw(chexpert_rows, 0)
-  assert draw(chexpert_rows[::-1], 0) == first  # file order does not matter
-  assert len(set(draw(chexpert_rows, 1)) & set(first)) < 500  # another seed, another sample
+  frontal = [r for r in chexpert_rows if r["Frontal/Lateral"] == "Frontal"]
+  keys = [r["Path"] for r in frontal]
+  labels = chexpert_5x200.label_matrix(frontal, classes)
+  draw = lambda keys, labels, seed: chexpert_5x200.draw_5x200(  # noqa: E731
+    keys, labels, classes, seed=seed, per_class=200
+  )
+  first = draw(keys, labels, 0)
+  assert draw(keys[::-1], labels[::-1], 0) == first  # file order does not matter
+  again = {k for k, _ in draw(keys, labels, 1)}
+  assert len(again & {k for k, _ in first}) < 500  # another seed, another sample
 
 
 def test_draw_5x200_names_the_short_class():

@@ -87,10 +87,9 @@ def draw_5x200(
 
 def label_matrix(rows: Sequence[dict[str, str]], class_names: Sequence[str]) -> np.ndarray:
   """float32 (R, C) of the rows' labels for the classes; blank -> NaN."""
-  return np.array(
-    [[float(r[c]) if r.get(c, "") != "" else np.nan for c in class_names] for r in rows],
-    np.float32,
-  ).reshape(len(rows), len(class_names))
+  columns = [np.array([r.get(c, "") for r in rows], dtype=object) for c in class_names]
+  values = [np.where(col == "", "nan", col).astype(np.float32) for col in columns]
+  return np.stack(values, axis=1) if values else np.zeros((len(rows), 0), np.float32)
 
 
 def chexpert_manifest(
