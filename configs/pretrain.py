@@ -123,6 +123,51 @@ def _model(variant: str) -> ml_collections.ConfigDict:
   return m
 
 
+def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
+  """Downstream evaluations (medunifier_jax/evaluators, DESIGN.md section 3), by entry name.
+
+  Each entry's `task` (default: its name) picks the evaluator; `periodic` entries also run
+  during training every `eval_every` steps. Defaults are the paper's protocols.
+  """
+  real = variant == "paper"
+  e = ml_collections.ConfigDict()
+  e.zero_shot = dict(
+      datasets=("chexpert_5x200", "mimic_5x200", "rsna_pneumonia") if real
+      else ("phantom_5x200", "phantom_pneumonia"),
+      split="test", num_prompts=5, prompt_seed=0, batch_size=32,
+      itm_rescore=False, itm_batch_size=64, periodic=True)
+  e.retrieval = dict(
+      datasets=("mimic_5x200",) if real else ("phantom_5x200",),
+      split="test", batch_size=32, ks=(1, 5, 10),
+      itm_rerank_k=0,  # > 0: re-rank each query's top k with the ITM head (paper 256)
+      itm_batch_size=64, periodic=True)
+  e.finetune = dict(
+      datasets=("rsna_pneumonia", "siim_pneumothorax", "covidx") if real
+      else ("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
+      train_split="train", val_split="val", test_split="test",
+      label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, weight_decay=0.01, batch_size=8,
+      epochs=5, hidden_dim=512, select_metric="auc", feature_batch_size=32, seed=0,
+      periodic=False)
+  e.report_gen = dict(
+      datasets=("mimic_cxr",) if real else ("phantom_openi",),
+      split="test", train_split="train", batch_size=16, max_examples=0,
+      method="beam", num_beams=3, max_length=min(95, max_text_len), min_length=3,
+      length_penalty=1.0, repetition_penalty=1.0, early_stopping=False, top_p=0.9,
+      temperature=1.0, seed=0, meteor=True, split_references=True,
+      baseline=True,  # also score the most frequent training report, a model-free baseline
+      periodic=False)
+  if variant == "demo":
+    # A fresh head on a few hundred phantom features learns nothing in 5 epochs at 1e-5.
+    e.finetune.update(learning_rate=1e-3, epochs=10, hidden_dim=256)
+  elif variant == "tiny":
+    for entry in (e.zero_shot, e.retrieval):
+      entry.update(batch_size=8, periodic=False)  # tests train tiny models without evaluating
+    e.finetune.update(label_fractions=(0.1, 1.0), learning_rate=1e-3, epochs=2, hidden_dim=32,
+                      feature_batch_size=8)
+    e.report_gen.update(batch_size=4, max_examples=8)
+  return e
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
   if variant not in VARIANTS:
@@ -194,7 +239,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 50
   c.eval_every = 0  # 0: evaluate at the end only
-  c.evals = ml_collections.ConfigDict()
+  c.evals = _evals(variant, c.model.max_text_len)
 
   if variant == "paper":
     c.compute_dtype = "bfloat16"

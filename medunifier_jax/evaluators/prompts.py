@@ -62,6 +62,14 @@ PROMPT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
                     "pneumothorax with absent lung markings"),
         "location": ("", "on the right", "on the left", "at the apex"),
     },
+    "covid 19": {
+        "severity": ("", "mild", "moderate", "extensive", "multifocal"),
+        "subtype": ("bilateral peripheral ground-glass opacities",
+                    "peripheral opacities typical of covid-19",
+                    "bilateral patchy peripheral opacities consistent with covid-19",
+                    "ground-glass opacities compatible with viral pneumonia"),
+        "location": ("", "in both lower lungs", "in the lung periphery"),
+    },
     "normal": {
         "severity": ("",),
         "subtype": ("no acute cardiopulmonary process", "the lungs are clear",
@@ -78,6 +86,8 @@ ALIASES = {
     "effusion": "pleural effusion",
     "no finding": "normal",
     "no_finding": "normal",
+    "no pneumothorax": "normal",
+    "covid": "covid 19",
     "healthy": "normal",
     "negative": "normal",
     "lung opacity": "pneumonia",
@@ -86,7 +96,7 @@ ALIASES = {
 
 def canonical_class(name: str) -> str:
   """'Pleural_Effusion' -> 'pleural effusion'; raises for a class without a prompt set."""
-  key = name.strip().lower().replace("_", " ").replace("-", " ")
+  key = " ".join(name.strip().lower().replace("_", " ").replace("-", " ").split())
   key = ALIASES.get(key, key)
   if key not in PROMPT_WORDS:
     raise KeyError(f"no zero-shot prompt words for class {name!r}; known classes: "
