@@ -185,6 +185,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   d.name = "phantom_openi"  # phantoms paired with the real Open-i reports (+ templated ones)
   d.data_dir = ""  # for TFDS-built real data sets
+  d.builder_config = ""  # TFDS configuration, e.g. "pneumonia_224px" (empty: the prepared one)
   d.tokenizer_dir = ""  # empty: train a WordPiece vocabulary on the report corpus, cache it here
   d.tokenizer_vocab_size = c.model.qformer.dec_token_id  # [DEC] takes the id after the vocab
   d.image_size = c.model.vit.image_size

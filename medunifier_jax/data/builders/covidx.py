@@ -10,10 +10,14 @@ Manual directory (the archive unpacked):
 
   train.txt, val.txt (CXR-3 and later), test.txt      or   train_COVIDx9A.txt, test_COVIDx9A.txt
   train/<filename>, val/<filename>, test/<filename>
+
+Where a release publishes no validation split, 10% of the train patients (by a stable hash of
+seed and patient id, so a patient's images stay together) form it; `manifest.csv` lists all.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -32,6 +36,7 @@ SPLIT_FILES = {
 }
 IMAGE_DIRS = {"train": "train", "validation": "val", "test": "test"}
 LINE_FIELDS = ("patientid", "filename", "class", "source")
+VALIDATION_PERCENT = 10  # of the train patients, where no validation split is published
 
 INSTRUCTIONS = """\
 Download COVIDx (https://github.com/lindawangg/COVID-Net, docs/COVIDx.md; the CXR releases are
@@ -54,6 +59,12 @@ def parse_split_file(path: Path) -> list[dict[str, str]]:
       )
     rows.append(dict(zip(LINE_FIELDS, (fields[0], " ".join(fields[1:-2]), *fields[-2:]))))
   return rows
+
+
+def held_out(patient_id: str, seed: int = 0) -> bool:
+  """Whether a train patient goes to validation (10%, stable hash of seed and patient id)."""
+  digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
+  return int(digest, 16) % 100 < VALIDATION_PERCENT
 
 
 class Covidx(common.RadiographBuilder):
@@ -85,27 +96,35 @@ class Covidx(common.RadiographBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
-    generators, manifest = {}, []
+    rows_of: dict[str, list[dict]] = {}
     for split, patterns in SPLIT_FILES.items():
       hits = [p for pattern in patterns for p in sorted(root.glob(pattern))]
       if not hits:
         if split == "validation":
-          continue  # only CXR-3 and later publish a validation split
+          continue  # carved from train below
         raise common.LayoutError(
           f"COVIDx {split} split: no file matching {list(patterns)} in {root}"
         )
       rows = parse_split_file(hits[0])
       for row in rows:
         row["label"] = self._class_index(hits[0], row["class"])
-        row["split"] = split
-      manifest.extend(rows)
-      generators[split] = self._generate_examples(root / IMAGE_DIRS[split], split, rows)
+        row["image_dir"] = IMAGE_DIRS[split]
+      rows_of[split] = rows
+    if "validation" not in rows_of:
+      # Releases without val.txt: hold out the train patients that `held_out` picks.
+      seed = self.builder_config.seed
+      train = rows_of["train"]
+      rows_of["validation"] = [r for r in train if held_out(r["patientid"], seed)]
+      rows_of["train"] = [r for r in train if not held_out(r["patientid"], seed)]
+    manifest = [{**r, "split": split} for split, rows in rows_of.items() for r in rows]
     self._write_manifest(("patientid", "filename", "class", "source", "split"), manifest)
-    return generators
+    return {
+      split: self._generate_examples(root, split, rows) for split, rows in rows_of.items() if rows
+    }
 
-  def _generate_examples(self, image_dir: Path, split: str, rows):
+  def _generate_examples(self, root: Path, split: str, rows):
     def make(row):
-      pixels = common.load_image(image_dir / row["filename"])
+      pixels = common.load_image(root / row["image_dir"] / row["filename"])
       return row["filename"], {
         "image": self._image(pixels),
         "id": row["filename"],
