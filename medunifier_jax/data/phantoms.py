@@ -153,7 +153,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     shift_x=u(-0.04, 0.04),
     shift_y=u(-0.04, 0.04),
     scale=u(0.95, 1.05),
-    gain=u(0.9, 1.1),
+    gain=u(0.9, 1.05),
     offset=u(-0.04, 0.04),
     gamma=u(0.85, 1.15),
     noise=u(0.008, 0.025),
@@ -365,7 +365,7 @@ def render(
   att = body * (0.6 - (0.1 / a.body) * np.minimum(ax, a.body)) + 0.03  # thicker in the middle
   for sx in (-0.9, 0.9):
     w, e = cv.ellipse(sx, -0.74, 0.13, 0.16)  # humeral heads
-    att[w] += 0.16 * (e > 0)
+    att[w] += 0.14 * (e > 0)
 
   # Lungs are air: much darker, darker still at the apices, with vascular markings fanning
   # out from the hila.
@@ -404,13 +404,14 @@ def render(
   w = cv.window(-0.75, 0.75, -0.95, -0.6)
   axw = ax[w]
   clav_y = -0.66 - 0.3 * (axw - 0.08) + 0.25 * (axw - 0.35) ** 2
-  att[w] += 0.16 * ((np.abs(y[w] - clav_y) < 0.032) & (axw > 0.07) & (axw < 0.72))
+  att[w] += 0.14 * ((np.abs(y[w] - clav_y) < 0.032) & (axw > 0.07) & (axw < 0.72))
 
   for f in findings_:
     _draw(f, att, cv, rng)
 
   # Acquisition: exposure, blur, noise; the gamma curve goes through a lookup table.
-  img = att * (a.gain / 0.7) + (a.offset - 0.03 * a.gain / 0.7)
+  # Anatomy stays below saturation; metal (devices) and calcium (granulomas) reach it.
+  img = att * (a.gain / 0.9) + (a.offset - 0.03 * a.gain / 0.9)
   sigma = a.blur * size
   if sigma >= 0.35:
     img = ndimage.gaussian_filter(img, sigma, truncate=2.5)
@@ -447,8 +448,8 @@ def _draw(f: Finding, att: np.ndarray, cv: _Canvas, rng: np.random.Generator) ->
       w, e = cv.ellipse(cx, cy, r * rng.uniform(1.0, 1.3), r)
       bump = np.sqrt(np.clip(e, 0.0, 1.0))
       if f.name == "Pneumonia":  # patchy, ill-defined airspace disease
-        bump *= np.clip(0.55 + 0.5 * cv.coarse[w], 0.2, 1.0)
-        dens = (0.3, 0.34, 0.38)[sev]
+        bump *= np.clip(0.7 + 0.45 * cv.coarse[w], 0.3, 1.0)
+        dens = (0.34, 0.38, 0.42)[sev]
       else:  # dense, homogeneous lobar opacity
         bump = np.clip(bump * 1.6, 0.0, 1.0)
         dens = (0.25, 0.3, 0.34)[sev]
@@ -495,9 +496,9 @@ def _draw(f: Finding, att: np.ndarray, cv: _Canvas, rng: np.random.Generator) ->
         cx, cy = cv.zone_centre(side, f.zone or _pick(rng, ZONES), rng)
         cx += rng.uniform(-0.08, 0.08)
         if f.name == "Nodule":
-          r = (0.055, 0.07, 0.09)[sev]
+          r = (0.06, 0.075, 0.095)[sev]
           w, e = cv.ellipse(cx, cy, r, r)
-          bump = 0.34 * np.sqrt(np.clip(e, 0.0, 1.0))
+          bump = 0.38 * np.sqrt(np.clip(e, 0.0, 1.0))
         else:  # calcified: small, as dense as metal
           r = (0.035, 0.042, 0.05)[sev]
           w, e = cv.ellipse(cx, cy, r, r)
@@ -539,7 +540,7 @@ def _pneumothorax(f: Finding, att: np.ndarray, cv: _Canvas) -> None:
 
 def _device(device: str, att: np.ndarray, cv: _Canvas) -> None:
   x, y, a = cv.x, cv.y, cv.a
-  metal = 0.7
+  metal = 0.9
   if device == "endotracheal tube":
     w = cv.window(-0.03, 0.03, -1.0, -0.32)
     att[w] += metal * ((np.abs(x[w]) < 0.022) & (y[w] < -0.32))
@@ -551,7 +552,7 @@ def _device(device: str, att: np.ndarray, cv: _Canvas) -> None:
     att[w] += metal * ((np.abs(x[w] - path_x) < 0.018) & (yw > -0.74) & (yw < -0.1))
   elif device == "pacemaker":
     w = cv.window(0.4, 0.6, -0.665, -0.535)
-    att[w] += 0.9 * ((np.abs(x[w] - 0.5) < 0.1) & (np.abs(y[w] + 0.6) < 0.065))
+    att[w] += 1.0 * ((np.abs(x[w] - 0.5) < 0.1) & (np.abs(y[w] + 0.6) < 0.065))
     w = cv.window(0.0, 0.55, -0.56, a.dome_right)
     yw = y[w]
     lead_x = 0.5 - 0.45 * np.clip((yw + 0.55) / 0.85, 0, 1)
