@@ -96,11 +96,10 @@ def train_vocabulary(texts: Sequence[str], vocab_size: int, min_frequency: int =
   if not texts:
     raise ValueError("cannot train a tokenizer on an empty corpus; the source has no reports")
   backend = _bert_backend()
-  chars = set()
-  for t in texts:
-    for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(t)):
-      chars.update(word)
-  chars = sorted(chars)
+  # Every character the pre-tokenizer can emit: the normalised text minus whitespace. The BERT
+  # normaliser works character by character, so normalising each distinct character suffices.
+  normalize = backend.normalizer.normalize_str
+  chars = sorted({c for raw in set("".join(texts)) for c in normalize(raw) if not c.isspace()})
   continuations = [f"##{c}" for c in chars]
   smallest = len(SPECIAL_TOKENS) + 2 * len(chars)
   if vocab_size < smallest:
