@@ -190,6 +190,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.tokenizer_vocab_size = c.model.qformer.dec_token_id  # [DEC] takes the id after the vocab
   d.image_size = c.model.vit.image_size
   d.max_text_len = c.model.max_text_len
+  d.max_words = 95  # reports are cut to this many words before tokenising (the paper's code)
   d.image_mean = (0.48145466, 0.4578275, 0.40821073)  # the BLIP-2 / CLIP normalisation
   d.image_std = (0.26862954, 0.26130258, 0.27577711)
   d.phantom_seed = 0
