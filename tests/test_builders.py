@@ -469,3 +469,35 @@ def test_open_i(tmp_path, data_dir, tokenizer):
   batches = read_back(config, tokenizer, "train")
   assert sum(int(b["mask"].sum()) for b in batches) == 5
   assert all(b["input_ids"][0, 0] == 2 for b in batches)  # [CLS] first
+
+
+def test_covidx_without_val_file_holds_out_train_patients(tmp_path, data_dir):
+  from medunifier_jax.data.builders import covidx
+
+  classes = ("normal", "pneumonia", "COVID-19")
+  lines = [f"p{k} img{k}.png {classes[k % 3]} rsna\n" for k in range(12)]
+  (tmp_path / "train_COVIDx9A.txt").write_text("".join(lines))
+  (tmp_path / "test_COVIDx9A.txt").write_text("t0 t0.png normal rsna\n")
+  for k in range(12):
+    write_image(tmp_path / "train" / f"img{k}.png", radiograph(600 + k))
+  write_image(tmp_path / "test" / "t0.png", radiograph(700))
+  patients = [f"p{k}" for k in range(12)]
+  seed = next(s for s in range(100) if 0 < sum(covidx.held_out(p, s) for p in patients) < 12)
+  summary = prepare("covidx", tmp_path, data_dir / "v9", image_size=SIZE, seed=seed)
+  held = {p for p in patients if covidx.held_out(p, seed)}
+  assert summary.examples == {"test": 1, "train": 12 - len(held), "validation": len(held)}
+  manifest = list(csv.DictReader(open(summary.data_path / "manifest.csv")))
+  assert {m["patientid"] for m in manifest if m["split"] == "validation"} == held
+
+
+def test_eval_paper_rows_name_registered_sets_and_evaluators():
+  from configs import eval_paper
+  from medunifier_jax.evaluators.registry import EVALUATORS
+
+  config = eval_paper.get_config("all")
+  assert set(config.evals) == set(eval_paper.ROWS)
+  known = set(registry.known_names())
+  for entry in config.evals.values():
+    assert entry.task in EVALUATORS and set(entry.datasets) <= known
+  row = eval_paper.get_config("mimic_5x200_retrieval").evals.mimic_5x200_retrieval
+  assert row.itm_rerank_k == 256 and row.datasets == ("mimic_5x200",)
