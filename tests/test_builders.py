@@ -9,6 +9,7 @@ import csv
 import gzip
 import importlib.util
 import io
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -331,6 +332,10 @@ def test_mimic_cxr(tmp_path, data_dir, tokenizer):
   # Padding keeps the aspect ratio: the 48x40 image leaves black columns at both sides.
   assert r["image"][:, 0].max() == 0 and r["image"][:, SIZE // 2].max() > 0
 
+  # The source travels to grain worker processes by pickle and reopens its files there.
+  clone = pickle.loads(pickle.dumps(source))
+  np.testing.assert_array_equal(clone[1]["image"], source[1]["image"])
+  assert clone.reports == [source[i]["report"] for i in range(len(source))]
   batches = read_back(data_config("mimic_cxr", data_dir), tokenizer, "train")
   assert sum(int(b["mask"].sum()) for b in batches) == 3
   assert batches[0]["labels"].shape == (2, findings_lib.NUM_FINDINGS)

@@ -9,12 +9,14 @@ finding labels), "label": int (classification sets)}` plus the builder's other f
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.data.builders import common
@@ -99,8 +101,14 @@ class TfdsSource:
 
   def _source(self):
     if self._data is None:
+      # Images stay PNG bytes here and are decoded below: the same PIL decode TFDS would do,
+      # without its per-process OpenCV warning, and `reports` skips decoding altogether.
       self._data = tfds.data_source(
-        f"{self.name}/{self.config}", split=self.split, data_dir=self.data_dir, download=False
+        f"{self.name}/{self.config}",
+        split=self.split,
+        data_dir=self.data_dir,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
       )
     return self._data
 
@@ -112,8 +120,11 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     raw = self._source()[int(index)]
-    record = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in raw.items()}
-    record["image"] = np.asarray(raw["image"])[..., 0]
+    record = {
+      k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in raw.items() if k != "image"
+    }
+    with Image.open(io.BytesIO(raw["image"])) as png:
+      record["image"] = np.asarray(png, np.uint8)
     record.setdefault("report", "")
     if "chexpert" in raw:
       record["labels"] = findings_from_chexpert(np.asarray(raw["chexpert"]))
@@ -122,6 +133,12 @@ class TfdsSource:
     if "label" in raw:
       record["label"] = int(raw["label"])
     return record
+
+  @property
+  def reports(self) -> list[str]:
+    """Every record's report, in order, without decoding any image (for tokenizer training)."""
+    data = self._source()
+    return [data[i].get("report", b"").decode("utf-8") for i in range(len(data))]
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name}/{self.config}, split={self.split!r}, {self.data_dir})"
