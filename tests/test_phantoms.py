@@ -28,8 +28,12 @@ def _sides(x0, x1, y0, y1):
 
 
 LUNGS = _box(-0.72, 0.72, -0.65, 0.45) & (np.abs(X) > 0.25)
+# Overlapping lung zones (5 heights x 2 widths x 2 sides) for the focal-opacity measurement.
 ZONES = [
-  b for y0, y1 in ((-0.6, -0.25), (-0.25, 0.1), (0.1, 0.4)) for b in _sides(0.3, 0.7, y0, y1)
+  b
+  for y0, y1 in ((-0.65, -0.35), (-0.45, -0.15), (-0.25, 0.05), (-0.05, 0.25), (0.1, 0.4))
+  for x0, x1 in ((0.25, 0.55), (0.45, 0.75))
+  for b in _sides(x0, x1, y0, y1)
 ]
 
 
