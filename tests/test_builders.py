@@ -506,3 +506,18 @@ def test_eval_paper_rows_name_registered_sets_and_evaluators():
     assert entry.task in EVALUATORS and set(entry.datasets) <= known
   row = eval_paper.get_config("mimic_5x200_retrieval").evals.mimic_5x200_retrieval
   assert row.itm_rerank_k == 256 and row.datasets == ("mimic_5x200",)
+
+
+def test_command_line_prints_summary_and_reuses(tmp_path, capsys):
+  make_rsna_tree(tmp_path / "manual")
+  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
+          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  assert main(argv) == 0
+  first = capsys.readouterr().out
+  assert "rsna_pneumonia/32px: prepared" in first and "skipped: 2 files" in first
+  assert "stage_2_train_images/003d8fa0-6bf1-40ed-b54c-ac657f8495c5.dcm" in first
+  assert main(argv) == 0
+  second = capsys.readouterr().out
+  assert "already prepared, reused" in second
+  block = lambda out: out[out.index("  test:"):]  # noqa: E731  (TFDS prints lines before)
+  assert block(second) == block(first)  # same counts and skips

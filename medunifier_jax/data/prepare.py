@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--per-class", type=int, default=common.DEFAULT_PER_CLASS, help="5x200 sets: images per class"
   )
   args = parser.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on custom configurations
   try:
     summary = prepare(
       args.name,

@@ -360,15 +360,20 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   # -- configuration ---------------------------------------------------------------------------
 
   def _create_builder_config(self, builder_config, version):
+    if isinstance(builder_config, RadiographConfig):
+      builder_config = builder_config.name  # the listed instance when the name is listed
     if isinstance(builder_config, str):
-      match = _CONFIG_NAME.match(builder_config.split(":")[0])
-      if match and self.get_builder_config(builder_config.split(":")[0]) is None:
-        builder_config = make_config(
+      name = builder_config.split(":")[0]
+      match = _CONFIG_NAME.match(name)
+      if match and self.get_builder_config(name) is None:
+        config = make_config(
           int(match["size"]),
           match["class_set"] or "",
           int(match["seed"] or 0),
           int(match["per_class"] or DEFAULT_PER_CLASS),
         )
+        self._check_class_set(config.class_set)
+        return config
     config = super()._create_builder_config(builder_config, version)
     if config is not None:
       self._check_class_set(config.class_set)
