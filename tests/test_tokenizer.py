@@ -151,3 +151,16 @@ def test_config_mismatch_names_both_numbers(trained):
   model.qformer.vocab_size, model.qformer.cls_token_id = 513, 101
   with pytest.raises(ValueError, match=r"\[CLS\] id is 2 .*\.cls_token_id is 101"):
     tok_lib.check_tokenizer(tok, model)
+
+
+def test_fixed_length_encoder_matches_transformers(trained):
+  _, tok = trained
+  texts = _corpus(n=20, seed=3) + ["", "heart " * 40, "Comparison XXXX. Stable."]
+  for max_len in (6, 24):
+    fast = tok_lib.encode(tok_lib.fixed_length_encoder(tok, max_len), texts)
+    reference = tok_lib.tokenize(tok, texts, max_len)
+    for key in ("input_ids", "attention_mask"):
+      assert fast[key].dtype == np.int32 and fast[key].shape == (len(texts), max_len)
+      np.testing.assert_array_equal(fast[key], reference[key])
+  # The encoder is a copy: the tokenizer itself still neither pads nor truncates.
+  assert len(tok("heart " * 40)["input_ids"]) == 42

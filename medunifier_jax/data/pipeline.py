@@ -101,13 +101,12 @@ def _gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
 class ExampleProcessor:
   """Reads source[index] and turns it into one example (the per-example part of a batch).
 
-  Picklable (worker processes receive a copy), so `source` and `tokenizer` must be too.
+  Picklable (worker processes receive a copy), so `source` must be too.
   """
 
   source: Any
-  tokenizer: Any
+  encoder: Any  # tokenizer.fixed_length_encoder(tokenizer, max_text_len)
   image_size: int
-  max_text_len: int
   image_mean: tuple[float, float, float]
   image_std: tuple[float, float, float]
   max_words: int | None = text_lib.DEFAULT_MAX_WORDS
@@ -116,9 +115,8 @@ class ExampleProcessor:
   def from_config(cls, source: Any, tokenizer: Any, data_config: Any) -> ExampleProcessor:
     return cls(
         source=source,
-        tokenizer=tokenizer,
+        encoder=tokenizer_lib.fixed_length_encoder(tokenizer, int(data_config.max_text_len)),
         image_size=int(data_config.image_size),
-        max_text_len=int(data_config.max_text_len),
         image_mean=tuple(float(m) for m in data_config.image_mean),
         image_std=tuple(float(s) for s in data_config.image_std),
         max_words=data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS),
@@ -135,7 +133,7 @@ class ExampleProcessor:
     mean = np.asarray(self.image_mean, np.float32)
     std = np.asarray(self.image_std, np.float32)
     report = text_lib.clean_report(record["report"], self.max_words)
-    tokens = tokenizer_lib.tokenize(self.tokenizer, [report], self.max_text_len)
+    tokens = tokenizer_lib.encode(self.encoder, [report])
     example = {
         "image": (rgb - mean) / std,
         "target_image": rgb,

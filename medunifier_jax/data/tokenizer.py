@@ -245,3 +245,28 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, np.ndar
       "input_ids": np.asarray(enc["input_ids"], np.int32).reshape(len(texts), max_len),
       "attention_mask": np.asarray(enc["attention_mask"], np.int32).reshape(len(texts), max_len),
   }
+
+
+def fixed_length_encoder(tokenizer, max_len: int):
+  """A standalone copy of the tokenizer's Rust backend that pads and truncates to `max_len`.
+
+  Gives the same ids as `tokenize`, at a fraction of the per-call cost, and pickles without
+  `transformers` (worker processes start faster). Returns a `tokenizers.Tokenizer`.
+  """
+  from tokenizers import Tokenizer
+
+  # A copy through JSON: the backend object itself is shared with `tokenizer`.
+  encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+  encoder.enable_truncation(max_length=max_len)
+  encoder.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id,
+                         pad_token=tokenizer.pad_token)
+  return encoder
+
+
+def encode(encoder, texts: Sequence[str]) -> dict[str, np.ndarray]:
+  """`tokenize` with an encoder from `fixed_length_encoder`: int32 (B, max_len) arrays."""
+  encodings = encoder.encode_batch(list(texts))
+  return {
+      "input_ids": np.asarray([e.ids for e in encodings], np.int32),
+      "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
+  }
