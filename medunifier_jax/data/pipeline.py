@@ -45,7 +45,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from medunifier_jax.data import registry
@@ -163,8 +165,6 @@ class _PaddedExample:
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
-    import jax  # Only here: worker processes never need it.
-
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -287,9 +287,6 @@ def make_global_batch(host_batch: dict[str, np.ndarray], mesh: Any, data_axis: s
   Every process passes its own host batch (B_host, ...); the global arrays have leading size
   B_host * process_count and are replicated over the other mesh axes.
   """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-
   sharding = NamedSharding(mesh, PartitionSpec(data_axis))
   data_size = mesh.shape[data_axis]
 
