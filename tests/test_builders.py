@@ -521,3 +521,13 @@ def test_command_line_prints_summary_and_reuses(tmp_path, capsys):
   assert "already prepared, reused" in second
   block = lambda out: out[out.index("  test:"):]  # noqa: E731  (TFDS prints lines before)
   assert block(second) == block(first)  # same counts and skips
+
+
+def test_jpeg_draft_decoding_matches_full_decoding(tmp_path):
+  image = np.asarray(Image.fromarray(radiograph(800, (48, 40))).resize((320, 384)))  # (384, 320)
+  write_image(tmp_path / "big.jpg", image)
+  full = common.load_image(tmp_path / "big.jpg")
+  draft = common.load_image(tmp_path / "big.jpg", min_side=SIZE)
+  assert full.shape == (384, 320) and draft.shape == (48, 40)  # decoded at 1/8 scale
+  a, b = common.to_square(full, SIZE), common.to_square(draft, SIZE)
+  assert np.abs(a.astype(int) - b.astype(int)).mean() < 4.0

@@ -1,7 +1,7 @@
 r"""Prepare a real data set: read its published files, write ArrayRecord files for training.
 
   python -m medunifier_jax.data.prepare NAME --manual-dir DIR --data-dir DIR [--image-size N]
-      [--class-set SET] [--seed S] [--per-class N]
+      [--class-set SET] [--seed S] [--per-class N] [--threads T]
 
 NAME is one of mimic_cxr, open_i, chexpert_5x200, mimic_5x200, rsna_pneumonia,
 siim_pneumothorax, covidx (docs/DATASETS.md gives each one's download and layout). A progress
@@ -66,6 +66,7 @@ def prepare(
   class_set: str | None = None,
   seed: int = 0,
   per_class: int = common.DEFAULT_PER_CLASS,
+  num_threads: int | None = None,
 ) -> Summary:
   """Builds data set `name` (once) and returns its summary.
 
@@ -88,6 +89,8 @@ def prepare(
     if not manual_dir.is_dir():
       raise FileNotFoundError(f"--manual-dir {manual_dir} does not exist")
     tfds.disable_progress_bar()  # the builders show their own bar per split
+    if num_threads:
+      builder.num_threads = num_threads
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
@@ -121,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--per-class", type=int, default=common.DEFAULT_PER_CLASS, help="5x200 sets: images per class"
   )
+  parser.add_argument(
+    "--threads", type=int, default=None, help="image decoding threads (default: min(8, CPUs))"
+  )
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on custom configurations
   try:
@@ -132,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       class_set=args.class_set,
       seed=args.seed,
       per_class=args.per_class,
+      num_threads=args.threads,
     )
   except (common.LayoutError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -137,7 +137,7 @@ class Chexpert5x200(common.RadiographBuilder):
 
   def _generate_examples(self, root: Path, manifest: list[dict]):
     def make(row):
-      pixels = common.load_image(root / row["Path"])
+      pixels = self._load_image(root / row["Path"])
       return row["Path"], {
         "image": self._image(pixels),
         "id": row["Path"],

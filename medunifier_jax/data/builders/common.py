@@ -21,6 +21,7 @@ import os
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
 )
 
 SKIPPED_FILE = "skipped.csv"
+THREAD_CHUNK = 256  # images decoded ahead of the writer, at most
 MANIFEST_FILE = "manifest.csv"
 
 # TFDS split names for the split labels the published files use.
@@ -142,13 +144,20 @@ def chexpert_vector(row: dict[str, str]) -> np.ndarray:
 # Images
 
 
-def load_image(path: Path) -> np.ndarray:
-  """A JPEG/PNG radiograph as uint8 (H, W) grayscale; SkipExample if missing or unreadable."""
+def load_image(path: Path, min_side: int | None = None) -> np.ndarray:
+  """A JPEG/PNG radiograph as uint8 (H, W) grayscale; SkipExample if missing or unreadable.
+
+  With `min_side`, a JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps both
+  sides >= min_side (libjpeg's DCT scaling): several times faster on 3000 px MIMIC-CXR files
+  that are resized to a few hundred pixels anyway.
+  """
   path = Path(path)
   if not path.is_file():
     raise SkipExample("image file missing", path)
   try:
     with Image.open(path) as im:
+      if min_side and im.format == "JPEG":
+        im.draft("L", (min_side, min_side))
       im.load()  # decodes now, so a truncated file fails here, not later
       return _to_gray_uint8(im)
   except (OSError, SyntaxError, ValueError) as e:
@@ -337,6 +346,7 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   BUILDER_CONFIG_CLASS = RadiographConfig
   CLASS_SETS: dict[str, tuple[str, ...]] = {}
   CLASS_NAMES: tuple[str, ...] = ()  # fixed classes, for sets without a class-set choice
+  num_threads: int = min(8, os.cpu_count() or 1)  # image decoding threads while preparing
   HOMEPAGE = ""
   DESCRIPTION = ""
 
@@ -452,19 +462,37 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   ) -> Iterator[tuple[str, dict]]:
     """Yields `make(item)` -> (key, example) for each item with a progress bar; an item whose
     `make` raises SkipExample is recorded in the skip ledger and left out."""
-    made = 0
-    for item in tqdm(items, desc=f"{self.name} {split}", unit="img", leave=False):
+
+
+    def attempt(item):
       try:
-        yield make(item)
-        made += 1
+        return make(item), None
       except SkipExample as e:
-        self._skip(split, e.path, e.reason)
+        return None, e
+
+    made = 0
+    progress = tqdm(total=len(items), desc=f"{self.name} {split}", unit="img", leave=False)
+    # Decoding and resizing run in threads (PIL and pydicom release the GIL); chunks keep the
+    # results in input order and bound the memory held ahead of the writer.
+    with ThreadPoolExecutor(max_workers=self.num_threads) as pool, progress:
+      for start in range(0, len(items), THREAD_CHUNK):
+        for result, skip in pool.map(attempt, items[start : start + THREAD_CHUNK]):
+          progress.update()
+          if skip is not None:
+            self._skip(split, skip.path, skip.reason)
+          else:
+            made += 1
+            yield result
     if not made:  # TFDS cannot write an empty split; say why instead
       reasons = sorted({s[2] for s in self.info.metadata["skipped"] if s[0] == split})
       raise LayoutError(
         f"{self.name}: split {split!r} has no usable example ({len(items)} listed, all skipped: "
         f"{reasons or 'none listed'}); check --manual-dir against docs/DATASETS.md"
       )
+
+  def _load_image(self, path: Path) -> np.ndarray:
+    """`load_image` with JPEG decoding scaled down towards the stored size."""
+    return load_image(path, min_side=self.builder_config.image_size)
 
   def _image(self, array: np.ndarray) -> bytes:
     """uint8 (H, W) -> PNG bytes of the configured square size."""

@@ -124,7 +124,7 @@ class Covidx(common.RadiographBuilder):
 
   def _generate_examples(self, root: Path, split: str, rows):
     def make(row):
-      pixels = common.load_image(root / row["image_dir"] / row["filename"])
+      pixels = self._load_image(root / row["image_dir"] / row["filename"])
       return row["filename"], {
         "image": self._image(pixels),
         "id": row["filename"],

@@ -144,7 +144,7 @@ def mimic_example(
 ) -> tuple[str, dict]:
   """(key, stored record) of one image; raises SkipExample (report checked before the image)."""
   report, findings, impression = read_report(root, image)
-  pixels = common.load_image(Path(root) / image.image_path)
+  pixels = builder._load_image(Path(root) / image.image_path)
   return image.dicom_id, {
     "image": builder._image(pixels),
     "id": image.dicom_id,

@@ -104,7 +104,7 @@ class OpenI(common.RadiographBuilder):
   def _generate_examples(self, root: Path, split: str, rows):
     def make(item):
       file_name, report, image_id, path = item
-      pixels = common.load_image(path or Path(root) / f"{image_id}.png")
+      pixels = self._load_image(path or Path(root) / f"{image_id}.png")
       return image_id, {
         "image": self._image(pixels),
         "id": image_id,
