@@ -531,3 +531,21 @@ def test_jpeg_draft_decoding_matches_full_decoding(tmp_path):
   assert full.shape == (384, 320) and draft.shape == (48, 40)  # decoded at 1/8 scale
   a, b = common.to_square(full, SIZE), common.to_square(draft, SIZE)
   assert np.abs(a.astype(int) - b.astype(int)).mean() < 4.0
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    (MIMIC_REPORT.format(finding="a small effusion", impression="Effusion."),
+     ("There is a small effusion. The cardiomediastinal silhouette is normal.", "Effusion.")),
+    # A combined section, and a time of day (not a header: it is not at a line start).
+    (" WET READ: ___ 8:27 PM\n FINDINGS AND IMPRESSION:  No change since 10:30.\n",
+     ("No change since 10:30.", "")),
+    (" FINDINGS: Clear lungs.\n\n IMPRESSION: Normal.\n NOTIFICATION: Dr. ___ was told.\n",
+     ("Clear lungs.", "Normal.")),
+    (" EXAMINATION: CHEST\n INDICATION: cough\n", ("", "")),
+    ("Portable chest radiograph without headers.\n", ("", "")),
+  ],
+)
+def test_mimic_report_sections(text, expected):
+  assert mimic_cxr.findings_and_impression(text) == expected

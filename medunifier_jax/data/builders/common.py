@@ -51,8 +51,8 @@ CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
 )
 
 SKIPPED_FILE = "skipped.csv"
-THREAD_CHUNK = 256  # images decoded ahead of the writer, at most
 MANIFEST_FILE = "manifest.csv"
+THREAD_CHUNK = 256  # images decoded ahead of the writer, at most
 
 # TFDS split names for the split labels the published files use.
 SPLIT_NAMES = {"train": "train", "validate": "validation", "val": "validation", "test": "test"}
@@ -189,7 +189,7 @@ def load_dicom(path: Path) -> np.ndarray:
     raise SkipExample("DICOM has no pixel data", path)
   try:
     pixels = ds.pixel_array
-  except Exception as e:  # pydicom raises many types for broken pixel data  # noqa: BLE001
+  except Exception as e:  # pydicom raises many types for broken pixel data
     raise SkipExample(f"DICOM pixel data cannot be decoded ({e})", path) from None
   if pixels.ndim != 2:
     raise SkipExample(f"expected one grayscale frame, got pixels of shape {pixels.shape}", path)
@@ -462,7 +462,6 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   ) -> Iterator[tuple[str, dict]]:
     """Yields `make(item)` -> (key, example) for each item with a progress bar; an item whose
     `make` raises SkipExample is recorded in the skip ledger and left out."""
-
 
     def attempt(item):
       try:

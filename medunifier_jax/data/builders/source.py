@@ -96,7 +96,6 @@ class TfdsSource:
         f"{self.name}/{config} has no split {split!r}; splits: {sorted(builder.info.splits)}"
       )
     self.class_names = tuple(builder.class_names)
-    self._builder_cls = builder_cls
     self._data = None
 
   def _source(self):
