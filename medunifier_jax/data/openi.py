@@ -131,13 +131,24 @@ def _file_number(name: str) -> tuple[int, str]:
   return (int(stem), name) if stem.isdigit() else (1 << 30, name)
 
 
-@functools.lru_cache(maxsize=4)
 def load_reports(path: str | Path | None = None) -> OpenIReports:
-  """Parses every `*.xml` in the archive once per process (cached on the path).
+  """Parses every `*.xml` in the archive once per process (cached on the resolved path);
+  `path=None` reads the archive inside torchxrayvision.
 
   Reports with neither FINDINGS nor IMPRESSION are skipped and listed in `skipped`.
   """
   path = Path(path) if path is not None else default_reports_path()
+  if not path.is_file():
+    raise FileNotFoundError(f"Open-i report archive {path} not found; the default one ships with "
+                            f"torchxrayvision ({INSTALL_HINT})")
+  stat = path.stat()  # a rewritten file is parsed again
+  return _load_reports(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_reports(resolved: str, mtime_ns: int, size: int) -> OpenIReports:
+  del mtime_ns, size  # cache key only
+  path = Path(resolved)
   if not path.is_file():
     raise FileNotFoundError(f"Open-i report archive {path} not found; the default one ships with "
                             f"torchxrayvision ({INSTALL_HINT})")

@@ -142,6 +142,13 @@ class PhantomSource:
     """Every report in index order (no image is rendered)."""
     return tuple(self.plan(i).report for i in range(self.length))
 
+  def __getstate__(self):
+    # Caches are rebuilt after unpickling (grain worker processes), not shipped.
+    state = dict(self.__dict__)
+    for cached in ("reports", "openi_reports"):
+      state.pop(cached, None)
+    return state
+
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.name}/{self.split}, n={self.length}, size={self.size})"
 
@@ -182,11 +189,6 @@ class PhantomOpenISource(PhantomSource):
     r = self.openi_reports[j % len(self.openi_reports)]
     found = openi.mesh_to_findings(r.mesh, rng)
     return _Plan(found, r.text, None, f"{self.name}/{self.split}/{i}:{r.uid}")
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state.pop("openi_reports", None)  # re-read from the per-process cache after unpickling
-    return state
 
 
 class ClassSource(PhantomSource):
