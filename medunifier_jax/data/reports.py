@@ -128,12 +128,13 @@ class _Draws:
   """Uniform draws taken from `rng` in one call (per-call overhead dominates small draws)."""
 
   def __init__(self, rng: np.random.Generator, n: int = 64):
-    self._u = rng.random(n).tolist()
-    self._k = 0
+    self._rng, self._n = rng, n
+    self._u: list[float] = []
 
   def random(self) -> float:
-    self._k = (self._k + 1) % len(self._u)
-    return self._u[self._k]
+    if not self._u:
+      self._u = self._rng.random(self._n).tolist()
+    return self._u.pop()
 
   def choice(self, options: Sequence[str]) -> str:
     return options[int(self.random() * len(options))]
