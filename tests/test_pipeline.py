@@ -1,6 +1,7 @@
 """grain pipeline: values, determinism, checkpointed state, host sharding, global batches."""
 
 import importlib.util
+import io
 
 import grain
 import jax
@@ -177,7 +178,7 @@ def test_make_global_batch_shards_over_the_data_axis(tokenizer):
     pipeline.make_global_batch({"index": np.arange(6)}, mesh)
 
 
-def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer):
+def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer, monkeypatch):
   src = ListSource(40)
   with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
     pipeline.train_dataset(_config(), tokenizer, source=src, shard_index=0, shard_count=3)
@@ -188,9 +189,47 @@ def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer):
   src.images = src.images[:, :, :, None].repeat(2, axis=-1)  # (H, W, 2): not an image
   with pytest.raises(ValueError, match="record case-0: expected a grayscale"):
     processor(0)
+  monkeypatch.setattr(registry, "SOURCE_MODULES", ())  # no need to import the real sets here
   with pytest.raises(registry.UnknownDataSetError, match="known data sets"):
     pipeline.train_dataset(_config(name="no_such_set"), tokenizer, shard_index=0,
                            shard_count=1)
+
+
+def test_stored_image_formats_give_the_same_example(tokenizer):
+  record = ListSource(2)[1]
+  data = _config().data
+  reference = pipeline.ExampleProcessor.from_config([record], tokenizer, data)(0)
+  png = io.BytesIO()
+  Image.fromarray(record["image"]).save(png, format="PNG")
+  gray = record["image"]
+  for stored in (png.getvalue(), gray[:, :, None], np.stack([gray] * 3, -1)):
+    processor = pipeline.ExampleProcessor.from_config([dict(record, image=stored)], tokenizer,
+                                                      data)
+    np.testing.assert_allclose(processor(0)["target_image"], reference["target_image"],
+                               atol=1e-6)
+  bad = pipeline.ExampleProcessor.from_config([dict(record, image=b"not a png")], tokenizer,
+                                              data)
+  with pytest.raises(ValueError, match="record case-1: image bytes cannot be decoded"):
+    bad(0)
+
+
+def test_registry_registers_by_name_and_tolerates_missing_modules(monkeypatch, tmp_path):
+  def factory(split, data_config):
+    return ListSource(3, seed=len(split))
+
+  registry.register("list_source_for_tests", factory)
+  registry.register("list_source_for_tests", factory)  # re-import of the same module: fine
+  assert len(registry.get_source("list_source_for_tests", "val", None)) == 3
+  with pytest.raises(ValueError, match="already registered"):
+    registry.register("list_source_for_tests")(lambda split, data_config: None)
+  monkeypatch.setattr(registry, "SOURCE_MODULES", ("medunifier_jax.data.not_written_yet",))
+  assert "list_source_for_tests" in registry.known_names()
+  # A registering module whose own imports fail is an error, not a silently missing set.
+  (tmp_path / "broken_sources_for_tests.py").write_text("import no_such_dependency_for_tests\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(registry, "SOURCE_MODULES", ("broken_sources_for_tests",))
+  with pytest.raises(ModuleNotFoundError, match="no_such_dependency_for_tests"):
+    registry.known_names()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medunifier_jax.data.sets") is None,

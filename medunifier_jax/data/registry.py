@@ -66,26 +66,32 @@ def _qualname(f: Callable) -> str:
   return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
 
 
-def _import_source_modules() -> None:
-  for module in SOURCE_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      # Only a missing registering module is tolerated; a broken import inside it is not.
-      if e.name is None or not module.startswith(e.name):
-        raise
+def _import_source_module(module: str) -> None:
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    # Only a missing registering module is tolerated; a broken import inside it is not.
+    if e.name is None or not module.startswith(e.name):
+      raise
 
 
 def known_names() -> list[str]:
   """Sorted names of every registered data set (imports the registering modules)."""
-  _import_source_modules()
+  for module in SOURCE_MODULES:
+    _import_source_module(module)
   return sorted(_FACTORIES)
 
 
 def get_source(name: str, split: str, data_config: Any):
-  """Returns the random-access source for data set `name`, split `split` ("train", ...)."""
-  if name not in _FACTORIES:
-    _import_source_modules()
+  """Returns the random-access source for data set `name`, split `split` ("train", ...).
+
+  Registering modules are imported in order until one registers `name`, so phantom sets never
+  pull in the real-data builders' dependencies.
+  """
+  for module in SOURCE_MODULES:
+    if name in _FACTORIES:
+      break
+    _import_source_module(module)
   if name not in _FACTORIES:
     known = ", ".join(sorted(_FACTORIES)) or "(none)"
     raise UnknownDataSetError(
