@@ -30,7 +30,7 @@ def default_sentence_splitter() -> Callable[[str], list[str]]:
 def caption_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], *,
                    split_references: bool = True,
                    sentence_splitter: Callable[[str], list[str]] | None = None,
-                   meteor: bool = True) -> dict[str, float]:
+                   meteor: "bool | MeteorScorer" = True) -> dict[str, float]:
   """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr.
 
   Args:
@@ -38,7 +38,8 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[str | Sequenc
     references: N reference reports (str), or N lists of reference strings.
     split_references: split each reference string into sentences, each one a reference.
     sentence_splitter: str -> sentences (default: `medunifier_jax.data.text.split_sentences`).
-    meteor: compute METEOR (needs Java; skipped with a warning if `java` is missing).
+    meteor: compute METEOR (needs Java; skipped with a warning if `java` is missing); pass a
+      `MeteorScorer` to reuse one Java process across calls.
   Returns:
     {"BLEU-1", ..., "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}; METEOR is absent when skipped.
   """
@@ -61,7 +62,8 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[str | Sequenc
   return coco_scores(gts, res, meteor=meteor)
 
 
-def coco_scores(gts: dict, res: dict, *, meteor: bool = True) -> dict[str, float]:
+def coco_scores(gts: dict, res: dict, *, meteor: "bool | MeteorScorer" = True
+                ) -> dict[str, float]:
   """pycocoevalcap on already tokenised {id: [refs]} / {id: [hyp]} dicts."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
@@ -71,27 +73,53 @@ def coco_scores(gts: dict, res: dict, *, meteor: bool = True) -> dict[str, float
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   for n, value in enumerate(bleu, start=1):
     out[f"BLEU-{n}"] = float(value)
-  if meteor:
-    value = meteor_score(gts, res)
-    if value is not None:
-      out["METEOR"] = value
+  if isinstance(meteor, MeteorScorer):
+    value = meteor(gts, res)
+  elif meteor:
+    with MeteorScorer() as scorer:
+      value = scorer(gts, res)
+  else:
+    value = None
+  if value is not None:
+    out["METEOR"] = value
   out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
   out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
   return out
 
 
-def meteor_score(gts: dict, res: dict) -> float | None:
-  """METEOR 1.5 through pycocoevalcap's Java wrapper; None (with a warning) without Java."""
-  if shutil.which("java") is None:
-    warnings.warn("METEOR skipped: no `java` on the PATH (install a Java runtime, e.g. "
-                  "openjdk-17-jre, to get METEOR)", stacklevel=2)
-    return None
-  from pycocoevalcap.meteor.meteor import Meteor
-  scorer = Meteor()
-  try:
-    return float(scorer.compute_score(gts, res)[0])
-  finally:
-    # The wrapper's own __del__ does this too, but only whenever it gets collected.
-    scorer.meteor_p.stdin.close()
-    scorer.meteor_p.kill()
-    scorer.meteor_p.wait()
+class MeteorScorer:
+  """METEOR 1.5 through pycocoevalcap's Java wrapper, one Java process for many calls.
+
+  Use as a context manager (the process is stopped on exit). Without `java` on the PATH it
+  warns once and every call returns None.
+  """
+
+  def __init__(self):
+    self._scorer = None
+    self.available = shutil.which("java") is not None
+    if not self.available:
+      warnings.warn("METEOR skipped: no `java` on the PATH (install a Java runtime, e.g. "
+                    "openjdk-17-jre, to get METEOR)", stacklevel=2)
+
+  def __call__(self, gts: dict, res: dict) -> float | None:
+    if not self.available:
+      return None
+    if self._scorer is None:
+      from pycocoevalcap.meteor.meteor import Meteor
+      self._scorer = Meteor()
+    return float(self._scorer.compute_score(gts, res)[0])
+
+  def close(self) -> None:
+    if self._scorer is not None:
+      # The wrapper's own __del__ does this too, but only whenever it gets collected.
+      process = self._scorer.meteor_p
+      process.stdin.close()
+      process.kill()
+      process.wait()
+      self._scorer = None
+
+  def __enter__(self) -> "MeteorScorer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

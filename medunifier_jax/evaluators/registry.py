@@ -105,8 +105,9 @@ def make_eval_fn(config, workdir: str):
   """`eval_fn(model, step) -> {"entry/data set/metric": value}` for the training loop, or None
   when no `config.evals` entry is marked `periodic`.
 
-  Runs the periodic entries and writes WORKDIR/eval/results.json each time. The tokenizer is the one training uses (cached under WORKDIR/tokenizer); evaluators and
-  their compiled functions are built on the first call and reused.
+  Runs the periodic entries and writes WORKDIR/eval/results.json each time. The tokenizer is
+  the one training uses (cached under WORKDIR/tokenizer); evaluators and their compiled
+  functions are built on the first call and reused.
   """
   if not any(entry.get("periodic", False) for entry in (config.get("evals") or {}).values()):
     return None

@@ -15,6 +15,7 @@ With `baseline`, the same scores are computed for a model-free baseline that ret
 frequent training report for every image (`baseline/*`).
 """
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -25,6 +26,8 @@ from medunifier_jax import generation
 from medunifier_jax.evaluators import captioning, common
 from medunifier_jax.evaluators import labeler as labeler_lib
 from medunifier_jax.evaluators import metrics as metrics_lib
+
+_nothing = contextlib.nullcontext
 
 
 class ReportGenEvaluator(common.Evaluator):
@@ -86,19 +89,20 @@ class ReportGenEvaluator(common.Evaluator):
     references = [clean(all_reports[i]) for i in gen["index"]]
     self.outputs[dataset] = {"generated": gen["texts"], "references": references,
                              "index": gen["index"]}
-    yield from self._scores(gen["texts"], references, gen["labels"]).items()
-    if cfg.baseline:
-      train_reports = pipeline.source_reports(self.source(dataset, cfg.train_split))
-      mode = Counter(clean(r) for r in train_reports).most_common(1)[0][0]
-      self.outputs[dataset]["baseline_report"] = mode
-      for metric, value in self._scores([mode] * len(references), references,
-                                        gen["labels"]).items():
-        yield f"baseline/{metric}", value
+    with captioning.MeteorScorer() if cfg.meteor else _nothing() as meteor:
+      yield from self._scores(gen["texts"], references, gen["labels"], meteor).items()
+      if cfg.baseline:
+        train_reports = pipeline.source_reports(self.source(dataset, cfg.train_split))
+        mode = Counter(clean(r) for r in train_reports).most_common(1)[0][0]
+        self.outputs[dataset]["baseline_report"] = mode
+        for metric, value in self._scores([mode] * len(references), references,
+                                          gen["labels"], meteor).items():
+          yield f"baseline/{metric}", value
 
-  def _scores(self, hypotheses, references, labels) -> dict[str, float]:
+  def _scores(self, hypotheses, references, labels, meteor) -> dict[str, float]:
     out = captioning.caption_scores(hypotheses, references,
                                     split_references=bool(self.cfg.split_references),
-                                    meteor=bool(self.cfg.meteor))
+                                    meteor=meteor or False)
     for metric, value in self.clinical_efficacy(hypotheses, references, labels).items():
       out[f"ce_{metric}"] = value
     return out
