@@ -40,7 +40,11 @@ def default_data_fn(config: ml_collections.ConfigDict, workdir: str) -> Iterator
 
 
 def to_global(batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, jax.Array]:
-  """Host-local batch slices -> global arrays split over the batch's mesh axes."""
+  """Host-local batch slices -> global arrays split over the batch's mesh axes.
+
+  Only `step.BATCH_KEYS` travel to the devices (labels and indices are for evaluation).
+  """
+  batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
   axes = sharding_lib.batch_axes(mesh, rules)
   if len(axes) == 1:
     from medunifier_jax.data.pipeline import make_global_batch
@@ -70,18 +74,40 @@ def initial_state(
   state = state_lib.init_train_state(config, shardings, model_fn)
   rng = jax.random.key(int(config.seed))
   if config.init_from:
-    state = _import_weights(config, state, shardings)
+    state = _import_weights(config, state, shardings, model_fn)
     return state, rng, f"initialised from {config.init_from}"
   return state, rng, "fresh initialisation"
 
 
-def _import_weights(config, state: nnx.State, shardings: nnx.State) -> nnx.State:
-  """Loads `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into the model part."""
+def _import_weights(
+    config: ml_collections.ConfigDict,
+    state: nnx.State,
+    shardings: nnx.State,
+    model_fn: state_lib.ModelFn | None = None,
+) -> nnx.State:
+  """Writes `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into the model part of a fresh
+  state. Weights the source cannot have (e.g. the VQ-VAE) keep their initial values; anything
+  else missing, unexpected or mis-shaped raises `WeightImportError` with the list."""
   from medunifier_jax.weights import hf_import
 
-  model_state = jax.device_get(state["model"])
-  imported = hf_import.import_into_state(config.init_from, config, model_state)
-  state["model"] = jax.device_put(imported, shardings["model"])
+  kind, _, folder = str(config.init_from).partition(":")
+  importers = {
+      "hf-blip2": (hf_import.import_blip2, hf_import.BLIP2_NOT_IN_CHECKPOINT),
+      "hf-bert": (hf_import.import_bert, hf_import.BERT_NOT_IN_CHECKPOINT),
+  }
+  if kind not in importers or not folder:
+    raise ValueError(
+        f"config.init_from={config.init_from!r}: expected 'hf-blip2:DIR' or 'hf-bert:DIR'"
+    )
+  importer, allow = importers[kind]
+  # The same seed as the fresh state, so weights the source lacks equal their fresh values.
+  model = state_lib.build_model(config, model_fn)
+  importer(model, config.model, folder, allow=allow)
+  pure = nnx.to_pure_dict(state)
+  pure["model"] = jax.device_put(
+      nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(shardings["model"])
+  )
+  nnx.replace_by_pure_dict(state, pure)
   return state
 
 

@@ -27,10 +27,12 @@ class TrainState(nnx.Module):
 
 
 def default_model_fn(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """`MedUnifier(config.model, rngs=rngs)`."""
+  """`MedUnifier` with the run's compute dtype (fp32 master weights) and rematerialisation."""
   from medunifier_jax.models.medunifier import MedUnifier
 
-  return MedUnifier(config.model, rngs=rngs)
+  return MedUnifier(
+      config.model, rngs=rngs, dtype=str(config.compute_dtype), remat=bool(config.remat)
+  )
 
 
 def build_model(config: ml_collections.ConfigDict, model_fn: ModelFn | None = None) -> nnx.Module:

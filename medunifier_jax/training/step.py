@@ -4,9 +4,9 @@
 in/out shardings and the state donated. The step's randomness (dropout, ITM negative sampling)
 comes from `fold_in(rng, step)`, so a resumed run reproduces the uninterrupted one.
 
-Mixed precision: with `config.compute_dtype = "bfloat16"` the parameters are cast to bf16 for
-the forward and backward pass while the optimizer keeps fp32 master weights (the casts are
-differentiated through, so gradients arrive in fp32); batch statistics stay fp32.
+Mixed precision: `config.compute_dtype = "bfloat16"` builds the model with a bf16 compute dtype
+(`state.default_model_fn`): its layers cast the fp32 parameters at use, so the optimizer keeps
+fp32 master weights and gradients arrive in fp32. Losses are reduced in fp32.
 """
 
 import functools
@@ -25,6 +25,8 @@ from medunifier_jax.training import sharding as sharding_lib
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 Batch = dict[str, jax.Array]
+# What the pre-training step reads from a batch (docs/ARCHITECTURE.md, "Batches").
+BATCH_KEYS = ("image", "target_image", "input_ids", "attention_mask")
 
 
 def default_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
@@ -39,12 +41,6 @@ def default_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
   )
 
 
-def _cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-  )
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     config: ml_collections.ConfigDict,
@@ -54,7 +50,7 @@ def make_train_step(
 
   Args:
     graphdef: from `state.abstract_train_state`.
-    config: the run config (`compute_dtype`, `model.vit.frozen`, optimizer values).
+    config: the run config (`model.vit.frozen`, optimizer values).
     loss_fn: `(model, batch, rng) -> (total, metrics)`; defaults to the four objectives.
 
   The returned function maps `(state, batch, rng)` to `(new_state, metrics)`, where metrics
@@ -64,8 +60,6 @@ def make_train_step(
   loss_fn = loss_fn or default_loss_fn(config)
   trainable = optimizer_lib.trainable_filter(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config)
-  compute_dtype = jnp.dtype(config.compute_dtype)
-  cast = compute_dtype != jnp.float32
 
   def train_step(state: nnx.State, batch: Batch, rng: jax.Array):
     train_state = nnx.merge(graphdef, state)
@@ -76,12 +70,8 @@ def make_train_step(
     # Pure dicts cross the grad boundary: NNX variables may only be mutated (batch statistics)
     # at the trace level that created them.
     params, frozen, rest = map(nnx.to_pure_dict, (params, frozen, rest))
-    if cast:
-      batch = _cast_floats(batch, compute_dtype)
 
     def objective(params, frozen, rest):
-      if cast:
-        params, frozen = _cast_floats(params, compute_dtype), _cast_floats(frozen, compute_dtype)
       m = nnx.merge(model_def, params, frozen, rest)
       total, metrics = loss_fn(m, batch, step_rng)
       new_rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
@@ -90,7 +80,7 @@ def make_train_step(
     (_, (metrics, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(
         params, frozen, rest
     )
-    # Batch statistics keep their own (fp32) dtype whatever the compute dtype.
+    # Batch statistics keep their own (fp32) dtype whatever dtype the forward pass used.
     new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
     rest_state = nnx.state(model, nnx.Not(nnx.Param))
     nnx.replace_by_pure_dict(rest_state, new_rest)
