@@ -1,0 +1,407 @@
+"""The public inference API.
+
+    from medunifier_jax import api
+    model = api.load("hf-blip2:/path/to/blip2")      # or "hf-bert:DIR" (config=...), or a workdir
+    q = model.encode_image(pixel_values)              # (B, Q, H) query outputs
+    h = model.encode_text(input_ids, attention_mask)  # (B, T, H) text-mode hidden states
+    s = model.similarity(pixel_values, input_ids, attention_mask)  # (n_images, n_texts)
+    l = model.itm_logits(pixel_values, input_ids, attention_mask)  # (n, 2) row-aligned pairs
+
+`pixel_values` are float32 NHWC images of the model's size, normalised with
+`config.data.image_mean/std`; `input_ids`/`attention_mask` are (B, T) integers (`[CLS] ... [SEP]`,
+then padding), e.g. from `model.tokenize(texts)`. Every method returns NumPy arrays. Each method
+checks its inputs and then runs a pure function of the model under `jax.jit`; the compiled
+function is cached per input shape, so repeated calls with one batch shape compile once.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from medunifier_jax.models.medunifier import MedUnifier
+from medunifier_jax.weights import hf_import
+from medunifier_jax.weights.mapping import ImportReport
+
+HF_BLIP2 = "hf-blip2:"
+HF_BERT = "hf-bert:"
+# The configuration used when none is passed: the paper's, next to the package in a checkout.
+DEFAULT_CONFIG = "pretrain.py:paper"
+
+
+# -- pure functions of the model (each is jitted once per input shape) ---------------------------
+
+
+def image_tokens_fn(m: MedUnifier, pixel_values):
+  return m.image_tokens(pixel_values)
+
+
+def encode_image_fn(m: MedUnifier, pixel_values):
+  return m.image_queries(m.image_tokens(pixel_values))
+
+
+def encode_text_fn(m: MedUnifier, input_ids, attention_mask):
+  return m.text_hidden(input_ids, attention_mask)
+
+
+def image_embeddings_fn(m: MedUnifier, pixel_values):
+  return m.image_embeddings(encode_image_fn(m, pixel_values))
+
+
+def text_embeddings_fn(m: MedUnifier, input_ids, attention_mask):
+  return m.text_embeddings(m.text_hidden(input_ids, attention_mask))
+
+
+def similarity_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
+  image = image_embeddings_fn(m, pixel_values)  # (I, Q, E)
+  text = text_embeddings_fn(m, input_ids, attention_mask)  # (N, E)
+  return max_query_similarity(image, text)
+
+
+def itm_logits_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
+  return m.itm_logits(m.image_tokens(pixel_values), input_ids, attention_mask)
+
+
+def max_query_similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.Array:
+  """(I, Q, E) and (N, E) unit vectors -> (I, N): max over queries of the cosine."""
+  return jnp.einsum("iqe,ne->iqn", image_embeddings, text_embeddings).max(axis=1)
+
+
+# -- the model handle --------------------------------------------------------------------------
+
+
+class Model:
+  """A MedUnifier model ready for inference.
+
+  Attributes:
+    module: the `MedUnifier` NNX module.
+    config: the full configuration (`config.model` built the module; `config.data` gives the
+      image normalisation and text length).
+    tokenizer: a `transformers.BertTokenizerFast` with `[DEC]`, or None.
+    import_report: for imported weights, what was loaded and what kept its initial value.
+
+  The handle takes a snapshot of the module's weights when it is made. Further methods follow
+  one pattern: check the inputs, then `self.run(pure_fn, *arrays)`.
+  """
+
+  def __init__(
+      self,
+      module: MedUnifier,
+      config: ml_collections.ConfigDict,
+      tokenizer=None,
+      import_report: ImportReport | None = None,
+  ):
+    self.module = module
+    self.config = config
+    self.tokenizer = tokenizer
+    self.import_report = import_report
+    model_cfg = config.model
+    self.image_size = model_cfg.vit.image_size
+    self.vocab_size = model_cfg.qformer.vocab_size
+    self.max_positions = model_cfg.qformer.max_position_embeddings
+    self._graphdef, self._state = nnx.split(module)
+    self._jitted: dict[Callable, Callable] = {}
+
+  # -- running pure functions ----------------------------------------------------------------
+
+  def run(self, fn: Callable, *arrays):
+    """`fn(module, *arrays)` under `jax.jit` (compiled once per function and input shapes).
+
+    Returns the result as NumPy arrays (same tree structure).
+    """
+    jitted = self._jitted.get(fn)
+    if jitted is None:
+      graphdef = self._graphdef
+
+      def pure(state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
+
+      jitted = self._jitted[fn] = jax.jit(pure)
+    return jax.tree.map(np.asarray, jitted(self._state, *arrays))
+
+  # -- the stable API ------------------------------------------------------------------------
+
+  def encode_image(self, pixel_values) -> np.ndarray:
+    """(B, S, S, 3) normalised float32 -> (B, Q, H) Q-Former query outputs."""
+    return self.run(encode_image_fn, self._pixels(pixel_values))
+
+  def encode_text(self, input_ids, attention_mask) -> np.ndarray:
+    """(B, T) ids and mask -> (B, T, H) text-mode hidden states ([CLS] first)."""
+    return self.run(encode_text_fn, *self._text(input_ids, attention_mask))
+
+  def similarity(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
+    """(n_images, n_texts): max over queries of the cosine of the projected features.
+
+    No temperature is applied (multiply by 1 / temperature for the ITC logits).
+    """
+    return self.run(similarity_fn, self._pixels(pixel_values), *self._text(input_ids,
+                                                                           attention_mask))
+
+  def itm_logits(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
+    """(n, 2) image-text matching logits (no-match, match) for row-aligned pairs."""
+    pixels = self._pixels(pixel_values)
+    ids, mask = self._text(input_ids, attention_mask)
+    if pixels.shape[0] != ids.shape[0]:
+      raise ValueError(
+          f"itm_logits scores row-aligned pairs: got {pixels.shape[0]} images and "
+          f"{ids.shape[0]} texts; pass as many texts as images (repeat rows to pair them)"
+      )
+    return self.run(itm_logits_fn, pixels, ids, mask)
+
+  # -- helpers for evaluators ----------------------------------------------------------------
+
+  def image_embeddings(self, pixel_values) -> np.ndarray:
+    """(B, S, S, 3) -> (B, Q, E) L2-normalised projected query features."""
+    return self.run(image_embeddings_fn, self._pixels(pixel_values))
+
+  def text_embeddings(self, input_ids, attention_mask) -> np.ndarray:
+    """(B, T) -> (B, E) L2-normalised projected [CLS] features."""
+    return self.run(text_embeddings_fn, *self._text(input_ids, attention_mask))
+
+  def image_tokens(self, pixel_values) -> np.ndarray:
+    """(B, S, S, 3) -> (B, 1 + N, Dv) ViT tokens after `ln_vision`."""
+    return self.run(image_tokens_fn, self._pixels(pixel_values))
+
+  def temperature(self) -> float:
+    """The learned ITC temperature (clamped as in training)."""
+    return float(self.module.temperature())
+
+  def tokenize(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, np.ndarray]:
+    """Texts -> `input_ids`, `attention_mask` int32 (B, max_len) (default model.max_text_len)."""
+    if self.tokenizer is None:
+      raise ValueError(
+          "this model has no tokenizer; load one with medunifier_jax.data.tokenizer."
+          "load_tokenizer(folder) and pass it to api.Model, or tokenize the texts yourself"
+      )
+    from medunifier_jax.data.tokenizer import tokenize
+
+    return tokenize(self.tokenizer, texts, max_len or self.config.model.max_text_len)
+
+  # -- input checks --------------------------------------------------------------------------
+
+  def _pixels(self, pixel_values) -> np.ndarray:
+    x = np.asarray(pixel_values)
+    s = self.image_size
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(
+          f"pixel_values must be float32 images normalised with config.data.image_mean/std, "
+          f"got dtype {x.dtype}; convert to [0, 1] floats and normalise first"
+      )
+    if x.ndim != 4 or x.shape[1:] != (s, s, 3):
+      hint = f"resize images to {s}x{s}"
+      if x.ndim == 4 and x.shape[1] == 3 and x.shape[3] != 3:
+        hint = "the array looks channels-first (NCHW); transpose it to NHWC"
+      elif x.ndim == 3:
+        hint = "add a batch axis"
+      raise ValueError(
+          f"expected pixel_values of shape (B, {s}, {s}, 3) (NHWC), got {x.shape}; {hint}"
+      )
+    if x.shape[0] == 0:
+      raise ValueError("pixel_values holds no images")
+    return x.astype(np.float32)
+
+  def _text(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+      raise ValueError(
+          f"expected input_ids and attention_mask of one shape (B, T), got {ids.shape} and "
+          f"{mask.shape}"
+      )
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+      raise ValueError(f"input_ids holds no tokens (shape {ids.shape})")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.shape[1] > self.max_positions:
+      raise ValueError(
+          f"texts of {ids.shape[1]} tokens exceed the model's {self.max_positions} positions; "
+          f"truncate to config.model.max_text_len={self.config.model.max_text_len}"
+      )
+    bad = (ids < 0) | (ids >= self.vocab_size)
+    if bad.any():
+      row, col = np.argwhere(bad)[0]
+      raise ValueError(
+          f"token id {ids[row, col]} at input_ids[{row}, {col}] is outside the vocabulary "
+          f"[0, {self.vocab_size}); use the model's tokenizer ({bad.sum()} ids are out of range)"
+      )
+    if not np.isin(mask, (0, 1)).all():
+      raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load(
+    source: str,
+    *,
+    config: ml_collections.ConfigDict | str | None = None,
+    allow: Iterable[str] = (),
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Model:
+  """Loads a model for inference.
+
+  Args:
+    source: `"hf-blip2:DIR"` (a transformers `Blip2ForImageTextRetrieval` folder; the model's
+      sizes come from its config.json), `"hf-bert:DIR"` (a BERT folder for the Q-Former's text
+      weights; needs `config`), or a training work directory.
+    config: a full configuration (as from configs/pretrain.py), or `"PATH.py:VARIANT"`. For
+      BLIP-2 it supplies what BLIP-2 lacks (VQ-VAE sizes, temperature bounds, text length);
+      default: the `paper` variant. The VQ-VAE is not part of BLIP-2 or BERT and keeps its
+      initial weights.
+    allow: more glob patterns of weights that may stay at init or go unused, on top of those a
+      BLIP-2 / BERT file never has (`weights.BLIP2_NOT_IN_CHECKPOINT`,
+      `weights.BERT_NOT_IN_CHECKPOINT`).
+    seed: initialisation seed for the weights the source does not provide.
+    dtype: compute dtype ("float32" or "bfloat16"); weights stay float32.
+
+  Raises:
+    WeightImportError: the checkpoint's weights do not fit (missing/unexpected/shape, listed).
+    ValueError: an unknown source form or a configuration that does not fit the source.
+    FileNotFoundError: the folder or its files are missing.
+  """
+  if not isinstance(source, str):
+    raise TypeError(f"source must be a string, got {type(source).__name__}")
+  if source.startswith(HF_BLIP2):
+    return _load_hf_blip2(source[len(HF_BLIP2) :], config, tuple(allow), seed, dtype)
+  if source.startswith(HF_BERT):
+    return _load_hf_bert(source[len(HF_BERT) :], config, tuple(allow), seed, dtype)
+  _, sep, rest = source.partition(":")
+  is_url = sep and rest.startswith("//")  # e.g. gs://bucket/workdir
+  if sep and not is_url and not os.path.exists(source):
+    raise ValueError(
+        f"unknown source {source!r}: use 'hf-blip2:DIR', 'hf-bert:DIR' or a training workdir"
+    )
+  if not is_url and not os.path.isdir(source):
+    raise FileNotFoundError(
+        f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
+    )
+  return _load_workdir(source, config, seed=seed, dtype=dtype)
+
+
+def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:
+  """A model restored from a training work directory's latest checkpoint.
+
+  The configuration is the run's own (`WORKDIR/config.json`, written by training) unless
+  `config` is given; only the model's variables are read (no optimizer state). The tokenizer is
+  the vocabulary the run trained and cached in `WORKDIR/tokenizer`, else
+  `config.data.tokenizer_dir`, else None.
+  """
+  from medunifier_jax.training import checkpoint as ckpt
+
+  cfg = resolve_config(config) if config is not None else ckpt.load_config(workdir)
+  module = _build(cfg, seed, dtype)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(module)
+  )
+  state, step = ckpt.restore_model_state(workdir, abstract)
+  nnx.update(module, state)
+  logging.info("restored %s at step %d", workdir, step)
+  return Model(module, cfg, _workdir_tokenizer(workdir, cfg))
+
+
+def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
+  from medunifier_jax.data.tokenizer import load_tokenizer
+
+  cached = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(cached):
+    folders = sorted(
+        f for f in os.listdir(cached) if os.path.isfile(os.path.join(cached, f, "vocab.txt"))
+    )
+    if folders:
+      return load_tokenizer(os.path.join(cached, folders[-1]))
+  if cfg.data.get("tokenizer_dir"):
+    return load_tokenizer(cfg.data.tokenizer_dir)
+  return None
+
+
+def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
+  tokenizer = _folder_tokenizer(folder)
+  cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
+  module = _build(cfg, seed, dtype)
+  report = hf_import.import_blip2(
+      module, cfg.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
+  )
+  _log_report("hf-blip2", folder, report)
+  return Model(module, cfg, tokenizer, report)
+
+
+def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
+  if config is None:
+    raise ValueError(
+        "hf-bert needs config=...: BERT provides only the Q-Former's text weights, so the "
+        "ViT, queries, heads and VQ-VAE sizes come from the configuration (size the Q-Former "
+        "like the BERT with weights.bert_config(folder, config))"
+    )
+  cfg = copy.deepcopy(resolve_config(config))
+  tokenizer = _folder_tokenizer(folder)
+  if tokenizer is not None:
+    from medunifier_jax.data.tokenizer import check_tokenizer
+
+    check_tokenizer(tokenizer, cfg.model)
+  module = _build(cfg, seed, dtype)
+  report = hf_import.import_bert(
+      module, cfg.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow
+  )
+  _log_report("hf-bert", folder, report)
+  return Model(module, cfg, tokenizer, report)
+
+
+def _build(cfg: ml_collections.ConfigDict, seed: int, dtype: str) -> MedUnifier:
+  return MedUnifier(cfg.model, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def _folder_tokenizer(folder: str):
+  """The folder's BERT tokenizer with [DEC], or None when it ships no vocabulary."""
+  from medunifier_jax.data.tokenizer import VOCAB_FILES, load_tokenizer
+
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in VOCAB_FILES):
+    return None
+  return load_tokenizer(folder)
+
+
+def _log_report(kind: str, folder: str, report: ImportReport) -> None:
+  logging.info(
+      "%s import from %s: %d weights loaded, %d kept their initial values (%s)",
+      kind, folder, len(report.loaded), len(report.kept_at_init),
+      ", ".join(sorted({p.split("/")[0] for p in report.kept_at_init})) or "none",
+  )
+
+
+def resolve_config(config: ml_collections.ConfigDict | str | None) -> ml_collections.ConfigDict:
+  """A full configuration from a ConfigDict, `"PATH.py[:ARG]"`, or None (the default)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    if "model" not in config:
+      raise ValueError("pass the full configuration (with .model), not config.model")
+    return config
+  if config is None:
+    path, arg = _default_config_path(), DEFAULT_CONFIG.split(":")[1]
+  else:
+    path, _, arg = config.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"configuration file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("medunifier_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _default_config_path() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, "configs", DEFAULT_CONFIG.split(":")[0])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"no default configuration at {path} (installed without the repository's configs/); "
+        "pass config=ml_collections.ConfigDict or config='PATH/pretrain.py:paper'"
+    )
+  return path
