@@ -164,3 +164,20 @@ def test_fixed_length_encoder_matches_transformers(trained):
       np.testing.assert_array_equal(fast[key], reference[key])
   # The encoder is a copy: the tokenizer itself still neither pads nor truncates.
   assert len(tok("heart " * 40)["input_ids"]) == 42
+
+
+def test_remote_cache_and_folder_go_through_epath(tmp_path, monkeypatch):
+  # Treat a local path as a URL (gs://...): the same code path, without a bucket.
+  monkeypatch.setattr(tok_lib, "_is_remote", lambda path: True)
+  corpus = _corpus(seed=4)
+  tok = tok_lib.get_tokenizer(_data_config(), corpus, str(tmp_path / "remote"))
+  (folder,) = os.listdir(tmp_path / "remote")
+  files = sorted(os.listdir(tmp_path / "remote" / folder))
+  assert files == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+  assert tok.bos_token_id == VOCAB
+  monkeypatch.setattr(tok_lib, "train_vocabulary", None)  # a second call must not train
+  again = tok_lib.get_tokenizer(_data_config(), corpus, str(tmp_path / "remote"))
+  assert again.get_vocab() == tok.get_vocab()
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has no vocab.txt"):
+    tok_lib.load_tokenizer(str(tmp_path / "empty"))

@@ -40,23 +40,49 @@ VOCAB_FILES = ("vocab.txt", "tokenizer.json")
 _TRAINING_VERSION = 1
 
 
+def _is_remote(path: str) -> bool:
+  """gs://, s3:// and other URLs are read through etils.epath (as orbax does)."""
+  return "://" in str(path)
+
+
 def load_tokenizer(folder: str):
   """Loads a BERT WordPiece tokenizer from `folder` and adds `[DEC]` (id = vocabulary size).
+
+  `folder` may be local or a URL such as gs://... (its files are copied to a temporary folder).
 
   Returns:
     A `transformers.BertTokenizerFast`.
   """
-  if not os.path.isdir(folder):
+  if _is_remote(folder):
+    from etils import epath
+
+    remote = epath.Path(folder)
+    with tempfile.TemporaryDirectory() as local:
+      if remote.is_dir():
+        for f in remote.iterdir():
+          if f.name in (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json"):
+            (epath.Path(local) / f.name).write_bytes(f.read_bytes())
+      _check_folder(local, shown_as=folder, exists=remote.is_dir())
+      return _load_local(local, shown_as=folder)
+  _check_folder(folder, shown_as=folder, exists=os.path.isdir(folder))
+  return _load_local(folder, shown_as=folder)
+
+
+def _check_folder(folder: str, shown_as: str, exists: bool) -> None:
+  if not exists:
     raise FileNotFoundError(
-        f"tokenizer folder {folder} does not exist; set config.data.tokenizer_dir to a BERT "
+        f"tokenizer folder {shown_as} does not exist; set config.data.tokenizer_dir to a BERT "
         "tokenizer folder (vocab.txt or tokenizer.json), or to '' to train one on the reports"
     )
   if not any(os.path.isfile(os.path.join(folder, f)) for f in VOCAB_FILES):
     raise FileNotFoundError(
-        f"tokenizer folder {folder} has no vocab.txt/tokenizer.json; point "
+        f"tokenizer folder {shown_as} has no vocab.txt/tokenizer.json; point "
         "config.data.tokenizer_dir at a BERT tokenizer folder, or set it to '' to train a "
         "WordPiece vocabulary on the report corpus"
     )
+
+
+def _load_local(folder: str, shown_as: str):
   from transformers import BertTokenizerFast  # Imported here: ~1 s, only when needed.
 
   tokenizer = BertTokenizerFast.from_pretrained(folder)
@@ -67,8 +93,8 @@ def load_tokenizer(folder: str):
   dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
   if dec_id != len(tokenizer) - 1:
     raise ValueError(
-        f"{DEC_TOKEN} has id {dec_id} in tokenizer folder {folder}, but it must be the last id "
-        f"({len(tokenizer) - 1}); remove {DEC_TOKEN} (and tokens after it) from that vocabulary"
+        f"{DEC_TOKEN} has id {dec_id} in tokenizer folder {shown_as}, but it must be the last "
+        f"id ({len(tokenizer) - 1}); remove {DEC_TOKEN} (and tokens after it) from its vocabulary"
     )
   return tokenizer
 
@@ -185,7 +211,11 @@ def get_tokenizer(data_config: Any, corpus: Iterable[str] | None = None,
   if cache_dir is None:
     with tempfile.TemporaryDirectory() as tmp:
       return train_tokenizer(texts, size, tmp)
-  folder = os.path.join(cache_dir, f"tokenizer-wordpiece{size}-{corpus_key(texts, size)}")
+  name = f"tokenizer-wordpiece{size}-{corpus_key(texts, size)}"
+  if _is_remote(cache_dir):
+    _cache_remote(texts, size, f"{str(cache_dir).rstrip('/')}/{name}")
+    return load_tokenizer(f"{str(cache_dir).rstrip('/')}/{name}")
+  folder = os.path.join(cache_dir, name)
   if not os.path.isfile(os.path.join(folder, "vocab.txt")):
     # Train next to the target and rename, so a concurrent reader never sees half a folder.
     os.makedirs(cache_dir, exist_ok=True)
@@ -199,6 +229,20 @@ def get_tokenizer(data_config: Any, corpus: Iterable[str] | None = None,
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
   return load_tokenizer(folder)
+
+
+def _cache_remote(texts: Sequence[str], size: int, folder: str) -> None:
+  """Trains into a local folder and uploads it; vocab.txt goes last, marking it complete."""
+  from etils import epath
+
+  remote = epath.Path(folder)
+  if (remote / "vocab.txt").exists():
+    return
+  with tempfile.TemporaryDirectory() as local:
+    save_vocabulary(train_vocabulary(texts, size), local)
+    remote.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(local), key=lambda n: n == "vocab.txt"):
+      (remote / name).write_bytes((epath.Path(local) / name).read_bytes())
 
 
 def check_tokenizer(tokenizer, model_config: Any) -> None:
