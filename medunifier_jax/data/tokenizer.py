@@ -159,7 +159,8 @@ def save_vocabulary(tokens: Sequence[str], folder: str) -> None:
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
     f.write("".join(f"{t}\n" for t in tokens))
-  BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(folder)
+  # Built from vocab.txt like any BERT folder; saving adds tokenizer.json and its config.
+  BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)
 
 
 def train_tokenizer(
