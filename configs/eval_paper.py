@@ -21,9 +21,24 @@ Consolidation), after preparing it with `--class-set pneumonia`.
       --config.data.data_dir=/data/tfds
 """
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
-from configs import pretrain
+
+def _load_pretrain():
+  # By file path, so the config loads from any working directory (config files are loaded by
+  # path, not as a package).
+  spec = importlib.util.spec_from_file_location(
+    "medunifier_configs_pretrain", Path(__file__).with_name("pretrain.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+pretrain = _load_pretrain()
 
 # Benchmark row -> (entry of the paper variant's config.evals, data set, overrides).
 ROWS = {
