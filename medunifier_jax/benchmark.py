@@ -1,0 +1,130 @@
+r"""Step-time and FLOP/s benchmark of the training step, optionally against a PyTorch peer.
+
+  python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs \
+      [--objectives itc,itm,itg,tig] [--steps 10] [--peak_flops 60e9] [--peer pytorch]
+
+Prints one JSON line: `median_step_s`, `examples_per_s`, `step_flops` (XLA's cost analysis of
+the compiled step), `flops_per_s` (achieved) and, with `--peak_flops`, `mfu`. With
+`--peer pytorch` the same ITC+ITM work runs in the same process with transformers' BLIP-2
+modules (`Blip2VisionModel` frozen, `Blip2QFormerModel`, `Blip2TextEmbeddings`, dropout 0.1,
+AdamW) at the config's sizes, and the line holds both timings and their ratio.
+
+Inputs are synthetic batches of the config's shapes (the step's cost does not depend on pixel
+values); the data pipeline is not part of the measurement.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
+_OBJECTIVES = flags.DEFINE_list("objectives", ["itc", "itm", "itg", "tig"],
+                                "Objectives to train (the others get weight 0).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of the machine, for MFU.")
+_PEER = flags.DEFINE_enum("peer", None, ["pytorch"], "Also time a peer implementation.")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for the PyTorch peer.")
+flags.mark_flag_as_required("config")
+
+OBJECTIVES = ("itc", "itm", "itg", "tig")
+
+
+def with_objectives(config, objectives):
+  """A copy of `config` training only `objectives` (weights 1, the others 0)."""
+  unknown = set(objectives) - set(OBJECTIVES)
+  if unknown:
+    raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {OBJECTIVES}")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for name in OBJECTIVES:
+      config.loss_weights[name] = 1.0 if name in objectives else 0.0
+  return config
+
+
+def _median_time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
+  """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
+  from medunifier_jax.training import mesh as mesh_lib
+  from medunifier_jax.training import state as state_lib
+  from medunifier_jax.training import step as step_lib
+  from medunifier_jax.training.loop import to_global
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh)
+  state = state_lib.init_train_state(config, shardings)
+  batch = to_global(step_lib.random_batch(config), mesh, config.sharding_rules)
+  rng = jax.random.key(0)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, config), shardings, mesh, config.sharding_rules
+  )
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  flops = float(cost.get("flops", float("nan")))
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    jax.block_until_ready(metrics)
+
+  median, times = _median_time(one_step, steps, warmup)
+  out = {
+      "median_step_s": median,
+      "examples_per_s": int(config.batch_size) / median,
+      "step_flops": flops,
+      "flops_per_s": flops / median,
+      "compile_s": compile_s,
+      "step_times_s": times,
+      "devices": jax.device_count(),
+      "platform": jax.devices()[0].platform,
+  }
+  if peak_flops:
+    out["peak_flops"] = peak_flops
+    out["mfu"] = out["flops_per_s"] / (peak_flops * jax.device_count())
+  return out
+
+
+def main(argv):
+  del argv
+  objectives = [o.strip() for o in _OBJECTIVES.value if o.strip()]
+  config = with_objectives(_CONFIG.value, objectives)
+  result = {
+      "config": config.get("variant", ""),
+      "objectives": objectives,
+      "batch_size": int(config.batch_size),
+      "steps": _STEPS.value,
+  }
+  if _PEER.value == "pytorch":
+    if set(objectives) != {"itc", "itm"}:
+      raise app.UsageError("--peer pytorch times ITC+ITM; pass --objectives itc,itm")
+    from medunifier_jax import benchmark_torch
+
+    peer = benchmark_torch.benchmark_pytorch(config, _STEPS.value, _WARMUP.value,
+                                             threads=_THREADS.value)
+  ours = benchmark_jax(config, _STEPS.value, _WARMUP.value, _PEAK.value)
+  result.update(ours)
+  if _PEER.value == "pytorch":
+    result["pytorch"] = peer
+    result["speedup_vs_pytorch"] = peer["median_step_s"] / ours["median_step_s"]
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
