@@ -1,8 +1,9 @@
 """Report text: cleaning for the model input and offline sentence splitting for references.
 
-`clean_report` follows the paper's code (BLIP's `pre_caption` without its lower-casing and
-without removing full stops): the characters ``! " ( ) * # : ; ~`` become spaces, runs of
-whitespace collapse to one space, and the text is cut to `max_words` words (95 in the paper).
+`clean_report` cleans as the paper's code does: the characters ``! " ( ) * # : ; ~`` become
+spaces, runs of whitespace collapse to one space, and the text is cut to `max_words` words (95
+in the paper). Full stops stay (they end sentences) and case is left to the tokenizer (the
+BERT uncased normaliser lower-cases).
 
 De-identified Open-i reports replace names, dates and many ordinary words by ``XXXX``
 ("Normal chest x-XXXX.", "Comparison XXXX, XXXX."). Such a run carries no information, so
@@ -23,11 +24,11 @@ Differences from NLTK's punkt, which the paper's evaluation code uses:
     strips item numbers (and drops number-only segments) by default, so a reference
     sentence is the finding itself.
   * Abbreviations and numbers ("Dr.", "e.g.", "vs.", "p.m.", "2.5 cm") are handled by fixed
-    rules in pysbd and by learned statistics in punkt; on radiology text both keep them
-    inside the sentence, but rare abbreviations may split differently.
+    rules in pysbd (they stay inside the sentence) and by a learned abbreviation list in
+    punkt, so rare abbreviations may split differently.
   * pysbd is slower (about 1 ms per report), irrelevant for building evaluation references.
-Sentence counts can therefore differ slightly from published pipelines, which moves corpus
-BLEU/CIDEr computed against per-sentence references by a small amount.
+Sentence counts can therefore differ slightly from published pipelines, and with them scores
+computed against per-sentence references.
 """
 
 from __future__ import annotations
