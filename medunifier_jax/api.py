@@ -299,7 +299,7 @@ def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:
   from medunifier_jax.training import checkpoint as ckpt
 
   cfg = resolve_config(config) if config is not None else ckpt.load_config(workdir)
-  module = _build(cfg, seed, dtype)
+  module = abstract_model(cfg, seed, dtype)  # every variable comes from the checkpoint
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(module)
@@ -328,9 +328,9 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
 def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
   tokenizer = _folder_tokenizer(folder)
   cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
-  module = _build(cfg, seed, dtype)
-  report = hf_import.import_blip2(
-      module, cfg.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
+  allow = hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
+  module, report = build_with_weights(
+      cfg, lambda m: hf_import.import_blip2(m, cfg.model, folder, allow=allow), seed, dtype
   )
   _log_report("hf-blip2", folder, report)
   return Model(module, cfg, tokenizer, report)
@@ -349,16 +349,57 @@ def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
     from medunifier_jax.data.tokenizer import check_tokenizer
 
     check_tokenizer(tokenizer, cfg.model)
-  module = _build(cfg, seed, dtype)
-  report = hf_import.import_bert(
-      module, cfg.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow
+  allow = hf_import.BERT_NOT_IN_CHECKPOINT + allow
+  module, report = build_with_weights(
+      cfg, lambda m: hf_import.import_bert(m, cfg.model, folder, allow=allow), seed, dtype
   )
   _log_report("hf-bert", folder, report)
   return Model(module, cfg, tokenizer, report)
 
 
-def _build(cfg: ml_collections.ConfigDict, seed: int, dtype: str) -> MedUnifier:
-  return MedUnifier(cfg.model, rngs=nnx.Rngs(seed), dtype=dtype)
+def _create(cfg: ml_collections.ConfigDict, seed: int, dtype: str) -> MedUnifier:
+  # RBG keys: on CPU, compiling threefry sampling for the VQ-VAE's many small shapes takes
+  # about three times as long. These draws only fill weights a checkpoint lacks.
+  key = jax.random.key(seed, impl="rbg")
+  return MedUnifier(cfg.model, rngs=nnx.Rngs(key), dtype=dtype)
+
+
+def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0, dtype="float32") -> MedUnifier:
+  """`MedUnifier(cfg.model)` with ShapeDtypeStruct placeholders (nothing allocated)."""
+  return nnx.eval_shape(lambda: _create(cfg, seed, dtype))
+
+
+def build_with_weights(
+    cfg: ml_collections.ConfigDict,
+    fill: Callable[[MedUnifier], ImportReport],
+    seed: int = 0,
+    dtype: str = "float32",
+) -> tuple[MedUnifier, ImportReport]:
+  """Builds `MedUnifier(cfg.model)` with `fill`'s weights, initialising only the others.
+
+  The model is first built abstractly (`nnx.eval_shape`, nothing allocated); `fill` writes the
+  imported weights into it; one jitted initialiser then computes just the variables still
+  abstract (XLA drops the rest), so a paper-size ViT is never drawn at random to be overwritten.
+  """
+
+  module = abstract_model(cfg, seed, dtype)
+  report = fill(module)
+  pending = {
+      path: var
+      for path, var in nnx.iter_graph(module)
+      if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.ShapeDtypeStruct)
+  }
+  if pending:
+    wanted = set(pending)
+
+    @jax.jit
+    def initial_values():
+      fresh = _create(cfg, seed, dtype)
+      return {p: v.get_value() for p, v in nnx.iter_graph(fresh) if p in wanted}
+
+    for path, value in initial_values().items():
+      pending[path].set_value(value)
+  return module, report
 
 
 def _folder_tokenizer(folder: str):

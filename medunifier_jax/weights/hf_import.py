@@ -12,7 +12,7 @@ Two sources:
 - BERT (`BertModel` or `BertForMaskedLM`): the Q-Former's text weights. The query feed-forward
   weights are copies of the text ones (the BLIP-2 initialisation), cross-attention stays at its
   initial values, and `[DEC]` is appended to the vocabulary: one word-embedding row (the
-  model's own initial row) and, with an LM head, one zero bias. BERT's token-type embedding for
+  mean of BERT's rows) and, with an LM head, one zero bias. BERT's token-type embedding for
   type 0 is folded into the position table: every text token gets both, so the sum is exact and
   the Q-Former reproduces `BertModel` numerically. `BertModel` files have no LM head, so the head
   keeps its init (`qformer/lm_head/*` must be allowed); the pooler is never used.
@@ -166,18 +166,17 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   return rules
 
 
-def bert_rules(model_cfg: ml_collections.ConfigDict, word_init: np.ndarray) -> list[Rule]:
+def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   """The Q-Former's text weights from a BERT checkpoint (keys without the `bert.` prefix).
 
-  Args:
-    model_cfg: the model configuration (`qformer.vocab_size` = BERT's vocabulary + 1).
-    word_init: the model's initial word embeddings (V + 1, H); the rows past BERT's
-      vocabulary (`[DEC]`) are taken from it.
+  `qformer.vocab_size` is BERT's vocabulary + 1: the `[DEC]` row is the mean word embedding (as
+  transformers' `resize_token_embeddings` starts new rows), its LM bias 0.
   """
   qf = model_cfg.qformer
 
   def append_rows(w: np.ndarray) -> np.ndarray:
-    return np.concatenate([w, word_init[w.shape[0] :]], axis=0)
+    mean = w.mean(axis=0, keepdims=True)
+    return np.concatenate([w, np.repeat(mean, qf.vocab_size - w.shape[0], axis=0)], axis=0)
 
   def append_zeros(b: np.ndarray) -> np.ndarray:
     return np.concatenate([b, np.zeros(qf.vocab_size - b.shape[0], b.dtype)])
@@ -415,9 +414,7 @@ def import_bert(
     )
   tensors = {k.removeprefix("bert."): v for k, v in hf_files.read_weights(folder).items()}
   _drop_tied_decoder(tensors, folder)
-  word_init = np.asarray(model.qformer.embeddings.word_embeddings.embedding[...])
-  rules = bert_rules(model_cfg, word_init)
-  return assign(model, rules, tensors, allow=allow, ignore=BUFFERS, source=folder)
+  return assign(model, bert_rules(model_cfg), tensors, allow=allow, ignore=BUFFERS, source=folder)
 
 
 def _drop_tied_decoder(tensors: dict[str, np.ndarray], folder: str) -> None:

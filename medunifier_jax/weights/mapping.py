@@ -102,7 +102,8 @@ def assign(
   """Checks `rules` against the model and the tensors, then writes the weights in place.
 
   Args:
-    model: the model to fill; weights not written keep their current (initial) values.
+    model: the model to fill, concrete or abstract (from `nnx.eval_shape`); weights not
+      written keep their current values (initial ones, or abstract placeholders).
     rules: one rule per model weight to import.
     tensors: checkpoint tensors by key.
     allow: glob patterns (model paths or checkpoint keys) the caller leaves out on purpose:
@@ -163,11 +164,12 @@ def assign(
         sorted(mismatched, key=lambda m: natural_key(m[0])),
     )
   for target, value in ready.items():
+    # The model may be abstract (`nnx.eval_shape`): its values are then ShapeDtypeStructs.
     var = params[target]
-    current = var[...]
+    current = var.get_value()
     array = jnp.asarray(value, dtype=current.dtype)
     sharding = getattr(current, "sharding", None)
-    var[...] = jax.device_put(array, sharding) if sharding is not None else array
+    var.set_value(jax.device_put(array, sharding) if sharding is not None else array)
   return ImportReport(
       loaded=sorted(ready, key=natural_key),
       kept_at_init=sorted(kept, key=natural_key),
