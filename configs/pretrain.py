@@ -90,6 +90,9 @@ def _model(variant: str) -> ml_collections.ConfigDict:
       qf.vocab_size, qf.dec_token_id = 30524, 30522
     else:
       vit.frozen = False
+      # A WordPiece vocabulary trained on the report corpus (set data.tokenizer_dir and the
+      # BERT ids 30523/30522/101 instead to use a pretrained BERT vocabulary).
+      qf.vocab_size, qf.dec_token_id, qf.cls_token_id = 8193, 8192, 2
   elif variant == "demo":
     vit.image_size, vit.patch_size = 48, 6
     vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 128, 3, 4, 256
