@@ -157,7 +157,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     offset=u(-0.04, 0.04),
     gamma=u(0.85, 1.15),
     noise=u(0.008, 0.025),
-    blur=u(0.002, 0.005),
+    blur=u(0.003, 0.006),
     texture_offset=(float(rng.random()), float(rng.random())),
   )
 
@@ -375,7 +375,8 @@ def render(
     hx = (a.mediastinum + 0.1) * (-1.0 if side == "right" else 1.0)
     near_hilum = 1.0 / (1.0 + ((x[w] - hx) ** 2 + yw * yw) * 8.0)
     vessels = np.clip(1.0 - np.abs(cv.fine[w]) * 2.2, 0.0, 1.0)
-    att[w] -= lung * (0.34 - 0.06 * yw - near_hilum * (0.05 + 0.12 * vessels))
+    rim = (cv.lateral(side, w) * (1.0 / a.thorax)) ** 4  # chest-wall soft tissue overlaps
+    att[w] -= lung * (0.34 - 0.06 * yw - 0.06 * rim - near_hilum * (0.05 + 0.12 * vessels))
   if a.breasts:
     for sx in (-0.45, 0.45):
       w, e = cv.ellipse(sx, a.dome_right + 0.05, 0.35, 0.25)
