@@ -92,7 +92,7 @@ class MedUnifier(nnx.Module):
     self.temp = nnx.Param(jnp.asarray(cfg.temperature_init, jnp.float32))
     self.vqvae = VQVAE(
         cfg=cfg.vqvae, query_width=h, vision_width=dv, text_width=h, image_size=cfg.vit.image_size,
-        rngs=rngs,
+        rngs=rngs, dtype=dtype,
     )
 
   # -- encoders ------------------------------------------------------------------------------

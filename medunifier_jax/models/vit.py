@@ -42,16 +42,17 @@ class VisionEmbeddings(nnx.Module):
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=layers.partitioned(
-            nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-            (None, None, None, "embed"),
+            nnx.initializers.normal(layers.INIT_STD), (None, None, None, "embed")
         ),
         bias_init=layers.partitioned(nnx.initializers.zeros, ("embed",)),
         rngs=rngs,
     )
-    trunc = nnx.initializers.truncated_normal(layers.INIT_STD)
-    self.class_embedding = layers.param(rngs, trunc, (1, 1, d), (None, None, "embed"))
+    # N(0, 0.02) as every other weight here (BLIP-2 truncates at 2 std; no practical difference,
+    # and one initializer keeps start-up compilation short).
+    init = nnx.initializers.normal(layers.INIT_STD)
+    self.class_embedding = layers.param(rngs, init, (1, 1, d), (None, None, "embed"))
     self.position_embedding = layers.param(
-        rngs, trunc, (1, 1 + self.grid**2, d), (None, None, "embed")
+        rngs, init, (1, 1 + self.grid**2, d), (None, None, "embed")
     )
     self.dtype = dtype
 
