@@ -326,7 +326,7 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
 
 
 def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
-  tokenizer = _folder_tokenizer(folder)
+  tokenizer = hf_import.folder_tokenizer(folder)
   cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
   allow = hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
   module, report = build_with_weights(
@@ -344,7 +344,7 @@ def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
         "like the BERT with weights.bert_config(folder, config))"
     )
   cfg = copy.deepcopy(resolve_config(config))
-  tokenizer = _folder_tokenizer(folder)
+  tokenizer = hf_import.folder_tokenizer(folder)
   if tokenizer is not None:
     from medunifier_jax.data.tokenizer import check_tokenizer
 
@@ -400,15 +400,6 @@ def build_with_weights(
     for path, value in initial_values().items():
       pending[path].set_value(value)
   return module, report
-
-
-def _folder_tokenizer(folder: str):
-  """The folder's BERT tokenizer with [DEC], or None when it ships no vocabulary."""
-  from medunifier_jax.data.tokenizer import VOCAB_FILES, load_tokenizer
-
-  if not any(os.path.isfile(os.path.join(folder, f)) for f in VOCAB_FILES):
-    return None
-  return load_tokenizer(folder)
 
 
 def _log_report(kind: str, folder: str, report: ImportReport) -> None:

@@ -26,6 +26,7 @@ ignores a constant shift.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 
 import ml_collections
@@ -280,6 +281,15 @@ def blip2_config(
   return config
 
 
+def folder_tokenizer(folder: str):
+  """The folder's BERT tokenizer with `[DEC]` added, or None when it ships no vocabulary."""
+  from medunifier_jax.data.tokenizer import VOCAB_FILES, load_tokenizer
+
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in VOCAB_FILES):
+    return None
+  return load_tokenizer(folder)
+
+
 def _token_ids_from(tokenizer, qf: ml_collections.ConfigDict) -> None:
   if tokenizer.cls_token_id is not None:
     qf.cls_token_id = tokenizer.cls_token_id
@@ -347,10 +357,16 @@ def bert_config_mismatches(folder: str, model_cfg: ml_collections.ConfigDict) ->
 
 
 def bert_config(folder: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`base` (a full config) with the Q-Former sized like the BERT checkpoint in `folder`."""
+  """`base` (a full config) with the Q-Former sized like the BERT checkpoint in `folder`.
+
+  Token ids ([CLS], [PAD]) come from the folder's tokenizer when it ships one.
+  """
   config = copy.deepcopy(base)
   for key, (_, value) in bert_config_mismatches(folder, config.model).items():
     config.model.qformer[key] = value
+  tokenizer = folder_tokenizer(folder)
+  if tokenizer is not None:
+    _token_ids_from(tokenizer, config.model.qformer)
   config.model.max_text_len = min(
       config.model.max_text_len, config.model.qformer.max_position_embeddings
   )

@@ -59,14 +59,15 @@ class WeightImportError(ValueError):
   """A checkpoint does not fit the model; the message lists every problem.
 
   Attributes hold the same lists for programs: `missing` (model paths), `unexpected` (checkpoint
-  keys) and `mismatched` (model path, expected shape, found shape).
+  keys) and `mismatched` (model path, checkpoint keys, expected shape, found shape, shapes
+  of the checkpoint tensors).
   """
 
-  def __init__(self, source, missing, unexpected, mismatched):
+  def __init__(self, source, missing, unexpected, mismatched, lacking=None):
     self.missing = missing
     self.unexpected = unexpected
     self.mismatched = mismatched
-    super().__init__(_format_error(source, missing, unexpected, mismatched))
+    super().__init__(_format_error(source, missing, unexpected, mismatched, lacking or {}))
 
 
 def path_str(path: Sequence) -> str:
@@ -129,6 +130,7 @@ def assign(
     by_target[rule.target] = rule
 
   missing, kept, mismatched, ready = [], [], [], {}
+  lacking: dict[str, tuple[str, ...]] = {}  # missing weight -> checkpoint keys it needed
   for target, var in params.items():
     rule = by_target.get(target)
     absent = () if rule is None else tuple(k for k in rule.sources if k not in tensors)
@@ -136,7 +138,9 @@ def assign(
       if matches(target, allow) or (absent and all(matches(k, allow) for k in absent)):
         kept.append(target)
       else:
-        missing.append(f"{target} (checkpoint lacks {', '.join(absent)})" if absent else target)
+        missing.append(target)
+        if absent:
+          lacking[target] = absent
       continue
     raw = [tensors[k] for k in rule.sources]
     value = np.asarray(rule.convert(*raw))
@@ -162,6 +166,7 @@ def assign(
         sorted(missing, key=natural_key),
         sorted(unexpected, key=natural_key),
         sorted(mismatched, key=lambda m: natural_key(m[0])),
+        lacking,
     )
   for target, value in ready.items():
     # The model may be abstract (`nnx.eval_shape`): its values are then ShapeDtypeStructs.
@@ -177,7 +182,7 @@ def assign(
   )
 
 
-def _grouped(names: Sequence[str], indent: str) -> list[str]:
+def _grouped(names: Sequence[str], indent: str, notes: Mapping[str, str]) -> list[str]:
   groups: dict[str, list[str]] = {}
   for name in names:
     head = name.replace(".", "/").split("/")[0]
@@ -185,18 +190,19 @@ def _grouped(names: Sequence[str], indent: str) -> list[str]:
   lines = []
   for head in sorted(groups):
     lines.append(f"{indent}[{head}] {len(groups[head])}:")
-    lines.extend(f"{indent}  {n}" for n in groups[head])
+    lines.extend(f"{indent}  {n}{notes.get(n, '')}" for n in groups[head])
   return lines
 
 
-def _format_error(source, missing, unexpected, mismatched) -> str:
+def _format_error(source, missing, unexpected, mismatched, lacking) -> str:
   lines = [f"weights from {source} do not fit the model:"]
   if missing:
     lines.append(f"  missing: {len(missing)} model weights have no value in the checkpoint")
-    lines += _grouped(missing, "    ")
+    notes = {k: f" (checkpoint lacks {', '.join(v)})" for k, v in lacking.items()}
+    lines += _grouped(missing, "    ", notes)
   if unexpected:
     lines.append(f"  unexpected: {len(unexpected)} checkpoint tensors that no model weight uses")
-    lines += _grouped(unexpected, "    ")
+    lines += _grouped(unexpected, "    ", {})
   if mismatched:
     lines.append(f"  shape mismatch: {len(mismatched)} weights")
     for target, sources, expected, found, raw in mismatched:
