@@ -85,15 +85,26 @@ def _evaluate(model, queries, patches, text):
 
 
 @nnx.jit
-def _train_mse_grads(model, queries, patches, text, target):
-  """Training pass: (reconstruction, gradients of the reconstruction MSE alone)."""
+def _train_grads(model, queries, patches, text, target, vq_weight):
+  """Training pass: (reconstruction, TIG metrics, gradients of MSE + vq_weight * VQ losses).
 
-  def mse(model):
-    recon = model(queries, patches, text, train=True).recon
-    return jnp.mean((recon - target) ** 2), recon
+  vq_weight 1 is the TIG loss; 0 leaves the reconstruction MSE alone. One compiled function
+  serves every training-mode test.
+  """
 
-  grads, recon = nnx.grad(mse, has_aux=True)(model)
-  return recon, grads
+  def loss_fn(model):
+    out = model(queries, patches, text, train=True)
+    loss, metrics = vq.tig_loss(out, target)
+    loss = loss - (1.0 - vq_weight) * (out.loss_top + out.loss_bottom)
+    return loss, (out.recon, metrics)
+
+  grads, (recon, metrics) = nnx.grad(loss_fn, has_aux=True)(model)
+  return recon, metrics, grads
+
+
+@nnx.jit
+def _adam_update(optimizer, model, grads):
+  optimizer.update(model, grads)
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -355,7 +366,7 @@ def test_paper_config_builds_abstractly_in_bf16(paper):
 def test_straight_through_reaches_the_bridges_and_not_the_codebooks(tiny, tiny_model):
   queries, patches, text = _inputs(tiny, 4)
   target = _target(4, tiny.model.vit.image_size)
-  _, grads = _train_mse_grads(nnx.clone(tiny_model), queries, patches, text, target)
+  _, _, grads = _train_grads(nnx.clone(tiny_model), queries, patches, text, target, 0.0)
   for bridge in ("top_bridge", "bottom_bridge"):
     for layer in ("fc1", "fc2"):
       g = grads[bridge]["mlp"][layer]["kernel"][...]
@@ -379,10 +390,10 @@ def test_batchnorm_uses_batch_statistics_only_in_training(tiny, tiny_model):
   jax.tree.map(np.testing.assert_array_equal, stats(), initial)  # eval leaves them alone
   np.testing.assert_allclose(eval_a[0], eval_b[0], rtol=1e-5, atol=1e-6)
 
-  train_a = _train_mse_grads(model, queries, patches, text, target)[0]
+  train_a = _train_grads(model, queries, patches, text, target, 1.0)[0]
   moved = jax.tree.map(lambda x, y: not np.array_equal(x, y), stats(), initial)
   assert all(jax.tree.leaves(moved))  # every running mean and variance was updated
-  train_b = _train_mse_grads(model, *mixed, target)[0]
+  train_b = _train_grads(model, *mixed, target, 1.0)[0]
   assert float(jnp.abs(train_a[0] - train_b[0]).max()) > 1e-4  # depends on the batch
   assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
 
@@ -393,18 +404,14 @@ def test_tiny_vqvae_overfits_one_batch(tiny, tiny_model):
   queries, patches, text = _inputs(tiny, 4)
   target = _target(4, tiny.model.vit.image_size)
 
-  @nnx.jit
-  def step(model, optimizer):
-    def loss_fn(model):
-      return vq.tig_loss(model(queries, patches, text, train=True), target)
-
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+  def step():
+    _, metrics, grads = _train_grads(model, queries, patches, text, target, 1.0)
+    _adam_update(optimizer, model, grads)
     return metrics
 
-  first = step(model, optimizer)
+  first = step()
   for _ in range(39):
-    last = step(model, optimizer)
+    last = step()
   assert float(last["tig_mse"]) < 0.5 * float(first["tig_mse"])
   for key in ("vq_perplexity_top", "vq_perplexity_bottom"):
     assert 1.0 <= float(last[key]) <= tiny.model.vqvae.codebook_size

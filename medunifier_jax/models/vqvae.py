@@ -131,6 +131,8 @@ def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> nnx.ConvTranspose:
 
 def _batch_norm(channels, momentum, *, rngs, dtype) -> nnx.BatchNorm:
   # Flax's momentum is the running average's decay: 0.9 equals PyTorch's default momentum=0.1.
+  # (PyTorch's running variance uses the unbiased batch variance, Flax's the biased one; the
+  # difference is a factor n/(n-1) over B*H*W positions, negligible at these sizes.)
   return nnx.BatchNorm(
       channels, momentum=momentum, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
       scale_init=partitioned(nnx.initializers.ones, CONV_AXES[-1:]),
