@@ -80,7 +80,7 @@ def load_model(config, workdir: str, random_init: bool = False):
 
 
 def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
-             source: str = "", log=print) -> dict[str, Any]:
+             evaluators=None, source: str = "", log=print) -> dict[str, Any]:
   """Runs the selected `config.evals` entries on `model`; writes and returns the results.
 
   Args:
@@ -90,6 +90,8 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
     model: an nnx MedUnifier, an api.Model or a (graphdef, state) pair; default: loaded from
       the workdir.
     tokenizer: default: the loaded model's, else `pipeline.build_tokenizer` as training does.
+    evaluators: already built evaluators (`evaluators.build_evaluators`) to reuse, with their
+      compiled functions; `tasks` is then ignored.
   Returns:
     {entry: {data set: {metric: value}}}.
   """
@@ -102,7 +104,8 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
   tokenizer = tokenizer or getattr(model, "tokenizer", None)
   if tokenizer is None:
     tokenizer = pipeline.build_tokenizer(config, cache_dir=os.path.join(workdir, "tokenizer"))
-  evaluators = registry.build_evaluators(config, tokenizer, select_entries(config, tasks))
+  if evaluators is None:
+    evaluators = registry.build_evaluators(config, tokenizer, select_entries(config, tasks))
   start = time.perf_counter()
   results = registry.run_evaluators(evaluators, model, log=log)
   out_dir = os.path.join(workdir, "eval")

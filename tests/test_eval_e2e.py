@@ -1,0 +1,196 @@
+"""Every evaluator end to end on a tiny random MedUnifier and small phantom sets.
+
+The model's weights are drawn directly from NumPy (scale 1/sqrt(fan-in), unit norms, zero
+biases) into the abstract state, which skips compiling one XLA program per initialiser; the
+evaluators cannot tell, and an untrained model must score chance.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.pretrain import get_config
+from medunifier_jax import evaluate, generation
+from medunifier_jax.data import registry as data_registry
+from medunifier_jax.data import tokenizer as tokenizer_lib
+from medunifier_jax.evaluators import EVALUATORS, build_evaluators, finetune, make_eval_fn
+from medunifier_jax.models.medunifier import MedUnifier
+
+
+def random_model(model_cfg, seed: int = 0):
+  """(graphdef, state) of a MedUnifier with NumPy-drawn random weights."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MedUnifier(model_cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
+    if name in ("scale", "var"):
+      value = np.ones(x.shape)
+    elif name in ("bias", "mean", "q_bias", "v_bias"):
+      value = np.zeros(x.shape)
+    elif name == "temp":
+      value = np.full(x.shape, model_cfg.temperature_init)
+    else:
+      fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 2500
+      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), x.shape)
+    return jnp.asarray(value, x.dtype)
+
+  return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+
+
+@pytest.fixture(scope="module")
+def config():
+  c = get_config("tiny")
+  c.data.num_per_class_5x200 = 10  # 50 images
+  c.data.cls_num_train, c.data.cls_num_val, c.data.cls_num_test = 24, 12, 12
+  e = c.evals
+  with c.unlocked():
+    e.zero_shot_itm = dict(e.zero_shot.to_dict(), task="zero_shot", itm_rescore=True,
+                           datasets=("phantom_pneumonia",), itm_batch_size=16)
+  e.retrieval.update(itm_rerank_k=3, itm_batch_size=16)
+  e.finetune.datasets = ("phantom_pneumothorax", "phantom_covidx")
+  e.report_gen.update(datasets=("phantom_5x200",), meteor=False)
+  return c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(config, tmp_path_factory):
+  corpus = list(data_registry.get_source("phantom_5x200", "test", config.data).reports)
+  return tokenizer_lib.get_tokenizer(config.data, corpus, str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def model(config):
+  return random_model(config.model)
+
+
+@pytest.fixture(scope="module")
+def evaluators(config, tokenizer):
+  return build_evaluators(config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def run(config, tokenizer, model, evaluators, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("workdir"))
+  lines = []
+  results = evaluate.evaluate(config, workdir, model=model, tokenizer=tokenizer,
+                              evaluators=evaluators, log=lines.append)
+  return workdir, results, "\n".join(lines)
+
+
+def test_every_evaluator_runs_and_writes_results(run, config):
+  workdir, results, console = run
+  assert set(results) == set(config.evals)
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    saved = json.load(f)
+  assert saved["results"] == json.loads(json.dumps(results))
+  assert saved["protocol"]["report_gen"]["num_beams"] == 3
+  assert saved["protocol"]["finetune"]["label_fractions"] == [0.1, 1.0]
+  for entry, by_set in results.items():
+    assert f"== {entry} ==" in console
+    for metrics in by_set.values():
+      assert all(isinstance(v, float) for v in metrics.values())
+  outputs = os.listdir(os.path.join(workdir, "eval", "outputs"))
+  assert "zero_shot_phantom_5x200.npz" in outputs and "report_gen_phantom_5x200.json" in outputs
+
+
+def test_untrained_model_scores_chance_on_the_5x200_set(run):
+  _, results, _ = run
+  zs = results["zero_shot"]["phantom_5x200"]
+  assert abs(zs["accuracy"] - 0.2) <= 0.15 and 0.3 <= zs["auc"] <= 0.7
+  rt = results["retrieval"]["phantom_5x200"]
+  for d in ("i2t", "t2i"):
+    # 50 pairs, 10 per class: chance R@K = K / 50, precision 0.2.
+    assert rt[f"{d}_R@1"] <= 0.12 and rt[f"{d}_R@10"] <= 0.45
+    assert 0.05 <= rt[f"{d}_plain_P@5"] <= 0.4 and rt[f"{d}_P@1"] <= 0.45
+    assert rt[f"{d}_P@1"] == pytest.approx(rt[f"{d}_plain_P@1"])  # the definitions meet at K=1
+    assert rt[f"{d}_P@10"] >= rt[f"{d}_plain_P@10"]  # hit-averaged precision is never lower
+    assert f"itm_{d}_R@5" in rt
+
+
+def test_finetune_and_report_generation_figures(run):
+  _, results, _ = run
+  ft = results["finetune"]
+  assert ft["phantom_pneumothorax"]["10%/num_train"] == 2  # 10% of 24, at least one per class
+  assert ft["phantom_covidx"]["100%/num_train"] == 24
+  assert 0.0 <= ft["phantom_covidx"]["100%/accuracy"] <= 1.0
+  rg = results["report_gen"]["phantom_5x200"]
+  for prefix in ("", "baseline/"):
+    assert 0.0 <= rg[f"{prefix}BLEU-4"] <= rg[f"{prefix}BLEU-1"] <= 1.0
+    assert 0.0 <= rg[f"{prefix}ce_f1_micro"] <= 1.0 and f"{prefix}ROUGE-L" in rg
+  assert "METEOR" not in rg  # switched off in this test's settings
+
+
+def test_finetune_head_learns_separable_features(config, tokenizer):
+  settings = ml_collections.ConfigDict(config.evals.finetune.to_dict())
+  settings.update(epochs=10, learning_rate=3e-3)
+  evaluator = finetune.FinetuneEvaluator(config, settings, tokenizer)
+  rng = np.random.default_rng(0)
+
+  def split(n):
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, 32)).astype(np.float32) + 1.5 * y[:, None]
+    return x, y.astype(np.int32)
+
+  test_metrics, best_epoch = evaluator._fit(split(64), split(32), split(64), binary=True)
+  assert test_metrics["auc"] > 0.95 and 1 <= best_epoch <= 10
+
+
+def test_cached_beam_search_equals_uncached(run, evaluators, model):
+  """The evaluator's compiled decoder (key/value cache) against full recomputation per step."""
+  graphdef, state = model
+  evaluator = evaluators["report_gen"]
+  decoding, special = evaluator.decoding, evaluator.special
+  length = decoding.max_length
+  size = evaluator.config.model.vit.image_size
+  pixels = np.asarray(jax.random.normal(jax.random.key(1), (4, size, size, 3)))
+
+  def uncached(state, pixels):
+    m = nnx.merge(graphdef, state)
+    image_tokens = m.image_tokens(pixels)
+
+    def step(buffer, token_ids, position):
+      # Rows are beams: the buffer holds each beam's prefix and is reordered with it.
+      buffer = buffer.at[:, position].set(token_ids)
+      mask = jnp.broadcast_to(jnp.arange(length) <= position, buffer.shape).astype(jnp.int32)
+      rows = jnp.repeat(image_tokens, decoding.num_beams, axis=0)
+      return m.lm_logits(rows, buffer, mask)[:, position], buffer
+
+    init = lambda rows: jnp.zeros((rows, length), jnp.int32)
+    return generation.decode(step, init, pixels.shape[0], special, decoding)
+
+  generate = evaluator.generate_fn(graphdef)  # compiled during the end-to-end run
+  cached = generate(state, pixels, jax.random.key(0))
+  full = jax.jit(uncached)(state, pixels)
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_allclose(cached.scores, full.scores, rtol=1e-4, atol=1e-4)
+
+  # Per image: permuting the batch permutes the reports; and no retracing happened.
+  tokens = np.asarray(cached.tokens)
+  order = np.roll(np.arange(4), 1)
+  permuted = np.asarray(generate(state, pixels[order], jax.random.key(0)).tokens)
+  np.testing.assert_array_equal(permuted, tokens[order])
+  assert len({tuple(r) for r in tokens.tolist()}) > 1, "images should yield different reports"
+  assert generate._cache_size() == 1
+  texts = generation.tokens_to_text(tokens, evaluator.tokenizer, special.eos)
+  assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def test_registry_names_and_errors(config, tokenizer):
+  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen"}
+  with pytest.raises(KeyError, match="known evaluators: zero_shot, retrieval"):
+    from medunifier_jax.evaluators import get_evaluator_class
+    get_evaluator_class("segmentation")
+  with pytest.raises(KeyError, match="configured: "):
+    build_evaluators(config, tokenizer, ["captioning"])
+  with pytest.raises(ValueError, match="--tasks names fid"):
+    evaluate.select_entries(config, ["fid"])
+  assert evaluate.select_entries(config, ["zero_shot"]) == ["zero_shot", "zero_shot_itm"]
+  # The tiny variant marks nothing periodic: training it runs no evaluation.
+  assert make_eval_fn(get_config("tiny"), "/nonexistent") is None
