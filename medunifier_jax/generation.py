@@ -11,7 +11,8 @@ Decoding is written against an injectable step function,
 which consumes the token at `position` for each of R rows and returns the logits of the next
 token. `make_model_step` builds it from a MedUnifier model's `init_decode_cache` /
 `decode_step`; tests use hand-built tables. Beam search reorders the state's rows when beams
-are re-ranked: every array in the state whose leading axis has size R is taken to be per-row.
+are re-ranked; it finds each state array's row axis by building the state abstractly for two
+row counts (`init_fn(R)` and `init_fn(2 R)`), so arrays shared by all rows are left alone.
 
 Conventions (those of Hugging Face `generate`, which the paper's code calls):
   * sequences start with the BOS token (`[DEC]`) at position 0; `max_length` and `min_length`
@@ -183,10 +184,31 @@ def _nucleus_sample(key, logits, top_p: float):
   return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
 
 
-def _reorder_rows(state, rows: int, index):
-  """Gathers every per-row array of the state (leading axis of size `rows`) by `index`."""
-  take = lambda x: x[index] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == rows else x
-  return jax.tree.map(take, state)
+def _row_axes(init_fn: InitFn, rows: int):
+  """Per state leaf, the axis that indexes rows (None for leaves shared by all rows).
+
+  Found by building the state abstractly for `rows` and `2 * rows` rows and seeing which axis
+  doubles, so the state may keep its rows on any axis (e.g. (layers, rows, ...) caches).
+  """
+  one = jax.eval_shape(lambda: init_fn(rows))
+  two = jax.eval_shape(lambda: init_fn(2 * rows))
+
+  def axis(a, b):
+    diff = [d for d, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    if not diff:
+      return None
+    if len(diff) > 1 or (a.shape[diff[0]], b.shape[diff[0]]) != (rows, 2 * rows):
+      raise ValueError(f"cannot tell the row axis of a decoding-state array: shape {a.shape} "
+                       f"for {rows} rows, {b.shape} for {2 * rows}")
+    return diff[0]
+
+  return jax.tree.map(axis, one, two)
+
+
+def _reorder_rows(state, axes, index):
+  """Gathers every per-row state array along its row axis by `index` (R,)."""
+  take = lambda x, ax: x if ax is None else jnp.take(x, index, axis=ax)
+  return jax.tree.map(take, state, axes, is_leaf=lambda x: x is None)
 
 
 def beam_search(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTokens,
@@ -198,6 +220,7 @@ def beam_search(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: Speci
   norm = lambda logp, n: logp / jnp.asarray(n, jnp.float32) ** lp
 
   seqs = jnp.full((b, k, length), tokens.pad, jnp.int32).at[:, :, 0].set(tokens.bos)
+  axes = _row_axes(init_fn, rows)
   state = init_fn(rows)
   logits0, _ = jax.eval_shape(step_fn, state, seqs[:, :, 0].reshape(rows), jnp.int32(0))
   vocab = logits0.shape[-1]
@@ -235,7 +258,7 @@ def beam_search(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: Speci
     seqs = jnp.take_along_axis(top_seqs, pick[:, :, None], axis=1)
     origin = jnp.take_along_axis(top_beam, pick, axis=1)  # (b, k) parent beam
     row_index = (jnp.arange(b)[:, None] * k + origin).reshape(rows)
-    state = _reorder_rows(state, rows, row_index)
+    state = _reorder_rows(state, axes, row_index)
     if config.repetition_penalty != 1.0:
       new_tok = jnp.take_along_axis(top_tok, pick, axis=1).reshape(rows)
       presence = presence[row_index] | jax.nn.one_hot(new_tok, vocab, dtype=bool)
@@ -278,9 +301,8 @@ def generate_tokens(model, pixel_values: jax.Array, tokens: SpecialTokens,
   image_tokens = model.image_tokens(pixel_values)
 
   def init_fn(rows):
-    # Example-major rows: every beam of example b sees image b.
-    return model.init_decode_cache(jnp.repeat(image_tokens, rows // batch, axis=0), rows,
-                                   config.max_length)
+    # The model repeats each image's state rows // batch times in a row (one per beam).
+    return model.init_decode_cache(image_tokens, rows, config.max_length)
 
   return decode(make_model_step(model), init_fn, batch, tokens, config, rng)
 
@@ -309,6 +331,38 @@ def tokens_to_text(token_ids: np.ndarray, tokenizer, eos_id: int) -> list[str]:
     body = body[: stop[0]] if stop.size else body
     out.append(tokenizer.decode(body.tolist(), skip_special_tokens=True).strip())
   return out
+
+
+class ReportGenerator:
+  """Images -> report strings for one model graph (what `api.Model.generate_reports` needs).
+
+  Compiled decoders are cached per decoding settings, so repeated calls with the same image
+  batch shape and settings reuse one compilation.
+
+    generator = ReportGenerator(graphdef, tokenizer, dec_token_id=config.model.qformer.dec_token_id)
+    reports = generator(state, pixel_values, DecodingConfig(num_beams=3))
+  """
+
+  def __init__(self, graphdef, tokenizer, dec_token_id: int):
+    self.graphdef = graphdef
+    self.tokenizer = tokenizer
+    self.special = SpecialTokens(bos=int(dec_token_id), eos=int(tokenizer.sep_token_id),
+                                 pad=int(tokenizer.pad_token_id))
+    self._fns: dict[DecodingConfig, Callable] = {}
+
+  def tokens(self, state, pixel_values, config: DecodingConfig | None = None,
+             rng: jax.Array | None = None) -> DecodeOutput:
+    """(B, S, S, 3) normalised images -> decoded ids (B, max_length) and scores (B,)."""
+    config = config or DecodingConfig()
+    if config not in self._fns:
+      self._fns[config] = make_generate_fn(self.graphdef, self.special, config)
+    rng = jax.random.key(0) if rng is None else rng
+    return self._fns[config](state, jnp.asarray(pixel_values, jnp.float32), rng)
+
+  def __call__(self, state, pixel_values, config: DecodingConfig | None = None,
+               rng: jax.Array | None = None) -> list[str]:
+    out = self.tokens(state, pixel_values, config, rng)
+    return tokens_to_text(np.asarray(out.tokens), self.tokenizer, self.special.eos)
 
 
 def measure_decoding_speed(generate_fn, model_state, pixel_values, config: DecodingConfig,

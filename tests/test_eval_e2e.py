@@ -146,7 +146,8 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   """The evaluator's compiled decoder (key/value cache) against full recomputation per step."""
   graphdef, state = model
   evaluator = evaluators["report_gen"]
-  decoding, special = evaluator.decoding, evaluator.special
+  generator = evaluator.generator(graphdef)  # its decoder was compiled in the end-to-end run
+  decoding, special = evaluator.decoding, generator.special
   length = decoding.max_length
   size = evaluator.config.model.vit.image_size
   pixels = np.asarray(jax.random.normal(jax.random.key(1), (4, size, size, 3)))
@@ -165,7 +166,7 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
     init = lambda rows: jnp.zeros((rows, length), jnp.int32)
     return generation.decode(step, init, pixels.shape[0], special, decoding)
 
-  generate = evaluator.generate_fn(graphdef)  # compiled during the end-to-end run
+  generate = lambda state, pixels, rng: generator.tokens(state, pixels, decoding, rng)
   cached = generate(state, pixels, jax.random.key(0))
   full = jax.jit(uncached)(state, pixels)
   np.testing.assert_array_equal(cached.tokens, full.tokens)
@@ -177,8 +178,8 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   permuted = np.asarray(generate(state, pixels[order], jax.random.key(0)).tokens)
   np.testing.assert_array_equal(permuted, tokens[order])
   assert len({tuple(r) for r in tokens.tolist()}) > 1, "images should yield different reports"
-  assert generate._cache_size() == 1
-  texts = generation.tokens_to_text(tokens, evaluator.tokenizer, special.eos)
+  assert list(generator._fns) == [decoding] and generator._fns[decoding]._cache_size() == 1
+  texts = generator(state, pixels, decoding)
   assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
 
 

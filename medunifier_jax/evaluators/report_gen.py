@@ -42,32 +42,27 @@ class ReportGenEvaluator(common.Evaluator):
     super().__init__(config, task_config, tokenizer)
     self.labeler = labeler or labeler_lib.RuleLabeler()
     self.decoding = generation.DecodingConfig.from_mapping(task_config)
-    self.special = generation.SpecialTokens(
-        bos=int(config.model.qformer.dec_token_id), eos=int(tokenizer.sep_token_id),
-        pad=int(tokenizer.pad_token_id))
-    self._generate: dict = {}
+    self._generators: dict = {}
 
-  def generate_fn(self, graphdef):
-    """The compiled decoder for this graph (one compilation per image batch shape)."""
-    if graphdef not in self._generate:
-      self._generate[graphdef] = generation.make_generate_fn(graphdef, self.special,
-                                                             self.decoding)
-    return self._generate[graphdef]
+  def generator(self, graphdef) -> generation.ReportGenerator:
+    """The report generator for this graph (its compiled decoders are kept and reused)."""
+    if graphdef not in self._generators:
+      self._generators[graphdef] = generation.ReportGenerator(
+          graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id))
+    return self._generators[graphdef]
 
   def generate(self, graphdef, state, source, desc: str = "") -> dict[str, np.ndarray | list]:
     """Generated reports for every record of `source`, with indices and labels."""
     from tqdm.auto import tqdm
 
-    generate = self.generate_fn(graphdef)
+    generator = self.generator(graphdef)
     rng = jax.random.key(int(self.cfg.seed))
     texts, index, labels = [], [], []
     batches = common.eval_batches(self.config, self.tokenizer, source, int(self.cfg.batch_size))
     for b, batch in enumerate(tqdm(batches, desc=desc or "generating", leave=False,
                                    disable=not desc)):
       keep = batch["mask"].astype(bool)
-      out = generate(state, batch["image"], jax.random.fold_in(rng, b))
-      decoded = generation.tokens_to_text(np.asarray(out.tokens), self.tokenizer,
-                                          self.special.eos)
+      decoded = generator(state, batch["image"], self.decoding, jax.random.fold_in(rng, b))
       texts += [t for t, k in zip(decoded, keep) if k]
       index.append(batch["index"][keep])
       if "labels" in batch:
