@@ -64,16 +64,20 @@ def finding_index(name: str) -> int:
     raise KeyError(f"unknown finding {name!r}; known findings: {', '.join(FINDINGS)}") from None
 
 
+# As in CheXpert, devices alone do not make a study abnormal: "No Finding" ignores them.
+NOT_PATHOLOGY: tuple[str, ...] = ("Support Devices",)
+
+
 def labels_from_names(names: Iterable[str]) -> np.ndarray:
   """1/0 label vector float32 (F,) for the given positive finding names.
 
-  An empty `names` gives "No Finding" = 1; any other positive clears "No Finding".
+  "No Finding" is 1 exactly when no pathology is positive (`NOT_PATHOLOGY` does not count).
   """
   labels = np.zeros(NUM_FINDINGS, np.float32)
   for name in names:
     labels[finding_index(name)] = 1.0
-  no_finding = FINDING_INDEX["No Finding"]
-  labels[no_finding] = 0.0 if labels.sum() - labels[no_finding] > 0 else 1.0
+  pathology = [i for i, n in enumerate(FINDINGS) if n != "No Finding" and n not in NOT_PATHOLOGY]
+  labels[FINDING_INDEX["No Finding"]] = 0.0 if labels[pathology].any() else 1.0
   return labels
 
 
