@@ -147,7 +147,7 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
   e.finetune = dict(
       datasets=("rsna_pneumonia", "siim_pneumothorax", "covidx") if real
       else ("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
-      train_split="train", val_split="val", test_split="test",
+      train_split="train", val_split="validation", test_split="test",
       label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, weight_decay=0.01, batch_size=8,
       epochs=5, hidden_dim=512, select_metric="auc", feature_batch_size=32, seed=0,
       periodic=False)
