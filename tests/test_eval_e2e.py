@@ -138,7 +138,7 @@ def test_finetune_head_learns_separable_features(config, tokenizer):
     x = rng.normal(size=(n, 32)).astype(np.float32) + 1.5 * y[:, None]
     return x, y.astype(np.int32)
 
-  test_metrics, best_epoch = evaluator._fit(split(64), split(32), split(64), binary=True)
+  test_metrics, best_epoch = evaluator._fit(split(64), split(32), split(64), num_classes=2)
   assert test_metrics["auc"] > 0.95 and 1 <= best_epoch <= 10
 
 

@@ -92,13 +92,13 @@ class FinetuneEvaluator(common.Evaluator):
                                       desc=f"finetune {dataset} {role}")
       splits[role] = (feats["queries"].reshape(feats["queries"].shape[0], -1).astype(np.float32),
                       feats["label"].astype(np.int32))
-    binary = len(class_names) == 2
     results = {}
     for fraction in cfg.label_fractions:
       name = f"{float(fraction) * 100:g}%"
       keep = sample_fraction(splits["train"][1], float(fraction), int(cfg.seed))
       train = (splits["train"][0][keep], splits["train"][1][keep])
-      test_metrics, best_epoch = self._fit(train, splits["val"], splits["test"], binary)
+      test_metrics, best_epoch = self._fit(train, splits["val"], splits["test"],
+                                           len(class_names))
       results[name] = test_metrics
       yield f"{name}/num_train", float(keep.size)
       yield f"{name}/best_epoch", float(best_epoch)
@@ -120,10 +120,12 @@ class FinetuneEvaluator(common.Evaluator):
       self._steps[key] = (tx, step, jax.jit(head_logits))
     return self._steps[key]
 
-  def _fit(self, train, val, test, binary: bool) -> tuple[dict[str, float], int]:
+  def _fit(self, train, val, test, num_classes: int) -> tuple[dict[str, float], int]:
+    """Trains a head on (features (N, D), labels (N,)); returns test metrics, best epoch."""
     cfg = self.cfg
     x, y = train
-    out_dim = 1 if binary else int(max(val[1].max(), test[1].max(), y.max())) + 1
+    binary = num_classes == 2
+    out_dim = 1 if binary else num_classes
     tx, step, logits_fn = self._train_fns(x.shape[1], out_dim, binary)
     params = init_head(jax.random.key(int(cfg.seed)), x.shape[1], int(cfg.hidden_dim), out_dim)
     opt_state = tx.init(params)
