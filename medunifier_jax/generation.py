@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 InitFn = Callable[[int], Any]
@@ -312,7 +313,6 @@ def make_generate_fn(graphdef, tokens: SpecialTokens, config: DecodingConfig):
 
   Compiled once per image batch shape; keep the returned function to reuse the compilation.
   """
-  from flax import nnx
 
   @jax.jit
   def generate_fn(model_state, pixel_values, rng):
