@@ -157,6 +157,7 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
       method="beam", num_beams=3, max_length=min(95, max_text_len), min_length=3,
       length_penalty=1.0, repetition_penalty=1.0, early_stopping=False, top_p=0.9,
       temperature=1.0, seed=0, meteor=True, split_references=True,
+      labeler="rule",  # clinical-efficacy reader: evaluators/labeler.py LABELERS
       baseline=True,  # also score the most frequent training report, a model-free baseline
       periodic=False)
   if variant == "demo":

@@ -137,3 +137,16 @@ class RuleLabeler:
             yield finding, self.uncertain_positive
           else:
             yield finding, True
+
+
+# Name -> labeler factory, for `config.evals.report_gen.labeler`. A learned labeler (e.g.
+# CheXbert with local weights) registers here under its own name.
+LABELERS = {"rule": RuleLabeler}
+
+
+def get_labeler(name: str) -> Labeler:
+  """A labeler by name; a KeyError lists the known names."""
+  try:
+    return LABELERS[name]()
+  except KeyError:
+    raise KeyError(f"unknown labeler {name!r}; known labelers: {', '.join(LABELERS)}") from None

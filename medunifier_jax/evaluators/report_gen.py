@@ -5,11 +5,12 @@ no repetition penalty by default (the paper's settings); greedy and nucleus samp
 setting `method`. N-gram scores: BLEU-1..4, METEOR, ROUGE-L, CIDEr with the COCO caption code
 (`captioning.py`), references = the cleaned report's sentences.
 
-Clinical efficacy (`ce_*`): the labeler (`labeler.RuleLabeler` unless another is passed)
-reads the findings each generated report states; precision, recall and F1 (micro and macro,
-plus F1 per finding) against the study's labels, over the findings the labeler and the data
-set's label vector share. A data set without labels is compared with the labeler's reading of
-the reference report instead (stated in the settings as `ce_reference`).
+Clinical efficacy (`ce_*`): a labeler (setting `labeler`, by name from `labeler.LABELERS`;
+default "rule", the negation-aware `labeler.RuleLabeler`; or any `labeler.Labeler` passed to
+the constructor) reads the findings each generated report states; precision, recall and F1
+(micro and macro, plus F1 per finding) against the study's labels, over the findings the
+labeler and the data set's label vector share. A data set without labels is compared with the
+labeler's reading of the reference report instead (stated in the settings as `ce_reference`).
 
 With `baseline`, the same scores are computed for a model-free baseline that returns the most
 frequent training report for every image (`baseline/*`).
@@ -34,13 +35,13 @@ class ReportGenEvaluator(common.Evaluator):
   """Settings (`config.evals.report_gen`): datasets, split, train_split, batch_size,
   max_examples (0: all), decoding (method, num_beams, max_length, min_length, length_penalty,
   repetition_penalty, early_stopping, top_p, temperature), seed, meteor, split_references,
-  baseline."""
+  baseline, labeler."""
 
   task = "report_gen"
 
   def __init__(self, config, task_config, tokenizer, labeler: labeler_lib.Labeler | None = None):
     super().__init__(config, task_config, tokenizer)
-    self.labeler = labeler or labeler_lib.RuleLabeler()
+    self.labeler = labeler or labeler_lib.get_labeler(task_config.get("labeler", "rule"))
     self.decoding = generation.DecodingConfig.from_mapping(task_config)
     self._generators: dict = {}
 
@@ -123,6 +124,6 @@ class ReportGenEvaluator(common.Evaluator):
 
   def settings(self) -> dict:
     out = super().settings()
-    out["labeler"] = type(self.labeler).__name__
+    out["labeler_class"] = type(self.labeler).__name__
     out["ce_reference"] = "study labels (labeler on the reference report where none)"
     return out
