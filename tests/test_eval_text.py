@@ -49,6 +49,9 @@ def test_report_vector_and_no_finding(rules):
       "Possible left lower lobe atelectasis.") == {"atelectasis": False}
   with pytest.raises(TypeError, match="sequence of reports"):
     rules("No effusion.")
+  assert isinstance(labeler.get_labeler("rule"), labeler.RuleLabeler)
+  with pytest.raises(KeyError, match="known labelers: rule"):
+    labeler.get_labeler("chexbert")
 
 
 def test_labeler_reads_the_labels_of_templated_phantom_reports(rules):
