@@ -12,7 +12,10 @@ with weights 1.0 and 0.5. Two common improvements are options:
   per-code counts and sums are then `nnx.BatchStat`s (no gradient, no optimizer state) updated
   only in training, and the codebook term of the loss is dropped.
 - `restart_dead_codes`: in training, every code that no vector of the batch selected is
-  replaced by an encoder output drawn at random from the batch (Dhariwal et al. 2020).
+  replaced by an encoder output drawn at random from the batch (Dhariwal et al. 2020). A restart
+  writes only non-gradient state, so it survives any training step that carries batch
+  statistics back: with a learned codebook the codes are `codebook + restart_offset`, the
+  offset an `nnx.BatchStat` that restarts set and the optimizer never touches.
 
 Distances, the code choice and the losses are computed in float32 whatever the compute dtype:
 a bf16 argmin would pick different codes for near ties.
@@ -114,10 +117,21 @@ class VectorQuantizer(nnx.Module):
       self.ema_sum = stat(value, CODEBOOK_AXES)
     else:
       self.codebook = nnx.Param(value, out_sharding=CODEBOOK_AXES, eager_sharding=False)
+    offset = None
+    if restart_dead_codes and not ema:
+      offset = nnx.BatchStat(
+          jnp.zeros_like(value), out_sharding=CODEBOOK_AXES, eager_sharding=False)
+    self.restart_offset = nnx.data(offset)
+
+  def vectors(self) -> jax.Array:
+    """The K code vectors in use, (K, C) float32."""
+    if self.restart_offset is not None:
+      return self.codebook[...] + self.restart_offset[...]
+    return self.codebook[...]
 
   def lookup(self, codes: jax.Array) -> jax.Array:
     """Code vectors of integer `codes` (...) -> (..., C) float32."""
-    return jnp.take(self.codebook[...], codes, axis=0)
+    return jnp.take(self.vectors(), codes, axis=0)
 
   def __call__(
       self, z_e: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None
@@ -125,7 +139,7 @@ class VectorQuantizer(nnx.Module):
     """Quantizes z_e (..., C). `rngs` is needed only for `restart_dead_codes` in training."""
     if z_e.shape[-1] != self.width:
       raise ValueError(f"quantizer of width {self.width} got inputs of width {z_e.shape[-1]}")
-    codebook = self.codebook[...]
+    codebook = self.vectors()
     flat = z_e.reshape(-1, self.width).astype(jnp.float32)
     codes = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(codebook))
     z_q = jnp.take(codebook, codes, axis=0)
@@ -174,11 +188,14 @@ class VectorQuantizer(nnx.Module):
     self.codebook[...] = total / smoothed[:, None]
 
   def _restart(self, counts: jax.Array, flat: jax.Array, key: jax.Array) -> None:
-    dead = counts == 0
-    picks = jax.random.randint(key, (self.num_codes,), 0, flat.shape[0])
-    fresh = jnp.where(dead[:, None], flat[picks], jax.lax.stop_gradient(self.codebook[...]))
-    self.codebook[...] = fresh
+    dead = (counts == 0)[:, None]
+    picks = flat[jax.random.randint(key, (self.num_codes,), 0, flat.shape[0])]
     if self.ema:
+      fresh = jnp.where(dead, picks, self.codebook[...])
+      self.codebook[...] = fresh
       # A restarted code starts a fresh average: one vector, at its new position.
-      self.ema_count[...] = jnp.where(dead, 1.0, self.ema_count[...])
-      self.ema_sum[...] = jnp.where(dead[:, None], fresh, self.ema_sum[...])
+      self.ema_count[...] = jnp.where(dead[:, 0], 1.0, self.ema_count[...])
+      self.ema_sum[...] = jnp.where(dead, fresh, self.ema_sum[...])
+    else:
+      learned = jax.lax.stop_gradient(self.codebook[...])
+      self.restart_offset[...] = jnp.where(dead, picks - learned, self.restart_offset[...])
