@@ -12,6 +12,7 @@ one shard): each process passes identical inputs, as multi-host `jax.jit` calls 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,14 +132,25 @@ class Evaluator:
     return registry.get_source(dataset, split, self.config.data)
 
 
-def eval_batches(config, tokenizer, source, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-shape batches of `source` (last one padded; `mask` marks real rows), as NumPy."""
-  from medunifier_jax.data import pipeline
+class EvalBatches:
+  """Fixed-shape batches of a source as NumPy dicts (last one padded; `mask` marks real rows).
 
-  ds = pipeline.eval_dataset(config, tokenizer, source=source, batch_size=batch_size,
-                             shard_index=0, shard_count=1)
-  for batch in ds:
-    yield {k: np.asarray(v) for k, v in batch.items()}
+  Has a length, so progress bars know the total.
+  """
+
+  def __init__(self, config, tokenizer, source, batch_size: int):
+    from medunifier_jax.data import pipeline
+
+    self._ds = pipeline.eval_dataset(config, tokenizer, source=source, batch_size=batch_size,
+                                     shard_index=0, shard_count=1)
+    self._len = math.ceil(len(source) / batch_size)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    for batch in self._ds:
+      yield {k: np.asarray(v) for k, v in batch.items()}
 
 
 def run_in_chunks(fn, arrays: dict[str, np.ndarray], chunk: int) -> list:

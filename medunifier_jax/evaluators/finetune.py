@@ -86,7 +86,7 @@ class FinetuneEvaluator(common.Evaluator):
       source = self.source(dataset, cfg[f"{role}_split"])
       if role == "train":
         class_names = common.source_class_names(source, dataset)
-      batches = common.eval_batches(self.config, self.tokenizer, source,
+      batches = common.EvalBatches(self.config, self.tokenizer, source,
                                     int(cfg.feature_batch_size))
       feats = common.collect_features(fns, state, batches, image_keys=("queries",),
                                       desc=f"finetune {dataset} {role}")

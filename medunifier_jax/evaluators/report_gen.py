@@ -59,7 +59,7 @@ class ReportGenEvaluator(common.Evaluator):
     generator = self.generator(graphdef)
     rng = jax.random.key(int(self.cfg.seed))
     texts, index, labels = [], [], []
-    batches = common.eval_batches(self.config, self.tokenizer, source, int(self.cfg.batch_size))
+    batches = common.EvalBatches(self.config, self.tokenizer, source, int(self.cfg.batch_size))
     for b, batch in enumerate(tqdm(batches, desc=desc or "generating", leave=False,
                                    disable=not desc)):
       keep = batch["mask"].astype(bool)

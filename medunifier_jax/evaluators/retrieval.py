@@ -33,7 +33,7 @@ class RetrievalEvaluator(common.Evaluator):
     source = self.source(dataset, cfg.split)
     rerank = int(cfg.itm_rerank_k)
     keys = ("image_emb", "image_tokens") if rerank else ("image_emb",)
-    batches = common.eval_batches(self.config, self.tokenizer, source, int(cfg.batch_size))
+    batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.batch_size))
     feats = common.collect_features(fns, state, batches, image_keys=keys, text=True,
                                     desc=f"retrieval {dataset}")
     if "label" not in feats:

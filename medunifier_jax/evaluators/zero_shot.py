@@ -34,7 +34,7 @@ class ZeroShotEvaluator(common.Evaluator):
     owner = np.array([c for c, name in enumerate(class_names) for _ in class_prompts[name]])
 
     keys = ("image_emb", "image_tokens") if cfg.itm_rescore else ("image_emb",)
-    batches = common.eval_batches(self.config, self.tokenizer, source, int(cfg.batch_size))
+    batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.batch_size))
     feats = common.collect_features(fns, state, batches, image_keys=keys,
                                     desc=f"zero-shot {dataset}")
     if "label" not in feats:
