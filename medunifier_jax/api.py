@@ -17,6 +17,7 @@ function is cached per input shape, so repeated calls with one batch shape compi
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -36,6 +37,8 @@ HF_BLIP2 = "hf-blip2:"
 HF_BERT = "hf-bert:"
 # The configuration used when none is passed: the paper's, next to the package in a checkout.
 DEFAULT_CONFIG = "pretrain.py:paper"
+# Below this many initialised values (on CPU), the initialiser is compiled without optimisation.
+SMALL_INIT = 1 << 24
 
 
 # -- pure functions of the model (each is jitted once per input shape) ---------------------------
@@ -76,6 +79,17 @@ def max_query_similarity(image_embeddings: jax.Array, text_embeddings: jax.Array
   return jnp.einsum("iqe,ne->iqn", image_embeddings, text_embeddings).max(axis=1)
 
 
+@functools.cache
+def _jitted(fn: Callable) -> Callable:
+  """`fn` as a jitted function of (graphdef, state, *arrays). The graph definition is a static
+  argument, so handles of one architecture (e.g. successive checkpoints) share compilations."""
+
+  def pure(graphdef, state, *arrays):
+    return fn(nnx.merge(graphdef, state), *arrays)
+
+  return jax.jit(pure, static_argnums=0)
+
+
 # -- the model handle --------------------------------------------------------------------------
 
 
@@ -109,24 +123,16 @@ class Model:
     self.vocab_size = model_cfg.qformer.vocab_size
     self.max_positions = model_cfg.qformer.max_position_embeddings
     self._graphdef, self._state = nnx.split(module)
-    self._jitted: dict[Callable, Callable] = {}
 
   # -- running pure functions ----------------------------------------------------------------
 
   def run(self, fn: Callable, *arrays):
-    """`fn(module, *arrays)` under `jax.jit` (compiled once per function and input shapes).
+    """`fn(module, *arrays)` under `jax.jit`; the result as NumPy arrays (same tree).
 
-    Returns the result as NumPy arrays (same tree structure).
+    Compiled once per function, architecture and input shapes; pass a module-level function
+    (a new lambda per call would compile anew each time).
     """
-    jitted = self._jitted.get(fn)
-    if jitted is None:
-      graphdef = self._graphdef
-
-      def pure(state, *args):
-        return fn(nnx.merge(graphdef, state), *args)
-
-      jitted = self._jitted[fn] = jax.jit(pure)
-    return jax.tree.map(np.asarray, jitted(self._state, *arrays))
+    return jax.tree.map(np.asarray, _jitted(fn)(self._graphdef, self._state, *arrays))
 
   # -- the stable API ------------------------------------------------------------------------
 
@@ -392,12 +398,16 @@ def build_with_weights(
   if pending:
     wanted = set(pending)
 
-    @jax.jit
     def initial_values():
       fresh = _create(cfg, seed, dtype)
       return {p: v.get_value() for p, v in nnx.iter_graph(fresh) if p in wanted}
 
-    for path, value in initial_values().items():
+    size = sum(v.get_value().size for v in pending.values())
+    options = None
+    if jax.default_backend() == "cpu" and size < SMALL_INIT:
+      # Compiling dozens of small samplers dominates here; unoptimised code halves it.
+      options = {"xla_backend_optimization_level": "0"}
+    for path, value in jax.jit(initial_values).lower().compile(options)().items():
       pending[path].set_value(value)
   return module, report
 
