@@ -5,22 +5,21 @@ in the tiny variant's geometry, saved by transformers' `save_pretrained`; every 
 against transformers' PyTorch code (fp32, CPU), then the API's own behaviour and errors.
 """
 
-import os
 
 import chex
 import numpy as np
 import pytest
 import torch
 import transformers
+from configs_util import load_config
 
 from medunifier_jax import api
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 
 
 def config(variant: str):
-  return api.resolve_config(os.path.join(ROOT, "configs", "pretrain.py") + ":" + variant)
+  return load_config(variant)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from configs_util import load_config
 from safetensors.numpy import save_file
 
 from medunifier_jax import api
 from medunifier_jax.weights import hf_files, hf_import
 from medunifier_jax.weights.mapping import WeightImportError, natural_key
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = [
     "The heart size is normal. No pleural effusion or pneumothorax.",
     "Small left basilar opacity, likely atelectasis.",
@@ -31,7 +31,7 @@ SENTENCES = [
 
 
 def config(variant: str):
-  return api.resolve_config(os.path.join(ROOT, "configs", "pretrain.py") + ":" + variant)
+  return load_config(variant)
 
 
 @pytest.fixture(scope="module")
