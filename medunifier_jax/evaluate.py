@@ -166,7 +166,7 @@ def _fmt(metric: str, value: float) -> str:
 
 
 def decode_benchmark(config, lengths=(16, 32, 64), batch_size: int = 4, num_beams: int = 3,
-                     repeats: int = 3) -> list[dict[str, float]]:
+                     repeats: int = 5) -> list[dict[str, float]]:
   """Tokens per second of cached beam decoding at each length (fresh model, random images)."""
   import jax
   from flax import nnx
