@@ -181,16 +181,65 @@ class Model:
     """The learned ITC temperature (clamped as in training)."""
     return float(self.module.temperature())
 
-  def tokenize(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, np.ndarray]:
-    """Texts -> `input_ids`, `attention_mask` int32 (B, max_len) (default model.max_text_len)."""
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return self._graphdef
+
+  @property
+  def state(self) -> nnx.State:
+    """The weights this handle runs with (`nnx.merge(graphdef, state)` rebuilds the module)."""
+    return self._state
+
+  # -- preparing inputs ----------------------------------------------------------------------
+
+  def tokenize(
+      self, texts: Sequence[str], max_len: int | None = None, *, clean: bool = True
+  ) -> dict[str, np.ndarray]:
+    """Texts -> `input_ids`, `attention_mask` int32 (B, max_len), default model.max_text_len.
+
+    With `clean`, each text is first cleaned as training reports are (`data.text.clean_report`).
+    """
     if self.tokenizer is None:
       raise ValueError(
           "this model has no tokenizer; load one with medunifier_jax.data.tokenizer."
           "load_tokenizer(folder) and pass it to api.Model, or tokenize the texts yourself"
       )
+    from medunifier_jax.data import text as text_lib
     from medunifier_jax.data.tokenizer import tokenize
 
+    if isinstance(texts, str):
+      raise TypeError("tokenize takes a list of texts; wrap a single text in a list")
+    texts = [text_lib.clean_report(t) if clean else t for t in texts]
     return tokenize(self.tokenizer, texts, max_len or self.config.model.max_text_len)
+
+  def preprocess_images(self, images: Sequence) -> np.ndarray:
+    """Image files or arrays -> (B, S, S, 3) float32 model input, as training prepares it.
+
+    `images` is a list (or an array whose first axis is the batch); each image is a path
+    (PNG/JPEG), encoded bytes, or an array (H, W) / (H, W, 1) / (H, W, 3) of uint8 or floats in
+    [0, 1]. It is read as grayscale, resized to S (bicubic), repeated to 3 channels and
+    normalised with `config.data.image_mean/std`.
+    """
+    from medunifier_jax.data.pipeline import _gray_unit_image
+
+    if isinstance(images, str | bytes | os.PathLike):
+      images = [images]
+    mean = np.asarray(self.config.data.image_mean, np.float32)
+    std = np.asarray(self.config.data.image_std, np.float32)
+    out = []
+    for i, image in enumerate(images):
+      name = f"images[{i}]"
+      if isinstance(image, str | os.PathLike):
+        name = os.fspath(image)
+        if not os.path.isfile(name):
+          raise FileNotFoundError(f"image file {name} does not exist")
+        with open(name, "rb") as f:
+          image = f.read()
+      gray = _gray_unit_image(image, self.image_size, name)
+      out.append((np.repeat(gray[..., None], 3, axis=-1) - mean) / std)
+    if not out:
+      raise ValueError("no images given")
+    return np.stack(out).astype(np.float32)
 
   # -- input checks --------------------------------------------------------------------------
 

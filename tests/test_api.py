@@ -164,6 +164,23 @@ def test_compiled_once_per_shape(model, blip2):
   assert len(traces) == 2
 
 
+def test_preprocess_images_from_files_and_arrays(model, tmp_path):
+  from PIL import Image
+
+  gray = np.random.default_rng(1).integers(0, 256, size=(64, 64), dtype=np.uint8)
+  Image.fromarray(gray).save(tmp_path / "x.png")
+  resized = np.asarray(Image.fromarray(gray).resize((48, 48), Image.Resampling.BICUBIC))
+  mean = np.asarray(model.config.data.image_mean, np.float32)
+  std = np.asarray(model.config.data.image_std, np.float32)
+  want = (np.repeat(resized[..., None] / np.float32(255), 3, axis=-1) - mean) / std
+  batch = model.preprocess_images([str(tmp_path / "x.png"), np.stack([gray] * 3, axis=-1)])
+  assert batch.shape == (2, 48, 48, 3) and batch.dtype == np.float32
+  np.testing.assert_allclose(batch[0], want, atol=1e-6)
+  np.testing.assert_allclose(batch[1], want, atol=1e-6)  # RGB with equal channels: same gray
+  with pytest.raises(FileNotFoundError, match="absent.png"):
+    model.preprocess_images([str(tmp_path / "absent.png")])
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
