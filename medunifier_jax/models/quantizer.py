@@ -150,14 +150,13 @@ class VectorQuantizer(nnx.Module):
       codebook_term = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(flat)))
       loss = loss + self.codebook_weight * codebook_term
 
-    one_hot = jax.nn.one_hot(codes, self.num_codes, dtype=jnp.float32)  # (N, K)
-    counts = jnp.sum(one_hot, axis=0)
+    counts = jax.ops.segment_sum(jnp.ones_like(codes, jnp.float32), codes, self.num_codes)
     perplexity, usage = code_statistics(counts)
 
     if train:
       flat_sg = jax.lax.stop_gradient(flat)
       if self.ema:
-        self._ema_update(one_hot, counts, flat_sg)
+        self._ema_update(codes, counts, flat_sg)
       if self.restart_dead_codes:
         if rngs is None:
           raise ValueError(
@@ -176,10 +175,11 @@ class VectorQuantizer(nnx.Module):
         usage=usage,
     )
 
-  def _ema_update(self, one_hot: jax.Array, counts: jax.Array, flat: jax.Array) -> None:
+  def _ema_update(self, codes: jax.Array, counts: jax.Array, flat: jax.Array) -> None:
     decay = self.ema_decay
+    sums = jax.ops.segment_sum(flat, codes, self.num_codes)  # (K, C) sum of each code's vectors
     count = decay * self.ema_count[...] + (1.0 - decay) * counts
-    total = decay * self.ema_sum[...] + (1.0 - decay) * (one_hot.T @ flat)
+    total = decay * self.ema_sum[...] + (1.0 - decay) * sums
     # Laplace smoothing keeps the division finite for codes whose count has decayed to ~0.
     n = jnp.sum(count)
     smoothed = (count + self.epsilon) / (n + self.num_codes * self.epsilon) * n
