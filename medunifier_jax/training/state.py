@@ -4,7 +4,8 @@ The state is created directly with its final shardings (`jax.jit(init, out_shard
 so no host ever holds a full unsharded copy of a large model.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -46,6 +47,30 @@ def _make_train_state(config: ml_collections.ConfigDict, model_fn: ModelFn | Non
   return TrainState(model, optimizer_lib.make_optimizer(model, config))
 
 
+@contextlib.contextmanager
+def _cheap_tracer_diagnostics() -> Iterator[None]:
+  """Skips JAX's "where did this tracer come from" text while a constructor is traced.
+
+  Every `nnx.Rngs` draw updates a counter through `Variable.__setitem__`, which probes
+  `value.sharding`; on a tracer that raises an AttributeError whose message JAX builds by
+  walking the whole trace so far. Inside `nnx.eval_shape` of a large model this is quadratic
+  (minutes for the paper's 1.4B-parameter model, almost all of it composing messages nobody
+  reads). The message is only diagnostic text, so it is blanked for the duration.
+  """
+  from jax._src.interpreters import partial_eval
+
+  tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
+  original = getattr(tracer, "_origin_msg", None)
+  if original is None:
+    yield
+    return
+  tracer._origin_msg = lambda self: ""
+  try:
+    yield
+  finally:
+    tracer._origin_msg = original
+
+
 def abstract_train_state(
     config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -54,7 +79,8 @@ def abstract_train_state(
   `abstract_state` leaves are `jax.ShapeDtypeStruct`s that carry their `NamedSharding`, ready
   for `jax.jit(...).lower(...)` or an orbax restore target.
   """
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _make_train_state(config, model_fn)))
+  with _cheap_tracer_diagnostics():
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _make_train_state(config, model_fn)))
   shardings = sharding_lib.state_shardings(abstract, mesh, config.sharding_rules)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -66,9 +92,10 @@ def init_train_state(
     config: ml_collections.ConfigDict, shardings: nnx.State, model_fn: ModelFn | None = None
 ) -> nnx.State:
   """A freshly initialised state (from `config.seed`), created with its shardings."""
-  return jax.jit(
-      lambda: nnx.state(_make_train_state(config, model_fn)), out_shardings=shardings
-  )()
+  init = jax.jit(lambda: nnx.state(_make_train_state(config, model_fn)), out_shardings=shardings)
+  with _cheap_tracer_diagnostics():
+    lowered = init.lower()
+  return lowered.compile()()
 
 
 def step_of(state: nnx.State) -> int:
