@@ -36,14 +36,18 @@ def _is_multi_process() -> bool:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO lines (checkpoint manager options, backend probing) would bury the
+    # progress bar; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   import jax
 
   if _is_multi_process():
     # Reads the coordinator address, process count and id from the environment (TPU metadata,
     # SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
     jax.distributed.initialize()
-  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
+  logging.warning("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+                  jax.device_count())
   from medunifier_jax.training.loop import train_and_evaluate
 
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -101,14 +101,20 @@ def jit_train_step(
     state_shardings: nnx.State,
     mesh: Mesh,
     rules: Any,
+    compiler_options: dict[str, Any] | None = None,
 ):
-  """`jax.jit` with the state sharded by its rules, the batch over `data`, the state donated."""
+  """`jax.jit` with the state sharded by its rules, the batch over `data`, the state donated.
+
+  `compiler_options` are XLA debug options for this function only (e.g.
+  `{"xla_backend_optimization_level": 0}` trades step time for compile time).
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
       step_fn,
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules), replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
+      compiler_options=compiler_options,
   )
 
 

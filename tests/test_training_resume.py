@@ -1,0 +1,105 @@
+"""Kill the training CLI with SIGKILL mid-run, start it again with the same command: every
+step's losses equal an uninterrupted run's (bitwise: same program, same inputs, same CPU), and
+every checkpoint on disk stays readable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs.pretrain import get_config
+from medunifier_jax.training import checkpoint as ckpt
+from medunifier_jax.training import mesh as mesh_lib
+from medunifier_jax.training import state as state_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_STEPS, EVERY, KILL_AFTER = 12, 4, 6
+OVERRIDES = (f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}",
+             "--config.log_every=1", "--config.model.vit.frozen=True")
+LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  # The three runs share compiled programs through JAX's persistent cache: the restart must
+  # run the very same executable anyway, and the later runs skip recompiling it.
+  cache = tmp_path_factory.mktemp("xla_cache")
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONPATH=str(ROOT))
+
+
+def command(workdir: Path) -> list[str]:
+  return [sys.executable, "-m", "medunifier_jax.train",
+          "--config", f"{ROOT}/configs/pretrain.py:tiny", "--workdir", str(workdir), *OVERRIDES]
+
+
+def records(workdir: Path) -> dict[int, dict]:
+  """The last record of each step (a restarted run logs the steps after its checkpoint again)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  out = {}
+  for line in path.read_text().splitlines():
+    if line.strip():
+      r = json.loads(line)
+      out[r["step"]] = r
+  return out
+
+
+def run_to_end(workdir: Path, env: dict) -> None:
+  done = subprocess.run(command(workdir), env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run_to_end(workdir, env)
+  return records(workdir)
+
+
+def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, env, reference):
+  assert sorted(reference) == list(range(1, NUM_STEPS + 1))
+  proc = subprocess.Popen(command(tmp_path), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 900
+    while max(records(tmp_path), default=0) < KILL_AFTER:
+      assert proc.poll() is None, "the run ended before it could be killed"
+      assert time.time() < deadline
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  killed_at = max(records(tmp_path))
+  assert proc.returncode == -signal.SIGKILL and killed_at < NUM_STEPS
+
+  # Every checkpoint the killed run left is complete and restores.
+  config = get_config("tiny")
+  with config.unlocked():
+    config.model.vit.frozen = True
+  manager = ckpt.make_manager(tmp_path, config, read_only=True)
+  steps = manager.all_steps()
+  assert steps and all(s % EVERY == 0 and s <= killed_at for s in steps)
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh))
+  for step in steps:
+    state, _ = ckpt.restore(manager, step, abstract)
+    assert state_lib.step_of(state) == step
+  manager.close()
+
+  run_to_end(tmp_path, env)
+  resumed = records(tmp_path)
+  assert sorted(resumed) == list(range(1, NUM_STEPS + 1))
+  for step in range(1, NUM_STEPS + 1):
+    for key in LOSSES:
+      assert resumed[step][key] == reference[step][key], (step, key)
+  assert np.isfinite(resumed[NUM_STEPS]["loss"])
+
