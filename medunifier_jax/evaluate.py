@@ -15,8 +15,9 @@ plus WORKDIR/eval/outputs/ with what figures need (zero-shot probabilities, the 
 similarity matrix, generated reports beside the references).
 
 `--decode_benchmark` instead times report decoding (3 beams) at several lengths on a freshly
-initialised model of the configured size and prints one JSON line per length: generated tokens
-per second, which stays flat as length grows when the key/value cache works.
+initialised model of the configured size and prints one JSON line per length and decoder:
+generated tokens per second stay flat as length grows with the key/value cache, and fall with
+length for the uncached reference that recomputes the prefix at every step.
 """
 
 from __future__ import annotations
@@ -188,8 +189,10 @@ def decode_benchmark(config, lengths=(16, 32, 64), batch_size: int = 4, num_beam
     # min_length = max_length: every row decodes the full length, so lengths compare fairly.
     decoding = generation.DecodingConfig(method="beam", num_beams=num_beams, max_length=length,
                                          min_length=length)
-    fn = generation.make_generate_fn(graphdef, special, decoding)
-    out.append(generation.measure_decoding_speed(fn, state, pixels, decoding, repeats))
+    for cached in (True, False):
+      fn = generation.make_generate_fn(graphdef, special, decoding, cached=cached)
+      row = generation.measure_decoding_speed(fn, state, pixels, decoding, repeats)
+      out.append(dict(row, cache="kv" if cached else "none (full recomputation)"))
   return out
 
 

@@ -308,16 +308,40 @@ def generate_tokens(model, pixel_values: jax.Array, tokens: SpecialTokens,
   return decode(make_model_step(model), init_fn, batch, tokens, config, rng)
 
 
-def make_generate_fn(graphdef, tokens: SpecialTokens, config: DecodingConfig):
+def generate_tokens_uncached(model, pixel_values: jax.Array, tokens: SpecialTokens,
+                             config: DecodingConfig, rng: jax.Array | None = None) -> DecodeOutput:
+  """As `generate_tokens`, recomputing the whole prefix with `lm_logits` at every step.
+
+  The reference the cached decoder must equal token for token; its cost grows with the square
+  of the length, which is what the cache avoids.
+  """
+  batch, length = pixel_values.shape[0], config.max_length
+  image_tokens = model.image_tokens(pixel_values)
+  per_row = jnp.repeat(image_tokens, config.rows_per_example, axis=0)
+
+  def step(prefix, token_ids, position):
+    # The state is each row's prefix (R, max_length); beam search reorders it with the beams.
+    prefix = prefix.at[:, position].set(token_ids)
+    mask = jnp.broadcast_to(jnp.arange(length) <= position, prefix.shape).astype(jnp.int32)
+    return model.lm_logits(per_row, prefix, mask)[:, position], prefix
+
+  init_fn = lambda rows: jnp.zeros((rows, length), jnp.int32)
+  return decode(step, init_fn, batch, tokens, config, rng)
+
+
+def make_generate_fn(graphdef, tokens: SpecialTokens, config: DecodingConfig,
+                     cached: bool = True):
   """A jitted (model_state, pixel_values, rng) -> DecodeOutput for an `nnx.split` model.
 
   Compiled once per image batch shape; keep the returned function to reuse the compilation.
+  `cached=False` gives the uncached reference (`generate_tokens_uncached`).
   """
+  generate = generate_tokens if cached else generate_tokens_uncached
 
   @jax.jit
   def generate_fn(model_state, pixel_values, rng):
     model = nnx.merge(graphdef, model_state)
-    return generate_tokens(model, pixel_values, tokens, config, rng)
+    return generate(model, pixel_values, tokens, config, rng)
 
   return generate_fn
 

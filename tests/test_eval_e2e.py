@@ -148,39 +148,24 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   evaluator = evaluators["report_gen"]
   generator = evaluator.generator(graphdef)  # its decoder was compiled in the end-to-end run
   decoding, special = evaluator.decoding, generator.special
-  length = decoding.max_length
-  size = evaluator.config.model.vit.image_size
-  pixels = np.asarray(jax.random.normal(jax.random.key(1), (4, size, size, 3)))
-
-  def uncached(state, pixels):
-    m = nnx.merge(graphdef, state)
-    image_tokens = m.image_tokens(pixels)
-
-    def step(buffer, token_ids, position):
-      # Rows are beams: the buffer holds each beam's prefix and is reordered with it.
-      buffer = buffer.at[:, position].set(token_ids)
-      mask = jnp.broadcast_to(jnp.arange(length) <= position, buffer.shape).astype(jnp.int32)
-      rows = jnp.repeat(image_tokens, decoding.num_beams, axis=0)
-      return m.lm_logits(rows, buffer, mask)[:, position], buffer
-
-    init = lambda rows: jnp.zeros((rows, length), jnp.int32)
-    return generation.decode(step, init, pixels.shape[0], special, decoding)
-
+  size, batch = evaluator.config.model.vit.image_size, int(evaluator.cfg.batch_size)
+  pixels = np.asarray(jax.random.normal(jax.random.key(1), (batch, size, size, 3)))
   generate = lambda state, pixels, rng: generator.tokens(state, pixels, decoding, rng)
   cached = generate(state, pixels, jax.random.key(0))
-  full = jax.jit(uncached)(state, pixels)
+  full = generation.make_generate_fn(graphdef, special, decoding, cached=False)(
+      state, pixels, jax.random.key(0))
   np.testing.assert_array_equal(cached.tokens, full.tokens)
   np.testing.assert_allclose(cached.scores, full.scores, rtol=1e-4, atol=1e-4)
 
   # Per image: permuting the batch permutes the reports; and no retracing happened.
   tokens = np.asarray(cached.tokens)
-  order = np.roll(np.arange(4), 1)
+  order = np.roll(np.arange(batch), 1)
   permuted = np.asarray(generate(state, pixels[order], jax.random.key(0)).tokens)
   np.testing.assert_array_equal(permuted, tokens[order])
   assert len({tuple(r) for r in tokens.tolist()}) > 1, "images should yield different reports"
   assert list(generator._fns) == [decoding] and generator._fns[decoding]._cache_size() == 1
   texts = generator(state, pixels, decoding)
-  assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+  assert len(texts) == batch and all(isinstance(t, str) for t in texts)
 
 
 def test_registry_names_and_errors(config, tokenizer):
