@@ -46,8 +46,8 @@ def main(argv: list[str]) -> None:
     # Reads the coordinator address, process count and id from the environment (TPU metadata,
     # SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
     jax.distributed.initialize()
-  logging.warning("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
-                  jax.device_count())
+  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
   from medunifier_jax.training.loop import train_and_evaluate
 
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
