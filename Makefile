@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ test: lint
 
 demo: install
 	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR)
+
+# Step time of ITC+ITM against the PyTorch BLIP-2 peer (same run), then all four objectives.
+bench: install
+	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --objectives itc,itm --peer pytorch --peak_flops 60e9
+	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --peak_flops 60e9
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
