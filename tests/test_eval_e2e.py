@@ -168,6 +168,24 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   assert len(texts) == batch and all(isinstance(t, str) for t in texts)
 
 
+def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp_path,
+                                                  monkeypatch):
+  from medunifier_jax.data import pipeline
+
+  c = ml_collections.ConfigDict(config.to_dict())
+  for name in c.evals:
+    c.evals[name].periodic = name == "zero_shot"
+  c.evals.zero_shot.datasets = ("phantom_pneumonia",)
+  monkeypatch.setattr(pipeline, "build_tokenizer", lambda config, cache_dir: tokenizer)
+  eval_fn = make_eval_fn(c, str(tmp_path))
+  flat = eval_fn(nnx.merge(*model), 7)  # the training loop passes the merged module
+  assert set(flat) == {f"zero_shot/phantom_pneumonia/{m}" for m in
+                       ("accuracy", "f1_macro", "auc", "sensitivity", "specificity", "ppv", "npv")}
+  with open(tmp_path / "eval" / "results.json") as f:
+    saved = json.load(f)
+  assert saved["meta"]["step"] == 7 and list(saved["results"]) == ["zero_shot"]
+
+
 def test_registry_names_and_errors(config, tokenizer):
   assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen"}
   with pytest.raises(KeyError, match="known evaluators: zero_shot, retrieval"):
