@@ -29,6 +29,7 @@ def _blip2_config(config):
       max_position_embeddings=qf.max_position_embeddings, layer_norm_eps=qf.layer_norm_eps,
       cross_attention_frequency=qf.cross_attention_freq, encoder_hidden_size=vit.width,
       pad_token_id=qf.pad_token_id,
+      use_qformer_text_input=True,  # text and matching modes, as in Blip2ForImageTextRetrieval
   )
   return Blip2Config(
       vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
