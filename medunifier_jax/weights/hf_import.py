@@ -324,7 +324,7 @@ def fit_vqvae_geometry(m: ml_collections.ConfigDict) -> None:
   vq.grid = s // p
   if vq.query_grid[0] * vq.query_grid[1] != n:
     a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
-    vq.query_grid = (a, n // a)
+    vq.query_grid = type(vq.query_grid)((a, n // a))  # a list when read back from JSON
   k = 0
   while vq.grid > 2 and (vq.grid - 2) * 2**k < s:
     k += 1
