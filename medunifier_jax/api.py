@@ -42,38 +42,31 @@ SMALL_INIT = 1 << 24
 
 
 # -- pure functions of the model (each is jitted once per input shape) ---------------------------
+# The encoders return hidden states and embeddings together, so `encode_image` and
+# `image_embeddings` (and `similarity` after them) share one compilation.
 
 
 def image_tokens_fn(m: MedUnifier, pixel_values):
   return m.image_tokens(pixel_values)
 
 
-def encode_image_fn(m: MedUnifier, pixel_values):
-  return m.image_queries(m.image_tokens(pixel_values))
+def image_features_fn(m: MedUnifier, pixel_values):
+  """-> query outputs (B, Q, H), normalised projected queries (B, Q, E)."""
+  queries = m.image_queries(m.image_tokens(pixel_values))
+  return queries, m.image_embeddings(queries)
 
 
-def encode_text_fn(m: MedUnifier, input_ids, attention_mask):
-  return m.text_hidden(input_ids, attention_mask)
-
-
-def image_embeddings_fn(m: MedUnifier, pixel_values):
-  return m.image_embeddings(encode_image_fn(m, pixel_values))
-
-
-def text_embeddings_fn(m: MedUnifier, input_ids, attention_mask):
-  return m.text_embeddings(m.text_hidden(input_ids, attention_mask))
-
-
-def similarity_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
-  image = image_embeddings_fn(m, pixel_values)  # (I, Q, E)
-  text = text_embeddings_fn(m, input_ids, attention_mask)  # (N, E)
-  return max_query_similarity(image, text)
+def text_features_fn(m: MedUnifier, input_ids, attention_mask):
+  """-> text hidden states (B, T, H), normalised projected [CLS] feature (B, E)."""
+  hidden = m.text_hidden(input_ids, attention_mask)
+  return hidden, m.text_embeddings(hidden)
 
 
 def itm_logits_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
   return m.itm_logits(m.image_tokens(pixel_values), input_ids, attention_mask)
 
 
+@jax.jit
 def max_query_similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.Array:
   """(I, Q, E) and (N, E) unit vectors -> (I, N): max over queries of the cosine."""
   return jnp.einsum("iqe,ne->iqn", image_embeddings, text_embeddings).max(axis=1)
@@ -138,19 +131,19 @@ class Model:
 
   def encode_image(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) normalised float32 -> (B, Q, H) Q-Former query outputs."""
-    return self.run(encode_image_fn, self._pixels(pixel_values))
+    return self.run(image_features_fn, self._pixels(pixel_values))[0]
 
   def encode_text(self, input_ids, attention_mask) -> np.ndarray:
     """(B, T) ids and mask -> (B, T, H) text-mode hidden states ([CLS] first)."""
-    return self.run(encode_text_fn, *self._text(input_ids, attention_mask))
+    return self.run(text_features_fn, *self._text(input_ids, attention_mask))[0]
 
   def similarity(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
     """(n_images, n_texts): max over queries of the cosine of the projected features.
 
     No temperature is applied (multiply by 1 / temperature for the ITC logits).
     """
-    return self.run(similarity_fn, self._pixels(pixel_values), *self._text(input_ids,
-                                                                           attention_mask))
+    text = self.text_embeddings(input_ids, attention_mask)
+    return np.asarray(max_query_similarity(self.image_embeddings(pixel_values), text))
 
   def itm_logits(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
     """(n, 2) image-text matching logits (no-match, match) for row-aligned pairs."""
@@ -167,11 +160,11 @@ class Model:
 
   def image_embeddings(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) -> (B, Q, E) L2-normalised projected query features."""
-    return self.run(image_embeddings_fn, self._pixels(pixel_values))
+    return self.run(image_features_fn, self._pixels(pixel_values))[1]
 
   def text_embeddings(self, input_ids, attention_mask) -> np.ndarray:
     """(B, T) -> (B, E) L2-normalised projected [CLS] features."""
-    return self.run(text_embeddings_fn, *self._text(input_ids, attention_mask))
+    return self.run(text_features_fn, *self._text(input_ids, attention_mask))[1]
 
   def image_tokens(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) -> (B, 1 + N, Dv) ViT tokens after `ln_vision`."""
