@@ -99,15 +99,13 @@ def test_identical_text_scores_one_and_matches_the_coco_package():
   assert 0.0 < ours["BLEU-1"] < 1.0
 
 
-def test_meteor_runs_on_java_or_warns(monkeypatch):
+def test_meteor_is_skipped_with_a_warning_without_java(monkeypatch):
+  # The Java run itself (about 20 s to load METEOR's paraphrase table) is left to the
+  # evaluation runs; here: without Java the other scores still come, with a warning.
   refs = ["no pleural effusion", "small left effusion"]
-  if captioning.shutil.which("java"):
-    with captioning.MeteorScorer() as scorer:
-      gts = {0: [refs[0]], 1: [refs[1]]}
-      same = scorer(gts, {0: [refs[0]], 1: [refs[1]]})
-      other = scorer(gts, {0: ["large right pneumothorax"], 1: [refs[1]]})
-    assert same > 0.9 and other < same
   monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
   with pytest.warns(UserWarning, match="METEOR skipped"):
     out = captioning.caption_scores(refs, refs, split_references=False)
   assert "METEOR" not in out and out["BLEU-1"] == pytest.approx(1.0)
+  with pytest.warns(UserWarning, match="METEOR skipped"), captioning.MeteorScorer() as scorer:
+    assert scorer({0: refs[:1]}, {0: refs[:1]}) is None
