@@ -10,16 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import chex
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.pretrain import get_config
+from medunifier_jax import api
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_STEPS, EVERY, KILL_AFTER = 12, 4, 6
+NUM_STEPS, EVERY = 16, 4
 OVERRIDES = (f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}",
              "--config.log_every=1", "--config.model.vit.frozen=True")
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate")
@@ -53,6 +57,14 @@ def records(workdir: Path) -> dict[int, dict]:
   return out
 
 
+def finished_checkpoints(workdir: Path) -> list[int]:
+  """Steps whose checkpoint is complete (orbax writes to a temporary name, then renames)."""
+  folder = workdir / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def run_to_end(workdir: Path, env: dict) -> None:
   done = subprocess.run(command(workdir), env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=900)
@@ -72,7 +84,9 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 900
-    while max(records(tmp_path), default=0) < KILL_AFTER:
+    # Kill between checkpoints: after one is complete and at least one more step has run.
+    while not (finished_checkpoints(tmp_path)
+               and max(records(tmp_path), default=0) > finished_checkpoints(tmp_path)[-1]):
       assert proc.poll() is None, "the run ended before it could be killed"
       assert time.time() < deadline
       time.sleep(0.02)
@@ -102,4 +116,15 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
     for key in LOSSES:
       assert resumed[step][key] == reference[step][key], (step, key)
   assert np.isfinite(resumed[NUM_STEPS]["loss"])
+
+  # api.load(workdir) gives the final checkpoint's model, with the run's tokenizer.
+  model = api.load(str(tmp_path))
+  manager = ckpt.make_manager(tmp_path, config, read_only=True)
+  final, _ = ckpt.restore(manager, NUM_STEPS, abstract)
+  manager.close()
+  chex.assert_trees_all_equal(
+      jax.device_get(nnx.to_pure_dict(nnx.state(model.module))),
+      jax.device_get(nnx.to_pure_dict(final["model"])),
+  )
+  assert model.tokenizer is not None
 

@@ -151,7 +151,9 @@ def restore_model_state(
   restored = manager.restore(
       step,
       args=ocp.args.Composite(
-          **{STATE: ocp.args.PyTreeRestore(target, partial_restore=True)}
+          **{STATE: ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True)}
       ),
   )
   state = jax.tree.map(lambda x: x, abstract_model_state)
