@@ -30,18 +30,24 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with an optional variant, e.g. configs/pretrain.py:demo.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory; results go to its eval/.")
-_TASKS = flags.DEFINE_list("tasks", None, "config.evals entries (or task names) to run; "
-                           "default: all of them.")
-_RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Evaluate a freshly initialised model "
-                                 "(no checkpoint needed): the chance-level reference.")
-_DECODE_BENCHMARK = flags.DEFINE_bool("decode_benchmark", False, "Time 3-beam report decoding "
-                                      "at several lengths instead of evaluating.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module runs as a program: it is also a
+  library (the demo imports `evaluate`), and absl flags may be defined only once."""
+  global _CONFIG, _WORKDIR, _TASKS, _RANDOM_INIT, _DECODE_BENCHMARK
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Config file with an optional variant, e.g. configs/pretrain.py:demo.",
+      lock_config=True,
+  )
+  _WORKDIR = flags.DEFINE_string("workdir", None,
+                                 "Training run directory; results go to its eval/.")
+  _TASKS = flags.DEFINE_list("tasks", None, "config.evals entries (or task names) to run; "
+                             "default: all of them.")
+  _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Evaluate a freshly initialised model "
+                                   "(no checkpoint needed): the chance-level reference.")
+  _DECODE_BENCHMARK = flags.DEFINE_bool("decode_benchmark", False, "Time 3-beam report decoding "
+                                        "at several lengths instead of evaluating.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def select_entries(config, tasks) -> list[str]:
@@ -212,4 +218,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
