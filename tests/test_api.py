@@ -7,6 +7,7 @@ against transformers' PyTorch code (fp32, CPU), then the API's own behaviour and
 
 
 import chex
+import jax
 import numpy as np
 import pytest
 import torch
@@ -223,6 +224,22 @@ def test_load_errors(blip2, tmp_path):
     api.load("hf-blip2:" + str(tmp_path / "absent"))
   with pytest.raises(ValueError, match="hf-bert needs config"):
     api.load("hf-bert:" + blip2["folder"])
+
+
+def test_load_workdir_restores_the_saved_weights(model, blip2, tmp_path):
+  from flax import nnx
+
+  from medunifier_jax.training import checkpoint
+
+  checkpoint.save_config(tmp_path, model.config)
+  manager = checkpoint.make_manager(tmp_path, model.config)
+  checkpoint.save(manager, 1, nnx.State({"model": model.state}), jax.random.key(0), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  restored = api.load(str(tmp_path))
+  np.testing.assert_array_equal(
+      restored.image_embeddings(blip2["pixels"]), model.image_embeddings(blip2["pixels"])
+  )
 
 
 def test_load_records_what_kept_its_initial_values(model):
