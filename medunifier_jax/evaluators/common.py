@@ -96,16 +96,17 @@ class Evaluator:
 
   task = ""
 
-  def __init__(self, config, task_config, tokenizer):
+  def __init__(self, config, task_config, tokenizer, *, shared_fns: dict | None = None):
     """config: the full configuration; task_config: `config.evals[task]`; tokenizer: the
-    model's (`data.pipeline.build_tokenizer`)."""
+    model's (`data.pipeline.build_tokenizer`); shared_fns: a dict shared by evaluators built
+    together, so they compile the model's functions once between them."""
     self.config = config
     self.cfg = task_config
     self.tokenizer = tokenizer
     self.datasets = tuple(task_config.datasets)
     if not self.datasets:
       raise ValueError(f"config.evals.{self.task}.datasets is empty; name at least one data set")
-    self._fns: dict[Any, ModelFns] = {}
+    self._fns: dict[Any, ModelFns] = {} if shared_fns is None else shared_fns
     self.outputs: dict[str, dict[str, Any]] = {}  # per data set: arrays for reports and plots
 
   def fns(self, graphdef) -> ModelFns:

@@ -75,8 +75,8 @@ class FinetuneEvaluator(common.Evaluator):
 
   task = "finetune"
 
-  def __init__(self, config, task_config, tokenizer):
-    super().__init__(config, task_config, tokenizer)
+  def __init__(self, config, task_config, tokenizer, **kwargs):
+    super().__init__(config, task_config, tokenizer, **kwargs)
     self._steps: dict = {}
 
   def evaluate(self, dataset: str, graphdef, state) -> Iterator[tuple[str, float]]:

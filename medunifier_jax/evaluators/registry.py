@@ -51,11 +51,13 @@ def build_evaluators(config, tokenizer, names=None, *, periodic_only: bool = Fal
     raise KeyError(f"no config.evals entry named {', '.join(map(repr, unknown))}; configured: "
                    f"{', '.join(entries) or '(none)'}; evaluators: {', '.join(EVALUATORS)}")
   out = {}
+  shared_fns: dict = {}  # one set of compiled model functions for all of them
   for name in names:
     entry = entries[name]
     if periodic_only and not entry.get("periodic", False):
       continue
-    out[name] = get_evaluator_class(entry.get("task", name))(config, entry, tokenizer)
+    out[name] = get_evaluator_class(entry.get("task", name))(config, entry, tokenizer,
+                                                            shared_fns=shared_fns)
   return out
 
 

@@ -39,8 +39,9 @@ class ReportGenEvaluator(common.Evaluator):
 
   task = "report_gen"
 
-  def __init__(self, config, task_config, tokenizer, labeler: labeler_lib.Labeler | None = None):
-    super().__init__(config, task_config, tokenizer)
+  def __init__(self, config, task_config, tokenizer, labeler: labeler_lib.Labeler | None = None,
+               **kwargs):
+    super().__init__(config, task_config, tokenizer, **kwargs)
     self.labeler = labeler or labeler_lib.get_labeler(task_config.get("labeler", "rule"))
     self.decoding = generation.DecodingConfig.from_mapping(task_config)
     self._generators: dict = {}
