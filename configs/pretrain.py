@@ -148,9 +148,11 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
       datasets=("rsna_pneumonia", "siim_pneumothorax", "covidx") if real
       else ("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
       train_split="train", val_split="validation", test_split="test",
-      label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, weight_decay=0.01, batch_size=8,
-      epochs=5, hidden_dim=512, select_metric="auc", feature_batch_size=32, seed=0,
-      periodic=False)
+      label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, batch_size=8, epochs=5,
+      weight_decay=0.01,  # not stated by the paper: PyTorch's AdamW default
+      hidden_dim=512,  # width between the two linear layers (not stated by the paper)
+      select_metric="auc",  # on the validation split, per epoch
+      feature_batch_size=32, seed=0, periodic=False)
   e.report_gen = dict(
       datasets=("mimic_cxr",) if real else ("phantom_openi",),
       split="test", train_split="train", batch_size=16, max_examples=0,
