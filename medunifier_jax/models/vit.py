@@ -41,9 +41,7 @@ class VisionEmbeddings(nnx.Module):
         padding="VALID",
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=layers.partitioned(
-            nnx.initializers.normal(layers.INIT_STD), (None, None, None, "embed")
-        ),
+        kernel_init=layers.partitioned(layers.DENSE_INIT, (None, None, None, "embed")),
         bias_init=layers.partitioned(nnx.initializers.zeros, ("embed",)),
         rngs=rngs,
     )
