@@ -45,6 +45,9 @@ def test_report_vector_and_no_finding(rules):
   assert dict(zip(names, out[0]))["pleural effusion"] == 0
   assert dict(zip(names, out[0]))["no finding"] == 0
   assert out[1].tolist() == out[2].tolist() == [0] * (len(names) - 1) + [1]
+  # An abnormality the labeler does not label still clears "no finding"; a negated one not.
+  other = rules(["Calcified granuloma in the left base.", "No focal opacity."])
+  assert other[0].tolist() == [0] * len(names) and other[1, -1] == 1
   assert labeler.RuleLabeler(uncertain_positive=False).sentence_findings(
       "Possible left lower lobe atelectasis.") == {"atelectasis": False}
   with pytest.raises(TypeError, match="sequence of reports"):

@@ -14,7 +14,8 @@ How a sentence is read:
   4. Hedged mentions ("possible", "cannot be excluded") count as positive by default
      (`uncertain_positive`), as CheXpert's U-ones policy does.
 A finding is positive for a report when any sentence states it un-negated. "No finding" is
-positive when none of the other findings is.
+positive when none of the other findings is, nor any other abnormality (`OTHER_ABNORMAL`:
+opacity, pneumonia, granuloma, mass, ...) that the labeler does not label.
 """
 
 import re
@@ -47,6 +48,12 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     "pneumothorax": (r"pneumothora(?:x|ces)",),
     "nodule": (r"nodul\w*",),
 }
+
+# Other abnormalities: not labelled themselves, but stating one clears "no finding" (as any
+# positive CheXpert observation but support devices does).
+OTHER_ABNORMAL = (r"pneumonia", r"opacit(?:y|ies)", r"infiltrates?", r"airspace disease",
+                  r"granulomas?", r"granulomatous", r"covid(?:-19)?", r"mass(?:es)?",
+                  r"fractures?", r"emphysema", r"scarring", r"fibrosis")
 
 # Cues whose scope runs forward to the end of the clause.
 PRE_NEGATION = (
@@ -89,6 +96,7 @@ class RuleLabeler:
     self.findings = FINDINGS
     self.uncertain_positive = uncertain_positive
     self._mentions = {f: [_WORD(p) for p in pats] for f, pats in MENTIONS.items()}
+    self._mentions["other"] = [_WORD("|".join(OTHER_ABNORMAL))]
     self._pre = _WORD("|".join(PRE_NEGATION))
     self._post = _WORD("|".join(POST_NEGATION))
     self._uncertain = _WORD("|".join(UNCERTAIN))
@@ -107,7 +115,7 @@ class RuleLabeler:
       for clause in self._clause.split(sentence):
         found |= self._clause_findings(clause)
     out = np.array([f in found for f in self.findings], np.int64)
-    out[self.findings.index("no finding")] = int(not found)
+    out[self.findings.index("no finding")] = int(not found)  # "other" counts here only
     return out
 
   def sentence_findings(self, sentence: str) -> dict[str, bool]:
@@ -115,7 +123,8 @@ class RuleLabeler:
     out: dict[str, bool] = {}
     for clause in self._clause.split(sentence):
       for finding, positive in self._clause_mentions(clause):
-        out[finding] = out.get(finding, False) or positive
+        if finding != "other":
+          out[finding] = out.get(finding, False) or positive
     return out
 
   def _clause_findings(self, clause: str) -> set[str]:
