@@ -1,0 +1,1 @@
+"""Run report: figures and the markdown/HTML page built from a training workdir."""
