@@ -134,17 +134,16 @@ def test_frozen_vit_gets_no_gradient(model, inputs):
 
   @nnx.jit
   def grads(m, x):
-    return nnx.grad(lambda m: jnp.sum(m.image_queries(m.image_tokens(x)) ** 2))(m)
+    return nnx.grad(lambda m: jnp.sum(m.image_tokens(x)[:, 0] ** 2))(m)
 
-  trainable = grads(model, images)
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(trainable["vit"]["layers"]))
+  trainable = grads(model, images)["vit"]
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(trainable["layers"]))
   try:
     model.vit_frozen = True
-    frozen = grads(model, images)
+    frozen = grads(model, images)["vit"]
   finally:
     model.vit_frozen = False
-  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(frozen["vit"]))
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(frozen["query_tokens"]))
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(frozen))
 
 
 def test_remat_keeps_gradients(model, inputs):
