@@ -4,8 +4,7 @@ The state is created directly with its final shardings (`jax.jit(init, out_shard
 so no host ever holds a full unsharded copy of a large model.
 """
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +14,7 @@ from jax.sharding import Mesh
 
 from medunifier_jax.training import optimizer as optimizer_lib
 from medunifier_jax.training import sharding as sharding_lib
+from medunifier_jax.training import tracing
 
 ModelFn = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
 
@@ -47,30 +47,6 @@ def _make_train_state(config: ml_collections.ConfigDict, model_fn: ModelFn | Non
   return TrainState(model, optimizer_lib.make_optimizer(model, config))
 
 
-@contextlib.contextmanager
-def _cheap_tracer_diagnostics() -> Iterator[None]:
-  """Skips JAX's "where did this tracer come from" text while a constructor is traced.
-
-  Every `nnx.Rngs` draw updates a counter through `Variable.__setitem__`, which probes
-  `value.sharding`; on a tracer that raises an AttributeError whose message JAX builds by
-  walking the whole trace so far. Inside `nnx.eval_shape` of a large model this is quadratic
-  (minutes for the paper's 1.4B-parameter model, almost all of it composing messages nobody
-  reads). The message is only diagnostic text, so it is blanked for the duration.
-  """
-  from jax._src.interpreters import partial_eval
-
-  tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
-  original = getattr(tracer, "_origin_msg", None)
-  if original is None:
-    yield
-    return
-  tracer._origin_msg = lambda self: ""
-  try:
-    yield
-  finally:
-    tracer._origin_msg = original
-
-
 def abstract_train_state(
     config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -79,7 +55,7 @@ def abstract_train_state(
   `abstract_state` leaves are `jax.ShapeDtypeStruct`s that carry their `NamedSharding`, ready
   for `jax.jit(...).lower(...)` or an orbax restore target.
   """
-  with _cheap_tracer_diagnostics():
+  with tracing.cheap_tracer_diagnostics():
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _make_train_state(config, model_fn)))
   shardings = sharding_lib.state_shardings(abstract, mesh, config.sharding_rules)
   abstract = jax.tree.map(
@@ -93,7 +69,7 @@ def init_train_state(
 ) -> nnx.State:
   """A freshly initialised state (from `config.seed`), created with its shardings."""
   init = jax.jit(lambda: nnx.state(_make_train_state(config, model_fn)), out_shardings=shardings)
-  with _cheap_tracer_diagnostics():
+  with tracing.cheap_tracer_diagnostics():
     lowered = init.lower()
   return lowered.compile()()
 

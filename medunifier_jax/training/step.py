@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medunifier_jax.training import optimizer as optimizer_lib
 from medunifier_jax.training import sharding as sharding_lib
+from medunifier_jax.training import tracing
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 Batch = dict[str, jax.Array]
@@ -62,6 +63,11 @@ def make_train_step(
   schedule = optimizer_lib.learning_rate_schedule(config)
 
   def train_step(state: nnx.State, batch: Batch, rng: jax.Array):
+    # This body runs only while JAX traces it.
+    with tracing.cheap_tracer_diagnostics():
+      return _traced_step(state, batch, rng)
+
+  def _traced_step(state: nnx.State, batch: Batch, rng: jax.Array):
     train_state = nnx.merge(graphdef, state)
     model, opt = train_state.model, train_state.optimizer
     step = opt.step.get_value()
