@@ -273,18 +273,20 @@ def test_paper_config_builds_abstractly_with_the_expected_size():
   assert counted == paper_parameter_counts(paper.model)
   assert sum(counted.values()) == size(params)
 
-  graphdef, state = nnx.split(abstract)
-  s, t = paper.model.vit.image_size, paper.model.max_text_len
+  # The reconstruction from inputs of the shapes the ViT and Q-Former produce at paper size
+  # (the tiny tests run those paths for real).
+  graphdef, state = nnx.split(abstract.vqvae)
+  m = paper.model
+  grid_tokens = (m.vit.image_size // m.vit.patch_size) ** 2
+  h, b = m.qformer.hidden_size, 2
 
-  def reconstruct(state, images, ids, mask):
-    m = nnx.merge(graphdef, state)
-    tokens = m.image_tokens(images)
-    text = m.text_hidden(ids, mask)
-    return m.vqvae(m.image_queries(tokens), tokens[:, 1:], text[:, 0], train=False).recon
+  def reconstruct(state, queries, patches, text_cls):
+    return nnx.merge(graphdef, state)(queries, patches, text_cls, train=False).recon
 
   recon = jax.eval_shape(
-      reconstruct, state, jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32),
-      jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((2, t), jnp.int32),
+      reconstruct, state, jax.ShapeDtypeStruct((b, m.qformer.num_queries, h), jnp.float32),
+      jax.ShapeDtypeStruct((b, grid_tokens, m.vit.width), jnp.float32),
+      jax.ShapeDtypeStruct((b, h), jnp.float32),
   )
   assert recon.shape == (2, 224, 224, 3)
 

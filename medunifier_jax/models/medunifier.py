@@ -75,7 +75,7 @@ class MedUnifier(nnx.Module):
     self.vit_frozen = bool(cfg.vit.frozen)
     self.image_size = cfg.vit.image_size
     self.vocab_size = cfg.qformer.vocab_size
-    self.max_text_len = cfg.qformer.max_position_embeddings
+    self.max_positions = cfg.qformer.max_position_embeddings
     self.temperature_min = float(cfg.temperature_min)
     self.temperature_max = float(cfg.temperature_max)
     h, e, dv = cfg.qformer.hidden_size, cfg.embed_dim, cfg.vit.width
@@ -221,9 +221,9 @@ class MedUnifier(nnx.Module):
           f"expected input_ids and attention_mask of one shape (B, T), got "
           f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
       )
-    if input_ids.shape[1] > self.max_text_len:
+    if input_ids.shape[1] > self.max_positions:
       raise ValueError(
-          f"text length {input_ids.shape[1]} exceeds the {self.max_text_len} positions of the "
+          f"text length {input_ids.shape[1]} exceeds the {self.max_positions} positions of the "
           f"Q-Former; truncate to model.max_text_len"
       )
 
