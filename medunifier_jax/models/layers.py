@@ -105,7 +105,8 @@ def dot_product_attention(
     (B, h, Tq, d), in q's dtype.
   """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
+  # Logits and softmax in float32 whatever the compute dtype (bf16 logits lose the ranking).
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     # finfo.min rather than -inf, as the PyTorch reference: a fully masked row stays finite.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
