@@ -95,15 +95,17 @@ def _model(variant: str) -> ml_collections.ConfigDict:
       qf.vocab_size, qf.dec_token_id, qf.cls_token_id = 8193, 8192, 2
   elif variant == "demo":
     vit.image_size, vit.patch_size = 48, 6
-    vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 128, 3, 4, 256
+    # Sized so that `make demo` (pre-training + every evaluation) fits in ~20 minutes on 2 CPU
+    # cores: the matching pass over 3B pairs dominates, so depth, queries and text length are cut.
+    vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 128, 2, 4, 256
     vit.frozen = False
-    qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size = 128, 3, 4, 256
-    qf.num_queries = 16
+    qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size = 128, 2, 4, 256
+    qf.num_queries = 8
     qf.vocab_size, qf.dec_token_id = 2049, 2048  # tokenizer trained on the report corpus
     qf.cls_token_id = 2
     m.embed_dim = 128
-    m.max_text_len = 64
-    vq.grid, vq.query_grid = 8, (4, 4)
+    m.max_text_len = 48
+    vq.grid, vq.query_grid = 8, (2, 4)
     vq.latent_dim, vq.codebook_size = 64, 128
     vq.decoder_channels = (128, 64)
   elif variant == "tiny":
@@ -262,11 +264,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_steps = 20
   elif variant == "demo":
     c.batch_size = 32
-    c.num_steps = 2000
+    c.num_steps = 600
     c.learning_rate = 5e-4
-    c.warmup_steps = 100
+    c.warmup_steps = 50
     c.weight_decay = 0.01
-    c.checkpoint_every = 250
+    c.checkpoint_every = 200
   elif variant == "tiny":
     c.batch_size = 8
     c.num_steps = 20

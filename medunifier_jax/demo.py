@@ -42,6 +42,10 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 25
   timings: dict[str, float] = {}
   os.makedirs(workdir, exist_ok=True)
   if train:
+    # Stage 2 runs every evaluation on the final model; evaluating during training too would
+    # only repeat the zero-shot and retrieval entries.
+    for entry in config.evals.values():
+      entry.periodic = False
     log(f"[1/3] pre-training {config.variant}: {config.num_steps} steps x {config.batch_size} "
         f"examples of {config.data.name}")
     start = time.perf_counter()
