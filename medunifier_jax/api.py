@@ -67,6 +67,15 @@ def itm_logits_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
 
 
 @jax.jit
+def reconstruct_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
+  """The evaluation-mode TIG pass: (recon clipped to [0, 1], top codes, bottom codes)."""
+  tokens = m.image_tokens(pixel_values)
+  queries = m.image_queries(tokens)
+  text = m.text_hidden(input_ids, attention_mask)
+  out = m.vqvae(queries, tokens[:, 1:], text[:, 0], train=False)
+  return jnp.clip(out.recon, 0.0, 1.0), out.codes_top, out.codes_bottom
+
+
 def max_query_similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.Array:
   """(I, Q, E) and (N, E) unit vectors -> (I, N): max over queries of the cosine."""
   return jnp.einsum("iqe,ne->iqn", image_embeddings, text_embeddings).max(axis=1)
@@ -169,6 +178,40 @@ class Model:
   def image_tokens(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) -> (B, 1 + N, Dv) ViT tokens after `ln_vision`."""
     return self.run(image_tokens_fn, self._pixels(pixel_values))
+
+  def reconstruct(self, pixel_values, input_ids, attention_mask) -> dict[str, np.ndarray]:
+    """The image rebuilt from its text-grounded codes (the TIG path, evaluation mode).
+
+    Returns `recon` (B, S, S, 3) in [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom`
+    (B, g, g) int32, g the VQ-VAE grid.
+    """
+    pixels = self._pixels(pixel_values)
+    ids, mask = self._text(input_ids, attention_mask)
+    if pixels.shape[0] != ids.shape[0]:
+      raise ValueError(f"reconstruct pairs each image with its report: got {pixels.shape[0]} "
+                       f"images and {ids.shape[0]} texts")
+    recon, top, bottom = self.run(reconstruct_fn, pixels, ids, mask)
+    return {"recon": recon, "codes_top": top, "codes_bottom": bottom}
+
+  def generate_reports(self, pixel_values, *, seed: int = 0, **decoding) -> list[str]:
+    """(B, S, S, 3) normalised images -> B generated reports.
+
+    `decoding` takes `generation.DecodingConfig` fields (`method` beam/greedy/nucleus,
+    `num_beams`, `max_length`, `min_length`, `top_p`, ...); the defaults are the paper's, with
+    `max_length` capped at the model's text length. `seed` drives nucleus sampling.
+    """
+    from medunifier_jax import generation
+
+    if self.tokenizer is None:
+      raise ValueError("generate_reports needs the model's tokenizer: load a training workdir, "
+                       "or a folder that holds vocab.txt / tokenizer.json")
+    pixels = self._pixels(pixel_values)
+    decoding.setdefault("max_length", min(95, int(self.config.model.max_text_len)))
+    if getattr(self, "_generator", None) is None:
+      self._generator = generation.ReportGenerator(
+          self._graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id))
+    return self._generator(self._state, pixels, generation.DecodingConfig(**decoding),
+                           jax.random.key(seed))
 
   def temperature(self) -> float:
     """The learned ITC temperature (clamped as in training)."""

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,21 +45,11 @@ TARGETS = (
 
 
 def reconstruction_fn(graphdef: nnx.GraphDef) -> Callable:
-  """Jitted `(state, image, input_ids, attention_mask) -> (recon, codes_top, codes_bottom)`.
+  """Jitted `(state, image, input_ids, attention_mask) -> (recon, codes_top, codes_bottom)`:
+  `api.reconstruct_fn`, the evaluation-mode TIG pass (running BatchNorm statistics)."""
+  from medunifier_jax import api
 
-  The evaluation-mode TIG pass: running BatchNorm statistics, no dropout.
-  """
-
-  @jax.jit
-  def run(state, image, input_ids, attention_mask):
-    model = nnx.merge(graphdef, state)
-    tokens = model.image_tokens(image)
-    queries = model.image_queries(tokens)
-    text = model.text_hidden(input_ids, attention_mask)
-    out = model.vqvae(queries, tokens[:, 1:], text[:, 0], train=False)
-    return jnp.clip(out.recon, 0.0, 1.0), out.codes_top, out.codes_bottom
-
-  return run
+  return jax.jit(lambda state, *arrays: api.reconstruct_fn(nnx.merge(graphdef, state), *arrays))
 
 
 def measure_reconstruction(graphdef, state, batches, codebook_size: int) -> dict[str, Any]:
