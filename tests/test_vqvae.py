@@ -260,6 +260,57 @@ def test_transposed_conv_doubles_like_pytorch():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def _torch_transposed_conv(x, w, b):
+  """NumPy ConvTranspose2d(4, stride=2, padding=1): x (B, H, W, Ci), w (Ci, Co, 4, 4), b (Co,)."""
+  batch, height, width, _ = x.shape
+  full = np.zeros((batch, 2 * height + 2, 2 * width + 2, w.shape[1]), np.float64)
+  for i in range(height):
+    for j in range(width):
+      full[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum("bc,cohw->bhwo", x[:, i, j], w)
+  return full[:, 1:-1, 1:-1] + b
+
+
+def _dilated_transposed_conv(x, kernel, bias):
+  """The layer as a convolution of the 2x-dilated input (Flax's ConvTranspose formulation)."""
+  return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2))) + bias
+
+
+@pytest.mark.parametrize("height,width,c_in,c_out", [(5, 4, 3, 2), (4, 7, 1, 5)])
+def test_phase_decomposed_upsampling_equals_dilated_convolution(height, width, c_in, c_out):
+  rng = np.random.default_rng(height * 100 + width)
+  x_np = rng.normal(size=(2, height, width, c_in)).astype(np.float32)
+  w = rng.normal(size=(c_in, c_out, 4, 4)).astype(np.float32)  # PyTorch layout (in, out, kh, kw)
+  b = rng.normal(size=(c_out,)).astype(np.float32)
+  conv = vq._upsample_conv(c_in, c_out, rngs=nnx.Rngs(0), dtype=None)
+  kernel = jnp.asarray(w.transpose(2, 3, 0, 1)[::-1, ::-1])
+  conv.kernel[...] = kernel
+  conv.bias[...] = jnp.asarray(b)
+  x = jnp.asarray(x_np)
+  out = conv(x)
+  reference = _dilated_transposed_conv(x, kernel, jnp.asarray(b))
+  assert out.shape == (2, 2 * height, 2 * width, c_out)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, _torch_transposed_conv(x_np, w, b), rtol=1e-5, atol=1e-5)
+
+  # Same gradients w.r.t. input, kernel and bias under a non-trivial cotangent.
+  cotangent = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+  g_conv, g_x = nnx.grad(lambda m, x: jnp.sum(m(x) * cotangent), argnums=(0, 1))(conv, x)
+  want = jax.grad(lambda *a: jnp.sum(_dilated_transposed_conv(*a) * cotangent),
+                  argnums=(0, 1, 2))(x, kernel, jnp.asarray(b))
+  for got, expected in zip((g_x, g_conv["kernel"][...], g_conv["bias"][...]), want):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_phase_decomposed_upsampling_keeps_compute_dtype():
+  conv = vq._upsample_conv(3, 2, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  assert conv.kernel.dtype == jnp.float32 and conv.kernel.shape == (4, 4, 3, 2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 5, 3)), jnp.float32)
+  out = conv(x)
+  assert out.dtype == jnp.bfloat16
+  reference = _dilated_transposed_conv(x, conv.kernel[...], conv.bias[...])
+  np.testing.assert_allclose(np.asarray(out, np.float32), reference, rtol=3e-2, atol=3e-2)
+
+
 def test_resize_nearest_matches_pytorch_rule():
   x = jnp.arange(2 * 4 * 8).reshape(1, 2, 4, 8).transpose(0, 2, 3, 1)  # (1, 4, 8, 2)
   out = np.asarray(vq.resize_nearest(x, (8, 8)))

@@ -116,13 +116,47 @@ def _conv(in_ch, out_ch, kernel, *, padding, use_bias, rngs, dtype) -> nnx.Conv:
       bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
 
 
-def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> nnx.ConvTranspose:
-  """4x4 stride-2 transposed convolution, H -> 2H exactly.
+class UpsampleConv(nnx.ConvTranspose):
+  """4x4 stride-2 transposed convolution, (B, H, W, Cin) -> (B, 2H, 2W, Cout) exactly.
 
-  PyTorch's ConvTranspose2d(4, stride=2, padding=1) is a convolution of the 2x-dilated input
-  padded by kernel - 1 - padding = 2 on each side: (2H - 1) + 4 - 4 + 1 = 2H.
+  The operator is `nnx.ConvTranspose` with a (4, 4, Cin, Cout) kernel, strides 2 and padding 2
+  (PyTorch's ConvTranspose2d(4, stride=2, padding=1): a convolution of the 2x-dilated input
+  padded by kernel - 1 - padding = 2 on each side, (2H - 1) + 4 - 4 + 1 = 2H), and it keeps that
+  layer's parameters. Lowered as written it convolves the dilated input, so 3/4 of the
+  multiply-adds hit inserted zeros. Each output parity instead sees only one tap of every pair:
+  out[2m] = x[m-1] w[0] + x[m] w[2] and out[2m+1] = x[m] w[1] + x[m+1] w[3] per axis. So the
+  layer runs four stride-1 convolutions with the 2x2 sub-kernels w[dy::2, dx::2] over the input
+  padded by one pixel, and interleaves the four phase outputs (depth-to-space).
   """
-  return nnx.ConvTranspose(
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim != 4:
+      raise ValueError(f"UpsampleConv expects (B, H, W, C) inputs, got shape {inputs.shape}.")
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    batch, height, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Phase (dy, dx) reads padded rows dy .. dy + H and columns dx .. dx + W.
+    rows = []
+    for dy in range(2):
+      cols = []
+      for dx in range(2):
+        window = padded[:, dy:dy + height + 1, dx:dx + width + 1]
+        cols.append(jax.lax.conv_general_dilated(
+            window, kernel[dy::2, dx::2], (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
+            preferred_element_type=self.preferred_element_type))
+      rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, Cout), dx
+    y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, Cout): out[:, 2m + dy, 2n + dx]
+    y = y.reshape(batch, 2 * height, 2 * width, y.shape[-1])
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> UpsampleConv:
+  """4x4 stride-2 transposed convolution, H -> 2H exactly (see `UpsampleConv`)."""
+  return UpsampleConv(
       in_ch, out_ch, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
