@@ -66,7 +66,6 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 25
   batches = pipeline.eval_dataset(config, model.tokenizer, source=source,
                                   batch_size=min(64, config.batch_size), shard_index=0,
                                   shard_count=1)
-  timings["report"] = 0.0
   md = build.write_report(config, workdir, model.graphdef, model.state,
                           itertools.islice(batches, None), timings=timings)
   timings["report"] = time.perf_counter() - start
