@@ -108,6 +108,10 @@ def _model(variant: str) -> ml_collections.ConfigDict:
     vq.grid, vq.query_grid = 8, (2, 4)
     vq.latent_dim, vq.codebook_size = 64, 128
     vq.decoder_channels = (128, 64)
+    # With the paper's gradient-trained codebooks the top level collapsed to one code within a
+    # few hundred steps and its loss, growing without bound, took over the clipped gradient;
+    # EMA codebooks with dead-code restarts keep both levels in use.
+    vq.ema, vq.restart_dead_codes = True, True
   elif variant == "tiny":
     vit.image_size, vit.patch_size = 48, 6
     vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 2, 2, 64
