@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from medunifier_jax.models.medunifier import MedUnifier
+from medunifier_jax.objectives import itc_similarity
 from medunifier_jax.weights import hf_import
 from medunifier_jax.weights.mapping import ImportReport
 
@@ -74,11 +75,6 @@ def reconstruct_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
   text = m.text_hidden(input_ids, attention_mask)
   out = m.vqvae(queries, tokens[:, 1:], text[:, 0], train=False)
   return jnp.clip(out.recon, 0.0, 1.0), out.codes_top, out.codes_bottom
-
-
-def max_query_similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.Array:
-  """(I, Q, E) and (N, E) unit vectors -> (I, N): max over queries of the cosine."""
-  return jnp.einsum("iqe,ne->iqn", image_embeddings, text_embeddings).max(axis=1)
 
 
 @functools.cache
@@ -152,7 +148,7 @@ class Model:
     No temperature is applied (multiply by 1 / temperature for the ITC logits).
     """
     text = self.text_embeddings(input_ids, attention_mask)
-    return np.asarray(max_query_similarity(self.image_embeddings(pixel_values), text))
+    return np.asarray(itc_similarity(self.image_embeddings(pixel_values), text))
 
   def itm_logits(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
     """(n, 2) image-text matching logits (no-match, match) for row-aligned pairs."""

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medunifier_jax.objectives import itc_similarity
+
 
 def split_model(model: Any) -> tuple[Any, Any]:
   """nnx.Module | api.Model | (graphdef, state) -> (graphdef, state)."""
@@ -31,11 +33,6 @@ def split_model(model: Any) -> tuple[Any, Any]:
     raise TypeError("expected a MedUnifier nnx.Module, an api.Model or a (graphdef, state) pair, "
                     f"got {type(model).__name__}")
   return nnx.split(module)
-
-
-def max_query_similarity(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
-  """(N, Q, E) x (M, E) -> (N, M): max over queries of the cosine (inputs L2-normalised)."""
-  return jnp.einsum("nqe,me->nmq", image_emb, text_emb).max(axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
@@ -53,7 +50,7 @@ def similarity_matrix(image_emb: jax.Array, text_emb: jax.Array, chunk: int = 25
   pad = (-n) % chunk
   padded = jnp.pad(image_emb, ((0, pad), (0, 0), (0, 0)))
   blocks = padded.reshape((-1, chunk) + image_emb.shape[1:])
-  sims = jax.lax.map(lambda block: max_query_similarity(block, text_emb), blocks)
+  sims = jax.lax.map(lambda block: itc_similarity(block, text_emb), blocks)
   return sims.reshape(-1, text_emb.shape[0])[:n]
 
 
