@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from medunifier_jax.models.qformer import gather_kvs
 from medunifier_jax.models.vqvae import tig_loss
 
 OBJECTIVES = ("itc", "itm", "itg", "tig")
@@ -97,20 +98,26 @@ def itm_loss(
     logits_i2t: jax.Array,
     rng: jax.Array,
     *,
+    image_kvs=None,
     rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
   """Matching loss on 3B pairs: (image i, text i) match; (hard negative image, text j) and
   (image i, hard negative text) do not. Two-way CE on the query-averaged ITM logits.
 
   image_tokens: (B, 1 + N, Dv); input_ids, attention_mask: (B, T); logits_i2t: (B, B) ITC.
+  image_kvs: `model.cross_kvs(image_tokens)` when already computed: each image's cross-attention
+  keys/values are then gathered for its pairs rather than projected again for each of them.
   """
   neg_image, neg_text = sample_hard_negatives(logits_i2t, rng)
-  images = jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens], axis=0)
+  b = input_ids.shape[0]
+  image_index = jnp.concatenate([jnp.arange(b), neg_image, jnp.arange(b)])
+  if image_kvs is None:
+    image_kvs = model.cross_kvs(image_tokens)
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
   mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
-  b = input_ids.shape[0]
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-  logits = model.itm_logits(images, ids, mask, rngs=rngs)
+  logits = model.itm_logits(None, ids, mask, image_kvs=gather_kvs(image_kvs, image_index),
+                            rngs=rngs)
   return smoothed_cross_entropy(logits, labels).mean()
 
 
@@ -172,7 +179,10 @@ def compute_losses(
   image_tokens = model.image_tokens(batch["image"], rngs=rngs)
   queries = query_kvs = text_hidden = None
   if on["itc"] or on["itm"] or on["itg"] or on["tig"]:
-    queries, query_kvs = model.image_queries_with_kv(image_tokens, rngs=rngs)
+    # The image tokens' cross-attention projections, shared by the image and matching passes.
+    image_kvs = model.cross_kvs(image_tokens)
+    queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs,
+                                                     rngs=rngs)
   if on["itc"] or on["itm"] or on["tig"]:
     text_hidden = model.text_hidden(ids, mask, rngs=rngs)
 
@@ -184,7 +194,8 @@ def compute_losses(
     if on["itc"]:
       losses["itc"] = loss
     if on["itm"]:
-      losses["itm"] = itm_loss(model, image_tokens, ids, mask, logits_i2t, key_itm, rngs=rngs)
+      losses["itm"] = itm_loss(model, image_tokens, ids, mask, logits_i2t, key_itm,
+                               image_kvs=image_kvs, rngs=rngs)
   if on["itg"]:
     lm_logits = model.lm_logits_from_query_kv(query_kvs, ids, mask, rngs=rngs)
     losses["itg"] = itg_loss(lm_logits, ids, mask, label_smoothing)

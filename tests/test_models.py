@@ -117,6 +117,29 @@ def test_cached_query_kv_path_equals_joint_generation_pass(model, tokens, inputs
   )
 
 
+def test_gathered_cross_kvs_equal_projecting_gathered_tokens(model, tokens, inputs):
+  """The training step projects each image once and gathers its keys/values for every pair."""
+  from medunifier_jax.models.qformer import gather_kvs
+
+  _, ids, mask = inputs
+  index = jnp.array([1, 0, 1])  # image of each pair: one image paired twice
+  pair_ids, pair_mask = ids[jnp.array([0, 0, 1])], mask[jnp.array([0, 0, 1])]
+
+  @nnx.jit
+  def shared(m, t, i, a):
+    kvs = m.cross_kvs(t)
+    return (m.itm_logits(None, i, a, image_kvs=gather_kvs(kvs, index)),
+            m.image_queries_with_kv(t, image_kvs=kvs)[0])
+
+  @nnx.jit
+  def separate(m, t, i, a):
+    return m.itm_logits(t[index], i, a), m.image_queries(t)
+
+  for got, want in zip(shared(model, tokens, pair_ids, pair_mask),
+                       separate(model, tokens, pair_ids, pair_mask), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_decode_steps_equal_lm_logits(model, tokens, inputs, cfg):
   _, ids, _ = inputs
   beams = 2

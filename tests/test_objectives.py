@@ -81,9 +81,18 @@ def test_hard_negatives_skip_the_positive_and_follow_the_rng():
 
 
 class _PairChecker:
-  """A stand-in model: ITM logits say "match" exactly when image id == text id."""
+  """A stand-in model: ITM logits say "match" exactly when image id == text id.
 
-  def itm_logits(self, image_tokens, input_ids, attention_mask, *, rngs=None):
+  Its one "layer" of cross keys/values is the image tokens themselves, so the ITM loss's
+  gathering of each pair's image keys/values is checked as well.
+  """
+
+  def cross_kvs(self, image_tokens):
+    return [None, (image_tokens, image_tokens)]
+
+  def itm_logits(self, image_tokens, input_ids, attention_mask, *, image_kvs=None, rngs=None):
+    if image_kvs is not None:
+      image_tokens = image_kvs[1][0]
     match = image_tokens[:, 0, 0] == input_ids[:, 0].astype(jnp.float32)
     return jnp.stack([jnp.where(match, -1.0, 1.0), jnp.where(match, 1.0, -1.0)], axis=-1)
 

@@ -11,7 +11,7 @@ import ml_collections
 from flax import nnx
 
 from medunifier_jax.models import layers
-from medunifier_jax.models.qformer import KV, QFormer
+from medunifier_jax.models.qformer import KV, CrossKVs, QFormer
 from medunifier_jax.models.vit import VisionTransformer
 from medunifier_jax.models.vqvae import VQVAE
 
@@ -111,12 +111,24 @@ class MedUnifier(nnx.Module):
     return self.image_queries_with_kv(image_tokens, rngs=rngs)[0]
 
   def image_queries_with_kv(
-      self, image_tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+      self,
+      image_tokens: jax.Array,
+      *,
+      image_kvs: CrossKVs | None = None,
+      rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
-    """Image mode, also returning each layer's query keys/values for the generation mode."""
+    """Image mode, also returning each layer's query keys/values for the generation mode.
+
+    image_kvs: `cross_kvs(image_tokens)` when already computed (they are not computed again).
+    """
     return self.qformer.image_mode_with_kv(
-        self._queries(image_tokens.shape[0]), image_tokens, rngs=rngs
+        self._queries(image_tokens.shape[0]), image_tokens, image_kvs=image_kvs, rngs=rngs
     )
+
+  def cross_kvs(self, image_tokens: jax.Array) -> CrossKVs:
+    """(B, 1 + N, Dv) -> the Q-Former's cross-attention keys/values per layer (None where a
+    layer has no cross-attention); computed once, shared by the image and matching passes."""
+    return self.qformer.cross_kvs(image_tokens)
 
   def text_hidden(
       self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None
@@ -145,14 +157,19 @@ class MedUnifier(nnx.Module):
       input_ids: jax.Array,
       attention_mask: jax.Array,
       *,
+      image_kvs: CrossKVs | None = None,
       rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
-    """Matching mode on row-aligned pairs -> (B, 2) float32 (no-match, match), query-averaged."""
+    """Matching mode on row-aligned pairs -> (B, 2) float32 (no-match, match), query-averaged.
+
+    image_tokens: (B, 1 + N, Dv), or None with `image_kvs`: `cross_kvs` rows aligned with the
+    texts (e.g. `qformer.gather_kvs` of each image's keys/values).
+    """
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]
     hidden = self.qformer(
         self._queries(input_ids.shape[0]), input_ids, attention_mask, image_tokens,
-        mode="matching", rngs=rngs,
+        mode="matching", image_kvs=image_kvs, rngs=rngs,
     )
     return self.itm_head(hidden[:, :q]).astype(jnp.float32).mean(axis=1)
 

@@ -12,6 +12,10 @@ Modes (B batch, Q queries, T text tokens, H width):
   generation  queries see queries; text sees all queries and earlier  -> (B, Q + T, H)
               text (causal); the first text token becomes [DEC]
 
+The image tokens' cross-attention keys/values depend on the image only: `cross_kvs` computes them
+once per image and every mode accepts them in place of the tokens (`image_kvs`), so the matching
+pass over 3B pairs reuses the image pass's projections of the B images instead of redoing them.
+
 In generation mode the queries never see text, so their per-layer keys/values equal those of the
 image pass: `image_mode_with_kv` returns them and `generate_text` / `decode_step` reuse them (the
 BLIP-2 recipe) instead of running the queries again.
@@ -49,6 +53,7 @@ from medunifier_jax.models import layers
 
 Mode = Literal["image", "text", "matching", "generation"]
 KV = tuple[jax.Array, jax.Array]  # keys, values: (B, heads, T, head_dim) each
+CrossKVs = list[KV | None]  # per layer: the image tokens' cross-attention keys/values, or None
 
 
 class QFormerEmbeddings(nnx.Module):
@@ -221,6 +226,10 @@ class QFormerLayer(nnx.Module):
   def text_ffn(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     return self.output(self.intermediate(x), x, rngs)
 
+  def cross_kv(self, image_tokens: jax.Array) -> KV | None:
+    """(B, 1 + N, Dv) -> this layer's cross-attention keys/values (B, heads, 1 + N, d), or None."""
+    return self.crossattention.project_kv(image_tokens) if self.has_cross_attention else None
+
   def __call__(
       self,
       x: jax.Array,
@@ -230,16 +239,24 @@ class QFormerLayer(nnx.Module):
       rngs: nnx.Rngs | None,
       *,
       num_queries: int,
+      image_kv: KV | None = None,
   ) -> tuple[jax.Array, KV]:
-    """x (B, Q + T, H) with the first `num_queries` positions being queries -> (same, self kv)."""
+    """x (B, Q + T, H) with the first `num_queries` positions being queries -> (same, self kv).
+
+    The queries cross-attend to `image_kv` (this layer's `cross_kv`) when given, else to
+    `image_tokens` (B, 1 + N, Dv).
+    """
     a, kv = self.attention(x, mask, prefix_kv=prefix_kv, rngs=rngs)
     if num_queries == 0:
       return self.text_ffn(a, rngs), kv
     q = a[:, :num_queries]
     if self.has_cross_attention:
-      if image_tokens is None:
-        raise ValueError("query positions need image tokens for cross-attention")
-      q, _ = self.crossattention(q, None, source=image_tokens, rngs=rngs)
+      cross = self.crossattention
+      if image_kv is None:
+        if image_tokens is None:
+          raise ValueError("query positions need image tokens for cross-attention")
+        image_kv = cross.project_kv(image_tokens)
+      q = cross.attend(cross.project_query(q), *image_kv, None, q, rngs)
     out = self.output_query(self.intermediate_query(q), q, rngs)
     if a.shape[1] > num_queries:
       out = jnp.concatenate([out, self.text_ffn(a[:, num_queries:], rngs)], axis=1)
@@ -297,16 +314,29 @@ class QFormer(nnx.Module):
       *,
       num_queries: int,
       prefix_kvs: list[KV] | None = None,
+      image_kvs: CrossKVs | None = None,
       rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
-    """Runs every layer on embedded x (B, L, H); returns the output and each layer's self kv."""
+    """Runs every layer on embedded x (B, L, H); returns the output and each layer's self kv.
+
+    The queries cross-attend to `image_kvs` (from `cross_kvs`) when given, else to image_tokens.
+    """
     block = _layer_fn(self.remat, num_queries)
     kvs = []
     for i, layer in enumerate(self.layers):
       prefix = None if prefix_kvs is None else prefix_kvs[i]
-      x, kv = block(layer, x, mask, image_tokens, prefix, rngs)
+      image_kv = None if image_kvs is None else image_kvs[i]
+      x, kv = block(layer, x, mask, image_tokens, prefix, image_kv, rngs)
       kvs.append(kv)
     return x, kvs
+
+  def cross_kvs(self, image_tokens: jax.Array) -> CrossKVs:
+    """(B, 1 + N, Dv) -> per layer the cross-attention keys/values (B, heads, 1 + N, d) or None.
+
+    Rows can be gathered (`gather_kvs`) to pair one image with several texts without projecting
+    it again.
+    """
+    return [layer.cross_kv(image_tokens) for layer in self.layers]
 
   # -- the four modes ------------------------------------------------------------------------
 
@@ -318,6 +348,7 @@ class QFormer(nnx.Module):
       image_tokens: jax.Array | None,
       *,
       mode: Mode,
+      image_kvs: CrossKVs | None = None,
       rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """One pass in `mode`.
@@ -325,13 +356,15 @@ class QFormer(nnx.Module):
     Args:
       query_embeds: (B, Q, H) learned queries (image, matching, generation modes).
       input_ids, attention_mask: (B, T) text (text, matching, generation modes).
-      image_tokens: (B, 1 + N, Dv) ViT output (image, matching, generation modes).
+      image_tokens: (B, 1 + N, Dv) ViT output (image, matching, generation modes); may be None
+        when `image_kvs` (`cross_kvs` of the tokens, B rows) is given instead.
     Returns:
       (B, Q + T, H) hidden states (Q = 0 in text mode, T = 0 in image mode).
     """
     if mode == "image":
       x = self.embeddings(query_embeds, None, rngs=rngs)
-      return self.encode(x, None, image_tokens, num_queries=x.shape[1], rngs=rngs)[0]
+      return self.encode(x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs,
+                         rngs=rngs)[0]
     if mode == "text":
       x = self.embeddings(None, input_ids, rngs=rngs)
       mask = padding_mask(attention_mask)
@@ -341,20 +374,26 @@ class QFormer(nnx.Module):
       x = self.embeddings(query_embeds, input_ids, rngs=rngs)
       ones = jnp.ones(attention_mask.shape[:1] + (q,), attention_mask.dtype)
       mask = padding_mask(jnp.concatenate([ones, attention_mask], axis=1))
-      return self.encode(x, mask, image_tokens, num_queries=q, rngs=rngs)[0]
+      return self.encode(x, mask, image_tokens, num_queries=q, image_kvs=image_kvs, rngs=rngs)[0]
     if mode == "generation":
       q = query_embeds.shape[1]
       x = self.embeddings(query_embeds, self.with_dec_token(input_ids), rngs=rngs)
       mask = generation_mask(q, attention_mask)
-      return self.encode(x, mask, image_tokens, num_queries=q, rngs=rngs)[0]
+      return self.encode(x, mask, image_tokens, num_queries=q, image_kvs=image_kvs, rngs=rngs)[0]
     raise ValueError(f"unknown mode {mode!r}; use image, text, matching or generation")
 
   def image_mode_with_kv(
-      self, query_embeds: jax.Array, image_tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+      self,
+      query_embeds: jax.Array,
+      image_tokens: jax.Array | None,
+      *,
+      image_kvs: CrossKVs | None = None,
+      rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
     """Image mode; also returns each layer's query keys/values (B, heads, Q, d) for generation."""
     x = self.embeddings(query_embeds, None, rngs=rngs)
-    return self.encode(x, None, image_tokens, num_queries=x.shape[1], rngs=rngs)
+    return self.encode(x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs,
+                       rngs=rngs)
 
   def generate_text(
       self,
@@ -431,6 +470,11 @@ class QFormer(nnx.Module):
     return self.lm_logits(x)[:, 0], cache
 
 
+def gather_kvs(image_kvs: CrossKVs, index: jax.Array) -> CrossKVs:
+  """Rows `index` (B',) int of every layer's cross keys/values: image index[i] for pair i."""
+  return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_kvs]
+
+
 def padding_mask(attention_mask: jax.Array) -> jax.Array:
   """(B, L) 1/0 -> bool (B, 1, 1, L): every position may attend to the non-padding keys."""
   return (attention_mask > 0)[:, None, None, :]
@@ -453,7 +497,8 @@ def generation_mask(num_queries: int, attention_mask: jax.Array) -> jax.Array:
 
 @functools.cache
 def _layer_fn(remat: bool, num_queries: int):
-  def call(layer, x, mask, image_tokens, prefix_kv, rngs):
-    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries)
+  def call(layer, x, mask, image_tokens, prefix_kv, image_kv, rngs):
+    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries,
+                 image_kv=image_kv)
 
   return nnx.remat(call) if remat else call
