@@ -33,6 +33,23 @@ def _is_multi_process() -> bool:
   )
 
 
+def _explicit_coordinator() -> dict:
+  """`jax.distributed.initialize` arguments from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (JAX itself reads only the address); empty when no address is set, so that
+  TPU, SLURM and Open MPI environments are detected by JAX."""
+  env = os.environ
+  if not env.get("JAX_COORDINATOR_ADDRESS"):
+    return {}
+  missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+  if missing:
+    raise app.UsageError(
+        f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set JAX_NUM_PROCESSES "
+        "to the number of processes and JAX_PROCESS_ID to this process's index (0, 1, ...)")
+  return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+              num_processes=int(env["JAX_NUM_PROCESSES"]),
+              process_id=int(env["JAX_PROCESS_ID"]))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -45,7 +62,7 @@ def main(argv: list[str]) -> None:
   if _is_multi_process():
     # Reads the coordinator address, process count and id from the environment (TPU metadata,
     # SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_coordinator())
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
   from medunifier_jax.training.loop import train_and_evaluate

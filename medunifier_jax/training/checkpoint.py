@@ -16,6 +16,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -79,7 +80,12 @@ def make_manager(
 
 
 def _pack(state: nnx.State, rng: jax.Array) -> dict[str, Any]:
-  return {"train_state": nnx.to_pure_dict(state), "rng": jax.random.key_data(rng)}
+  # The key lives on one local device; on several hosts orbax only writes global arrays, so it is
+  # saved as a copy replicated over the state's mesh (every process holds the same key).
+  data = np.asarray(jax.device_get(jax.random.key_data(rng)))
+  replicated = jax.sharding.NamedSharding(_any_mesh(state), jax.sharding.PartitionSpec())
+  rng_data = jax.make_array_from_callback(data.shape, replicated, lambda index: data[index])
+  return {"train_state": nnx.to_pure_dict(state), "rng": rng_data}
 
 
 def save(
