@@ -138,6 +138,12 @@ def test_hosts_see_disjoint_examples_covering_the_data(tokenizer, hosts):
   # The shards interleave a global permutation rather than cutting the data in blocks.
   assert not all(np.array_equal(np.sort(s), np.arange(h * len(s), (h + 1) * len(s)))
                  for h, s in enumerate(seen))
+  # Global batch k (the hosts' k-th batches in host order) is batch k of a one-host run, in order.
+  one_host = [b["index"] for b in pipeline.train_dataset(
+      c, tokenizer, source=src, shard_index=0, shard_count=1, num_epochs=1)]
+  per_host = [np.split(s, 5) for s in seen]
+  for k, want in enumerate(one_host):
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in per_host]), want)
 
 
 def test_eval_batches_pad_with_a_mask_and_cover_every_example_once(tokenizer):

@@ -3,13 +3,14 @@
 Training (`train_dataset`), per epoch e:
 
   indices 0..n-1 -> permutation (seed config.data.shuffle_seed + e)
-    -> host h of H keeps positions h, h+H, ... (the last n mod H positions are dropped, so every
-       host has the same count and the hosts are disjoint)
+    -> cut to a multiple of H hosts (the last n mod H positions are dropped)
     -> `ExampleProcessor`: read the record, resize it (PIL, when the stored size differs), gray
        -> 3 channels, `image` normalised with config.data.image_mean/std and `target_image`
        in [0, 1], report cleaned (`text.clean_report`) and tokenised to config.data.max_text_len
-    -> batches of config.batch_size / H examples, repeated over epochs without end (or
-       `num_epochs`), computed in config.data.worker_count processes (0: this process).
+    -> one stream repeated over epochs without end (or `num_epochs`), cut into host batches of
+       config.batch_size / H examples; host h takes host batches h, h+H, ..., so global batch k
+       is stream positions [kB, (k+1)B) in order whatever the number of hosts (the hosts are
+       disjoint); computed in config.data.worker_count processes (0: this process).
 
 Batches are numbered, and batch k is a pure function of (source, seed, host, k): the output does
 not depend on the number of worker processes, and an iterator's state is its position. Save and
@@ -239,11 +240,13 @@ def train_dataset(
         f"{batch}; lower config.batch_size or use a larger split"
     )
   ds = grain.MapDataset.range(n).shuffle(seed=int(config.data.shuffle_seed))
-  # A strided slice of the permuted indices; epoch e of the slice reads epoch e of the shuffle.
-  ds = ds[shard_index : per_host * shard_count : shard_count]
-  ds = ds.repeat(num_epochs)
+  # Epoch e reads epoch e of the shuffle, cut to a multiple of the host count.
+  ds = ds[: per_host * shard_count].repeat(num_epochs)
   ds = ds.map(ExampleProcessor.from_config(source, tokenizer, config.data))
-  ds = ds.batch(batch, drop_remainder=True)
+  # Host h takes host-batches h, h + H, ... of one stream: global batch k is stream positions
+  # [k B, (k + 1) B) in order on any number of hosts, so runs on 1 and on H hosts see the same
+  # batches (and only the taken batches are read).
+  ds = ds.batch(batch, drop_remainder=True)[shard_index::shard_count]
   return _prefetched(ds, int(config.data.worker_count), read_threads, prefetch_batches)
 
 
