@@ -20,7 +20,7 @@ lint: install
 	$(BIN)/ruff check medunifier_jax configs tests launch
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 demo: install
 	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR)
