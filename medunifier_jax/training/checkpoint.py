@@ -80,12 +80,14 @@ def make_manager(
 
 
 def _pack(state: nnx.State, rng: jax.Array) -> dict[str, Any]:
-  # The key lives on one local device; on several hosts orbax only writes global arrays, so it is
-  # saved as a copy replicated over the state's mesh (every process holds the same key).
-  data = np.asarray(jax.device_get(jax.random.key_data(rng)))
-  replicated = jax.sharding.NamedSharding(_any_mesh(state), jax.sharding.PartitionSpec())
-  rng_data = jax.make_array_from_callback(data.shape, replicated, lambda index: data[index])
-  return {"train_state": nnx.to_pure_dict(state), "rng": rng_data}
+  data = jax.random.key_data(rng)
+  if jax.process_count() > 1:
+    # The key lives on one local device, and orbax writes only global arrays from several
+    # hosts: save a copy replicated over the state's mesh (every process holds the same key).
+    host = np.asarray(jax.device_get(data))
+    replicated = jax.sharding.NamedSharding(_any_mesh(state), jax.sharding.PartitionSpec())
+    data = jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+  return {"train_state": nnx.to_pure_dict(state), "rng": data}
 
 
 def save(
