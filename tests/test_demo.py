@@ -31,8 +31,9 @@ def run(tmp_path_factory):
     config.data.num_train = 4096
     config.model.qformer.hidden_dropout = 0.0
     config.model.qformer.attention_dropout = 0.0
+    config.evals.finetune.label_fractions = (1.0,)
   workdir = tmp_path_factory.mktemp("demo")
-  demo.run_demo(config, str(workdir), recon_images=64, log=lambda *_: None)
+  demo.run_demo(config, str(workdir), recon_images=32, log=lambda *_: None)
   results = json.loads((workdir / "eval" / "results.json").read_text())["results"]
   return workdir, results
 

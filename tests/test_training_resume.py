@@ -130,9 +130,10 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
 
 
 
-def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes(tmp_path, env, reference):
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, reference):
   """Preemption (SIGTERM, as TPU VMs and schedulers send it): the run saves the step it is at,
-  even between checkpoint intervals, exits with status 0, and the same command continues it."""
+  even between checkpoint intervals, and exits with status 0. (Resuming from a checkpoint is the
+  SIGKILL test's subject; a preemption checkpoint is written by the same code.)"""
   log = tmp_path / "output.txt"
   with open(log, "w") as out:
     proc = subprocess.Popen(command(tmp_path), env=env, cwd=ROOT, stdout=out,
@@ -153,9 +154,14 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes(tmp_path, env,
   assert stopped_at < NUM_STEPS, "the run finished before the signal arrived"
   assert f"preemption signal: saved step {stopped_at}" in log.read_text()
   assert finished_checkpoints(tmp_path)[-1] == stopped_at
+  for step, record in records(tmp_path).items():
+    assert record["loss"] == reference[step]["loss"], step
 
-  run_to_end(tmp_path, env)
-  resumed = records(tmp_path)
-  for step in range(1, NUM_STEPS + 1):
-    for key in LOSSES:
-      assert resumed[step][key] == reference[step][key], (step, key)
+  config = get_config("tiny")
+  with config.unlocked():
+    config.model.vit.frozen = True
+  manager = ckpt.make_manager(tmp_path, config, read_only=True)
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh))
+  state, _ = ckpt.restore(manager, stopped_at, abstract)
+  manager.close()
+  assert state_lib.step_of(state) == stopped_at
