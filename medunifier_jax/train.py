@@ -60,8 +60,8 @@ def main(argv: list[str]) -> None:
   import jax
 
   if _is_multi_process():
-    # Reads the coordinator address, process count and id from the environment (TPU metadata,
-    # SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
+    # JAX detects TPU metadata, SLURM and Open MPI itself; an explicit coordinator comes with
+    # the process count and id (`_explicit_coordinator`).
     jax.distributed.initialize(**_explicit_coordinator())
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())

@@ -2,19 +2,16 @@
 pod) train one model: their losses equal a one-process run on as many devices, they write one
 set of metrics and checkpoints, and the result loads for inference."""
 
-import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import ROOT, cached_env, finished_checkpoints, records, train_command
 
 from medunifier_jax import api
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 4
 OVERRIDES = (f"--config.num_steps={NUM_STEPS}", "--config.checkpoint_every=2",
              "--config.log_every=1")
@@ -27,23 +24,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(workdir: Path) -> list[str]:
-  return [sys.executable, "-m", "medunifier_jax.train", "--config",
-          f"{ROOT}/configs/pretrain.py:tiny", "--workdir", str(workdir), *OVERRIDES]
-
-
 def _env(cache: Path, devices: int, **extra: str) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  env.update(extra)
-  return env
-
-
-def _records(workdir: Path) -> dict[int, dict]:
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  return {r["step"]: r for r in map(json.loads, filter(str.strip, lines))}
+  return cached_env(cache, JAX_PLATFORMS="cpu",
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +36,17 @@ def runs(tmp_path_factory):
   port = _free_port()
   procs = [
       subprocess.Popen(
-          _command(two_hosts), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True, env=_env(cache, 2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+          train_command(two_hosts, OVERRIDES), cwd=ROOT, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True,
+          env=_env(cache, 2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i)))
       for i in range(2)
   ]
   # The one-process reference runs alongside (its program differs: nothing to share).
   one_host = tmp_path_factory.mktemp("one_process")
-  procs.append(subprocess.Popen(_command(one_host), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=_env(cache, 4)))
+  procs.append(subprocess.Popen(train_command(one_host, OVERRIDES), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=_env(cache, 4)))
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-3000:]
@@ -70,15 +55,14 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_one_process_on_as_many_devices(runs):
   two_hosts, one_host = runs
-  got, want = _records(two_hosts), _records(one_host)
+  got, want = records(two_hosts), records(one_host)
   assert sorted(got) == sorted(want) == list(range(1, NUM_STEPS + 1))
   for step in want:
     for key in LOSSES:
       # Same global batch and program; only the cross-process reductions may add in another
       # order, which moves float32 sums by a few ulps per step.
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=key)
-  steps = sorted(int(p.name) for p in (two_hosts / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps == [2, 4]
+  assert finished_checkpoints(two_hosts) == [2, 4]
 
 
 def test_a_checkpoint_written_by_two_processes_loads_in_one(runs):

@@ -2,11 +2,8 @@
 step's losses equal an uninterrupted run's (bitwise: same program, same inputs, same CPU), and
 every checkpoint on disk stays readable."""
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from cli_runs import ROOT, cached_env, finished_checkpoints, records, train_command
 from flax import nnx
 
 from configs.pretrain import get_config
@@ -22,7 +20,6 @@ from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS, EVERY = 16, 4
 OVERRIDES = (f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}",
              "--config.log_every=1", "--config.model.vit.frozen=True")
@@ -33,36 +30,11 @@ LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate
 def env(tmp_path_factory):
   # The three runs share compiled programs through JAX's persistent cache: the restart must
   # run the very same executable anyway, and the later runs skip recompiling it.
-  cache = tmp_path_factory.mktemp("xla_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONPATH=str(ROOT))
+  return cached_env(tmp_path_factory.mktemp("xla_cache"))
 
 
 def command(workdir: Path) -> list[str]:
-  return [sys.executable, "-m", "medunifier_jax.train",
-          "--config", f"{ROOT}/configs/pretrain.py:tiny", "--workdir", str(workdir), *OVERRIDES]
-
-
-def records(workdir: Path) -> dict[int, dict]:
-  """The last record of each step (a restarted run logs the steps after its checkpoint again)."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return {}
-  out = {}
-  for line in path.read_text().splitlines():
-    if line.strip():
-      r = json.loads(line)
-      out[r["step"]] = r
-  return out
-
-
-def finished_checkpoints(workdir: Path) -> list[int]:
-  """Steps whose checkpoint is complete (orbax writes to a temporary name, then renames)."""
-  folder = workdir / "checkpoints"
-  if not folder.exists():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  return train_command(workdir, OVERRIDES)
 
 
 def run_to_end(workdir: Path, env: dict) -> None:

@@ -156,20 +156,19 @@ class QFormerAttention(nnx.Module):
       x: jax.Array,
       mask: jax.Array | None,
       *,
-      source: jax.Array | None = None,
       prefix_kv: KV | None = None,
       rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, KV]:
-    """Self-attention (source None) or cross-attention over `source`.
+    """Self-attention (cross-attention goes through `project_kv` and `attend`).
 
     Args:
       x: (B, T, H).
       mask: bool (B, 1, T, S'), True where attending is allowed; None: everything.
       prefix_kv: keys/values (B, heads, P, d) placed before x's own (S' = P + T).
     Returns:
-      (B, T, H) output and the keys/values computed from x (or source).
+      (B, T, H) output and the keys/values computed from x.
     """
-    k, v = self.project_kv(x if source is None else source)
+    k, v = self.project_kv(x)
     kk, vv = k, v
     if prefix_kv is not None:
       kk = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)
@@ -251,11 +250,11 @@ class QFormerLayer(nnx.Module):
       return self.text_ffn(a, rngs), kv
     q = a[:, :num_queries]
     if self.has_cross_attention:
-      cross = self.crossattention
       if image_kv is None:
         if image_tokens is None:
           raise ValueError("query positions need image tokens for cross-attention")
-        image_kv = cross.project_kv(image_tokens)
+        image_kv = self.cross_kv(image_tokens)
+      cross = self.crossattention
       q = cross.attend(cross.project_query(q), *image_kv, None, q, rngs)
     out = self.output_query(self.intermediate_query(q), q, rngs)
     if a.shape[1] > num_queries:
