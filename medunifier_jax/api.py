@@ -252,7 +252,7 @@ class Model:
     [0, 1]. It is read as grayscale, resized to S (bicubic), repeated to 3 channels and
     normalised with `config.data.image_mean/std`.
     """
-    from medunifier_jax.data.pipeline import _gray_unit_image
+    from medunifier_jax.data.pipeline import gray_unit_image
 
     if isinstance(images, str | bytes | os.PathLike):
       images = [images]
@@ -267,7 +267,7 @@ class Model:
           raise FileNotFoundError(f"image file {name} does not exist")
         with open(name, "rb") as f:
           image = f.read()
-      gray = _gray_unit_image(image, self.image_size, name)
+      gray = gray_unit_image(image, self.image_size, name)
       out.append((np.repeat(gray[..., None], 3, axis=-1) - mean) / std)
     if not out:
       raise ValueError("no images given")

@@ -1,7 +1,7 @@
 r"""The newcomer's job: pre-train on phantom radiographs, evaluate every task, write the report.
 
   python -m medunifier_jax.demo --workdir workdirs/demo [--config configs/pretrain.py:demo] \
-      [--config.num_steps=600] [--skip_train]
+      [--config.num_steps=1200] [--skip_train]
 
 Stages (each with its own progress display):
   1. pre-training with all four objectives on phantoms paired with the real Open-i reports

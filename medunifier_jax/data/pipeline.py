@@ -60,7 +60,7 @@ DEFAULT_READ_THREADS = 2
 DEFAULT_PREFETCH_BATCHES = 4
 
 
-def _gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
+def gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
   """A stored image as float32 (size, size) in [0, 1].
 
   Accepts uint8 (or uint16/int32, scaled by their maximum, or float in [0, 1]) arrays of shape
@@ -131,7 +131,7 @@ class ExampleProcessor:
     index = int(index)
     record = self.source[index]
     record_id = str(record.get("id", index))
-    gray = _gray_unit_image(record["image"], self.image_size, record_id)
+    gray = gray_unit_image(record["image"], self.image_size, record_id)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     mean = np.asarray(self.image_mean, np.float32)
     std = np.asarray(self.image_std, np.float32)
