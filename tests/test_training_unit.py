@@ -212,6 +212,27 @@ def test_checkpoint_round_trip_restores_state_rng_and_shardings(tmp_path):
   assert kernel.sharding.spec == P(None, "model")
 
 
+def test_checkpoint_of_another_model_size_names_the_differences_and_the_fix(tmp_path):
+  config = tiny(mesh=[("data", 8), ("model", 1)])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, _, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  manager = ckpt.make_manager(tmp_path, config)
+  assert ckpt.save(manager, 2, state_lib.init_train_state(config, shardings, toy_model_fn),
+                   jax.random.key(0), force=True)
+  manager.wait_until_finished()
+  vocab = config.model.qformer.vocab_size
+  bigger = tiny(mesh=[("data", 8), ("model", 1)], **{"model.qformer.vocab_size": vocab + 8})
+  graphdef, abstract, _ = state_lib.abstract_train_state(bigger, mesh, toy_model_fn)
+  expected = rf"model/emb/embedding: checkpoint \({vocab}, 8\), config \({vocab + 8}, 8\)"
+  with pytest.raises(ValueError, match=expected) as err:
+    ckpt.restore(manager, 2, abstract)
+  assert "config.json" in str(err.value) and "fresh --workdir" in str(err.value)
+  manager.close()
+  # The inference path (api.load) reads only the model and says the same.
+  with pytest.raises(ValueError, match=expected):
+    ckpt.restore_model_state(tmp_path, abstract["model"])
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny(num_steps=12, checkpoint_every=4, log_every=100)
 

@@ -128,6 +128,7 @@ def restore(
   items = {STATE: ocp.args.StandardRestore(target)}
   if data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  check_fits(manager.directory / str(step) / STATE, target, partial=False)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   state = jax.tree.map(lambda x: x, abstract_state)
   nnx.replace_by_pure_dict(state, restored[STATE]["train_state"])
@@ -156,6 +157,7 @@ def restore_model_state(
         "(python -m medunifier_jax.train --workdir ...) or pass a directory that has one."
     )
   target = {"train_state": {"model": nnx.to_pure_dict(abstract_model_state)}}
+  check_fits(directory / str(step) / STATE, target, partial=True)
   restored = manager.restore(
       step,
       args=ocp.args.Composite(
@@ -168,6 +170,42 @@ def restore_model_state(
   nnx.replace_by_pure_dict(state, restored[STATE]["train_state"]["model"])
   manager.close()
   return state, int(step)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """"a/b/0/c" -> shape for every array (list indices are ints in nnx state, strings on disk)."""
+  def name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_fits(item_dir: epath.Path, target: Any, *, partial: bool) -> None:
+  """Raises a ValueError listing the differences when the arrays stored in `item_dir` do not
+  match `target` (a model of another size or variant); `partial`: the checkpoint may hold more.
+
+  Runs before a restore, which would otherwise fail deep inside orbax on the first mismatch.
+  """
+  try:
+    stored = _shapes(ocp.PyTreeCheckpointHandler().metadata(item_dir))
+  except Exception:  # unreadable metadata: the restore itself reports what is wrong
+    return
+  wanted = _shapes(target)
+  lines = [f"  {k}: checkpoint {stored[k]}, config {v}" for k, v in wanted.items()
+           if k in stored and stored[k] != v]
+  lines += [f"  {k}: missing from the checkpoint" for k in wanted if k not in stored]
+  if not partial:
+    lines += [f"  {k}: in the checkpoint, not in the config's model" for k in stored
+              if k not in wanted]
+  if not lines:
+    return
+  shown = "\n".join(lines[:12]) + (f"\n  ... and {len(lines) - 12} more" if len(lines) > 12 else "")
+  raise ValueError(
+      f"the checkpoint in {item_dir.parent} does not fit the model this config builds "
+      f"({len(lines)} differences):\n{shown}\nIt was written with another model config. Use "
+      "the config it was trained with (its workdir's config.json, which api.load reads by "
+      "default), or start a fresh --workdir for the new config."
+  )
 
 
 def _any_mesh(tree: Any) -> jax.sharding.Mesh:
