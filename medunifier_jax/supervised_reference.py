@@ -44,7 +44,9 @@ class SupervisedEncoder(nnx.Module):
     return self.head(self.vit(images).mean(axis=1))
 
 
-def _auc_per_finding(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+def auc_per_finding(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+  """ROC AUC of each `findings.FINDINGS` column of labels (N, F) by logits (N, F); findings
+  with only one class among the N examples have none and are left out."""
   from sklearn.metrics import roc_auc_score
 
   out = {}
@@ -83,7 +85,7 @@ def run(config, workdir: str, eval_every: int = 100, log=print) -> dict[str, flo
 
   def evaluate() -> dict[str, float]:
     logits = np.concatenate([np.asarray(predict(model, b["image"]))[b["mask"]] for b in val])
-    return _auc_per_finding(val_labels, logits)
+    return auc_per_finding(val_labels, logits)
 
   batches = iter(pipeline.train_dataset(config, tokenizer, shard_index=0, shard_count=1))
   start, aucs = time.perf_counter(), {}

@@ -26,3 +26,18 @@ def test_supervised_reference_reports_an_auc_per_finding(tmp_path):
   saved = json.loads((tmp_path / "supervised.json").read_text())
   assert saved["steps"] == 40 and saved["validation_examples"] == 64
   assert np.allclose(list(saved["auc"].values()), list(aucs.values()))
+
+
+def test_auc_per_finding_ranks_each_column_and_skips_one_class_columns():
+  n = len(findings.FINDINGS)
+  labels = np.zeros((4, n), np.float32)
+  labels[2:, 0] = 1.0  # column 0: separated by its logits -> AUC 1
+  labels[2:, 1] = 1.0  # column 1: logits ranked backwards -> AUC 0
+  labels[[0, 2], 2] = 1.0  # column 2: one of four pairs ordered right -> AUC 0.25
+  logits = np.zeros((4, n), np.float32)
+  logits[:, 0] = [0.1, 0.2, 0.8, 0.9]
+  logits[:, 1] = [0.9, 0.8, 0.2, 0.1]
+  logits[:, 2] = [0.5, 0.6, 0.1, 0.2]
+  aucs = supervised_reference.auc_per_finding(labels, logits)
+  names = findings.FINDINGS
+  assert aucs == {names[0]: 1.0, names[1]: 0.0, names[2]: 0.25}  # the rest: one class only

@@ -222,7 +222,7 @@ def test_checkpoint_of_another_model_size_names_the_differences_and_the_fix(tmp_
   manager.wait_until_finished()
   vocab = config.model.qformer.vocab_size
   bigger = tiny(mesh=[("data", 8), ("model", 1)], **{"model.qformer.vocab_size": vocab + 8})
-  graphdef, abstract, _ = state_lib.abstract_train_state(bigger, mesh, toy_model_fn)
+  _, abstract, _ = state_lib.abstract_train_state(bigger, mesh, toy_model_fn)
   expected = rf"model/emb/embedding: checkpoint \({vocab}, 8\), config \({vocab + 8}, 8\)"
   with pytest.raises(ValueError, match=expected) as err:
     ckpt.restore(manager, 2, abstract)
