@@ -261,3 +261,66 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert [r["step"] for r in records] == [4]
   assert {"step", "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig",
           "learning_rate"} <= set(records[0])
+
+
+# ------------------------------------------------------ relative paths, failed saves, fallback
+
+
+def test_relative_workdir_trains_saves_and_resumes(tmp_path, monkeypatch):
+  """A relative workdir is resolved where it enters (orbax refuses relative paths)."""
+  monkeypatch.chdir(tmp_path)
+  config = tiny(num_steps=4, checkpoint_every=2, log_every=100)
+  run = lambda: loop.train_and_evaluate(config, "workdirs/rel", model_fn=toy_model_fn,
+                                        loss_fn=toy_loss, data_fn=synthetic_data,
+                                        show_progress=False)
+  assert run()["start"] == "fresh initialisation"
+  assert sorted(int(p.name) for p in (tmp_path / "workdirs/rel/checkpoints").iterdir()) == [2, 4]
+  with config.unlocked():
+    config.num_steps = 6
+  assert run()["start"] == "resumed from step 4"
+  assert json.loads((tmp_path / "workdirs/rel/config.json").read_text())["num_steps"] == 6
+
+
+def test_failed_save_stops_the_run_at_once(tmp_path, monkeypatch):
+  """A save that fails in orbax's background thread stops training at the next step, with the
+  cause and the fix, instead of training on without a checkpoint."""
+  make_manager = ckpt.make_manager
+  # A relative checkpoint path is one way to make every save fail (orbax refuses it).
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(loop.ckpt, "make_manager",
+                      lambda workdir, config: make_manager("unresolved", config))
+  config = tiny(num_steps=40, checkpoint_every=2, log_every=1)
+  with pytest.raises(ckpt.CheckpointSaveError, match="step 2") as err:
+    loop.train_and_evaluate(config, str(tmp_path / "run"), model_fn=toy_model_fn,
+                            loss_fn=toy_loss, data_fn=synthetic_data, show_progress=False)
+  assert "run the same command again" in str(err.value)
+  records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+  # Stopped before the next save was due, not at the end of the run.
+  assert max(r["step"] for r in records) <= 4
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_restored(tmp_path):
+  config = tiny(mesh=[("data", 8), ("model", 1)], keep_checkpoints=5)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
+  state = state_lib.init_train_state(config, shardings, toy_model_fn)
+  manager = ckpt.make_manager(tmp_path, config)
+  for step in (1, 2, 3):
+    ckpt.save(manager, step, state, jax.random.key(step), force=True)
+    manager.wait_until_finished()
+  for array_file in (tmp_path / "checkpoints/3/state").rglob("d/*"):  # truncated data files
+    array_file.write_bytes(array_file.read_bytes()[:10])
+  (tmp_path / "checkpoints/2/state/_METADATA").unlink()
+  notes = []
+  restored, rng, step = ckpt.restore_newest_readable(manager, abstract, log=notes.append)
+  assert step == 1
+  np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(1)))
+  chex.assert_trees_all_equal(nnx.to_pure_dict(restored), nnx.to_pure_dict(state))
+  assert len(notes) == 2 and "step 3 cannot be restored" in notes[0]
+  assert "_METADATA is missing" in notes[1]
+  assert manager.all_steps() == [1]
+  assert sorted(p.name for p in (tmp_path / "broken_checkpoints").iterdir()) == ["2", "3"]
+  manager.close()
+  # Inference reads the newest good checkpoint without changing the workdir.
+  model_state, step = ckpt.restore_model_state(tmp_path, abstract["model"])
+  assert step == 1

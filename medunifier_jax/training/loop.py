@@ -65,12 +65,14 @@ def initial_state(
     shardings: nnx.State,
     data_iter: Any,
     model_fn: state_lib.ModelFn | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[nnx.State, jax.Array, str]:
-  """`(state, base_rng, source)`: workdir latest -> `config.init_from` -> fresh."""
-  latest = manager.latest_step()
-  if latest is not None:
-    state, rng = ckpt.restore(manager, latest, abstract, _checkpointable(data_iter))
-    return state, rng, f"resumed from step {latest}"
+  """`(state, base_rng, source)`: workdir's newest readable checkpoint -> `config.init_from`
+  -> fresh. Unreadable checkpoints are named in `log` and set aside (`checkpoint`)."""
+  restored = ckpt.restore_newest_readable(manager, abstract, _checkpointable(data_iter), log=log)
+  if restored is not None:
+    state, rng, step = restored
+    return state, rng, f"resumed from step {step}"
   state = state_lib.init_train_state(config, shardings, model_fn)
   rng = jax.random.key(int(config.seed))
   if config.init_from:
@@ -144,6 +146,10 @@ def train_and_evaluate(
     ValueError: a mesh or batch size that does not fit the devices (before any compilation).
     NonFiniteLossError: the loss became NaN/inf; the latest checkpoint is the last good one.
   """
+  from medunifier_jax import paths
+
+  workdir = paths.resolve(workdir)  # orbax needs absolute local paths
+  paths.resolve_config(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = config.sharding_rules
   sharding_lib.check_batch_divisible(int(config.batch_size), mesh, rules)
@@ -152,7 +158,9 @@ def train_and_evaluate(
   data_iter = (data_fn or default_data_fn)(config, workdir)
   eval_fn = eval_fn or _evaluators_fn(config, workdir)
   manager = ckpt.make_manager(workdir, config)
-  state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, model_fn)
+  notes: list[str] = []
+  state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, model_fn,
+                                     log=notes.append)
   start = state_lib.step_of(state)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, config, loss_fn), shardings, mesh, rules
@@ -161,6 +169,8 @@ def train_and_evaluate(
   logger = log_lib.MetricLogger(
       workdir, num_steps, start, int(config.batch_size), show_progress=show_progress
   )
+  for note in notes:
+    logger.message(note)
   logger.message(
       f"{source}; mesh {dict(mesh.shape)}; "
       f"{state_lib.count_params(state):,} parameters, "
@@ -171,9 +181,12 @@ def train_and_evaluate(
   window = log_lib.MetricWindow()
   last: dict[str, Any] = {}
   step = start
+  unconfirmed: int | None = None  # a step whose asynchronous save is not known to have succeeded
   error: Exception | None = None
   try:
     for step in range(start + 1, num_steps + 1):
+      if unconfirmed is not None and ckpt.raise_if_save_failed(manager, unconfirmed):
+        unconfirmed = None
       batch = to_global(next(data_iter), mesh, rules)
       state, metrics = train_step(state, batch, rng)
       window.add(step, metrics)
@@ -194,7 +207,10 @@ def train_and_evaluate(
           )
         last = logger.log(step, log_lib.mean_metrics(values))
       if saving:
+        if unconfirmed is not None:  # the previous save must have succeeded before the next
+          ckpt.raise_if_save_failed(manager, unconfirmed, wait=True)
         ckpt.save(manager, step, state, rng, _checkpointable(data_iter), force=True)
+        unconfirmed = step
       if evaluating:
         model = nnx.merge(graphdef, state).model
         logger.log(step, eval_fn(model, step), prefix="eval")
@@ -205,7 +221,12 @@ def train_and_evaluate(
   except Exception as e:  # noqa: BLE001 - re-raised after the checkpoints are safe
     error = e
   finally:
-    manager.wait_until_finished()
+    try:
+      if unconfirmed is not None:
+        ckpt.raise_if_save_failed(manager, unconfirmed, wait=True)
+      manager.wait_until_finished()
+    except ckpt.CheckpointSaveError as e:
+      error = error or e
     manager.close()
     logger.close()
     preempted.restore_handlers()

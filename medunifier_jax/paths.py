@@ -1,0 +1,69 @@
+"""Paths a user gives (workdirs, data and cache folders), resolved once where they enter.
+
+A local path, relative or absolute (`~` expanded), becomes absolute against the current
+directory at the moment it enters: orbax refuses relative checkpoint paths, and a path resolved
+later could be read against another directory. A remote path (`gs://bucket/run`, any
+`scheme://`) passes through unchanged; `etils.epath` reads both kinds.
+
+Entry points (the command-line programs, `api.load`, `training.loop.train_and_evaluate`,
+`evaluate.evaluate`, `demo.run_demo`) call `resolve` on their workdir and `resolve_config` on
+their config; code below them receives absolute paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+# Config fields that hold a local or remote folder ("" means unset).
+CONFIG_PATHS = ("data.data_dir", "data.tokenizer_dir")
+# Config fields of the form "KIND:DIR" (weight sources).
+CONFIG_SOURCES = ("init_from",)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for `scheme://...` paths (gs://, s3://, ...)."""
+  return bool(_SCHEME.match(os.fspath(path)))
+
+
+def resolve(path: str | os.PathLike) -> str:
+  """An absolute local path (`~` expanded, `..` collapsed) or the remote path unchanged.
+
+  Raises:
+    ValueError: for an empty path, which would otherwise mean the current directory.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise ValueError("empty path: give a folder, e.g. workdirs/run")
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_source(source: str) -> str:
+  """`KIND:DIR` (e.g. `hf-bert:models/bert`) with DIR resolved; other strings unchanged."""
+  kind, sep, folder = str(source).partition(":")
+  if not sep or not folder or is_remote(source) or os.sep in kind:
+    return source
+  return f"{kind}:{resolve(folder)}"
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Resolves the path fields of `config` in place (those it has and that are set); returns it.
+
+  Works on locked configs: only existing fields change.
+  """
+  for dotted in CONFIG_PATHS + CONFIG_SOURCES:
+    *parents, name = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node.get(parent) if node is not None else None
+    if node is None or not node.get(name):
+      continue
+    value = str(node[name])
+    node[name] = resolve_source(value) if dotted in CONFIG_SOURCES else resolve(value)
+  return config
