@@ -6,12 +6,15 @@
     h = model.encode_text(input_ids, attention_mask)  # (B, T, H) text-mode hidden states
     s = model.similarity(pixel_values, input_ids, attention_mask)  # (n_images, n_texts)
     l = model.itm_logits(pixel_values, input_ids, attention_mask)  # (n, 2) row-aligned pairs
+    reports = model.generate_reports(pixel_values)    # B strings (needs the tokenizer)
 
 `pixel_values` are float32 NHWC images of the model's size, normalised with
-`config.data.image_mean/std`; `input_ids`/`attention_mask` are (B, T) integers (`[CLS] ... [SEP]`,
-then padding), e.g. from `model.tokenize(texts)`. Every method returns NumPy arrays. Each method
-checks its inputs and then runs a pure function of the model under `jax.jit`; the compiled
-function is cached per input shape, so repeated calls with one batch shape compile once.
+`config.data.image_mean/std`, e.g. from `model.preprocess_images(paths)` (DICOM, PNG, JPEG,
+bytes or arrays, prepared as for training); `input_ids`/`attention_mask` are (B, T) integers
+(`[CLS] ... [SEP]`, then padding), e.g. from `model.tokenize(texts)`. Every method returns NumPy
+arrays. Each method checks its inputs and then runs a pure function of the model under
+`jax.jit`; the compiled function is cached per input shape, so repeated calls with one batch
+shape compile once. `python -m medunifier_jax.predict` is the command-line face of this API.
 """
 
 from __future__ import annotations
@@ -151,7 +154,12 @@ class Model:
     return np.asarray(itc_similarity(self.image_embeddings(pixel_values), text))
 
   def itm_logits(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
-    """(n, 2) image-text matching logits (no-match, match) for row-aligned pairs."""
+    """(n, 2) image-text matching logits for row-aligned pairs (image i with text i).
+
+    Column 0 is "no match", column 1 "match": `softmax(logits)[:, 1]` is the matching
+    probability. To score every image against every text, repeat the image rows and tile the
+    text rows (`np.repeat(pixels, n_texts, 0)`, `np.tile(ids, (n_images, 1))`).
+    """
     pixels = self._pixels(pixel_values)
     ids, mask = self._text(input_ids, attention_mask)
     if pixels.shape[0] != ids.shape[0]:
@@ -245,33 +253,29 @@ class Model:
     return tokenize(self.tokenizer, texts, max_len or self.config.model.max_text_len)
 
   def preprocess_images(self, images: Sequence) -> np.ndarray:
-    """Image files or arrays -> (B, S, S, 3) float32 model input, as training prepares it.
+    """Image files, bytes or arrays -> (B, S, S, 3) float32 model input, as training sees it.
 
-    `images` is a list (or an array whose first axis is the batch); each image is a path
-    (PNG/JPEG), encoded bytes, or an array (H, W) / (H, W, 1) / (H, W, 3) of uint8 or floats in
-    [0, 1]. It is read as grayscale, resized to S (bicubic), repeated to 3 channels and
-    normalised with `config.data.image_mean/std`.
+    `images` is a list (or an array whose first axis is the batch; a single path or bytes is
+    taken as a batch of one). Each image is a path to a DICOM, PNG (8- or 16-bit) or JPEG file,
+    the file's bytes, a PIL image, or an array (H, W) / (H, W, 1) / (H, W, 3) of uint8, of
+    floats in [0, 1], or of other values (min-max scaled). The steps are
+    `data.images.model_input`, the ones the data set builders and the input pipeline use:
+    grayscale (luminance; DICOM with its modality/VOI LUTs, MONOCHROME1 inverted), 16-bit and
+    other ranges min-max scaled to 8 bits, the longer side resized to S (bicubic) and centred
+    on a black square (aspect ratio kept), repeated to 3 channels and normalised with
+    `config.data.image_mean/std`. A file prepared by a builder at size S gives the same input.
+
+    Raises:
+      FileNotFoundError: a path does not exist (`data.images.ImageFileMissing`).
+      ValueError: an image cannot be decoded (`data.images.ImageReadError`, naming the file)
+        or has an unsupported shape or dtype.
     """
-    from medunifier_jax.data.pipeline import gray_unit_image
+    from medunifier_jax.data import images as images_lib
 
     if isinstance(images, str | bytes | os.PathLike):
       images = [images]
-    mean = np.asarray(self.config.data.image_mean, np.float32)
-    std = np.asarray(self.config.data.image_std, np.float32)
-    out = []
-    for i, image in enumerate(images):
-      name = f"images[{i}]"
-      if isinstance(image, str | os.PathLike):
-        name = os.fspath(image)
-        if not os.path.isfile(name):
-          raise FileNotFoundError(f"image file {name} does not exist")
-        with open(name, "rb") as f:
-          image = f.read()
-      gray = gray_unit_image(image, self.image_size, name)
-      out.append((np.repeat(gray[..., None], 3, axis=-1) - mean) / std)
-    if not out:
-      raise ValueError("no images given")
-    return np.stack(out).astype(np.float32)
+    return images_lib.model_input(
+        images, self.image_size, self.config.data.image_mean, self.config.data.image_std)
 
   # -- input checks --------------------------------------------------------------------------
 
@@ -358,13 +362,16 @@ def load(
   """
   if not isinstance(source, str):
     raise TypeError(f"source must be a string, got {type(source).__name__}")
+  from medunifier_jax import paths
+
   if source.startswith(HF_BLIP2):
-    return _load_hf_blip2(source[len(HF_BLIP2) :], config, tuple(allow), seed, dtype)
+    folder = paths.resolve(source[len(HF_BLIP2) :])
+    return _load_hf_blip2(folder, config, tuple(allow), seed, dtype)
   if source.startswith(HF_BERT):
-    return _load_hf_bert(source[len(HF_BERT) :], config, tuple(allow), seed, dtype)
-  _, sep, rest = source.partition(":")
-  is_url = sep and rest.startswith("//")  # e.g. gs://bucket/workdir
-  if sep and not is_url and not os.path.exists(source):
+    folder = paths.resolve(source[len(HF_BERT) :])
+    return _load_hf_bert(folder, config, tuple(allow), seed, dtype)
+  is_url = paths.is_remote(source)  # e.g. gs://bucket/workdir
+  if ":" in source and not is_url and not os.path.exists(source):
     raise ValueError(
         f"unknown source {source!r}: use 'hf-blip2:DIR', 'hf-bert:DIR' or a training workdir"
     )
@@ -372,7 +379,7 @@ def load(
     raise FileNotFoundError(
         f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
     )
-  return _load_workdir(source, config, seed=seed, dtype=dtype)
+  return _load_workdir(paths.resolve(source), config, seed=seed, dtype=dtype)
 
 
 def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:

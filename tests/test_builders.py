@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import io
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from configs import pretrain
 from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.data import pipeline, registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
-from medunifier_jax.data.builders import common, mimic_cxr
+from medunifier_jax.data.builders import BUILDERS, common, mimic_cxr
 from medunifier_jax.data.phantoms import make_phantom
 from medunifier_jax.data.prepare import main, prepare
 
@@ -549,3 +550,198 @@ def test_jpeg_draft_decoding_matches_full_decoding(tmp_path):
 )
 def test_mimic_report_sections(text, expected):
   assert mimic_cxr.findings_and_impression(text) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one message naming file, line and fix, or a listed skip; nothing altered silently
+
+
+def _edit_lines(path: Path, edit) -> None:
+  """Rewrites a (possibly gzipped) text file through `edit(list of lines) -> list of lines`."""
+  gz = path.suffix == ".gz"
+  data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+  data = "".join(line + "\n" for line in edit(data.decode().splitlines())).encode()
+  path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_short_or_long_csv_row_is_skipped_with_file_and_line(tmp_path, capsys):
+  make_rsna_tree(tmp_path / "manual")
+  labels = tmp_path / "manual" / "stage_2_train_labels.csv"
+  # Line 3 (the second patient's only row) loses its last fields; line 2 gains one.
+  _edit_lines(labels, lambda lines: [lines[0], lines[1] + ",extra", lines[2].rsplit(",", 3)[0],
+                                     *lines[3:]])
+  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
+          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  assert main(argv) == 0
+  out = capsys.readouterr().out
+  assert "CSV row with fewer fields than the header: fix or delete the line" in out
+  assert "CSV row with more fields than the header" in out
+  assert "[all] stage_2_train_labels.csv:3" in out and "[all] stage_2_train_labels.csv:2" in out
+  data_path = tmp_path / "out" / "rsna_pneumonia" / "32px" / "1.0.0"
+  skipped = list(csv.DictReader(open(data_path / common.SKIPPED_FILE)))
+  assert {r["file"] for r in skipped} >= {"stage_2_train_labels.csv:2",
+                                          "stage_2_train_labels.csv:3"}
+  manifest = {m["patientId"] for m in csv.DictReader(open(data_path / "manifest.csv"))}
+  assert RSNA[0][0] not in manifest and RSNA[1][0] not in manifest  # never half-read
+  # Outside a builder (no one to list the skip), the same row stops the read.
+  with pytest.raises(common.LayoutError, match=r"stage_2_train_labels\.csv:2: CSV row with more"):
+    common.read_csv(labels, ["patientId", "Target"])
+
+
+def test_damaged_mimic_label_row_skips_its_study(tmp_path):
+  frontal = make_mimic_tree(tmp_path / "manual")
+  # Study 50000002's CheXpert row (line 3) is cut: its image is left out, not given blank labels.
+  _edit_lines(tmp_path / "manual" / mimic_cxr.CHEXPERT_CSV,
+              lambda lines: [*lines[:2], lines[2][:30], *lines[3:]])
+  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  reasons = {s.file: s.reason for s in summary.skipped}
+  assert reasons[f"{mimic_cxr.CHEXPERT_CSV}:3"].startswith("CSV row with fewer fields")
+  image = f"files/p10/p10000001/s50000002/{frontal['50000002']}.jpg"
+  assert reasons[image] == f"its study's row {mimic_cxr.CHEXPERT_CSV}:3 is damaged"
+  assert summary.examples["train"] == 2
+
+
+def test_label_file_not_utf8_names_file_line_offset_and_fix(tmp_path, capsys):
+  make_rsna_tree(tmp_path / "manual")
+  labels = tmp_path / "manual" / "stage_2_train_labels.csv"
+  # Far past the reader's first buffered chunk, so the line comes from a rescan, not the chunk.
+  _edit_lines(labels, lambda lines: [*lines, *(f"f{k:07d},,,,,0" for k in range(3000))])
+  data = labels.read_bytes()
+  at = data.index(b"f0002000")
+  labels.write_bytes(data[:at] + b"caf\xe9" + data[at + 4:])  # Latin-1 e-acute on line 2010
+  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
+          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err  # one message
+  assert f"{labels}: not UTF-8 text (line 2010, byte offset {at + 3}: byte 0xe9" in err
+  assert "save it as UTF-8" in err
+
+  # A gzipped table: the offset counts decompressed bytes.
+  gz = tmp_path / "table.csv.gz"
+  gz.write_bytes(gzip.compress(b"a,b\n1,2\n3,\xe94\n"))
+  with pytest.raises(common.LayoutError, match=r"table\.csv\.gz: not UTF-8 text \(line 3, byte "
+                                                r"offset 10: byte 0xe9"):
+    common.read_csv(gz, ["a", "b"])
+
+  # COVIDx's split lists are text files read whole.
+  (tmp_path / "covidx").mkdir()
+  make_covidx_tree(tmp_path / "covidx")
+  test_txt = tmp_path / "covidx" / "test.txt"
+  test_txt.write_bytes(test_txt.read_bytes().replace(b"bimcv", b"bimc\xe9"))
+  at = test_txt.read_bytes().index(b"\xe9")
+  with pytest.raises(common.LayoutError, match=rf"test\.txt: not UTF-8 text \(line 2, byte "
+                                                rf"offset {at}: byte 0xe9.*save it as UTF-8"):
+    prepare("covidx", tmp_path / "covidx", tmp_path / "out", image_size=SIZE, class_set="binary")
+
+
+def test_empty_or_incomplete_manual_dir_is_named_before_tfds_runs(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  argv = lambda manual: ["rsna_pneumonia", "--manual-dir", str(manual),  # noqa: E731
+                         "--data-dir", str(tmp_path / "out")]
+  assert main(argv(tmp_path / "empty")) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and "AssertionError" not in err
+  assert err.startswith(f"error: --manual-dir {tmp_path / 'empty'} is empty. rsna_pneumonia "
+                        "expects these files there (docs/DATASETS.md, section rsna_pneumonia)")
+  assert "stage_2_train_labels.csv" in err and "stage_2_train_images/" in err
+  assert main(argv(tmp_path / "absent")) == 2
+  assert f"--manual-dir {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+  (tmp_path / "partial" / "stage_2_train_images").mkdir(parents=True)
+  assert main(argv(tmp_path / "partial")) == 2
+  assert "lacks stage_2_train_labels.csv. rsna_pneumonia expects" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_builder_lists_its_layout_for_an_empty_manual_dir(tmp_path, name):
+  with pytest.raises(common.LayoutError) as info:
+    BUILDERS[name].check_manual_dir(tmp_path)
+  message = str(info.value)
+  assert f"--manual-dir {tmp_path} is empty" in message and f"section {name}" in message
+  assert BUILDERS[name].LAYOUT and all(
+    pattern in message for patterns, _ in BUILDERS[name].LAYOUT for pattern in patterns)
+
+
+def test_non_utf8_report_is_skipped_with_its_reason(tmp_path):
+  make_mimic_tree(tmp_path / "manual")
+  report = tmp_path / "manual" / "files" / "p10" / "p10000000" / "s50000001.txt"
+  report.write_bytes(report.read_bytes().replace(b"There is", b"Th\xe9re is"))
+  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  reasons = {s.file: s.reason for s in summary.skipped}
+  assert reasons["files/p10/p10000000/s50000001.txt"] == (
+    "report is not UTF-8 text (line 10, byte offset 171: byte 0xe9 in b' Th\\xe9re is a'); "
+    "save it as UTF-8")
+  assert summary.examples["train"] == 2  # 50000001's image is left out, not stored with U+FFFD
+
+
+def test_reports_are_stored_whole_and_cut_when_tokenised(tmp_path, tokenizer):
+  from medunifier_jax.data import text as text_lib
+
+  make_mimic_tree(tmp_path / "manual")
+  words = " ".join(f"w{k}" for k in range(150))
+  report = tmp_path / "manual" / "files" / "p10" / "p10000001" / "s50000002.txt"
+  report.write_text(MIMIC_REPORT.format(finding=f"cardiomegaly: {words}", impression="Stable."))
+  prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  config = data_config("mimic_cxr", tmp_path / "out")
+  source = registry.get_source("mimic_cxr", "train", config.data)
+  index = next(i for i in range(len(source)) if source[i]["study_id"] == "50000002")
+  stored = source[index]["report"]
+  assert stored == f"There is cardiomegaly {words}. The cardiomediastinal silhouette is normal. " \
+                   "Stable."
+  assert len(stored.split(" ")) > text_lib.DEFAULT_MAX_WORDS
+  # The pipeline cuts to config.data.max_words when it tokenises.
+  config.data.max_words, config.data.max_text_len = 4, 16
+  example = pipeline.ExampleProcessor.from_config(source, tokenizer, config.data)(index)
+  expected = tokenizer_lib.tokenize(tokenizer, ["There is cardiomegaly w0"], 16)
+  np.testing.assert_array_equal(example["input_ids"], expected["input_ids"][0])
+  assert len(common.clean_report("w " * 200).split(" ")) == 200  # Open-i's storage call too
+
+
+def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, monkeypatch, capsys):
+  from medunifier_jax.data import text as text_lib
+
+  make_mimic_tree(tmp_path / "mimic")
+  make_rsna_tree(tmp_path / "rsna")
+  out = tmp_path / "out"
+  prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE)
+  prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE)
+  monkeypatch.setattr(text_lib, "CLEANING_VERSION", text_lib.CLEANING_VERSION + 1)
+  command = (f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {tmp_path / 'mimic'} "
+             f"--data-dir {out} --image-size {SIZE} --overwrite")
+  version = f"report_cleaning.version: prepared with {text_lib.CLEANING_VERSION - 1}, now " \
+            f"{text_lib.CLEANING_VERSION}"
+  with pytest.raises(common.StalePreparedError) as info:
+    prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE)
+  assert version in str(info.value) and str(info.value).endswith(f"Rebuild it with:\n  {command}")
+  # Training reads through the registry: refused too, with the manual dir recorded at prepare.
+  config = data_config("mimic_cxr", out)
+  with pytest.raises(common.StalePreparedError, match=re.escape(command)):
+    registry.get_source("mimic_cxr", "train", config.data)
+  # A set without reports does not depend on the cleaning rule: still reused.
+  assert not prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE).built
+  # The printed command rebuilds it.
+  assert main(command.split()[3:]) == 0
+  assert "mimic_cxr/32px: prepared" in capsys.readouterr().out
+  assert len(registry.get_source("mimic_cxr", "train", config.data)) == 3
+  assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE).built
+
+  # A set prepared before fingerprints were recorded is refused as well.
+  (out / "rsna_pneumonia" / "32px" / "1.0.0" / common.FINGERPRINT_FILE).unlink()
+  with pytest.raises(common.StalePreparedError, match="has no fingerprint.json, so it was "
+                                                     "prepared by an earlier version"):
+    prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE)
+
+
+def test_failed_overwrite_keeps_the_prepared_copy(tmp_path, capsys):
+  make_rsna_tree(tmp_path / "manual")
+  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
+          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  assert main(argv) == 0
+  labels = tmp_path / "manual" / "stage_2_train_labels.csv"
+  labels.write_bytes(labels.read_bytes().replace(b"Target", b"Targ\xe9t"))
+  assert main([*argv, "--overwrite"]) == 2
+  assert "not UTF-8 text (line 1" in capsys.readouterr().err
+  assert main(argv) == 0  # the earlier copy is back and still matches
+  assert "already prepared, reused" in capsys.readouterr().out
+  assert [p.name for p in (tmp_path / "out" / "rsna_pneumonia" / "32px").iterdir()] == ["1.0.0"]

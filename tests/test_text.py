@@ -49,6 +49,23 @@ def test_clean_report_collapses_deidentification_runs():
   assert "XXXX" not in dropped and dropped.startswith("Comparison . right pleural")
 
 
+def test_stored_reports_cut_later_equal_reports_cleaned_once():
+  # Builders store clean_report(raw, None) and the pipeline cleans again with max_words: the
+  # same as cleaning the raw report once. Placeholders split by removed punctuation included.
+  for raw in (OPENI_COMPARISON, OPENI_ENUMERATED, "Comparison XXXX: XXXX; (XXXX) now XXXX ~ ok",
+              "  a:b  (c) " + " w" * 200):
+    stored = text.clean_report(raw, max_words=None)
+    assert text.clean_report(stored) == text.clean_report(raw)
+    assert text.clean_report(stored, max_words=None) == stored
+  assert text.clean_report("Comparison XXXX: XXXX.") == "Comparison XXXX."
+
+
+def test_cleaning_rule_records_version_and_patterns():
+  rule = text.cleaning_rule()
+  assert rule["version"] == text.CLEANING_VERSION and rule["deid_token"] == text.DEID_TOKEN
+  assert re.fullmatch(rule["punctuation"], ":") and re.fullmatch(rule["whitespace"], " \t")
+
+
 def test_clean_report_rejects_non_text():
   with pytest.raises(TypeError, match="must be a str"):
     text.clean_report(None)

@@ -45,6 +45,21 @@ def trained(tmp_path_factory):
   return folder, tok_lib.train_tokenizer(_corpus(), VOCAB, folder)
 
 
+def test_tokenize_refuses_an_empty_text_by_index(trained):
+  _, tok = trained
+  with pytest.raises(ValueError, match=r"texts\[0\] is empty: ''; give every text at least "):
+    tok_lib.tokenize(tok, [""], max_len=8)
+  with pytest.raises(ValueError, match=r"texts\[1\] is empty \(whitespace only\)"):
+    tok_lib.tokenize(tok, ["heart", " \t\n"], max_len=8)
+  # A text made only of what cleaning removes arrives empty (as from api.Model.tokenize).
+  with pytest.raises(ValueError, match=r"texts\[2\] is empty"):
+    tok_lib.tokenize(tok, [text.clean_report(t) for t in ("heart", "lungs", "(:;)")], 8)
+  with pytest.raises(TypeError, match="wrap a single text in a list"):
+    tok_lib.tokenize(tok, "heart", max_len=8)
+  with pytest.raises(TypeError, match=r"texts\[0\] is a NoneType"):
+    tok_lib.tokenize(tok, [None], max_len=8)
+
+
 def test_trained_folder_has_bert_layout_and_special_order(trained):
   folder, tok = trained
   assert {"tokenizer.json", "tokenizer_config.json", "vocab.txt"} <= set(os.listdir(folder))
@@ -155,13 +170,17 @@ def test_config_mismatch_names_both_numbers(trained):
 
 def test_fixed_length_encoder_matches_transformers(trained):
   _, tok = trained
-  texts = _corpus(n=20, seed=3) + ["", "heart " * 40, "Comparison XXXX. Stable."]
+  texts = _corpus(n=20, seed=3) + ["heart " * 40, "Comparison XXXX. Stable."]
   for max_len in (6, 24):
     fast = tok_lib.encode(tok_lib.fixed_length_encoder(tok, max_len), texts)
     reference = tok_lib.tokenize(tok, texts, max_len)
     for key in ("input_ids", "attention_mask"):
       assert fast[key].dtype == np.int32 and fast[key].shape == (len(texts), max_len)
       np.testing.assert_array_equal(fast[key], reference[key])
+  # The pipeline's encoder takes the empty report of sets without reports ([CLS] [SEP]), which
+  # `tokenize`, the call for texts a user gives, refuses.
+  empty = tok_lib.encode(tok_lib.fixed_length_encoder(tok, 6), [""])["input_ids"][0]
+  assert empty.tolist() == [tok.cls_token_id, tok.sep_token_id, *[tok.pad_token_id] * 4]
   # The encoder is a copy: the tokenizer itself still neither pads nor truncates.
   assert len(tok("heart " * 40)["input_ids"]) == 42
 

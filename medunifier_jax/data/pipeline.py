@@ -4,9 +4,10 @@ Training (`train_dataset`), per epoch e:
 
   indices 0..n-1 -> permutation (seed config.data.shuffle_seed + e)
     -> cut to a multiple of H hosts (the last n mod H positions are dropped)
-    -> `ExampleProcessor`: read the record, resize it (PIL, when the stored size differs), gray
-       -> 3 channels, `image` normalised with config.data.image_mean/std and `target_image`
-       in [0, 1], report cleaned (`text.clean_report`) and tokenised to config.data.max_text_len
+    -> `ExampleProcessor`: read the record, fit it into the square (`data/images.py`, when the
+       stored size differs: aspect kept, black padding), gray -> 3 channels, `image`
+       normalised with config.data.image_mean/std and `target_image` in [0, 1], report
+       cleaned (`text.clean_report`) and tokenised to config.data.max_text_len
     -> one stream repeated over epochs without end (or `num_epochs`), cut into host batches of
        config.batch_size / H examples; host h takes host batches h, h+H, ..., so global batch k
        is stream positions [kB, (k+1)B) in order whatever the number of hosts (the hosts are
@@ -40,7 +41,6 @@ F findings:
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -49,9 +49,8 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image
 
-from medunifier_jax.data import registry
+from medunifier_jax.data import images, registry
 from medunifier_jax.data import text as text_lib
 from medunifier_jax.data import tokenizer as tokenizer_lib
 
@@ -61,43 +60,18 @@ DEFAULT_PREFETCH_BATCHES = 4
 
 
 def gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
-  """A stored image as float32 (size, size) in [0, 1].
+  """A stored image as float32 (size, size) in [0, 1]: `images.unit_image`.
 
-  Accepts uint8 (or uint16/int32, scaled by their maximum, or float in [0, 1]) arrays of shape
-  (H, W), (H, W, 1) or (H, W, 3) (converted to luminance), or PNG/JPEG bytes. Other sizes than
-  `size` are resized with PIL (bicubic).
+  Accepts uint8 arrays (H, W), (H, W, 1) or (H, W, 3) (luminance), other integer or float
+  arrays (min-max scaled, floats within [0, 1] kept as unit intensities), and PNG/JPEG/DICOM
+  bytes. A stored (size, size) uint8 image is only divided by 255; any other shape is fitted
+  into the square with `images.to_square` (aspect kept, black padding), as the builders do.
+
+  Raises:
+    ValueError: the image cannot be decoded or has an unsupported shape or dtype; the message
+      starts with "record {record_id}".
   """
-  if isinstance(image, bytes | bytearray):
-    try:
-      pil = Image.open(io.BytesIO(image))
-      pil.load()
-    except Exception as e:  # PIL raises several types for corrupt data.
-      raise ValueError(f"record {record_id}: image bytes cannot be decoded ({e})") from None
-    image = np.asarray(pil if pil.mode in ("L", "I;16", "I") else pil.convert("L"))
-  image = np.asarray(image)
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  elif image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
-    image = np.asarray(Image.fromarray(image).convert("L"))
-  if image.ndim != 2 or min(image.shape) == 0:
-    raise ValueError(
-        f"record {record_id}: expected a grayscale uint8 image (H, W) or (H, W, 1), got shape "
-        f"{image.shape} dtype {image.dtype}"
-    )
-  if image.dtype == np.uint8:
-    if image.shape != (size, size):
-      image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return image.astype(np.float32) * np.float32(1.0 / 255.0)
-  if image.dtype in (np.uint16, np.int32):
-    unit = image.astype(np.float32) / np.float32(max(int(image.max()), 1))
-  elif image.dtype in (np.float32, np.float64):
-    unit = image.astype(np.float32)
-  else:
-    raise ValueError(f"record {record_id}: image dtype {image.dtype} is not supported; store uint8")
-  if unit.shape != (size, size):
-    resized = Image.fromarray(unit, mode="F").resize((size, size), Image.Resampling.BICUBIC)
-    unit = np.asarray(resized)
-  return np.clip(unit, 0.0, 1.0)
+  return images.unit_image(image, size, name=f"record {record_id}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,14 +105,11 @@ class ExampleProcessor:
     index = int(index)
     record = self.source[index]
     record_id = str(record.get("id", index))
-    gray = gray_unit_image(record["image"], self.image_size, record_id)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    mean = np.asarray(self.image_mean, np.float32)
-    std = np.asarray(self.image_std, np.float32)
+    rgb = images.gray_to_rgb(gray_unit_image(record["image"], self.image_size, record_id))
     report = text_lib.clean_report(record["report"], self.max_words)
     tokens = tokenizer_lib.encode(self.encoder, [report])
     example = {
-        "image": (rgb - mean) / std,
+        "image": images.normalize(rgb, self.image_mean, self.image_std),
         "target_image": rgb,
         "input_ids": tokens["input_ids"][0],
         "attention_mask": tokens["attention_mask"][0],

@@ -1,14 +1,20 @@
 r"""Prepare a real data set: read its published files, write ArrayRecord files for training.
 
   python -m medunifier_jax.data.prepare NAME --manual-dir DIR --data-dir DIR [--image-size N]
-      [--class-set SET] [--seed S] [--per-class N] [--threads T]
+      [--class-set SET] [--seed S] [--per-class N] [--threads T] [--overwrite]
 
 NAME is one of mimic_cxr, open_i, chexpert_5x200, mimic_5x200, rsna_pneumonia,
 siim_pneumothorax, covidx (docs/DATASETS.md gives each one's download and layout). A progress
-bar runs per split; the summary lists the examples per split and every skipped file with the
-reason. A data set already prepared with the same options is not rebuilt (its summary is read
-back). Output: DATA_DIR/NAME/CONFIG/1.0.0/ with the ArrayRecord files, dataset_info.json,
-manifest.csv (the split or sample definition) and skipped.csv.
+bar runs per split; the summary lists the examples per split and every skipped input with the
+reason. Output: DATA_DIR/NAME/CONFIG/1.0.0/ with the ArrayRecord files, dataset_info.json,
+manifest.csv (the split or sample definition), skipped.csv and fingerprint.json.
+
+A data set already prepared with the same options by the same code (same fingerprint: format
+versions, options, report cleaning rule) is not rebuilt; its summary is read back. One whose
+fingerprint differs is refused with the command that rebuilds it (`--overwrite`, which replaces
+it; the old files are kept until the new build succeeds). Errors (a wrong or empty manual
+directory, a label file with an unknown header or in another encoding than UTF-8, a stale
+prepared set) end in one message and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import collections
 import dataclasses
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,15 +74,19 @@ def prepare(
   seed: int = 0,
   per_class: int = common.DEFAULT_PER_CLASS,
   num_threads: int | None = None,
+  overwrite: bool = False,
 ) -> Summary:
   """Builds data set `name` (once) and returns its summary.
+
+  With `overwrite`, a prepared copy is rebuilt whatever its fingerprint; it is moved aside
+  first and put back if the new build fails.
 
   Raises:
     KeyError: unknown name. ValueError: bad option. LayoutError: the manual directory does not
     hold the published layout (the message names the file and what was expected).
+    StalePreparedError: the prepared copy was made by other code or settings (the message
+    gives the command that rebuilds it).
   """
-  import tensorflow_datasets as tfds
-
   from medunifier_jax.data.builders import get_builder
 
   builder_cls = get_builder(name)
@@ -83,18 +94,15 @@ def prepare(
     class_set = next(iter(builder_cls.CLASS_SETS), "")
   config = common.make_config(image_size, class_set, seed, per_class)
   builder = builder_cls(config=config, data_dir=str(data_dir))
-  built = not builder.is_prepared()
+  if _recover(Path(builder.data_dir)):
+    builder = builder_cls(config=config, data_dir=str(data_dir))
+  built = overwrite or not builder.is_prepared()
   if built:
-    manual_dir = Path(manual_dir)
-    if not manual_dir.is_dir():
-      raise FileNotFoundError(f"--manual-dir {manual_dir} does not exist")
-    tfds.disable_progress_bar()  # the builders show their own bar per split
-    if num_threads:
-      builder.num_threads = num_threads
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-    )
+    builder_cls.check_manual_dir(manual_dir)  # before the old copy is touched
+    _build(builder_cls, config, Path(manual_dir), data_dir, num_threads, Path(builder.data_dir))
     builder = builder_cls(config=config, data_dir=str(data_dir))  # re-read what was written
+  else:
+    builder.check_fingerprint(data_dir, manual_dir)
   return Summary(
     name=name,
     config=config.name,
@@ -103,6 +111,47 @@ def prepare(
     skipped=builder.skipped,
     built=built,
   )
+
+
+def _aside(target: Path) -> Path:
+  """Where an overwrite keeps the previous copy of `target` until the new build succeeds."""
+  return target.with_name(f".{target.name}.replaced")
+
+
+def _recover(target: Path) -> bool:
+  """Cleans up after an overwrite that was killed mid-build; True if the old copy came back."""
+  aside = _aside(target)
+  if not aside.exists():
+    return False
+  if target.exists():  # the new build finished; only the old copy's removal was missed
+    shutil.rmtree(aside)
+    return False
+  aside.rename(target)
+  return True
+
+
+def _build(builder_cls, config, manual_dir: Path, data_dir, num_threads, target: Path) -> None:
+  """Runs the TFDS build into `target` (the version folder), replacing what is there only once
+  the new build has succeeded."""
+  import tensorflow_datasets as tfds
+
+  aside = _aside(target)
+  if target.exists():
+    target.rename(aside)
+  try:
+    builder = builder_cls(config=config, data_dir=str(data_dir))
+    tfds.disable_progress_bar()  # the builders show their own bar per split
+    if num_threads:
+      builder.num_threads = num_threads
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+  except BaseException:
+    if aside.exists():
+      shutil.rmtree(target, ignore_errors=True)
+      aside.rename(target)
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--threads", type=int, default=None, help="image decoding threads (default: min(8, CPUs))"
   )
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="rebuild even if prepared (needed when the prepared copy's fingerprint differs)",
+  )
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on custom configurations
   try:
@@ -139,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       seed=args.seed,
       per_class=args.per_class,
       num_threads=args.threads,
+      overwrite=args.overwrite,
     )
-  except (common.LayoutError, FileNotFoundError, ValueError) as e:
+  except (ValueError, OSError) as e:
+    # LayoutError and StalePreparedError are ValueErrors; their messages name the file (and
+    # line) or the command to run, which is all a user needs, so no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(summary.format())

@@ -5,6 +5,13 @@ spaces, runs of whitespace collapse to one space, and the text is cut to `max_wo
 in the paper). Full stops stay (they end sentences) and case is left to the tokenizer (the
 BERT uncased normaliser lower-cases).
 
+Prepared data sets store reports cleaned but whole (`clean_report(text, max_words=None)`); the
+cut to `max_words` happens when a report is tokenised, so changing `config.data.max_words` needs
+no rebuild. That relies on cleaning being idempotent: cleaning a stored (already cleaned) report
+again gives what cleaning the raw report once gives. `cleaning_rule()` describes the rule; the
+builders record it in each prepared data set's fingerprint, and `CLEANING_VERSION` is bumped
+whenever the rule's behaviour changes in a way its patterns do not show.
+
 De-identified Open-i reports replace names, dates and many ordinary words by ``XXXX``
 ("Normal chest x-XXXX.", "Comparison XXXX, XXXX."). Such a run carries no information, so
 `clean_report` collapses each run of placeholders (with the commas or spaces between them)
@@ -38,6 +45,9 @@ import re
 
 DEFAULT_MAX_WORDS = 95
 DEID_TOKEN = "XXXX"
+# Version of the cleaning code (the order of its steps, say); the patterns below are recorded
+# as they are. 2: punctuation is removed before placeholder runs collapse (idempotent cleaning).
+CLEANING_VERSION = 2
 
 _PUNCTUATION = re.compile(r"[!\"()*#:;~]")
 _WHITESPACE = re.compile(r"\s+")
@@ -64,12 +74,29 @@ def clean_report(
     raise TypeError(f"a report must be a str, got {type(text).__name__}: {text!r:.80}")
   if max_words is not None and max_words < 1:
     raise ValueError(f"max_words must be a positive word count or None, got {max_words}")
-  text = _DEID_RUN.sub(deid_token, text)
+  # Punctuation goes first: "XXXX: XXXX" is then one run like "XXXX XXXX", and a second pass
+  # over the result (the tokenising pass over a stored report) finds nothing left to change.
   text = _PUNCTUATION.sub(" ", text)
+  text = _DEID_RUN.sub(deid_token, text)
   words = _WHITESPACE.sub(" ", text).strip().split(" ")
   if max_words is not None:
     words = words[:max_words]
   return " ".join(words)
+
+
+def cleaning_rule() -> dict[str, object]:
+  """What `clean_report` does to a stored report, as plain data (for data set fingerprints).
+
+  Any change to the patterns, the placeholder token or `CLEANING_VERSION` changes the result,
+  so a data set prepared under another rule is detected instead of silently reused.
+  """
+  return {
+      "version": CLEANING_VERSION,
+      "punctuation": _PUNCTUATION.pattern,
+      "whitespace": _WHITESPACE.pattern,
+      "deid_run": _DEID_RUN.pattern,
+      "deid_token": DEID_TOKEN,
+  }
 
 
 @functools.cache

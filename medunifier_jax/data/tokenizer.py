@@ -277,7 +277,25 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, np.ndar
 
   Returns:
     `input_ids` and `attention_mask`, int32 (B, max_len).
+
+  Raises:
+    TypeError: `texts` is a single str, or holds something other than str.
+    ValueError: a text is empty or whitespace only (its index is named). Such a text would
+      encode as a bare `[CLS] [SEP]`, an embedding of nothing that still scores against every
+      image, so it is refused rather than passed on.
   """
+  if isinstance(texts, str):
+    raise TypeError("tokenize takes a list of texts; wrap a single text in a list")
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str: {t!r:.80}")
+    if not t.strip():
+      raise ValueError(
+          f"texts[{i}] is empty{' (whitespace only)' if t else ''}: {t!r:.80}; give every text "
+          "at least one word (a text made only of the characters cleaning removes, such as "
+          "'()' or ':', is empty after cleaning too)"
+      )
   enc = tokenizer(
       list(texts),
       padding="max_length",

@@ -20,7 +20,12 @@ from typing import Any
 
 from medunifier_jax.data import registry
 from medunifier_jax.data.builders.chexpert_5x200 import Chexpert5x200
-from medunifier_jax.data.builders.common import LayoutError, RadiographBuilder, make_config
+from medunifier_jax.data.builders.common import (
+  LayoutError,
+  RadiographBuilder,
+  StalePreparedError,
+  make_config,
+)
 from medunifier_jax.data.builders.covidx import Covidx
 from medunifier_jax.data.builders.mimic_5x200 import Mimic5x200
 from medunifier_jax.data.builders.mimic_cxr import MimicCxr
@@ -70,6 +75,7 @@ for _name, _cls in BUILDERS.items():
 __all__ = [
   "BUILDERS",
   "LayoutError",
+  "StalePreparedError",
   "TfdsSource",
   "get_builder",
   "make_config",

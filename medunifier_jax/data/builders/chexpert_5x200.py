@@ -116,6 +116,10 @@ class Chexpert5x200(common.RadiographBuilder):
   HOMEPAGE = "https://stanfordmlgroup.github.io/competitions/chexpert/"
   DESCRIPTION = "CheXpert 5x200: seeded, 200 frontal images per class, single-positive."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  LAYOUT = (
+    (TRAIN_CSV_PATTERNS, "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,..."),
+    (("CheXpert-v1.0*/train/",), "the JPEG images, patientNNNNN/studyN/viewN_*.jpg"),
+  )
 
   def _features(self):
     return {
@@ -129,7 +133,7 @@ class Chexpert5x200(common.RadiographBuilder):
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
     train_csv = common.find_one(root, TRAIN_CSV_PATTERNS, "CheXpert train.csv")
-    rows = common.read_csv(train_csv, COLUMNS)
+    rows = common.read_csv(train_csv, COLUMNS, self._bad_row)
     cfg = self.builder_config
     manifest = chexpert_manifest(rows, self.class_names, seed=cfg.seed, per_class=cfg.per_class)
     self._write_manifest(("Path", "label", "class_name"), manifest)

@@ -4,8 +4,13 @@ Every builder reads a data set's own published layout from a manual download dir
 writes ArrayRecord files of `{"image": uint8 (S, S, 1) PNG, "id": str, ...}`. Images are passed
 to TFDS already encoded, so building and reading need no TensorFlow.
 
-What lives here: label-file reading with header checks (`read_csv`), image decoding (files and
-DICOM) with a typed `SkipExample` for unusable inputs, resizing to a square canvas, the skip
+What lives here: label-file reading with header, row and encoding checks (`read_csv`,
+`read_text`; a damaged row is skipped and listed, a file that is not UTF-8 stops the build with
+its line and byte offset), the manual-directory check against each builder's `LAYOUT`, the
+fingerprint that ties a prepared data set to the code and settings that made it
+(`fingerprint.json`, checked by `prepare` and by the sources), image decoding (files and
+DICOM) with a typed `SkipExample` for unusable inputs, resizing to a square canvas (the image
+steps are `data/images.py`'s, shared with the input pipeline and the API), the skip
 ledger that ends up in the prepared data set's metadata and `skipped.csv`, manifest writing, and
 `RadiographBuilder`, the base class that ties them together.
 """
@@ -15,11 +20,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import hashlib
 import inspect
 import io
+import json
 import os
 import re
+import shlex
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +39,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
+
+from medunifier_jax.data import images
 
 # CheXpert's 14 observations in the column order of its train.csv; MIMIC-CXR-JPG's label file
 # has the same names in another order, so both are stored in this order, mapped by name.
@@ -52,6 +63,11 @@ CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
 
 SKIPPED_FILE = "skipped.csv"
 MANIFEST_FILE = "manifest.csv"
+FINGERPRINT_FILE = "fingerprint.json"
+PREPARE_COMMAND = "python -m medunifier_jax.data.prepare"
+# Version of what every builder shares: image decoding, resizing and padding, the record layout.
+# Bump it when one of them changes what is stored; each builder has its own FORMAT_VERSION too.
+COMMON_FORMAT_VERSION = 1
 THREAD_CHUNK = 256  # images decoded ahead of the writer, at most
 
 # TFDS split names for the split labels the published files use.
@@ -60,6 +76,11 @@ SPLIT_NAMES = {"train": "train", "validate": "validation", "val": "validation", 
 
 class LayoutError(ValueError):
   """The manual directory does not hold the published layout (wrong header, missing file)."""
+
+
+class StalePreparedError(ValueError):
+  """A prepared data set was made by other code or settings than the running code's; the
+  message says what differs and gives the command that rebuilds it."""
 
 
 class SkipExample(Exception):
@@ -80,43 +101,156 @@ class SkipExample(Exception):
 # Label files
 
 
-def open_text(path: Path) -> io.TextIOBase:
-  """Opens `.csv`, `.csv.gz` or a one-member `.zip` (as Kaggle ships them) as text."""
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+  """Opens `.csv`/`.txt`, `.gz` or a one-member `.zip` (as Kaggle ships them) as bytes."""
   path = Path(path)
   if path.suffix == ".gz":
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return gzip.open(path, "rb")
   if path.suffix == ".zip":
     archive = zipfile.ZipFile(path)
     members = [n for n in archive.namelist() if not n.endswith("/")]
     if len(members) != 1:
       raise LayoutError(f"{path}: expected one file inside the archive, found {members}")
-    return io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
-  return open(path, encoding="utf-8", newline="")
+    return archive.open(members[0])
+  return open(path, "rb")
 
 
-def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+def open_text(path: Path) -> io.TextIOBase:
+  """Opens `.csv`, `.csv.gz` or a one-member `.zip` as UTF-8 text (a leading BOM is dropped).
+
+  Decoding is lazy: a byte that is not UTF-8 raises UnicodeDecodeError where it is read;
+  `not_utf8_error(path)` turns that into a message with the line and byte offset.
+  """
+  return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", newline="")
+
+
+def first_non_utf8(lines: Iterable[bytes]) -> str | None:
+  """Where the first byte that is not UTF-8 lies in `lines` (bytes, line ends kept), in words
+  ("line 3, byte offset 120: byte 0xe9 in b'...'"); None when all of it is UTF-8.
+
+  Lines are decoded one by one: a UTF-8 sequence never contains the newline byte, so no valid
+  character is split between two lines.
+  """
+  offset = 0
+  for number, line in enumerate(lines, 1):
+    try:
+      line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      context = line[max(0, e.start - 24) : e.start + 8]
+      return (
+        f"line {number}, byte offset {offset + e.start}: byte 0x{line[e.start]:02x} in "
+        f"{context!r}"
+      )
+    offset += len(line)
+  return None
+
+
+def not_utf8_error(path: Path) -> LayoutError:
+  """The LayoutError for a label file that does not decode as UTF-8, naming the first bad byte."""
+  with _open_bytes(path) as f:
+    where = first_non_utf8(f)
+  return LayoutError(
+    f"{path}: not UTF-8 text ({where or 'undecodable bytes'}). The published file is UTF-8; "
+    "another encoding (such as Latin-1) or damage crept in: re-download it, or if it was "
+    "edited, save it as UTF-8."
+  )
+
+
+def read_text(path: Path) -> str:
+  """A whole text label file (e.g. COVIDx's split lists); LayoutError if it is not UTF-8."""
+  path = Path(path)
+  if not path.is_file():
+    raise LayoutError(f"missing label file {path}; see docs/DATASETS.md for the expected layout")
+  try:
+    with open_text(path) as f:
+      return f.read()
+  except UnicodeDecodeError:
+    raise not_utf8_error(path) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  """A label-file row that cannot be used as it is.
+
+  Attributes:
+    path: the label file.
+    line: its line number (1-based; where the row ends, for rows with quoted line breaks).
+    fields: the values it has, keyed by the header's names (possibly fewer than the header).
+    reason: what is wrong, in words that are the same for every such row (the summary groups
+      skipped inputs by reason).
+  """
+
+  path: Path
+  line: int
+  fields: dict[str, str]
+  reason: str
+
+
+def read_csv(
+  path: Path, required: Sequence[str], on_bad_row: Callable[[BadRow], None] | None = None
+) -> list[dict[str, str]]:
   """Rows of a published label file as dicts, after checking its header.
 
   Column names are compared with surrounding spaces removed (SIIM's header is
-  `ImageId, EncodedPixels`), and rows are keyed by the stripped names.
+  `ImageId, EncodedPixels`), and rows are keyed by the stripped names. Blank lines are ignored.
+  A row with more or fewer fields than the header (a cut-off line, a stray comma) would pair
+  values with the wrong columns, so it is never used: it goes to `on_bad_row` (a builder
+  records it as skipped, with file and line), or without one it stops the read.
 
   Raises:
-    LayoutError: the file is missing or lacks one of `required`; the message names the file,
-      the expected columns and the ones found.
+    LayoutError: the file is missing or lacks one of `required` (the message names the file,
+      the expected columns and the ones found); it is not UTF-8 or not readable as CSV (the
+      message names the file and line); a bad row without `on_bad_row` (file and line).
   """
   path = Path(path)
   if not path.is_file():
     raise LayoutError(f"missing label file {path}; see docs/DATASETS.md for the expected layout")
-  with open_text(path) as f:
-    reader = csv.reader(f)
-    header = [name.strip() for name in next(reader, [])]
-    missing = [name for name in required if name not in header]
-    if missing:
-      raise LayoutError(
-        f"{path}: unknown layout, expected columns {list(required)} but found {header} "
-        f"(missing {missing}). Use the file as published; see docs/DATASETS.md."
-      )
-    return [dict(zip(header, (v.strip() for v in row))) for row in reader if row]
+  reader = None
+  try:
+    with open_text(path) as f:
+      reader = csv.reader(f)
+      header = [name.strip() for name in next(reader, [])]
+      missing = [name for name in required if name not in header]
+      if missing:
+        raise LayoutError(
+          f"{path}: unknown layout, expected columns {list(required)} but found {header} "
+          f"(missing {missing}). Use the file as published; see docs/DATASETS.md."
+        )
+      rows = []
+      for row in reader:
+        if not row:
+          continue
+        values = [v.strip() for v in row]
+        if len(values) == len(header):
+          rows.append(dict(zip(header, values)))
+          continue
+        bad = BadRow(
+          path=path,
+          line=reader.line_num,
+          fields=dict(zip(header, values)),
+          reason=(
+            f"CSV row with {'fewer' if len(values) < len(header) else 'more'} fields than the "
+            "header: fix or delete the line, or re-download the file"
+          ),
+        )
+        if on_bad_row is None:
+          raise LayoutError(
+            f"{path}:{bad.line}: {bad.reason} ({len(values)} fields, header has "
+            f"{len(header)}: {header})"
+          )
+        on_bad_row(bad)
+      return rows
+  except UnicodeDecodeError:
+    raise not_utf8_error(path) from None
+  except csv.Error as e:
+    line = reader.line_num if reader is not None else 1
+    raise LayoutError(
+      f"{path}:{line}: not readable as CSV ({e}); use the file as published (re-download it)"
+    ) from None
+  except (EOFError, gzip.BadGzipFile, zipfile.BadZipFile, zlib.error) as e:
+    raise LayoutError(
+      f"{path}: the compressed file is cut off or damaged ({e}); re-download it"
+    ) from None
 
 
 def find_one(root: Path, patterns: Sequence[str], what: str) -> Path:
@@ -145,92 +279,52 @@ def chexpert_vector(row: dict[str, str]) -> np.ndarray:
 
 
 def load_image(path: Path, min_side: int | None = None) -> np.ndarray:
-  """A JPEG/PNG radiograph as uint8 (H, W) grayscale; SkipExample if missing or unreadable.
+  """A JPEG/PNG (or DICOM) radiograph as uint8 (H, W) grayscale; SkipExample if missing or
+  unreadable.
 
-  With `min_side`, a JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps both
-  sides >= min_side (libjpeg's DCT scaling): about 2.5x faster on 2544x3056 MIMIC-CXR-sized
-  files that are resized to a few hundred pixels anyway.
+  `images.read_gray` (the project's one image reader) with its error turned into a skip. With
+  `min_side`, a JPEG is decoded at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps both
+  sides >= min_side (faster on large files that are resized to a few hundred pixels anyway).
   """
   path = Path(path)
-  if not path.is_file():
-    raise SkipExample("image file missing", path)
   try:
-    with Image.open(path) as im:
-      if min_side and im.format == "JPEG":
-        im.draft("L", (min_side, min_side))
-      im.load()  # decodes now, so a truncated file fails here, not later
-      return _to_gray_uint8(im)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise SkipExample(f"corrupt or truncated image ({e})", path) from None
+    return images.read_gray(path, min_side=min_side)
+  except images.ImageReadError as e:
+    raise SkipExample(e.reason, path) from None
 
 
 def _to_gray_uint8(im: Image.Image) -> np.ndarray:
-  if im.mode in ("I;16", "I;16B", "I", "F"):
-    return rescale_to_uint8(np.asarray(im, np.float32))
-  return np.asarray(im.convert("L"), np.uint8)
+  return images.pil_to_gray(im)
 
 
 def load_dicom(path: Path) -> np.ndarray:
   """A DICOM radiograph as uint8 (H, W): modality and VOI LUTs applied, MONOCHROME1 inverted.
 
-  Raises SkipExample for a missing or unreadable file and for a file without pixel data.
+  `images.read_dicom`; raises SkipExample for a missing or unreadable file and for a file
+  without pixel data.
   """
-  import pydicom
-  from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
   path = Path(path)
-  if not path.is_file():
-    raise SkipExample("DICOM file missing", path)
   try:
-    ds = pydicom.dcmread(path)
-  except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as e:
-    raise SkipExample(f"not a readable DICOM file ({e})", path) from None
-  if "PixelData" not in ds:
-    raise SkipExample("DICOM has no pixel data", path)
-  try:
-    pixels = ds.pixel_array
-  except Exception as e:  # pydicom raises many types for broken pixel data
-    raise SkipExample(f"DICOM pixel data cannot be decoded ({e})", path) from None
-  if pixels.ndim != 2:
-    raise SkipExample(f"expected one grayscale frame, got pixels of shape {pixels.shape}", path)
-  if pixels.dtype == np.uint8 and "WindowCenter" not in ds and "RescaleSlope" not in ds:
-    image = pixels
-  else:
-    image = rescale_to_uint8(apply_voi_lut(apply_modality_lut(pixels, ds), ds))
-  if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-    image = 255 - image
-  return np.asarray(image, np.uint8)
+    return images.read_dicom(path)
+  except images.ImageReadError as e:
+    raise SkipExample(e.reason, path) from None
 
 
 def rescale_to_uint8(x: np.ndarray) -> np.ndarray:
-  """Min-max scales any-range pixel values to uint8 (a constant image maps to 0)."""
-  x = np.asarray(x, np.float32)
-  lo, hi = float(x.min()), float(x.max())
-  if hi <= lo:
-    return np.zeros(x.shape, np.uint8)
-  return np.round((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+  """Min-max scales any-range pixel values to uint8 (a constant image maps to 0);
+  `images.rescale_to_uint8`."""
+  return images.rescale_to_uint8(x)
 
 
 def to_square(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 (H, W) so the longer side is `size`, then pads to (size, size) with black.
-
-  Keeping the aspect ratio (as GLoRIA and MGCA do) keeps the whole chest in view.
-  """
-  h, w = image.shape
-  scale = size / max(h, w)
-  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-  resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-  canvas = np.zeros((size, size), np.uint8)
-  top, left = (size - nh) // 2, (size - nw) // 2
-  canvas[top : top + nh, left : left + nw] = np.asarray(resized)
-  return canvas
+  """uint8 (H, W) -> (size, size): aspect kept, centred, black padding; `images.to_square`."""
+  return images.to_square(image, size)
 
 
 def encode_png(image: np.ndarray) -> bytes:
-  """uint8 (H, W) -> PNG bytes (what the TFDS Image feature stores, decoded without TF)."""
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
+  """uint8 (H, W) -> PNG bytes (what the TFDS Image feature stores, decoded without TF);
+  `images.encode_png`."""
+  return images.encode_png(image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,10 +336,31 @@ def normalize_space(text: str) -> str:
 
 
 def clean_report(text: str) -> str:
-  """The project's report cleaning (`medunifier_jax.data.text.clean_report`)."""
+  """A report as stored: cleaned (`medunifier_jax.data.text.clean_report`) but not cut.
+
+  The cut to `config.data.max_words` happens when the report is tokenised, so the stored text
+  stays whole and a new word limit needs no rebuild.
+  """
   from medunifier_jax.data.text import clean_report as _clean
 
-  return _clean(text)
+  return _clean(text, max_words=None)
+
+
+def read_report(path: Path) -> str:
+  """A report file's text; SkipExample if it is missing or not UTF-8.
+
+  A byte that is not UTF-8 is not replaced by a stand-in character: the report would be stored
+  altered without a word, so it is skipped, with the line and byte offset in the reason.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise SkipExample("report file missing", path)
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    where = first_non_utf8(io.BytesIO(data))
+    raise SkipExample(f"report is not UTF-8 text ({where}); save it as UTF-8", path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +464,13 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   num_threads: int = min(8, os.cpu_count() or 1)  # image decoding threads while preparing
   HOMEPAGE = ""
   DESCRIPTION = ""
+  # Bump when this builder's code changes what it stores (fields, parsing, selection).
+  FORMAT_VERSION = 1
+  # Whether records hold report text cleaned by `data/text.py` (its rule joins the fingerprint).
+  STORES_REPORTS = False
+  # The published layout, checked before anything is read: one entry per required item, its
+  # glob patterns (any one suffices) and what it is, for the message that lists what is missing.
+  LAYOUT: tuple[tuple[tuple[str, ...], str], ...] = ()
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
     # ArrayRecord: random access for grain, and written without TensorFlow.
@@ -425,6 +547,117 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       metadata=tfds.core.MetadataDict(),
     )
 
+  # -- manual directory ------------------------------------------------------------------------
+
+  @classmethod
+  def check_manual_dir(cls, manual_dir: str | Path) -> None:
+    """Raises LayoutError unless `manual_dir` holds every item of `LAYOUT`.
+
+    Runs before TFDS looks at the folder (which would only assert that it is not empty), so a
+    wrong or empty folder gets one message naming it and listing the files expected there.
+    """
+    root = Path(manual_dir)
+    listing = "\n".join(f"  {' or '.join(patterns):<40} {what}" for patterns, what in cls.LAYOUT)
+    expected = (
+      f"{cls.name} expects these files there (docs/DATASETS.md, section {cls.name}):\n"
+      f"{listing}\n{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}".rstrip()
+    )
+    if not root.is_dir():
+      state = "is a file, not a folder" if root.exists() else "does not exist"
+      raise LayoutError(f"--manual-dir {root} {state}. {expected}")
+    if next(root.iterdir(), None) is None:
+      raise LayoutError(f"--manual-dir {root} is empty. {expected}")
+    missing = [
+      " or ".join(patterns)
+      for patterns, _ in cls.LAYOUT
+      if not any(next(root.glob(p), None) is not None for p in patterns)
+    ]
+    if missing:
+      raise LayoutError(f"--manual-dir {root} lacks {', '.join(missing)}. {expected}")
+
+  # -- fingerprint -----------------------------------------------------------------------------
+
+  def _format_versions(self) -> dict[str, int]:
+    """The format versions this builder's records depend on (subclasses sharing another
+    builder's record code add that one's)."""
+    return {self.name: self.FORMAT_VERSION, "common": COMMON_FORMAT_VERSION}
+
+  def fingerprint_parts(self) -> dict[str, Any]:
+    """What a prepared data set depends on besides the downloaded files, as plain data: format
+    versions, the configuration's options and, for sets with reports, the cleaning rule."""
+    cfg = self.builder_config
+    parts: dict[str, Any] = {
+      "builder": self.name,
+      "format_versions": self._format_versions(),
+      "options": {
+        "image_size": cfg.image_size,
+        "class_set": cfg.class_set,
+        "seed": cfg.seed,
+        "per_class": cfg.per_class,
+      },
+    }
+    if self.STORES_REPORTS:
+      from medunifier_jax.data import text as text_lib
+
+      parts["report_cleaning"] = text_lib.cleaning_rule()
+    return parts
+
+  def fingerprint(self) -> str:
+    """A short hash of `fingerprint_parts()`: equal exactly when the parts are."""
+    return _hash_parts(self.fingerprint_parts())
+
+  def rebuild_command(self, manual_dir: str | Path | None, data_dir: str | Path) -> str:
+    """The prepare command line that rebuilds this configuration in place."""
+    return rebuild_command(self.name, self.builder_config, manual_dir, data_dir)
+
+  def check_fingerprint(
+    self, data_dir: str | Path, manual_dir: str | Path | None = None
+  ) -> None:
+    """Raises StalePreparedError unless the prepared files carry this code's fingerprint.
+
+    The message names what differs and the command that rebuilds the set; `manual_dir` goes
+    into it, else the folder recorded when the set was prepared.
+    """
+    path = Path(self.data_dir) / FINGERPRINT_FILE
+    try:
+      stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+      stored = None
+      why = (
+        f"has no {FINGERPRINT_FILE}, so it was prepared by an earlier version of this code "
+        "(one that, among other things, cut reports to 95 words when storing them)"
+      )
+    except (OSError, ValueError) as e:
+      stored = None
+      why = f"has an unreadable {FINGERPRINT_FILE} ({e})"
+    if stored is not None and not isinstance(stored, dict):
+      stored = None
+      why = f"has a {FINGERPRINT_FILE} that is not a JSON object"
+    if stored is not None:
+      if stored.get("fingerprint") == self.fingerprint():
+        return
+      changes = _differences(stored.get("parts", {}), self.fingerprint_parts())
+      why = f"was prepared by other code or settings ({'; '.join(changes) or 'other hash'})"
+    manual = manual_dir or (stored or {}).get("manual_dir")
+    raise StalePreparedError(
+      f"{self.name}/{self.builder_config.name} at {self.data_dir} {why}; its records may differ "
+      "from what preparing it now gives, so it is not used. Rebuild it with:\n"
+      f"  {self.rebuild_command(manual, data_dir)}"
+    )
+
+  def _write_fingerprint(self) -> None:
+    """Writes `fingerprint.json` next to the ArrayRecord files (in TFDS's temporary folder,
+    renamed with the rest on success)."""
+    manual = getattr(self, "_manual_root", None)
+    record = {
+      "fingerprint": self.fingerprint(),
+      "parts": self.fingerprint_parts(),
+      "manual_dir": str(Path(manual).resolve()) if manual is not None else None,
+    }
+    (Path(self.data_dir) / FINGERPRINT_FILE).write_text(
+      json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+
   # -- generation helpers ----------------------------------------------------------------------
 
   @property
@@ -443,7 +676,14 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         pass
     self.info.metadata.setdefault("skipped", []).append([split, file, reason])
 
+  def _bad_row(self, bad: BadRow) -> None:
+    """`read_csv`'s `on_bad_row` for builders: the row is skipped and listed as FILE:LINE."""
+    self._skip("all", f"{bad.path}:{bad.line}", bad.reason)
+
   def _download_and_prepare(self, dl_manager, download_config=None):
+    manual_dir = getattr(download_config, "manual_dir", None)
+    if manual_dir:
+      self.check_manual_dir(manual_dir)  # before TFDS's own, less telling, check
     self.info.metadata["skipped"] = []
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     # self.data_dir is still the temporary directory TFDS renames on success.
@@ -452,6 +692,7 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       ("split", "file", "reason"),
       (dict(split=s, file=f, reason=r) for s, f, r in self.info.metadata["skipped"]),
     )
+    self._write_fingerprint()
 
   def _manual(self, dl_manager) -> Path:
     self._manual_root = Path(dl_manager.manual_dir)
@@ -501,3 +742,61 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _write_manifest(self, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     """Writes `manifest.csv` next to the ArrayRecord files (the split/sample definition)."""
     write_csv(Path(self.data_dir) / MANIFEST_FILE, columns, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _hash_parts(parts: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(parts: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(parts, dict):
+    out: dict[str, Any] = {}
+    for key, value in parts.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix.rstrip("."): parts}
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """'key: prepared with A, now B' for each leaf of two fingerprint part trees that differs."""
+  old, new = _flatten(stored), _flatten(current)
+
+  def show(leaves: dict[str, Any], key: str) -> str:
+    return repr(leaves[key]) if key in leaves else "nothing"
+
+  return [
+    f"{key}: prepared with {show(old, key)}, now {show(new, key)}"
+    for key in sorted(set(old) | set(new))
+    if key not in old or key not in new or old[key] != new[key]
+  ]
+
+
+def rebuild_command(
+  name: str, config: RadiographConfig, manual_dir: str | Path | None, data_dir: str | Path
+) -> str:
+  """The prepare command that rebuilds `name` in `config` over what is there (`--overwrite`).
+
+  Options at their defaults are left out; a manual directory that is not known is written
+  MANUAL_DIR (the folder holding the downloaded files).
+  """
+  args = [
+    PREPARE_COMMAND,
+    name,
+    "--manual-dir",
+    shlex.quote(str(manual_dir)) if manual_dir else "MANUAL_DIR",
+    "--data-dir",
+    shlex.quote(str(data_dir)),
+    "--image-size",
+    str(config.image_size),
+  ]
+  if config.class_set:
+    args += ["--class-set", config.class_set]
+  if config.seed:
+    args += ["--seed", str(config.seed)]
+  if config.per_class != DEFAULT_PER_CLASS:
+    args += ["--per-class", str(config.per_class)]
+  return " ".join([*args, "--overwrite"])

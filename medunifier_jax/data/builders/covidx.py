@@ -48,14 +48,14 @@ and val.txt where published) and the image folders train/, test/ (val/) lie in -
 def parse_split_file(path: Path) -> list[dict[str, str]]:
   """Lines of a split file as dicts with LINE_FIELDS; LayoutError names a malformed line."""
   rows = []
-  for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+  for n, line in enumerate(common.read_text(path).splitlines(), 1):
     fields = line.split()
     if not fields:
       continue
     if len(fields) < 4:
       raise common.LayoutError(
         f"{path}:{n}: unknown layout, expected space-separated fields {list(LINE_FIELDS)}, "
-        f"found {line!r}"
+        f"found {line!r}; fix or delete the line, or re-download the file"
       )
     rows.append(dict(zip(LINE_FIELDS, (fields[0], " ".join(fields[1:-2]), *fields[-2:]))))
   return rows
@@ -75,6 +75,12 @@ class Covidx(common.RadiographBuilder):
   HOMEPAGE = "https://github.com/lindawangg/COVID-Net"
   DESCRIPTION = "COVIDx chest radiographs, published splits."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  LAYOUT = (
+    (SPLIT_FILES["train"], "patientid filename class source, one image per line"),
+    (SPLIT_FILES["test"], "the same for the test split"),
+    (("train/",), "the train images"),
+    (("test/",), "the test images (and val/ with the validation images, where published)"),
+  )
 
   def _features(self):
     return {

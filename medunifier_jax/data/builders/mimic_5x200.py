@@ -54,6 +54,12 @@ class Mimic5x200(common.RadiographBuilder):
   HOMEPAGE = "https://physionet.org/content/mimic-cxr-jpg/"
   DESCRIPTION = "MIMIC-CXR 5x200: seeded, 200 frontal studies per class, single-positive, reports."
   MANUAL_DOWNLOAD_INSTRUCTIONS = mimic_cxr.INSTRUCTIONS
+  STORES_REPORTS = True
+  LAYOUT = mimic_cxr.MANUAL_LAYOUT
+
+  def _format_versions(self):
+    # The records are mimic_cxr's (`mimic_cxr.mimic_example`): its record format counts too.
+    return {**super()._format_versions(), "mimic_cxr records": mimic_cxr.RECORD_FORMAT_VERSION}
 
   def _features(self):
     return {
@@ -63,7 +69,7 @@ class Mimic5x200(common.RadiographBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
-    images = mimic_cxr.read_tables(root)
+    images = mimic_cxr.read_tables(root, self._skip)
     cfg = self.builder_config
     drawn = mimic_manifest(images, self.class_names, seed=cfg.seed, per_class=cfg.per_class)
     self._write_manifest(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,17 @@ SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv.gz"
 FRONTAL_VIEWS = ("PA", "AP")
+
+# Version of the records `mimic_example` makes (report sections, fields); mimic_5x200 stores
+# the same records, so both fingerprints carry it. Bump it when they change.
+RECORD_FORMAT_VERSION = 1
+MANUAL_LAYOUT = (
+  ((SPLIT_CSV,), "dicom_id,study_id,subject_id,split"),
+  ((METADATA_CSV,), "dicom_id,subject_id,study_id,...,ViewPosition,..."),
+  ((CHEXPERT_CSV,), "subject_id,study_id,Atelectasis,...,Support Devices"),
+  (("files/p*/p*/s*.txt",), "the reports (mimic-cxr-reports.zip, unzipped into this folder)"),
+  (("files/p*/p*/s*/*.jpg",), "the JPEG images"),
+)
 
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
@@ -62,30 +73,56 @@ class MimicImage:
     return f"{self.study_dir}.txt"
 
 
-def read_tables(root: Path) -> list[MimicImage]:
-  """Frontal (PA/AP) images with split, view and study labels, sorted by dicom_id."""
+def read_tables(
+  root: Path, skip: Callable[[str, str | Path, str], None] | None = None
+) -> list[MimicImage]:
+  """Frontal (PA/AP) images with split, view and study labels, sorted by dicom_id.
+
+  Args:
+    root: the manual directory.
+    skip: `(split, path, reason)` records an input left out (a builder's `_skip`). A label-file
+      row with too few or too many fields is left out and recorded as FILE:LINE; the images of
+      a study whose CheXpert row is such a row are left out too (their labels are unknown, and
+      blank would read as "not mentioned"). Without `skip`, such a row stops the read with a
+      LayoutError naming file and line.
+  """
   root = Path(root)
-  splits = {r["dicom_id"]: r for r in common.read_csv(root / SPLIT_CSV, SPLIT_COLUMNS)}
+  on_bad_row = None
+  damaged: dict[tuple[str, str], common.BadRow] = {}
+  if skip is not None:
+
+    def on_bad_row(bad: common.BadRow) -> None:
+      skip("all", f"{bad.path}:{bad.line}", bad.reason)
+      if bad.path.name == CHEXPERT_CSV and "study_id" in bad.fields:
+        damaged[bad.fields["subject_id"], bad.fields["study_id"]] = bad
+
+  splits = {
+    r["dicom_id"]: r for r in common.read_csv(root / SPLIT_CSV, SPLIT_COLUMNS, on_bad_row)
+  }
   labels = {
     (r["subject_id"], r["study_id"]): common.chexpert_vector(r)
-    for r in common.read_csv(root / CHEXPERT_CSV, CHEXPERT_COLUMNS)
+    for r in common.read_csv(root / CHEXPERT_CSV, CHEXPERT_COLUMNS, on_bad_row)
   }
   blank = np.full(len(common.CHEXPERT_OBSERVATIONS), np.nan, np.float32)
   images = []
-  for row in common.read_csv(root / METADATA_CSV, METADATA_COLUMNS):
+  for row in common.read_csv(root / METADATA_CSV, METADATA_COLUMNS, on_bad_row):
     if row["ViewPosition"] not in FRONTAL_VIEWS or row["dicom_id"] not in splits:
       continue
     key = (row["subject_id"], row["study_id"])
-    images.append(
-      MimicImage(
-        dicom_id=row["dicom_id"],
-        subject_id=row["subject_id"],
-        study_id=row["study_id"],
-        split=splits[row["dicom_id"]]["split"],
-        view=row["ViewPosition"],
-        chexpert=labels.get(key, blank),
-      )
+    image = MimicImage(
+      dicom_id=row["dicom_id"],
+      subject_id=row["subject_id"],
+      study_id=row["study_id"],
+      split=splits[row["dicom_id"]]["split"],
+      view=row["ViewPosition"],
+      chexpert=labels.get(key, blank),
     )
+    if key in damaged:
+      split = common.SPLIT_NAMES.get(image.split, image.split)
+      line = damaged[key].line
+      skip(split, root / image.image_path, f"its study's row {CHEXPERT_CSV}:{line} is damaged")
+      continue
+    images.append(image)
   return sorted(images, key=lambda im: im.dicom_id)
 
 
@@ -115,11 +152,10 @@ def findings_and_impression(text: str) -> tuple[str, str]:
 
 
 def read_report(root: Path, image: MimicImage) -> tuple[str, str, str]:
-  """(cleaned report, findings, impression); SkipExample if missing or without either section."""
+  """(cleaned report, findings, impression); SkipExample if missing, not UTF-8 or without either
+  section. The report is stored whole: the cut to `max_words` happens when it is tokenised."""
   path = Path(root) / image.report_path
-  if not path.is_file():
-    raise common.SkipExample("report file missing", path)
-  findings, impression = findings_and_impression(path.read_text(encoding="utf-8", errors="replace"))
+  findings, impression = findings_and_impression(common.read_report(path))
   if not findings and not impression:
     raise common.SkipExample("empty report: no FINDINGS or IMPRESSION text", path)
   return common.clean_report(f"{findings} {impression}"), findings, impression
@@ -165,13 +201,16 @@ class MimicCxr(common.RadiographBuilder):
   HOMEPAGE = "https://physionet.org/content/mimic-cxr-jpg/"
   DESCRIPTION = "MIMIC-CXR-JPG frontal (PA/AP) radiographs, FINDINGS + IMPRESSION, official split."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  FORMAT_VERSION = RECORD_FORMAT_VERSION
+  STORES_REPORTS = True
+  LAYOUT = MANUAL_LAYOUT
 
   def _features(self):
     return report_features()
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
-    images = read_tables(root)
+    images = read_tables(root, self._skip)
     by_split: dict[str, list[MimicImage]] = {}
     for image in images:
       if image.split not in common.SPLIT_NAMES:

@@ -60,6 +60,13 @@ class OpenI(common.RadiographBuilder):
   HOMEPAGE = "https://openi.nlm.nih.gov/"
   DESCRIPTION = "Indiana University chest X-ray collection: PNG images with their reports."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  STORES_REPORTS = True
+  # Bump also when `openi.parse_report` changes what it reads from the XML.
+  FORMAT_VERSION = 1
+  LAYOUT = (
+    ((f"{REPORT_DIR}/*.xml", REPORT_ARCHIVE), "the XML reports (NLMCXR_reports.tgz)"),
+    (("**/*.png",), "the PNG images, in any folder (NLMCXR_png.tgz)"),
+  )
 
   def _features(self):
     text = tfds.features.Text

@@ -65,6 +65,10 @@ class RsnaPneumonia(common.RadiographBuilder):
   HOMEPAGE = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge"
   DESCRIPTION = "RSNA Pneumonia stage 2 training images, binary, split 70/15/15 by patient."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  LAYOUT = (
+    ((LABELS_CSV,), ",".join(COLUMNS)),
+    ((f"{IMAGE_DIR}/",), "the DICOM images, <patientId>.dcm"),
+  )
   CLASS_NAMES = tuple(findings_lib.CLASSES_PNEUMONIA)
 
   def _features(self):
@@ -75,7 +79,7 @@ class RsnaPneumonia(common.RadiographBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
-    labels = patient_labels(common.read_csv(root / LABELS_CSV, COLUMNS))
+    labels = patient_labels(common.read_csv(root / LABELS_CSV, COLUMNS, self._bad_row))
     split = split_patients(list(labels), seed=self.builder_config.seed)
     self._write_manifest(
       ("patientId", "label", "split"),

@@ -66,6 +66,10 @@ class SiimPneumothorax(common.RadiographBuilder):
   HOMEPAGE = "https://www.kaggle.com/c/siim-acr-pneumothorax-segmentation"
   DESCRIPTION = "SIIM-ACR Pneumothorax training images, binary, stratified split 81/9/10."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  LAYOUT = (
+    ((LABELS_CSV,), "ImageId, EncodedPixels"),
+    ((f"{IMAGE_DIR}/",), "the DICOM images, <StudyUID>/<SeriesUID>/<ImageId>.dcm"),
+  )
   CLASS_NAMES = tuple(findings_lib.CLASSES_PNEUMOTHORAX)
 
   def _features(self):
@@ -76,7 +80,7 @@ class SiimPneumothorax(common.RadiographBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
-    labels = image_labels(common.read_csv(root / LABELS_CSV, COLUMNS))
+    labels = image_labels(common.read_csv(root / LABELS_CSV, COLUMNS, self._bad_row))
     split = split_images(labels, seed=self.builder_config.seed)
     # The DICOMs sit two folders deep under ids that are not in the label file.
     paths = {p.stem: p for p in (root / IMAGE_DIR).rglob("*.dcm")}

@@ -4,7 +4,9 @@
 TensorFlow) and returns records in the shared layout (docs/ARCHITECTURE.md, "Batches"):
 `{"image": uint8 (S0, S0), "report": str, "id": str, "labels": float32 (F,) (sets with
 finding labels), "label": int (classification sets)}` plus the builder's other fields
-(text fields as str). Classification sources carry `class_names`.
+(text fields as str). Classification sources carry `class_names`. A prepared set whose
+`fingerprint.json` does not match the running code (format versions, options, report cleaning
+rule) is refused with the command that rebuilds it (`common.StalePreparedError`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ class TfdsSource:
         f"{self.name}/{config} is not prepared under {self.data_dir}; run `python -m "
         f"medunifier_jax.data.prepare {self.name} --manual-dir DIR --data-dir {self.data_dir}`"
       )
+    # A set prepared by other code or settings (say, another report cleaning rule) would feed
+    # training records that a fresh build would not give: refused, with the rebuild command.
+    builder.check_fingerprint(self.data_dir)
     if self.split not in builder.info.splits:
       raise ValueError(
         f"{self.name}/{config} has no split {split!r}; splits: {sorted(builder.info.splits)}"
