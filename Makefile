@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
+# Extra flags for the demo, e.g. DEMO_ARGS="--config.num_steps=300" (the tests run a shortened demo).
+DEMO_ARGS ?=
 
 .PHONY: install test lint demo bench clean
 
@@ -24,7 +26,7 @@ test: lint
 	$(BIN)/python -m pytest -q --durations=10 tests
 
 demo: install
-	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR)
+	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR) $(DEMO_ARGS)
 
 # Step time of ITC+ITM against the PyTorch BLIP-2 peer (same run), then all four objectives.
 bench: install

@@ -33,13 +33,15 @@ _RECON_IMAGES = flags.DEFINE_integer("recon_images", 256, "Test phantoms used to
 def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 256,
              log=print) -> dict[str, float]:
   """Trains (unless `train` is False), evaluates and writes the report; returns stage times."""
-  from medunifier_jax import api, evaluate
+  from medunifier_jax import api, evaluate, paths
   from medunifier_jax.data import pipeline, registry
   from medunifier_jax.evaluators.common import Subset
   from medunifier_jax.report import build
   from medunifier_jax.training import loop
 
   timings: dict[str, float] = {}
+  workdir = paths.resolve(workdir)
+  paths.resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   if train:
     # Stage 2 runs every evaluation on the final model; evaluating during training too would

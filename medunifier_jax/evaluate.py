@@ -102,9 +102,12 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
   Returns:
     {entry: {data set: {metric: value}}}.
   """
+  from medunifier_jax import paths
   from medunifier_jax.data import pipeline
   from medunifier_jax.evaluators import registry
 
+  workdir = paths.resolve(workdir)
+  paths.resolve_config(config)
   if model is None:
     model, loaded_tokenizer, source = load_model(config, workdir)
     tokenizer = tokenizer or loaded_tokenizer

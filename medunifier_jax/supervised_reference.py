@@ -59,6 +59,10 @@ def auc_per_finding(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 
 def run(config, workdir: str, eval_every: int = 100, log=print) -> dict[str, float]:
   """Trains config.num_steps supervised steps; returns the last validation AUC per finding."""
+  from medunifier_jax import paths
+
+  workdir = paths.resolve(workdir)
+  paths.resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = pipeline.build_tokenizer(config, os.path.join(workdir, "tokenizer"))
   val_source = registry.get_source(config.data.name, "validation", config.data)

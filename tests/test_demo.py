@@ -1,6 +1,6 @@
-"""The newcomer's job (`python -m medunifier_jax.demo`), shortened to the tiny model: pre-training
-with all four objectives on phantoms and Open-i reports, every evaluator, the report. The
-figures must beat chance by several standard errors of their test sets, which only happens when
+"""The newcomer's job (`make demo`, which runs `python -m medunifier_jax.demo`), shortened to the
+tiny model: pre-training with all four objectives on phantoms and Open-i reports, every
+evaluator, the report. The figures must beat chance by several standard errors of their test sets, which only happens when
 every part (data, model, objectives, step, checkpoint, evaluators) works together.
 
 Zero-shot 5x200 accuracy is not asserted: at this size and length it stays at chance (0.197 in
@@ -8,34 +8,54 @@ a trial run, while retrieval on the same images reached 0.31); the demo size get
 """
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import ROOT
 
-from configs.pretrain import get_config
-from medunifier_jax import api, demo
+from medunifier_jax import api
 
 NUM_STEPS = 300
+# The tiny model, 300 steps: with 8 pairs per batch, or with dropout at width 32, ITC and ITM
+# stay at chance for hundreds of steps; 32 pairs without dropout leave it within about 100.
+DEMO_ARGS = [
+    "--config=configs/pretrain.py:tiny", f"--config.num_steps={NUM_STEPS}",
+    f"--config.checkpoint_every={NUM_STEPS}", "--config.log_every=50", "--config.batch_size=32",
+    "--config.data.num_train=4096", "--config.model.qformer.hidden_dropout=0.0",
+    "--config.model.qformer.attention_dropout=0.0",
+    "--config.evals.finetune.label_fractions=(1.0,)", "--recon_images=32",
+]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  config = get_config("tiny")
-  with config.unlocked():
-    config.num_steps = NUM_STEPS
-    config.checkpoint_every = NUM_STEPS
-    config.log_every = 50
-    # With 8 pairs per batch, or with dropout at width 32, ITC and ITM stay at chance for
-    # hundreds of steps; 32 pairs without dropout leave it within about 100.
-    config.batch_size = 32
-    config.data.num_train = 4096
-    config.model.qformer.hidden_dropout = 0.0
-    config.model.qformer.attention_dropout = 0.0
-    config.evals.finetune.label_fractions = (1.0,)
-  workdir = tmp_path_factory.mktemp("demo")
-  demo.run_demo(config, str(workdir), recon_images=32, log=lambda *_: None)
-  results = json.loads((workdir / "eval" / "results.json").read_text())["results"]
-  return workdir, results
+def run():
+  """`make demo` as the README runs it: from the repository root, the workdir relative to it,
+  the shortened form through DEMO_ARGS, in a user's environment (one CPU device)."""
+  venv = Path(sys.prefix)
+  if not (venv / ".installed").exists():
+    pytest.skip(f"{venv} was not made by `make install`; run the suite with `make test`")
+  relative = f"workdirs/test-demo-{uuid.uuid4().hex[:8]}"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  command = ["make", "--no-print-directory", "demo", f"VENV={venv}", f"WORKDIR={relative}",
+             f"DEMO_ARGS={shlex.join(DEMO_ARGS)}"]
+  try:
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    workdir = ROOT / relative
+    results = json.loads((workdir / "eval" / "results.json").read_text())["results"]
+    yield workdir, results
+  finally:
+    shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
 def test_retrieval_and_zero_shot_pneumonia_beat_chance(run):

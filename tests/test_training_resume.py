@@ -2,6 +2,7 @@
 step's losses equal an uninterrupted run's (bitwise: same program, same inputs, same CPU), and
 every checkpoint on disk stays readable."""
 
+import shutil
 import signal
 import subprocess
 import time
@@ -44,10 +45,15 @@ def run_to_end(workdir: Path, env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference_run(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   run_to_end(workdir, env)
-  return records(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return records(reference_run)
 
 
 def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, env, reference):
@@ -137,3 +143,38 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, referen
   state, _ = ckpt.restore(manager, stopped_at, abstract)
   manager.close()
   assert state_lib.step_of(state) == stopped_at
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_run_resumes_from_a_good_one(
+    tmp_path, env, reference_run, reference):
+  """The newest checkpoint has truncated array files, the one before lost its `_METADATA`:
+  the same command (here with a relative workdir) names both, moves them to
+  broken_checkpoints/, resumes from the one before, and every step after it equals the
+  uninterrupted run."""
+  shutil.copytree(reference_run, tmp_path / "run")
+  (tmp_path / "run" / "metrics.jsonl").unlink()  # only what the resumed run logs is compared
+  kept = finished_checkpoints(tmp_path / "run")
+  assert kept == [NUM_STEPS - 2 * EVERY, NUM_STEPS - EVERY, NUM_STEPS]
+  folder = tmp_path / "run" / "checkpoints"
+  newest, middle = folder / str(kept[2]), folder / str(kept[1])
+  for array_file in (newest / "state").rglob("d/*"):
+    array_file.write_bytes(array_file.read_bytes()[:10])
+  (middle / "state" / "_METADATA").unlink()
+
+  cmd = command(tmp_path / "run")
+  cmd[cmd.index("--workdir") + 1] = "run"
+  done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = done.stdout + done.stderr
+  assert f"checkpoint of step {kept[2]} cannot be restored" in out
+  assert f"checkpoint of step {kept[1]} cannot be restored" in out and "_METADATA is missing" in out
+  assert f"resumed from step {kept[0]}" in out
+  assert "Traceback" not in out
+  assert sorted(p.name for p in (tmp_path / "run/broken_checkpoints").iterdir()) == [
+      str(kept[1]), str(kept[2])]
+  resumed = records(tmp_path / "run")
+  assert sorted(resumed) == list(range(kept[0] + 1, NUM_STEPS + 1))
+  for step in resumed:
+    for key in LOSSES:
+      assert resumed[step][key] == reference[step][key], (step, key)
+

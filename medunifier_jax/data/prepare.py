@@ -87,8 +87,10 @@ def prepare(
     StalePreparedError: the prepared copy was made by other code or settings (the message
     gives the command that rebuilds it).
   """
+  from medunifier_jax import paths
   from medunifier_jax.data.builders import get_builder
 
+  manual_dir, data_dir = paths.resolve(manual_dir), paths.resolve(data_dir)
   builder_cls = get_builder(name)
   if class_set is None:
     class_set = next(iter(builder_cls.CLASS_SETS), "")
