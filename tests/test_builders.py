@@ -23,7 +23,7 @@ from configs import pretrain
 from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.data import pipeline, registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
-from medunifier_jax.data.builders import BUILDERS, common, mimic_cxr
+from medunifier_jax.data.builders import BUILDERS, common, mimic_cxr, siim_pneumothorax
 from medunifier_jax.data.phantoms import make_phantom
 from medunifier_jax.data.prepare import main, prepare
 
@@ -306,7 +306,7 @@ def skipped_files(summary) -> dict[str, str]:
 
 def test_mimic_cxr(tmp_path, data_dir, tokenizer):
   frontal = make_mimic_tree(tmp_path)
-  summary = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE)
+  summary = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE, held_out="none")
   skipped = skipped_files(summary)
   d4, d6 = frontal["50000004"], frontal["50000006"]
   assert skipped == {
@@ -343,7 +343,7 @@ def test_mimic_cxr(tmp_path, data_dir, tokenizer):
 
   # Preparing again reuses the files.
   files = {p: p.stat().st_mtime_ns for p in summary.data_path.iterdir()}
-  again = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE)
+  again = prepare("mimic_cxr", tmp_path, data_dir, image_size=SIZE, held_out="none")
   assert not again.built and again.examples == summary.examples
   assert len(again.skipped) == 3
   assert {p: p.stat().st_mtime_ns for p in summary.data_path.iterdir()} == files
@@ -377,6 +377,12 @@ def test_chexpert_5x200(tmp_path, data_dir):
   manifest = list(csv.DictReader(open(a.data_path / "manifest.csv")))
   assert [m["class_name"] for m in manifest] == list(findings_lib.CLASSES_5X200)
   assert all("frontal" in m["Path"] for m in manifest) and not a.skipped
+  # The drawn patients and studies, for keeping them out of a training set.
+  held = list(csv.DictReader(open(a.data_path / "held_out.csv")))
+  assert [h["path"] for h in held] == [m["Path"] for m in manifest]
+  assert all(re.fullmatch(r"patient\d{5}", h["subject_id"]) for h in held)
+  assert all(h["study_id"] == f"{h['subject_id']}/study1" for h in held)
+  assert "held out: 5 studies of 5 patients (held_out.csv)" in a.notes
   with pytest.raises(ValueError, match="only 0 candidate images for 'Pneumonia'"):
     prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1,
             class_set="pneumonia")
@@ -409,6 +415,17 @@ def test_siim_pneumothorax(tmp_path, data_dir):
   (name, reason), = skipped_files(summary).items()
   assert name.endswith(".1005.1517875005.5.dcm") and reason.startswith("not a readable DICOM")
   assert summary.examples == {"test": 2, "train": 15, "validation": 2}  # 20 -> 18 + 2 -> 16 + 2
+  # The split seed is the paper's code's, 5, and the plain configuration name means it.
+  assert summary.config == "32px"
+  rows = csv.DictReader(open(summary.data_path / "manifest.csv"))
+  split = {m["ImageId"]: m["split"] for m in rows}
+  assert split == siim_pneumothorax.split_images(labels, seed=5)
+  assert split != siim_pneumothorax.split_images(labels, seed=0)
+  seed0 = prepare("siim_pneumothorax", tmp_path, tmp_path / "out", image_size=SIZE, seed=0)
+  assert seed0.config == "32px_seed0" and seed0.built
+  builder = siim_pneumothorax.SiimPneumothorax(config="32px_seed0", data_dir=str(data_dir))
+  assert builder.builder_config.seed == 0
+  assert builder.rebuild_command("M", data_dir).endswith("--image-size 32 --seed 0 --overwrite")
   config = data_config("siim_pneumothorax", data_dir)
   for split in ("train", "validation", "test"):
     source = registry.get_source("siim_pneumothorax", split, config.data)
@@ -593,7 +610,8 @@ def test_damaged_mimic_label_row_skips_its_study(tmp_path):
   # Study 50000002's CheXpert row (line 3) is cut: its image is left out, not given blank labels.
   _edit_lines(tmp_path / "manual" / mimic_cxr.CHEXPERT_CSV,
               lambda lines: [*lines[:2], lines[2][:30], *lines[3:]])
-  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE,
+                    held_out="none")
   reasons = {s.file: s.reason for s in summary.skipped}
   assert reasons[f"{mimic_cxr.CHEXPERT_CSV}:3"].startswith("CSV row with fewer fields")
   image = f"files/p10/p10000001/s50000002/{frontal['50000002']}.jpg"
@@ -667,7 +685,8 @@ def test_non_utf8_report_is_skipped_with_its_reason(tmp_path):
   make_mimic_tree(tmp_path / "manual")
   report = tmp_path / "manual" / "files" / "p10" / "p10000000" / "s50000001.txt"
   report.write_bytes(report.read_bytes().replace(b"There is", b"Th\xe9re is"))
-  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE,
+                    held_out="none")
   reasons = {s.file: s.reason for s in summary.skipped}
   assert reasons["files/p10/p10000000/s50000001.txt"] == (
     "report is not UTF-8 text (line 10, byte offset 171: byte 0xe9 in b' Th\\xe9re is a'); "
@@ -682,7 +701,7 @@ def test_reports_are_stored_whole_and_cut_when_tokenised(tmp_path, tokenizer):
   words = " ".join(f"w{k}" for k in range(150))
   report = tmp_path / "manual" / "files" / "p10" / "p10000001" / "s50000002.txt"
   report.write_text(MIMIC_REPORT.format(finding=f"cardiomegaly: {words}", impression="Stable."))
-  prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE)
+  prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE, held_out="none")
   config = data_config("mimic_cxr", tmp_path / "out")
   source = registry.get_source("mimic_cxr", "train", config.data)
   index = next(i for i in range(len(source)) if source[i]["study_id"] == "50000002")
@@ -704,15 +723,15 @@ def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, mon
   make_mimic_tree(tmp_path / "mimic")
   make_rsna_tree(tmp_path / "rsna")
   out = tmp_path / "out"
-  prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE)
+  prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE, held_out="none")
   prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE)
   monkeypatch.setattr(text_lib, "CLEANING_VERSION", text_lib.CLEANING_VERSION + 1)
   command = (f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {tmp_path / 'mimic'} "
-             f"--data-dir {out} --image-size {SIZE} --overwrite")
+             f"--data-dir {out} --image-size {SIZE} --held-out none --overwrite")
   version = f"report_cleaning.version: prepared with {text_lib.CLEANING_VERSION - 1}, now " \
             f"{text_lib.CLEANING_VERSION}"
   with pytest.raises(common.StalePreparedError) as info:
-    prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE)
+    prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE, held_out="none")
   assert version in str(info.value) and str(info.value).endswith(f"Rebuild it with:\n  {command}")
   # Training reads through the registry: refused too, with the manual dir recorded at prepare.
   config = data_config("mimic_cxr", out)
@@ -724,7 +743,8 @@ def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, mon
   assert main(command.split()[3:]) == 0
   assert "mimic_cxr/32px: prepared" in capsys.readouterr().out
   assert len(registry.get_source("mimic_cxr", "train", config.data)) == 3
-  assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE).built
+  assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE,
+                     held_out="none").built
 
   # A set prepared before fingerprints were recorded is refused as well.
   (out / "rsna_pneumonia" / "32px" / "1.0.0" / common.FINGERPRINT_FILE).unlink()

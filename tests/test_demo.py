@@ -1,7 +1,8 @@
-"""The newcomer's job (`make demo`, which runs `python -m medunifier_jax.demo`), shortened to the
-tiny model: pre-training with all four objectives on phantoms and Open-i reports, every
-evaluator, the report. The figures must beat chance by several standard errors of their test sets, which only happens when
-every part (data, model, objectives, step, checkpoint, evaluators) works together.
+"""The newcomer's job (`make demo`, which runs `python -m medunifier_jax.demo`), shortened to
+the tiny model: pre-training with all four objectives on phantoms and Open-i reports, every
+evaluator, the report. The figures must beat chance by several standard errors of their test
+sets, which only happens when every part (data, model, objectives, step, checkpoint,
+evaluators) works together.
 
 Zero-shot 5x200 accuracy is not asserted: at this size and length it stays at chance (0.197 in
 a trial run, while retrieval on the same images reached 0.31); the demo size gets above it.

@@ -1,13 +1,21 @@
 r"""Prepare a real data set: read its published files, write ArrayRecord files for training.
 
   python -m medunifier_jax.data.prepare NAME --manual-dir DIR --data-dir DIR [--image-size N]
-      [--class-set SET] [--seed S] [--per-class N] [--threads T] [--overwrite]
+      [--class-set SET] [--seed S] [--per-class N] [--held-out PATH|none] [--threads T]
+      [--overwrite]
 
 NAME is one of mimic_cxr, open_i, chexpert_5x200, mimic_5x200, rsna_pneumonia,
 siim_pneumothorax, covidx (docs/DATASETS.md gives each one's download and layout). A progress
-bar runs per split; the summary lists the examples per split and every skipped input with the
-reason. Output: DATA_DIR/NAME/CONFIG/1.0.0/ with the ArrayRecord files, dataset_info.json,
-manifest.csv (the split or sample definition), skipped.csv and fingerprint.json.
+bar runs per split; the summary lists the examples per split, what the builder held out or
+where it read from, and every skipped input with the reason. Output: DATA_DIR/NAME/CONFIG/1.0.0/
+with the ArrayRecord files, dataset_info.json, manifest.csv (the split or sample definition),
+skipped.csv and fingerprint.json (plus held_out.csv for the 5x200 sets, excluded.csv for
+mimic_cxr).
+
+mimic_cxr holds the patients of the MIMIC 5x200 evaluation set out of its train and validation
+splits: those of every mimic_5x200 prepared under the same --data-dir (prepare it first), plus
+any named with --held-out PATH. With none found it stops and says how to go on; `--held-out
+none` pre-trains on every study (docs/DATASETS.md, "Held out of pre-training").
 
 A data set already prepared with the same options by the same code (same fingerprint: format
 versions, options, report cleaning rule) is not rebuilt; its summary is read back. One whose
@@ -43,6 +51,7 @@ class Summary:
   examples: dict[str, int]
   skipped: list[common.Skipped]
   built: bool
+  notes: list[str] = dataclasses.field(default_factory=list)
 
   def format(self) -> str:
     lines = [
@@ -51,6 +60,7 @@ class Summary:
     ]
     for split, n in self.examples.items():
       lines.append(f"  {split}: {n} examples")
+    lines += [f"  {note}" for note in self.notes]
     lines.append(f"  skipped: {len(self.skipped)} files")
     by_reason = collections.defaultdict(list)
     for s in self.skipped:
@@ -71,8 +81,9 @@ def prepare(
   *,
   image_size: int = 224,
   class_set: str | None = None,
-  seed: int = 0,
+  seed: int | None = None,
   per_class: int = common.DEFAULT_PER_CLASS,
+  held_out: str | Path | Sequence[str | Path] | None = None,
   num_threads: int | None = None,
   overwrite: bool = False,
 ) -> Summary:
@@ -81,28 +92,58 @@ def prepare(
   With `overwrite`, a prepared copy is rebuilt whatever its fingerprint; it is moved aside
   first and put back if the new build fails.
 
+  Args:
+    seed: sampling / split seed; None for the builder's default (`DEFAULT_SEED`: 5 for
+      siim_pneumothorax, as the paper's code, else 0).
+    held_out: mimic_cxr only: further MIMIC 5x200 held-out lists (a prepared mimic_5x200
+      folder or its held_out.csv) besides those prepared under `data_dir`, which are always
+      held out; or "none" to hold nothing out (`held_out.resolve`).
+
   Raises:
     KeyError: unknown name. ValueError: bad option. LayoutError: the manual directory does not
     hold the published layout (the message names the file and what was expected).
     StalePreparedError: the prepared copy was made by other code or settings (the message
-    gives the command that rebuilds it).
+    gives the command that rebuilds it). HeldOutError: mimic_cxr found nothing to hold out and
+    was not told `--held-out none` (the message says how to go on).
   """
   from medunifier_jax import paths
   from medunifier_jax.data.builders import get_builder
+  from medunifier_jax.data.builders import held_out as held_out_lib
 
   manual_dir, data_dir = paths.resolve(manual_dir), paths.resolve(data_dir)
   builder_cls = get_builder(name)
   if class_set is None:
     class_set = next(iter(builder_cls.CLASS_SETS), "")
-  config = common.make_config(image_size, class_set, seed, per_class)
-  builder = builder_cls(config=config, data_dir=str(data_dir))
-  if _recover(Path(builder.data_dir)):
+  default_seed = builder_cls.DEFAULT_SEED
+  seed = default_seed if seed is None else seed
+  config = common.make_config(image_size, class_set, seed, per_class, default_seed)
+  exclusion = None
+  if getattr(builder_cls, "EXCLUDES_HELD_OUT", False):
+    first = common.rebuild_command(
+      held_out_lib.EVAL_SET,
+      common.make_config(image_size, "gloria"),
+      manual_dir,
+      data_dir,
+      overwrite=False,
+    )
+    exclusion = held_out_lib.resolve(held_out, Path(data_dir), first)
+  elif held_out:
+    raise ValueError(f"--held-out applies to mimic_cxr only, not to {name}")
+
+  def make_builder():
     builder = builder_cls(config=config, data_dir=str(data_dir))
+    if exclusion is not None:
+      builder.held_out = exclusion
+    return builder
+
+  builder = make_builder()
+  if _recover(Path(builder.data_dir)):
+    builder = make_builder()
   built = overwrite or not builder.is_prepared()
   if built:
     builder_cls.check_manual_dir(manual_dir)  # before the old copy is touched
-    _build(builder_cls, config, Path(manual_dir), data_dir, num_threads, Path(builder.data_dir))
-    builder = builder_cls(config=config, data_dir=str(data_dir))  # re-read what was written
+    _build(make_builder, Path(manual_dir), num_threads, Path(builder.data_dir))
+    builder = make_builder()  # re-read what was written
   else:
     builder.check_fingerprint(data_dir, manual_dir)
   return Summary(
@@ -112,6 +153,7 @@ def prepare(
     examples={split: info.num_examples for split, info in sorted(builder.info.splits.items())},
     skipped=builder.skipped,
     built=built,
+    notes=builder.notes,
   )
 
 
@@ -132,16 +174,16 @@ def _recover(target: Path) -> bool:
   return True
 
 
-def _build(builder_cls, config, manual_dir: Path, data_dir, num_threads, target: Path) -> None:
-  """Runs the TFDS build into `target` (the version folder), replacing what is there only once
-  the new build has succeeded."""
+def _build(make_builder, manual_dir: Path, num_threads, target: Path) -> None:
+  """Runs the TFDS build of `make_builder()` into `target` (the version folder), replacing what
+  is there only once the new build has succeeded."""
   import tensorflow_datasets as tfds
 
   aside = _aside(target)
   if target.exists():
     target.rename(aside)
   try:
-    builder = builder_cls(config=config, data_dir=str(data_dir))
+    builder = make_builder()
     tfds.disable_progress_bar()  # the builders show their own bar per split
     if num_threads:
       builder.num_threads = num_threads
@@ -171,9 +213,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     default=None,
     help="chexpert_5x200/mimic_5x200: gloria | pneumonia; covidx: three_class | binary",
   )
-  parser.add_argument("--seed", type=int, default=0, help="sampling / split seed")
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=None,
+    help="sampling / split seed (default: the data set's, 5 for siim_pneumothorax as the "
+    "paper's code, else 0)",
+  )
   parser.add_argument(
     "--per-class", type=int, default=common.DEFAULT_PER_CLASS, help="5x200 sets: images per class"
+  )
+  parser.add_argument(
+    "--held-out",
+    action="append",
+    default=None,
+    metavar="PATH|none",
+    help="mimic_cxr: hold the patients of this MIMIC 5x200 set (a prepared mimic_5x200 folder "
+    "or its held_out.csv) out of train and validation, besides those prepared under --data-dir, "
+    "which are always held out; repeatable. 'none': hold nothing out",
   )
   parser.add_argument(
     "--threads", type=int, default=None, help="image decoding threads (default: min(8, CPUs))"
@@ -194,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       class_set=args.class_set,
       seed=args.seed,
       per_class=args.per_class,
+      held_out=args.held_out,
       num_threads=args.threads,
       overwrite=args.overwrite,
     )

@@ -4,7 +4,10 @@ The construction (GLoRIA / MGCA, here seeded and saved as `manifest.csv`): from 
 of CheXpert's `train.csv`, the candidates of a class are the rows whose label is 1.0 for that
 class and 0.0 or blank (not mentioned) for each of the other four classes; uncertain (-1.0) rows
 are never candidates. Sampling uses only the label file, so the manifest is the same for
-everyone with the same file, seed and class set, whatever images are on disk.
+everyone with the same file, seed and class set, whatever images are on disk. `held_out.csv`
+lists the drawn studies and patients (`subject_id, study_id, path`; the patient and study are
+CheXpert's folders, `patient00001` and `patient00001/study1`), for keeping them out of any
+training set built from CheXpert.
 
 Manual directory (the CheXpert zip unpacked; the small or the full-size release):
 
@@ -24,6 +27,8 @@ from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.data.builders import common
 
 TRAIN_CSV_PATTERNS = ("CheXpert-v1.0*/train.csv",)
+HELD_OUT_FILE = "held_out.csv"
+HELD_OUT_COLUMNS = ("subject_id", "study_id", "path")
 COLUMNS = ("Path", "Frontal/Lateral", *common.CHEXPERT_OBSERVATIONS)
 
 # GLoRIA's five classes, and the paper's code's choice (Pneumonia in place of Consolidation).
@@ -85,6 +90,20 @@ def draw_5x200(
   return drawn
 
 
+def held_out_rows(manifest: Sequence[dict]) -> list[dict[str, str]]:
+  """The held-out list of a manifest: patient, study and image of each drawn row.
+
+  CheXpert names no ids in its label file; the image path's folders are the patient
+  (`patient00001`) and, within it, the study (`study1`), so the study id keeps both.
+  """
+  rows = []
+  for row in manifest:
+    parts = Path(row["Path"]).parts
+    patient, study = (parts[-3], parts[-2]) if len(parts) >= 3 else ("", "")
+    rows.append({"subject_id": patient, "study_id": f"{patient}/{study}", "path": row["Path"]})
+  return rows
+
+
 def label_matrix(rows: Sequence[dict[str, str]], class_names: Sequence[str]) -> np.ndarray:
   """float32 (R, C) of the rows' labels for the classes; blank -> NaN."""
   columns = [np.array([r.get(c, "") for r in rows], dtype=object) for c in class_names]
@@ -116,6 +135,8 @@ class Chexpert5x200(common.RadiographBuilder):
   HOMEPAGE = "https://stanfordmlgroup.github.io/competitions/chexpert/"
   DESCRIPTION = "CheXpert 5x200: seeded, 200 frontal images per class, single-positive."
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  # 2: held_out.csv, the drawn patients and studies.
+  FORMAT_VERSION = 2
   LAYOUT = (
     (TRAIN_CSV_PATTERNS, "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,..."),
     (("CheXpert-v1.0*/train/",), "the JPEG images, patientNNNNN/studyN/viewN_*.jpg"),
@@ -137,6 +158,12 @@ class Chexpert5x200(common.RadiographBuilder):
     cfg = self.builder_config
     manifest = chexpert_manifest(rows, self.class_names, seed=cfg.seed, per_class=cfg.per_class)
     self._write_manifest(("Path", "label", "class_name"), manifest)
+    held = held_out_rows(manifest)
+    common.write_csv(Path(self.data_dir) / HELD_OUT_FILE, HELD_OUT_COLUMNS, held)
+    self._note(
+      f"held out: {len({r['study_id'] for r in held})} studies of "
+      f"{len({r['subject_id'] for r in held})} patients ({HELD_OUT_FILE})"
+    )
     return {"test": self._generate_examples(root, manifest)}
 
   def _generate_examples(self, root: Path, manifest: list[dict]):

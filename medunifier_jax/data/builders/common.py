@@ -355,7 +355,12 @@ def read_report(path: Path) -> str:
   path = Path(path)
   if not path.is_file():
     raise SkipExample("report file missing", path)
-  data = path.read_bytes()
+  return decode_report(path.read_bytes(), path)
+
+
+def decode_report(data: bytes, path: Path | str) -> str:
+  """A report's bytes (from a file or an archive member at `path`) as text; SkipExample if
+  they are not UTF-8 (the reason names line and byte offset), as `read_report`."""
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError:
@@ -401,7 +406,9 @@ class RadiographConfig(tfds.core.BuilderConfig):
   Attributes:
     image_size: stored images are (image_size, image_size).
     class_set: the class list, where a data set offers several (see `CLASS_SETS`).
-    seed: seed of the sampled sets (5x200); the fixed splits ignore it.
+    seed: seed of the sampled sets (5x200) and of the splits the builders draw themselves
+      (RSNA, SIIM, Open-i, COVIDx validation); sets with an official split ignore it. Each
+      builder has its default (`RadiographBuilder.DEFAULT_SEED`).
     per_class: images per class of the sampled sets (5x200).
   """
 
@@ -412,29 +419,42 @@ class RadiographConfig(tfds.core.BuilderConfig):
 
 
 def config_name(
-  image_size: int, class_set: str = "", seed: int = 0, per_class: int = DEFAULT_PER_CLASS
+  image_size: int,
+  class_set: str = "",
+  seed: int = 0,
+  per_class: int = DEFAULT_PER_CLASS,
+  default_seed: int = 0,
 ) -> str:
-  """`[CLASSSET_]SIZEpx[_nN][_seedS]`: `224px`, `pneumonia_224px`, `gloria_256px_n100_seed3`."""
+  """`[CLASSSET_]SIZEpx[_nN][_seedS]`: `224px`, `pneumonia_224px`, `gloria_256px_n100_seed3`.
+
+  The seed is named only when it differs from the builder's `default_seed`, so the plain name
+  (`224px`) is always the builder's default protocol (SIIM's default seed is 5, not 0).
+  """
   name = f"{image_size}px"
   if class_set:
     name = f"{class_set}_{name}"
   if per_class != DEFAULT_PER_CLASS:
     name = f"{name}_n{per_class}"
-  if seed:
+  if seed != default_seed:
     name = f"{name}_seed{seed}"
   return name
 
 
 def make_config(
-  image_size: int, class_set: str = "", seed: int = 0, per_class: int = DEFAULT_PER_CLASS
+  image_size: int,
+  class_set: str = "",
+  seed: int = 0,
+  per_class: int = DEFAULT_PER_CLASS,
+  default_seed: int = 0,
 ) -> RadiographConfig:
-  """The configuration for these values, named by `config_name`."""
+  """The configuration for these values, named by `config_name` (relative to the builder's
+  `default_seed`)."""
   if image_size < 8:
     raise ValueError(f"image_size must be at least 8 px, got {image_size}")
   if per_class < 1:
     raise ValueError(f"per_class must be positive, got {per_class}")
   return RadiographConfig(
-    name=config_name(image_size, class_set, seed, per_class),
+    name=config_name(image_size, class_set, seed, per_class, default_seed),
     image_size=image_size,
     class_set=class_set,
     seed=seed,
@@ -466,6 +486,8 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   DESCRIPTION = ""
   # Bump when this builder's code changes what it stores (fields, parsing, selection).
   FORMAT_VERSION = 1
+  # The seed when --seed is not given, and the one a configuration name without `_seedS` means.
+  DEFAULT_SEED = 0
   # Whether records hold report text cleaned by `data/text.py` (its rule joins the fingerprint).
   STORES_REPORTS = False
   # The published layout, checked before anything is read: one entry per required item, its
@@ -487,7 +509,8 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     super().__init_subclass__(**kwargs)
     if "BUILDER_CONFIGS" not in cls.__dict__:
       default_set = next(iter(cls.CLASS_SETS), "")
-      cls.BUILDER_CONFIGS = [make_config(224, default_set)]
+      seed = cls.DEFAULT_SEED
+      cls.BUILDER_CONFIGS = [make_config(224, default_set, seed, default_seed=seed)]
 
   # -- configuration ---------------------------------------------------------------------------
 
@@ -501,8 +524,9 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         config = make_config(
           int(match["size"]),
           match["class_set"] or "",
-          int(match["seed"] or 0),
+          int(match["seed"]) if match["seed"] else self.DEFAULT_SEED,
           int(match["per_class"] or DEFAULT_PER_CLASS),
+          default_seed=self.DEFAULT_SEED,
         )
         self._check_class_set(config.class_set)
         return config
@@ -608,7 +632,9 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def rebuild_command(self, manual_dir: str | Path | None, data_dir: str | Path) -> str:
     """The prepare command line that rebuilds this configuration in place."""
-    return rebuild_command(self.name, self.builder_config, manual_dir, data_dir)
+    return rebuild_command(
+      self.name, self.builder_config, manual_dir, data_dir, default_seed=self.DEFAULT_SEED
+    )
 
   def check_fingerprint(
     self, data_dir: str | Path, manual_dir: str | Path | None = None
@@ -645,20 +671,42 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       f"  {self.rebuild_command(manual, data_dir)}"
     )
 
+  def stored_fingerprint(self) -> dict[str, Any]:
+    """The prepared set's `fingerprint.json` as a dict ({} when it is missing or unreadable)."""
+    try:
+      stored = json.loads((Path(self.data_dir) / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+      return {}
+    return stored if isinstance(stored, dict) else {}
+
+  def _fingerprint_record(self) -> dict[str, Any]:
+    """What `fingerprint.json` keeps besides the hashed parts: facts of this build that do not
+    decide its records' content, such as the folders it read (subclasses add theirs)."""
+    manual = getattr(self, "_manual_root", None)
+    return {"manual_dir": str(Path(manual).resolve()) if manual is not None else None}
+
   def _write_fingerprint(self) -> None:
     """Writes `fingerprint.json` next to the ArrayRecord files (in TFDS's temporary folder,
     renamed with the rest on success)."""
-    manual = getattr(self, "_manual_root", None)
     record = {
       "fingerprint": self.fingerprint(),
       "parts": self.fingerprint_parts(),
-      "manual_dir": str(Path(manual).resolve()) if manual is not None else None,
+      **self._fingerprint_record(),
     }
     (Path(self.data_dir) / FINGERPRINT_FILE).write_text(
       json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
 
   # -- generation helpers ----------------------------------------------------------------------
+
+  @property
+  def notes(self) -> list[str]:
+    """Lines the builder adds to the prepare summary (what it held out, where it read from),
+    as stored with the prepared data set."""
+    return list(self.info.metadata.get("notes", [])) if self.info.metadata is not None else []
+
+  def _note(self, line: str) -> None:
+    self.info.metadata.setdefault("notes", []).append(line)
 
   @property
   def skipped(self) -> list[Skipped]:
@@ -685,6 +733,7 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     if manual_dir:
       self.check_manual_dir(manual_dir)  # before TFDS's own, less telling, check
     self.info.metadata["skipped"] = []
+    self.info.metadata["notes"] = []
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     # self.data_dir is still the temporary directory TFDS renames on success.
     write_csv(
@@ -725,10 +774,17 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             yield result
     if not made:  # TFDS cannot write an empty split; say why instead
       reasons = sorted({s[2] for s in self.info.metadata["skipped"] if s[0] == split})
+      hint = self._empty_split_hint(items)
       raise LayoutError(
         f"{self.name}: split {split!r} has no usable example ({len(items)} listed, all skipped: "
-        f"{reasons or 'none listed'}); check --manual-dir against docs/DATASETS.md"
+        f"{reasons or 'none listed'}); "
+        + (hint or "check --manual-dir against docs/DATASETS.md")
       )
+
+  def _empty_split_hint(self, items: Sequence[Any]) -> str:
+    """Where the inputs of a split were looked for and what was expected there, for the error
+    when every one of them was skipped ('' for the generic advice)."""
+    return ""
 
   def _load_image(self, path: Path) -> np.ndarray:
     """`load_image` with JPEG decoding scaled down towards the stored size."""
@@ -776,12 +832,21 @@ def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 def rebuild_command(
-  name: str, config: RadiographConfig, manual_dir: str | Path | None, data_dir: str | Path
+  name: str,
+  config: RadiographConfig,
+  manual_dir: str | Path | None,
+  data_dir: str | Path,
+  *,
+  default_seed: int = 0,
+  extra_args: Sequence[str] = (),
+  overwrite: bool = True,
 ) -> str:
   """The prepare command that rebuilds `name` in `config` over what is there (`--overwrite`).
 
-  Options at their defaults are left out; a manual directory that is not known is written
-  MANUAL_DIR (the folder holding the downloaded files).
+  Options at their defaults are left out (the seed compared with the builder's
+  `default_seed`); `extra_args` are a builder's own options (mimic_cxr's `--held-out`). A
+  manual directory that is not known is written MANUAL_DIR (the folder holding the downloaded
+  files). Without `overwrite`, the command that prepares it for the first time.
   """
   args = [
     PREPARE_COMMAND,
@@ -795,8 +860,9 @@ def rebuild_command(
   ]
   if config.class_set:
     args += ["--class-set", config.class_set]
-  if config.seed:
+  if config.seed != default_seed:
     args += ["--seed", str(config.seed)]
   if config.per_class != DEFAULT_PER_CLASS:
     args += ["--per-class", str(config.per_class)]
-  return " ".join([*args, "--overwrite"])
+  args += [shlex.quote(str(a)) for a in extra_args]
+  return " ".join([*args, "--overwrite"] if overwrite else args)

@@ -4,9 +4,10 @@ Units are studies: each frontal study contributes one image (the first PA image 
 else the first AP one), so no study appears twice. A study is a candidate for a class when its
 MIMIC-CXR CheXpert label is 1.0 for that class and 0.0 or blank on the other four. The draw
 pools all official splits, as the published 5x200 sets did; `manifest.csv` lists the official
-split of every drawn image so that overlap with a pre-training split can be checked or removed.
-The draw reads only the label tables (never the files on disk), so it is the same for everyone;
-a drawn study whose image or report is missing, corrupt or empty is skipped and reported.
+split of every drawn image, and `held_out.csv` the drawn studies, whose patients `mimic_cxr`
+leaves out of pre-training (`held_out.py`). The draw reads only the label tables (never the
+files on disk), so it is the same for everyone; a drawn study whose image or report is missing,
+corrupt or empty is skipped and reported (and still held out).
 
 Manual directory: as for `mimic_cxr`.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from medunifier_jax.data.builders import chexpert_5x200, common, mimic_cxr
+from medunifier_jax.data.builders import held_out as held_out_lib
 
 
 def one_image_per_study(images: list[mimic_cxr.MimicImage]) -> list[mimic_cxr.MimicImage]:
@@ -56,6 +58,8 @@ class Mimic5x200(common.RadiographBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = mimic_cxr.INSTRUCTIONS
   STORES_REPORTS = True
   LAYOUT = mimic_cxr.MANUAL_LAYOUT
+  # 2: held_out.csv, the drawn studies that mimic_cxr leaves out of pre-training.
+  FORMAT_VERSION = 2
 
   def _format_versions(self):
     # The records are mimic_cxr's (`mimic_cxr.mimic_example`): its record format counts too.
@@ -69,6 +73,7 @@ class Mimic5x200(common.RadiographBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
+    self._reports = mimic_cxr.Reports(root)
     images = mimic_cxr.read_tables(root, self._skip)
     cfg = self.builder_config
     drawn = mimic_manifest(images, self.class_names, seed=cfg.seed, per_class=cfg.per_class)
@@ -87,12 +92,36 @@ class Mimic5x200(common.RadiographBuilder):
         for im, c in drawn
       ),
     )
-    return {"test": self._generate_examples(root, drawn)}
+    # Every drawn study, also one skipped below for a bad file: the list then depends on the
+    # label tables only, and holding out one study too many costs nothing.
+    held_out_lib.write(
+      Path(self.data_dir) / held_out_lib.HELD_OUT_FILE,
+      (
+        {
+          "subject_id": im.subject_id,
+          "study_id": im.study_id,
+          "dicom_id": im.dicom_id,
+          "path": im.image_path,
+          "split": im.split,
+        }
+        for im, _ in drawn
+      ),
+    )
+    patients = len({im.subject_id for im, _ in drawn})
+    self._note(f"reports: read from {self._reports.describe()}")
+    self._note(
+      f"held out: {len(drawn)} studies of {patients} patients ({held_out_lib.HELD_OUT_FILE}); "
+      "mimic_cxr prepared into the same --data-dir leaves these patients out of pre-training"
+    )
+    return {"test": self._generate_examples(drawn)}
 
-  def _generate_examples(self, root: Path, drawn):
+  def _generate_examples(self, drawn):
     def make(item):
       image, c = item
-      key, example = mimic_cxr.mimic_example(self, root, image)
+      key, example = mimic_cxr.mimic_example(self, self._reports, image)
       return key, {**example, "label": c}
 
     return self._examples("test", drawn, make)
+
+  def _empty_split_hint(self, items) -> str:
+    return self._reports.missing_hint(items[0][0]) if items else ""

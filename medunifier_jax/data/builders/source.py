@@ -55,8 +55,12 @@ def choose_config(name: str, data_config: Any, builder_cls: type) -> str:
   prepared = prepared_configs(data_config.data_dir, name)
   if len(prepared) == 1:
     return prepared[0]
+  seed = builder_cls.DEFAULT_SEED  # named relative to it: the plain name is the default seed
   default = common.config_name(
-    int(data_config.get("image_size", 224)), next(iter(builder_cls.CLASS_SETS), "")
+    int(data_config.get("image_size", 224)),
+    next(iter(builder_cls.CLASS_SETS), ""),
+    seed,
+    default_seed=seed,
   )
   if default in prepared:
     return default
