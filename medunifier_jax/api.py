@@ -7,6 +7,7 @@
     s = model.similarity(pixel_values, input_ids, attention_mask)  # (n_images, n_texts)
     l = model.itm_logits(pixel_values, input_ids, attention_mask)  # (n, 2) row-aligned pairs
     reports = model.generate_reports(pixel_values)    # B strings (needs the tokenizer)
+    images = model.generate_images(["right pleural effusion"], num_per_text=4)  # needs a prior
 
 `pixel_values` are float32 NHWC images of the model's size, normalised with
 `config.data.image_mean/std`, e.g. from `model.preprocess_images(paths)` (DICOM, PNG, JPEG,
@@ -106,7 +107,14 @@ class Model:
 
   The handle takes a snapshot of the module's weights when it is made. Further methods follow
   one pattern: check the inputs, then `self.run(pure_fn, *arrays)`.
+
+  `prior` is the text-conditioned image prior (`prior.sample.TrainedPrior`) that
+  `generate_images` samples, set by `load` when one was trained (else None);
+  `checkpoint_step` the training step a workdir's weights were restored from (else None).
   """
+
+  prior = None
+  checkpoint_step: int | None = None
 
   def __init__(
       self,
@@ -216,6 +224,50 @@ class Model:
           self._graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id))
     return self._generator(self._state, pixels, generation.DecodingConfig(**decoding),
                            jax.random.key(seed))
+
+  def generate_images(
+      self,
+      texts: Sequence[str],
+      *,
+      num_per_text: int = 1,
+      steps: int | None = None,
+      guidance: float | None = None,
+      temperature: float | None = None,
+      seed: int = 0,
+  ) -> np.ndarray:
+    """Reports -> (len(texts) * num_per_text, S, S, 3) float32 images in [0, 1].
+
+    The prior's codes are drawn by parallel decoding conditioned on each report's text states,
+    then decoded by the VQ-VAE (`prior/sample.py`); rows are text 0's samples, then text 1's,
+    ... `steps` (decoding steps), `guidance` (classifier-free guidance weight: logits = cond +
+    guidance * (cond - uncond); 0 = conditional only) and `temperature` default to the prior
+    config's `sample` values (12, 1.0, 1.0). The same seed gives the same images.
+
+    Raises:
+      ValueError: no prior is attached (the message names the command that trains one), or
+        bad arguments.
+    """
+    from medunifier_jax.prior import sample as prior_sample
+
+    if self.prior is None:
+      raise ValueError(
+          "this model has no image prior, so it cannot draw images from reports; train one on "
+          f"its codes with\n  {prior_sample.train_command('WORKDIR')}\nthen load with "
+          "api.load(WORKDIR) (which attaches WORKDIR/prior) or api.load(WORKDIR, prior=DIR)")
+    if isinstance(texts, str):
+      raise TypeError("generate_images takes a list of texts; wrap a single text in a list")
+    texts = list(texts)
+    if not texts:
+      raise ValueError("generate_images needs at least one text")
+    if int(num_per_text) < 1:
+      raise ValueError(f"num_per_text must be at least 1, got {num_per_text}")
+    tokens = self.tokenize(texts)
+    ids = np.repeat(tokens["input_ids"], int(num_per_text), axis=0)
+    mask = np.repeat(tokens["attention_mask"], int(num_per_text), axis=0)
+    ids, mask = self._text(ids, mask)
+    out = self.prior.generate(self._graphdef, self._state, ids, mask, seed=seed, steps=steps,
+                              guidance=guidance, temperature=temperature)
+    return out["images"]
 
   def temperature(self) -> float:
     """The learned ITC temperature (clamped as in training)."""
@@ -338,6 +390,7 @@ def load(
     allow: Iterable[str] = (),
     seed: int = 0,
     dtype: str = "float32",
+    prior: str | None = None,
 ) -> Model:
   """Loads a model for inference.
 
@@ -354,6 +407,9 @@ def load(
       `weights.BERT_NOT_IN_CHECKPOINT`).
     seed: initialisation seed for the weights the source does not provide.
     dtype: compute dtype ("float32" or "bfloat16"); weights stay float32.
+    prior: the workdir of an image prior trained on this model's codes (configs/prior.py), for
+      `Model.generate_images`; default for a training workdir: `WORKDIR/prior` when it holds a
+      trained one.
 
   Raises:
     WeightImportError: the checkpoint's weights do not fit (missing/unexpected/shape, listed).
@@ -363,13 +419,19 @@ def load(
   if not isinstance(source, str):
     raise TypeError(f"source must be a string, got {type(source).__name__}")
   from medunifier_jax import paths
+  from medunifier_jax.prior.sample import attach_prior
 
+  prior = None if prior is None else paths.resolve(prior)
   if source.startswith(HF_BLIP2):
     folder = paths.resolve(source[len(HF_BLIP2) :])
-    return _load_hf_blip2(folder, config, tuple(allow), seed, dtype)
+    model = _load_hf_blip2(folder, config, tuple(allow), seed, dtype)
+    attach_prior(model, prior, None)
+    return model
   if source.startswith(HF_BERT):
     folder = paths.resolve(source[len(HF_BERT) :])
-    return _load_hf_bert(folder, config, tuple(allow), seed, dtype)
+    model = _load_hf_bert(folder, config, tuple(allow), seed, dtype)
+    attach_prior(model, prior, None)
+    return model
   is_url = paths.is_remote(source)  # e.g. gs://bucket/workdir
   if ":" in source and not is_url and not os.path.exists(source):
     raise ValueError(
@@ -379,7 +441,10 @@ def load(
     raise FileNotFoundError(
         f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
     )
-  return _load_workdir(paths.resolve(source), config, seed=seed, dtype=dtype)
+  workdir = paths.resolve(source)
+  model = _load_workdir(workdir, config, seed=seed, dtype=dtype)
+  attach_prior(model, prior, workdir)
+  return model
 
 
 def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:
@@ -401,7 +466,9 @@ def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:
   state, step = ckpt.restore_model_state(workdir, abstract)
   nnx.update(module, state)
   logging.info("restored %s at step %d", workdir, step)
-  return Model(module, cfg, _workdir_tokenizer(workdir, cfg))
+  model = Model(module, cfg, _workdir_tokenizer(workdir, cfg))
+  model.checkpoint_step = int(step)
+  return model
 
 
 def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):

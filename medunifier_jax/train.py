@@ -1,7 +1,9 @@
-r"""Pre-training entry point.
+r"""Training entry point: pre-training, and the image prior (configs with `task = "prior"`).
 
   python -m medunifier_jax.train --config configs/pretrain.py:demo --workdir workdirs/demo \
       [--config.num_steps=500 --config.model.vit.frozen=True ...]
+  python -m medunifier_jax.train --config configs/prior.py:demo --workdir workdirs/demo/prior \
+      --config.medunifier_workdir=workdirs/demo
 
 Running the same command again resumes from the workdir's latest checkpoint. On a multi-host
 TPU slice or a multi-node GPU cluster run it on every host; JAX's distributed runtime is
@@ -65,9 +67,16 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(**_explicit_coordinator())
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
+  config = _CONFIG.value
+  if config.get("task", "pretrain") == "prior":
+    # configs/prior.py: the image prior over a trained MedUnifier's codes, same engine.
+    from medunifier_jax.prior.train import train_prior
+
+    train_prior(config, _WORKDIR.value)
+    return
   from medunifier_jax.training.loop import train_and_evaluate
 
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

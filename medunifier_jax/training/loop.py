@@ -2,11 +2,12 @@
 
 Start-up order: mesh and batch checks (fail before anything heavy), the abstract train state
 and its shardings, then the state itself from, in order, this workdir's latest checkpoint,
-`config.init_from` (imported weights), or a fresh initialisation.
+`config.init_from` (imported weights) or the caller's `init_fn`, or a fresh initialisation.
 """
 
+import functools
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +26,9 @@ from medunifier_jax.training import step as step_lib
 DataFn = Callable[[ml_collections.ConfigDict, str], Iterator[dict[str, Any]]]
 # `eval_fn(model, step) -> {name: value}` run every `config.eval_every` steps and at the end.
 EvalFn = Callable[[nnx.Module, int], dict[str, float]]
+# `init_fn(model) -> description`: writes weights into a freshly built host model (e.g. frozen
+# parts taken from another run) when the run starts without a checkpoint.
+InitFn = Callable[[nnx.Module], str]
 
 
 def default_data_fn(config: ml_collections.ConfigDict, workdir: str) -> Iterator[dict[str, Any]]:
@@ -39,12 +43,14 @@ def default_data_fn(config: ml_collections.ConfigDict, workdir: str) -> Iterator
   return iter(pipeline.train_dataset(config, tokenizer))
 
 
-def to_global(batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any,
+              keys: Sequence[str] = step_lib.BATCH_KEYS) -> dict[str, jax.Array]:
   """Host-local batch slices -> global arrays split over the batch's mesh axes.
 
-  Only `step.BATCH_KEYS` travel to the devices (labels and indices are for evaluation).
+  Only `keys` travel to the devices (default `step.BATCH_KEYS`, what pre-training reads;
+  labels and indices are for evaluation).
   """
-  batch = {k: batch[k] for k in step_lib.BATCH_KEYS}
+  batch = {k: batch[k] for k in keys}
   axes = sharding_lib.batch_axes(mesh, rules)
   if len(axes) == 1:
     from medunifier_jax.data.pipeline import make_global_batch
@@ -66,18 +72,22 @@ def initial_state(
     data_iter: Any,
     model_fn: state_lib.ModelFn | None = None,
     log: Callable[[str], None] = print,
+    init_fn: InitFn | None = None,
 ) -> tuple[nnx.State, jax.Array, str]:
-  """`(state, base_rng, source)`: workdir's newest readable checkpoint -> `config.init_from`
-  -> fresh. Unreadable checkpoints are named in `log` and set aside (`checkpoint`)."""
+  """`(state, base_rng, source)`: workdir's newest readable checkpoint -> `init_fn` or
+  `config.init_from` -> fresh. Unreadable checkpoints are named in `log` and set aside
+  (`checkpoint`)."""
   restored = ckpt.restore_newest_readable(manager, abstract, _checkpointable(data_iter), log=log)
   if restored is not None:
     state, rng, step = restored
     return state, rng, f"resumed from step {step}"
   state = state_lib.init_train_state(config, shardings, model_fn)
   rng = jax.random.key(int(config.seed))
-  if config.init_from:
-    state = _import_weights(config, state, shardings, model_fn)
-    return state, rng, f"initialised from {config.init_from}"
+  if init_fn is None and config.get("init_from"):
+    init_fn = functools.partial(_import_from_config, config)
+  if init_fn is not None:
+    state, source = _import_weights(config, state, shardings, model_fn, init_fn)
+    return state, rng, f"initialised from {source}"
   return state, rng, "fresh initialisation"
 
 
@@ -85,11 +95,26 @@ def _import_weights(
     config: ml_collections.ConfigDict,
     state: nnx.State,
     shardings: nnx.State,
-    model_fn: state_lib.ModelFn | None = None,
-) -> nnx.State:
-  """Writes `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into the model part of a fresh
-  state. Weights the source cannot have (e.g. the VQ-VAE) keep their initial values; anything
-  else missing, unexpected or mis-shaped raises `WeightImportError` with the list."""
+    model_fn: state_lib.ModelFn | None,
+    init_fn: InitFn,
+) -> tuple[nnx.State, str]:
+  """Builds the model on the host, lets `init_fn` write weights into it and puts the result into
+  the model part of a fresh state; returns the state and `init_fn`'s description."""
+  # The same seed as the fresh state, so weights the source lacks equal their fresh values.
+  model = state_lib.build_model(config, model_fn)
+  source = init_fn(model)
+  pure = nnx.to_pure_dict(state)
+  pure["model"] = jax.device_put(
+      nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(shardings["model"])
+  )
+  nnx.replace_by_pure_dict(state, pure)
+  return state, source
+
+
+def _import_from_config(config: ml_collections.ConfigDict, model: nnx.Module) -> str:
+  """Writes `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into `model`. Weights the
+  source cannot have (e.g. the VQ-VAE) keep their initial values; anything else missing,
+  unexpected or mis-shaped raises `WeightImportError` with the list."""
   from medunifier_jax.weights import hf_import
 
   kind, _, folder = str(config.init_from).partition(":")
@@ -102,15 +127,8 @@ def _import_weights(
         f"config.init_from={config.init_from!r}: expected 'hf-blip2:DIR' or 'hf-bert:DIR'"
     )
   importer, allow = importers[kind]
-  # The same seed as the fresh state, so weights the source lacks equal their fresh values.
-  model = state_lib.build_model(config, model_fn)
   importer(model, config.model, folder, allow=allow)
-  pure = nnx.to_pure_dict(state)
-  pure["model"] = jax.device_put(
-      nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(shardings["model"])
-  )
-  nnx.replace_by_pure_dict(state, pure)
-  return state
+  return str(config.init_from)
 
 
 def _evaluators_fn(config: ml_collections.ConfigDict, workdir: str) -> EvalFn | None:
@@ -132,12 +150,16 @@ def train_and_evaluate(
     loss_fn: step_lib.LossFn | None = None,
     data_fn: DataFn | None = None,
     eval_fn: EvalFn | None = None,
+    init_fn: InitFn | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
   """Trains `config.num_steps` steps in `workdir`, resuming from its latest checkpoint.
 
   The keyword arguments replace the MedUnifier model, its four-objective loss, the data
-  pipeline and the evaluators (custom models and tests); by default they come from the config.
+  pipeline, the evaluators and the initial weights (`init_fn`, used instead of
+  `config.init_from` when there is no checkpoint): custom models (the image prior,
+  `prior/train.py`) and tests; by default they come from the config. Only the batch entries
+  named by `config.batch_keys` (default `step.BATCH_KEYS`) travel to the devices.
 
   Returns:
     `{"step": last step, "metrics": last logged metrics, "start": how the state began}`.
@@ -160,7 +182,7 @@ def train_and_evaluate(
   manager = ckpt.make_manager(workdir, config)
   notes: list[str] = []
   state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, model_fn,
-                                     log=notes.append)
+                                     log=notes.append, init_fn=init_fn)
   start = state_lib.step_of(state)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, config, loss_fn), shardings, mesh, rules
@@ -177,6 +199,7 @@ def train_and_evaluate(
       f"{state_lib.count_params(state, state_lib.optimizer_lib.trainable_filter(config.model)):,}"
       " trainable"
   )
+  batch_keys = tuple(config.get("batch_keys", None) or step_lib.BATCH_KEYS)
   preempted = ckpt.PreemptionFlag()
   window = log_lib.MetricWindow()
   last: dict[str, Any] = {}
@@ -187,7 +210,7 @@ def train_and_evaluate(
     for step in range(start + 1, num_steps + 1):
       if unconfirmed is not None and ckpt.raise_if_save_failed(manager, unconfirmed):
         unconfirmed = None
-      batch = to_global(next(data_iter), mesh, rules)
+      batch = to_global(next(data_iter), mesh, rules, batch_keys)
       state, metrics = train_step(state, batch, rng)
       window.add(step, metrics)
       stop = preempted.is_set() or manager.reached_preemption(step)

@@ -33,10 +33,16 @@ NO_DECAY_NAMES = (
 
 
 def trainable_filter(model_config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
-  """The parameters that receive gradients: all `nnx.Param`s, minus the ViT when it is frozen."""
-  if model_config.vit.frozen:
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vit")))
-  return nnx.Param
+  """The parameters that receive gradients: all `nnx.Param`s, minus the ViT when it is frozen
+  (`model.vit.frozen`) and minus every submodule named in `model.frozen_paths` (e.g. the frozen
+  text encoder of the image prior, configs/prior.py)."""
+  frozen = [str(p) for p in model_config.get("frozen_paths", None) or ()]
+  vit = model_config.get("vit", None)
+  if vit is not None and vit.frozen:
+    frozen.insert(0, "vit")
+  if not frozen:
+    return nnx.Param
+  return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(p)) for p in frozen))
 
 
 def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> nnx.State:
