@@ -145,8 +145,13 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
   e.zero_shot = dict(
       datasets=("chexpert_5x200", "mimic_5x200", "rsna_pneumonia") if real
       else ("phantom_5x200", "phantom_pneumonia"),
-      split="test", num_prompts=5, prompt_seed=0, batch_size=32,
-      itm_rescore=False, itm_batch_size=64, periodic=True)
+      split="test",
+      prompts="paper",  # "paper": the CheXpert class-prompt vocabulary; "project": our own lists
+      class_set="pneumonia",  # 5x200 classes: "pneumonia" (authors' code), "gloria", "" (any)
+      num_prompts=0,  # per class; 0: the vocabulary's (paper: 15 CheXpert, 10 RSNA; project: 5)
+      prompt_seed=1,  # the authors' code draws from Python's random seeded with 1
+      prompt_pooling="max",  # class score over its prompts' raw similarities: "max" or "mean"
+      batch_size=32, itm_rescore=False, itm_batch_size=64, periodic=True)
   e.retrieval = dict(
       datasets=("mimic_5x200",) if real else ("phantom_5x200",),
       split="test", batch_size=32, ks=(1, 5, 10),
@@ -156,9 +161,16 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
       datasets=("rsna_pneumonia", "siim_pneumothorax", "covidx") if real
       else ("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
       train_split="train", val_split="validation", test_split="test",
+      # "paper": Q-Former and queries fine-tuned end to end, ViT frozen (the authors' code);
+      # "linear_probe": a head on frozen, cached query outputs (cheap; not the paper's figures).
+      protocol="paper",
       label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, batch_size=8, epochs=5,
-      weight_decay=0.01,  # not stated by the paper: PyTorch's AdamW default
-      hidden_dim=512,  # width between the two linear layers (not stated by the paper)
+      end_learning_rate=1e-8,  # paper protocol: cosine to this over all steps (authors' code)
+      schedule="cosine",  # paper protocol: "cosine" or "constant" (the probe is constant)
+      adam_b1=0.9, adam_b2=0.95,  # paper protocol (the probe keeps optax's defaults)
+      weight_decay=0.01,  # AdamW, as the authors' code sets it
+      hidden_dim=768,  # width between the two linear layers (the authors' code)
+      pooling="flatten",  # query outputs into the head: "flatten" (Q*H, authors') or "mean"
       select_metric="auc",  # on the validation split, per epoch
       feature_batch_size=32, seed=0, periodic=False)
   e.report_gen = dict(
@@ -170,14 +182,20 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
       labeler="rule",  # clinical-efficacy reader: evaluators/labeler.py LABELERS
       baseline=True,  # also score the most frequent training report, a model-free baseline
       periodic=False)
+  if not real:
+    # The phantom 5x200 set renders GLoRIA's classes (Consolidation, not Pneumonia), and the
+    # phantom reports use the project's phrasing: after 400 demo steps the paper vocabulary
+    # scored 5x200 accuracy 0.21 (chance) where the project's scored 0.29.
+    e.zero_shot.update(class_set="gloria", prompts="project")
   if variant == "demo":
-    # A fresh head on a few hundred phantom features learns nothing in 5 epochs at 1e-5.
-    e.finetune.update(learning_rate=1e-3, epochs=10, hidden_dim=256)
+    # A fresh head on a few hundred phantom features learns nothing in 5 epochs at 1e-5; the
+    # probe keeps the demo within its time budget.
+    e.finetune.update(protocol="linear_probe", learning_rate=1e-3, epochs=10, hidden_dim=256)
   elif variant == "tiny":
     for entry in (e.zero_shot, e.retrieval):
       entry.update(batch_size=8, periodic=False)  # tests train tiny models without evaluating
-    e.finetune.update(label_fractions=(0.1, 1.0), learning_rate=1e-3, epochs=2, hidden_dim=32,
-                      feature_batch_size=8)
+    e.finetune.update(protocol="linear_probe", label_fractions=(0.1, 1.0), learning_rate=1e-3,
+                      epochs=2, hidden_dim=32, feature_batch_size=8)
     e.report_gen.update(batch_size=4, max_examples=8)
   return e
 

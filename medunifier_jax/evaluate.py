@@ -123,7 +123,7 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
           "seconds": round(time.perf_counter() - start, 1)}
   registry.write_results(os.path.join(out_dir, "results.json"), results, evaluators, meta)
   write_outputs(os.path.join(out_dir, "outputs"), evaluators)
-  log(format_table(results))
+  log(format_table(results, {name: ev.describe() for name, ev in evaluators.items()}))
   return results
 
 
@@ -144,9 +144,11 @@ def write_outputs(folder: str, evaluators) -> None:
           json.dump(other, f, indent=1, default=str)
 
 
-def format_table(results: dict[str, Any]) -> str:
-  """One table per entry: a row per metric, a column per data set."""
+def format_table(results: dict[str, Any], protocols: dict[str, str] | None = None) -> str:
+  """One table per entry: a row per metric, a column per data set; `protocols[entry]`, when
+  given and not empty, is printed under the entry's heading (which protocol made the figures)."""
   lines = []
+  protocols = protocols or {}
   for name, by_set in results.items():
     datasets = list(by_set)
     metrics = list(dict.fromkeys(m for d in datasets for m in by_set[d]))
@@ -154,6 +156,8 @@ def format_table(results: dict[str, Any]) -> str:
     cols = [max(len(d), 8) for d in datasets]
     lines.append("")
     lines.append(f"== {name} ==")
+    if protocols.get(name):
+      lines.append(f"({protocols[name]})")
     lines.append(" " * width + "  " + "  ".join(d.rjust(c) for d, c in zip(datasets, cols)))
     for m in metrics:
       cells = []

@@ -50,6 +50,7 @@ def config():
   c.data.num_per_class_5x200 = 10  # 50 images
   c.data.cls_num_train, c.data.cls_num_val, c.data.cls_num_test = 24, 12, 12
   e = c.evals
+  e.zero_shot.prompts = "paper"  # the phantom variants' default is the project vocabulary
   with c.unlocked():
     e.zero_shot_itm = dict(e.zero_shot.to_dict(), task="zero_shot", itm_rescore=True,
                            datasets=("phantom_pneumonia",), itm_batch_size=16)
@@ -98,6 +99,19 @@ def test_every_evaluator_runs_and_writes_results(run, config):
       assert all(isinstance(v, float) for v in metrics.values())
   outputs = os.listdir(os.path.join(workdir, "eval", "outputs"))
   assert "zero_shot_phantom_5x200.npz" in outputs and "report_gen_phantom_5x200.json" in outputs
+  assert saved["protocol"]["finetune"]["protocol"] == "linear_probe"  # the tiny variant's
+  assert saved["protocol"]["zero_shot"]["prompts"] == "paper"
+
+
+def test_zero_shot_uses_the_paper_prompts_and_raw_scores(run, evaluators):
+  out = evaluators["zero_shot"].outputs["phantom_5x200"]
+  assert out["prompt_set"] == "paper" and out["class_set"] == "gloria"
+  assert all(len(p) == 15 for p in out["prompts"].values())
+  # Softmax over the pooled raw similarities (cosines, no temperature: within [-1, 1]).
+  assert np.abs(out["class_scores"]).max() <= 1.0 + 1e-5
+  np.testing.assert_allclose(out["probs"], np.exp(out["class_scores"]) / np.exp(
+      out["class_scores"]).sum(axis=1, keepdims=True), rtol=1e-5)
+  assert len(evaluators["zero_shot_itm"].outputs["phantom_pneumonia"]["prompts"]["Normal"]) == 10
 
 
 def test_untrained_model_scores_chance_on_the_5x200_set(run):

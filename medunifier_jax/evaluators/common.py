@@ -112,6 +112,11 @@ class Evaluator:
       self._fns[graphdef] = ModelFns(graphdef)
     return self._fns[graphdef]
 
+  def describe(self) -> str:
+    """One line naming the protocol variant behind this entry's figures ("" when there is only
+    one), for whatever prints them next to the figures."""
+    return ""
+
   def settings(self) -> dict:
     """The protocol settings used (JSON-friendly), written next to the results."""
     return to_python(self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else self.cfg)

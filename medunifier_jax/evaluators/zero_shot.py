@@ -1,15 +1,22 @@
-"""Zero-shot classification by image-prompt similarity (GLoRIA / MedCLIP protocol).
+"""Zero-shot classification by image-prompt similarity (the paper's protocol, DESIGN.md section 3).
 
-For each class, `num_prompts` prompts are sampled with a fixed seed from severity x subtype x
-location word lists (`prompts.py`). An image's score for a class is the maximum over that
-class's prompts of the image-text similarity (itself the maximum over the query embeddings of
-the cosine with the prompt's text embedding); scores divided by the model's temperature go
-through a softmax over classes. Reported: accuracy, macro F1, one-vs-rest AUC, sensitivity,
-specificity, PPV, NPV (`metrics.classification_metrics`; binary sets such as RSNA-like
-pneumonia vs normal report the positive class).
+Prompts (`prompts.py`): with `prompts="paper"`, `num_prompts` per class (0: 15 for the CheXpert
+vocabulary, 10 for RSNA's) drawn with `prompt_seed` (1: the authors' draw) from the CheXpert
+class-prompt vocabulary; `prompts="project"` uses the project's own word lists instead.
 
-With `itm_rescore`, the class score is instead the maximum over the class's prompts of the
-image-text matching head's log-probability of "match" (every image against every prompt).
+Scores: an image's raw similarity to a prompt is the maximum over its query embeddings of the
+cosine with the prompt's text embedding, with no temperature. A class's score pools those over
+the class's prompts, by `prompt_pooling`: "max" (the authors' code takes the maximum) or "mean";
+a softmax over classes gives the probabilities. Reported: accuracy, macro F1, one-vs-rest AUC,
+sensitivity, specificity, PPV, NPV (`metrics.classification_metrics`; binary sets such as
+RSNA-like pneumonia vs normal report the positive class).
+
+`class_set` names the 5x200 class set the protocol expects ("pneumonia": the authors' code,
+"gloria": Consolidation in place of Pneumonia, "": no check); a data set with the other one is
+refused rather than scored under a protocol it does not follow.
+
+With `itm_rescore`, the per-prompt score is instead the image-text matching head's
+log-probability of "match" (every image against every prompt), pooled the same way.
 """
 
 from collections.abc import Iterator
@@ -18,18 +25,74 @@ import numpy as np
 
 from medunifier_jax.evaluators import common, metrics, prompts
 
+POOLINGS = ("max", "mean")
+
+
+def pool_prompt_scores(prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int,
+                       pooling: str = "max") -> np.ndarray:
+  """Per-prompt scores -> per-class scores.
+
+  Args:
+    prompt_scores: (N, P) score of every image against every prompt.
+    owner: (P,) the class index of each prompt.
+    num_classes: C; every class must own at least one prompt.
+    pooling: "max" or "mean" over a class's prompts.
+  Returns:
+    (N, C) float.
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown prompt_pooling {pooling!r}; choose one of {POOLINGS}")
+  pool = np.max if pooling == "max" else np.mean
+  return np.stack([pool(prompt_scores[:, owner == c], axis=1) for c in range(num_classes)],
+                  axis=1)
+
+
+def class_probabilities(prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int,
+                        pooling: str = "max") -> np.ndarray:
+  """(N, P) per-prompt scores -> (N, C) softmax over the pooled class scores."""
+  return common.softmax(pool_prompt_scores(prompt_scores, owner, num_classes, pooling), axis=1)
+
 
 class ZeroShotEvaluator(common.Evaluator):
-  """Settings (`config.evals.zero_shot`): datasets, split, num_prompts, prompt_seed,
-  batch_size, itm_rescore, itm_batch_size."""
+  """Settings (`config.evals.zero_shot`): datasets, split, prompts, class_set, num_prompts,
+  prompt_seed, prompt_pooling, batch_size, itm_rescore, itm_batch_size."""
 
   task = "zero_shot"
+
+  def __init__(self, config, task_config, tokenizer, **kwargs):
+    super().__init__(config, task_config, tokenizer, **kwargs)
+    # Settings are checked here, so a typo fails before any image is encoded.
+    self.prompt_set = str(task_config.get("prompts", "paper"))
+    if self.prompt_set not in prompts.PROMPT_SETS:
+      raise ValueError(f"config.evals.{self.task}.prompts is {self.prompt_set!r}; choose one of "
+                       f"{prompts.PROMPT_SETS}")
+    self.pooling = str(task_config.get("prompt_pooling", "max"))
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"config.evals.{self.task}.prompt_pooling is {self.pooling!r}; choose "
+                       f"one of {POOLINGS}")
+    self.class_set = str(task_config.get("class_set", ""))
+    if self.class_set and self.class_set not in prompts.class_sets():
+      raise ValueError(f"config.evals.{self.task}.class_set is {self.class_set!r}; choose one "
+                       f"of {sorted(prompts.class_sets())} or ''")
+
+  def describe(self) -> str:
+    cfg = self.cfg
+    n = int(cfg.get("num_prompts", 0)) or "default"
+    return (f"prompts {self.prompt_set}, {n} per class, seed {int(cfg.prompt_seed)}, "
+            f"{self.pooling} over prompts, {'ITM' if cfg.itm_rescore else 'raw similarity'}")
+
+  def class_prompts(self, class_names, dataset: str = "") -> dict[str, list[str]]:
+    """{class name: prompts} for a data set's classes, by this entry's settings."""
+    prompts.check_class_set(class_names, self.class_set, dataset)
+    return prompts.build_class_prompts(self.prompt_set, class_names,
+                                       int(self.cfg.get("num_prompts", 0)),
+                                       int(self.cfg.prompt_seed))
 
   def evaluate(self, dataset: str, graphdef, state) -> Iterator[tuple[str, float]]:
     cfg, fns = self.cfg, self.fns(graphdef)
     source = self.source(dataset, cfg.split)
     class_names = common.source_class_names(source, dataset)
-    class_prompts = prompts.class_prompts(class_names, int(cfg.num_prompts), int(cfg.prompt_seed))
+    class_prompts = self.class_prompts(class_names, dataset)
     texts = [p for name in class_names for p in class_prompts[name]]
     owner = np.array([c for c, name in enumerate(class_names) for _ in class_prompts[name]])
 
@@ -47,13 +110,15 @@ class ZeroShotEvaluator(common.Evaluator):
       text_emb = np.concatenate(common.run_in_chunks(
           lambda input_ids, attention_mask: fns.text_features(state, input_ids, attention_mask),
           tok, int(cfg.batch_size)))
-      sim = np.asarray(common.similarity_matrix(feats["image_emb"], text_emb))
-      prompt_scores = sim / float(fns.temperature(state))
-    class_scores = np.stack([prompt_scores[:, owner == c].max(axis=1)
-                             for c in range(len(class_names))], axis=1)
+      # Raw cosine similarities (max over queries): the authors' code applies no temperature.
+      prompt_scores = np.asarray(common.similarity_matrix(feats["image_emb"], text_emb))
+    class_scores = pool_prompt_scores(prompt_scores, owner, len(class_names), self.pooling)
     probs = common.softmax(class_scores, axis=1)
-    self.outputs[dataset] = {"labels": feats["label"], "probs": probs,
-                             "class_names": list(class_names), "prompts": class_prompts}
+    self.outputs[dataset] = {
+        "labels": feats["label"], "probs": probs, "class_scores": class_scores,
+        "class_names": list(class_names), "prompts": class_prompts,
+        "prompt_set": self.prompt_set, "prompt_pooling": self.pooling,
+        "class_set": prompts.find_class_set(class_names) or ""}
     yield from metrics.classification_metrics(feats["label"], probs).items()
 
   def _tokenize(self, texts, max_len: int) -> dict[str, np.ndarray]:
