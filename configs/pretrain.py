@@ -11,7 +11,14 @@ Variants (the config's own argument selects one; nothing is copied between files
 Launch:
   python -m medunifier_jax.train --config configs/pretrain.py:demo --workdir workdirs/demo
   python -m medunifier_jax.train --config configs/pretrain.py:paper --workdir gs://BUCKET/run \
-      --config.data.name=mimic_cxr --config.init_from=hf-blip2:/path/to/blip2
+      --config.init_from.vision=lavis-eva:/data/eva_vit_g.pth \
+      --config.init_from.qformer=hf-bert:/data/cxr-bert-general \
+      --config.data.tokenizer_dir=/data/cxr-bert-general
+
+`init_from` takes one source per part of the model (`vision`, `qformer`; medunifier_jax/weights/
+init_sources.py lists the kinds), or one string for the whole model
+(`--config.init_from=hf-blip2:DIR`). The paper variant names the paper's sources with placeholder
+paths that must be replaced: a run refuses to start with them.
 """
 
 import ml_collections
@@ -200,6 +207,44 @@ def _evals(variant: str, max_text_len: int) -> ml_collections.ConfigDict:
   return e
 
 
+def _image_gen_eval(variant: str) -> dict:
+  """The text-to-image entry (medunifier_jax/evaluators/image_gen.py, README "Drawing images
+  from reports"): images the prior draws for held-out reports against real test images (FID,
+  KID) beside the unconditional prior, VQ reconstructions and real training images, and finding
+  fidelity read by a classifier trained on real images. Needs a trained prior (WORKDIR/prior);
+  without one only the baselines are scored.
+  """
+  real = variant == "paper"
+  e = dict(
+      datasets=("mimic_cxr",) if real else ("phantom_openi",),  # the pre-training data
+      split="test", train_split="train", val_split="validation",
+      num_images=0,  # per set, the first of each split (0: the whole test split)
+      batch_size=32,  # reports per generation / reconstruction / Inception call
+      prior_dir="",  # the text prior; "": WORKDIR/prior
+      uncond_prior_dir="",  # condition="none" prior; "": WORKDIR/prior_uncond, else null condition
+      sample_steps=12, guidance=1.0, temperature=1.0, seed=0,  # fixed: never tuned on test
+      inception_cache="",  # converted FID Inception weights; "": ~/.cache/medunifier_jax/...
+      kid_subsets=100, kid_subset_size=1000,
+      classifier_dir="",  # cached fidelity classifier; "": WORKDIR/eval/fidelity_classifier
+      classifier_steps=5000, classifier_batch_size=32,
+      findings=(),  # single-finding prompts; (): every finding ("No Finding": a normal report)
+      prompts_per_finding=4, samples_per_prompt=4,
+      prompt_phantoms=not real,  # real reference for the prompts: phantoms with that finding
+      num_examples=6,  # held-out reports shown in the report, per set
+      periodic=False)
+  if variant == "demo":
+    # Inception-v3 at 299 px costs ~0.15 s per image on 2 CPU cores and FID runs over five sets
+    # of N: N = 100 keeps the Inception to ~75 s. KID on halves of N, so that its spread over
+    # subsets says something. The classifier's 600 steps (~1 min) reach a validation AUC of
+    # ~0.85 (the supervised reference: 0.82 after 250 steps, 0.90 after 1,500).
+    e.update(num_images=100, kid_subset_size=50, classifier_steps=600)
+  elif variant == "tiny":
+    e.update(num_images=8, batch_size=8, sample_steps=4, kid_subsets=5, classifier_steps=10,
+             classifier_batch_size=8, findings=("No Finding", "Cardiomegaly", "Pleural Effusion"),
+             prompts_per_finding=1, samples_per_prompt=2, num_examples=2)
+  return e
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "demo"
   if variant not in VARIANTS:
@@ -212,6 +257,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Objectives: weight 0 switches one off (its computation is skipped, not just zeroed).
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, itg=1.0, tig=1.0))
   c.label_smoothing = 0.1  # ITC and ITG
+  # Beyond the paper: examples whose texts are token for token identical (one report for several
+  # images of a study, common normal reports) are not each other's ITC / ITM negatives
+  # (objectives.py; docs/PAPER_NOTES.md). False: the paper's losses.
+  c.duplicate_aware_negatives = True
 
   # Data (medunifier_jax/data). Paths are config values; nothing is hard-coded.
   d = c.data = ml_collections.ConfigDict()
@@ -268,12 +317,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ]
 
   # Checkpoints, logging, evaluation.
-  c.init_from = ""  # "hf-blip2:DIR" / "hf-bert:DIR": used only when the workdir has no checkpoint
+  # Initial weights, used only when the workdir has no checkpoint: one source per part
+  # (`--config.init_from.vision=lavis-eva:FILE --config.init_from.qformer=hf-bert:DIR`), or one
+  # string for the whole model (`--config.init_from=hf-blip2:DIR`, which the field's `object`
+  # type admits). Kinds: hf-blip2:DIR, hf-bert:DIR, lavis-eva:FILE, lavis-blip2:FILE, random.
+  parts = ml_collections.ConfigDict(dict(vision="", qformer=""))
+  if variant == "paper":
+    # The paper's initialisation: EVA ViT-g as BLIP-2 ships it, the Q-Former from a BERT
+    # (CXR-BERT-general in the paper). Placeholders: replace them with real paths.
+    parts.vision = "lavis-eva:/path/to/eva_vit_g.pth"
+    parts.qformer = "hf-bert:/path/to/bert"
+  c.init_from = ml_collections.FieldReference(parts, field_type=object)
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 50
   c.eval_every = 0  # 0: evaluate at the end only
   c.evals = _evals(variant, c.model.max_text_len)
+  c.evals.image_gen = _image_gen_eval(variant)
 
   if variant == "paper":
     c.compute_dtype = "bfloat16"

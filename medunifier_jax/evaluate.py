@@ -116,6 +116,7 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
     tokenizer = pipeline.build_tokenizer(config, cache_dir=os.path.join(workdir, "tokenizer"))
   if evaluators is None:
     evaluators = registry.build_evaluators(config, tokenizer, select_entries(config, tasks))
+  registry.bind_workdir(evaluators, workdir)
   start = time.perf_counter()
   results = registry.run_evaluators(evaluators, model, log=log)
   out_dir = os.path.join(workdir, "eval")
@@ -168,7 +169,8 @@ def format_table(results: dict[str, Any], protocols: dict[str, str] | None = Non
   return "\n".join(lines)
 
 
-COUNT_METRICS = ("num_train", "best_epoch")
+COUNT_METRICS = ("num_train", "best_epoch", "n_real", "n_generated", "n_reports", "n_prompts",
+                 "n_validation", "train_steps")
 
 
 def _fmt(metric: str, value: float) -> str:

@@ -8,6 +8,14 @@
 Cross-entropies with label smoothing follow PyTorch's `label_smoothing`: the target is
 (1 - s) * one_hot + s / C. Negatives span the batch the function sees; under `jax.jit` with a
 sharded batch that is the global batch.
+
+Duplicate-aware negatives (beyond the paper; `compute_losses(duplicate_aware=True)`, the
+config's `duplicate_aware_negatives`): two examples whose texts are token for token the same
+(the same report, e.g. two images of one study, or a common normal report) are not each other's
+negatives. Their off-diagonal ITC logits are left out of both softmaxes (masked, not made extra
+positives: the image of the other pair may show something the shared text does not say), label
+smoothing spreads over the remaining classes, and ITM never draws them as hard negatives. A
+batch without duplicates gives exactly the plain losses.
 """
 
 from collections.abc import Mapping
@@ -24,8 +32,11 @@ OBJECTIVES = ("itc", "itm", "itg", "tig")
 METRIC_KEYS = (
     "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "tig_mse", "vq_loss_top",
     "vq_loss_bottom", "vq_perplexity_top", "vq_perplexity_bottom", "vq_usage_top",
-    "vq_usage_bottom", "temperature",
+    "vq_usage_bottom", "temperature", "duplicate_fraction",
 )
+# Stands in for -inf in masked logits: exp() of it is 0, yet 0 * it is 0 (no NaN) in the
+# cross-entropy and its gradient. ITC logits are bounded by 1 / temperature_min.
+_MASKED_LOGIT = -1e9
 
 
 def smoothed_cross_entropy(
@@ -45,49 +56,110 @@ def itc_similarity(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array
   return jnp.einsum("iqe,te->itq", image_embeds, text_embeds).max(axis=-1)
 
 
+def duplicate_texts(input_ids: jax.Array) -> jax.Array:
+  """(B, T) token ids -> (B, B) bool: True where rows i and j hold the same ids (the diagonal
+  included).
+
+  Same ids mean the same cleaned, truncated report: what the model sees of two texts is then
+  identical. Under `jax.jit` with a sharded batch the comparison spans the global batch (XLA
+  gathers the ids, B x T integers).
+  """
+  return jnp.all(input_ids[:, None, :] == input_ids[None, :, :], axis=-1)
+
+
+def other_duplicates(duplicates: jax.Array) -> jax.Array:
+  """(B, B) `duplicate_texts` -> the same without the diagonal: the pairs that must not be
+  negatives of each other."""
+  return duplicates & ~jnp.eye(duplicates.shape[0], dtype=bool)
+
+
+def masked_smoothed_cross_entropy(
+    logits: jax.Array, labels: jax.Array, exclude: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+  """`smoothed_cross_entropy` over the classes not in `exclude` only.
+
+  logits (N, C), labels (N,), exclude (N, C) bool (never the label itself) -> (N,) float32.
+  Excluded classes leave the softmax's denominator, and the smoothing mass s is spread over
+  the C_i classes a row keeps: target (1 - s) * one_hot + s / C_i on them, 0 elsewhere.
+  """
+  logits = logits.astype(jnp.float32)
+  keep = ~exclude
+  logp = jax.nn.log_softmax(jnp.where(keep, logits, _MASKED_LOGIT), axis=-1)
+  kept = jnp.sum(keep, axis=-1, keepdims=True).astype(jnp.float32)
+  targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, logits.shape[-1])
+  targets = targets + jnp.where(keep, label_smoothing / kept, 0.0)
+  return -jnp.sum(targets * logp, axis=-1)
+
+
 def itc_loss(
     image_embeds: jax.Array,
     text_embeds: jax.Array,
     temperature: jax.Array,
     label_smoothing: float = 0.1,
+    *,
+    duplicates: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Symmetric contrastive loss; pair i is (image i, text i).
 
   Args:
     image_embeds: (B, Q, E) normalised query projections.
     text_embeds: (B, E) normalised [CLS] projections.
-    temperature: scalar (already clamped).
+    temperature: scalar (`MedUnifier.temperature()`).
+    duplicates: (B, B) bool, `duplicate_texts(input_ids)`, or None. Pairs (i, j), i != j, with
+      the same text are left out of image i's softmax over texts and of text j's softmax over
+      images (and symmetrically).
   Returns:
-    (scalar loss, the (B, B) image-to-text logits sim / temperature; their transpose is text-to-
-    image).
+    (scalar loss, the (B, B) image-to-text logits sim / temperature, nothing masked; their
+    transpose is text-to-image).
   """
   logits = itc_similarity(image_embeds, text_embeds) / temperature
   labels = jnp.arange(logits.shape[0])
   i2t = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
   t2i = smoothed_cross_entropy(logits.T, labels, label_smoothing).mean()
-  return (i2t + t2i) / 2, logits
+  plain = (i2t + t2i) / 2
+  if duplicates is None:
+    return plain, logits
+  others = other_duplicates(duplicates)
+  i2t = masked_smoothed_cross_entropy(logits, labels, others, label_smoothing).mean()
+  t2i = masked_smoothed_cross_entropy(logits.T, labels, others.T, label_smoothing).mean()
+  # Both are computed (a B x B softmax costs nothing next to the model); the plain one is taken
+  # when the batch has no duplicates, so the option changes nothing there, to the bit.
+  return jnp.where(jnp.any(others), (i2t + t2i) / 2, plain), logits
 
 
-def sample_hard_negatives(logits_i2t: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample_hard_negatives(
+    logits_i2t: jax.Array, rng: jax.Array, duplicates: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """One hard negative per text and per image, drawn from the softmax of the ITC logits.
 
-  The positive (the diagonal) is masked out, so it is never drawn.
+  The positive (the diagonal) is masked out, so it is never drawn; with `duplicates`, neither
+  are the pairs whose texts equal the positive's (their sampling weight is 0).
 
   Args:
     logits_i2t: (B, B) ITC logits, row = image, column = text (no gradient flows through).
     rng: PRNG key.
+    duplicates: (B, B) bool, `duplicate_texts(input_ids)`, or None.
   Returns:
-    neg_image_for_text (B,), neg_text_for_image (B,): int32 indices.
+    neg_image_for_text (B,), neg_text_for_image (B,): int32 indices; -1 for a row that has no
+    candidate left (every other text in the batch is a duplicate of its own).
   """
   b = logits_i2t.shape[0]
   if b < 2:
     raise ValueError(f"ITM hard negatives need a batch of at least 2 pairs, got {b}")
   logits = jax.lax.stop_gradient(logits_i2t).astype(jnp.float32)
-  masked = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, logits)
+  excluded = jnp.eye(b, dtype=bool)
+  if duplicates is not None:
+    excluded = excluded | duplicates
+  masked = jnp.where(excluded, -jnp.inf, logits)
   key_image, key_text = jax.random.split(rng)
-  neg_image_for_text = jax.random.categorical(key_image, masked.T, axis=-1)
-  neg_text_for_image = jax.random.categorical(key_text, masked, axis=-1)
-  return neg_image_for_text.astype(jnp.int32), neg_text_for_image.astype(jnp.int32)
+  neg_image_for_text = jax.random.categorical(key_image, masked.T, axis=-1).astype(jnp.int32)
+  neg_text_for_image = jax.random.categorical(key_text, masked, axis=-1).astype(jnp.int32)
+  if duplicates is not None:
+    # categorical() over all -inf returns an arbitrary index; mark those rows instead.
+    some = ~jnp.all(excluded, axis=-1)  # excluded is symmetric: rows and columns alike
+    neg_image_for_text = jnp.where(some, neg_image_for_text, -1)
+    neg_text_for_image = jnp.where(some, neg_text_for_image, -1)
+  return neg_image_for_text, neg_text_for_image
 
 
 def itm_loss(
@@ -100,6 +172,7 @@ def itm_loss(
     *,
     image_kvs=None,
     rngs: nnx.Rngs | None = None,
+    duplicates: jax.Array | None = None,
 ) -> jax.Array:
   """Matching loss on 3B pairs: (image i, text i) match; (hard negative image, text j) and
   (image i, hard negative text) do not. Two-way CE on the query-averaged ITM logits.
@@ -107,10 +180,17 @@ def itm_loss(
   image_tokens: (B, 1 + N, Dv); input_ids, attention_mask: (B, T); logits_i2t: (B, B) ITC.
   image_kvs: `model.cross_kvs(image_tokens)` when already computed: each image's cross-attention
   keys/values are then gathered for its pairs rather than projected again for each of them.
+  duplicates: (B, B) bool (`duplicate_texts`) or None: duplicates are never drawn as negatives;
+  a row left without any candidate contributes its positive pair only (its negative pairs get
+  weight 0 in the mean).
   """
-  neg_image, neg_text = sample_hard_negatives(logits_i2t, rng)
+  neg_image, neg_text = sample_hard_negatives(logits_i2t, rng, duplicates)
   b = input_ids.shape[0]
-  image_index = jnp.concatenate([jnp.arange(b), neg_image, jnp.arange(b)])
+  rows = jnp.arange(b)
+  has_image, has_text = neg_image >= 0, neg_text >= 0
+  # A row without a negative (-1) is run with its own pair, then weighted out.
+  neg_image, neg_text = jnp.where(has_image, neg_image, rows), jnp.where(has_text, neg_text, rows)
+  image_index = jnp.concatenate([rows, neg_image, rows])
   if image_kvs is None:
     image_kvs = model.cross_kvs(image_tokens)
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
@@ -118,7 +198,13 @@ def itm_loss(
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
   logits = model.itm_logits(None, ids, mask, image_kvs=gather_kvs(image_kvs, image_index),
                             rngs=rngs)
-  return smoothed_cross_entropy(logits, labels).mean()
+  ce = smoothed_cross_entropy(logits, labels)
+  if duplicates is None:
+    return ce.mean()
+  weights = jnp.concatenate([jnp.ones((b,), bool), has_image, has_text]).astype(jnp.float32)
+  weighted = jnp.sum(ce * weights) / jnp.sum(weights)
+  # Every row had a negative: the plain mean, to the bit.
+  return jnp.where(jnp.all(weights > 0), ce.mean(), weighted)
 
 
 def itg_loss(
@@ -153,6 +239,7 @@ def compute_losses(
     weights: Mapping[str, float],
     label_smoothing: float = 0.1,
     train: bool = True,
+    duplicate_aware: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """All objectives in one pass, sharing the ViT pass, the image-mode queries and the text pass.
 
@@ -163,6 +250,9 @@ def compute_losses(
     rng: the step's PRNG key (dropout, ITM negatives, VQ code restarts).
     weights: Python floats for `itc`, `itm`, `itg`, `tig`; 0 (or absent) skips the objective.
     train: dropout on, BatchNorm batch statistics (and their running-average updates).
+    duplicate_aware: examples with identical token ids are not each other's ITC / ITM
+      negatives (module docstring); `duplicate_fraction` reports the share of the batch whose
+      text occurs more than once (computed either way).
   Returns:
     (weighted total, metrics with the keys of `METRIC_KEYS`; skipped terms report 0).
   """
@@ -187,15 +277,19 @@ def compute_losses(
     text_hidden = model.text_hidden(ids, mask, rngs=rngs)
 
   if on["itc"] or on["itm"]:
+    same_text = duplicate_texts(ids)
+    metrics["duplicate_fraction"] = jnp.mean(
+        jnp.any(other_duplicates(same_text), axis=-1).astype(jnp.float32))
+    duplicates = same_text if duplicate_aware else None
     loss, logits_i2t = itc_loss(
         model.image_embeddings(queries), model.text_embeddings(text_hidden),
-        model.temperature(), label_smoothing,
+        model.temperature(), label_smoothing, duplicates=duplicates,
     )
     if on["itc"]:
       losses["itc"] = loss
     if on["itm"]:
       losses["itm"] = itm_loss(model, image_tokens, ids, mask, logits_i2t, key_itm,
-                               image_kvs=image_kvs, rngs=rngs)
+                               image_kvs=image_kvs, rngs=rngs, duplicates=duplicates)
   if on["itg"]:
     lm_logits = model.lm_logits_from_query_kv(query_kvs, ids, mask, rngs=rngs)
     losses["itg"] = itg_loss(lm_logits, ids, mask, label_smoothing)

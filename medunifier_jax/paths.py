@@ -21,7 +21,8 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # Config fields that hold a local or remote folder ("" means unset).
 CONFIG_PATHS = ("data.data_dir", "data.tokenizer_dir")
-# Config fields of the form "KIND:DIR" (weight sources).
+# Config fields of the form "KIND:DIR" (weight sources), or mappings of names to such strings
+# (`init_from.vision`, `init_from.qformer`).
 CONFIG_SOURCES = ("init_from",)
 
 
@@ -64,6 +65,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       node = node.get(parent) if node is not None else None
     if node is None or not node.get(name):
       continue
-    value = str(node[name])
+    value = node[name]
+    if dotted in CONFIG_SOURCES and hasattr(value, "items"):
+      for key, source in list(value.items()):
+        if source:
+          value[key] = resolve_source(str(source))
+      continue
+    value = str(value)
     node[name] = resolve_source(value) if dotted in CONFIG_SOURCES else resolve(value)
   return config

@@ -32,6 +32,10 @@ DEMO_ARGS = [
     "--config.data.num_train=4096", "--config.model.qformer.hidden_dropout=0.0",
     "--config.model.qformer.attention_dropout=0.0",
     "--config.evals.finetune.label_fractions=(1.0,)", "--recon_images=32",
+    # Images from reports at the tiny size: 20 prior steps on the codes of 256 pairs, the null
+    # condition as the unconditional baseline, the tiny image_gen entry (8 images per set).
+    "--image_gen", "--prior_config=configs/prior.py:tiny",
+    "--prior_config.codes.max_examples=256",
 ]
 
 

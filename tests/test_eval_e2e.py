@@ -201,7 +201,7 @@ def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp
 
 
 def test_registry_names_and_errors(config, tokenizer):
-  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen"}
+  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen", "image_gen"}
   with pytest.raises(KeyError, match="known evaluators: zero_shot, retrieval"):
     from medunifier_jax.evaluators import get_evaluator_class
     get_evaluator_class("segmentation")

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from medunifier_jax import api
 from medunifier_jax.weights import hf_files, hf_import
-from medunifier_jax.weights.mapping import WeightImportError, natural_key
+from medunifier_jax.weights.mapping import WeightImportError, assign, natural_key
 
 SENTENCES = [
     "The heart size is normal. No pleural effusion or pneumothorax.",
@@ -198,7 +198,8 @@ def test_missing_and_unexpected_are_listed_together(tiny_bert, tmp_path):
   missing = info.value.missing
   assert missing == sorted(missing, key=natural_key)
   assert {m.split("/")[0] for m in missing} == {
-      "itm_head", "qformer", "query_tokens", "temp", "text_proj", "vision_proj", "vit", "vqvae"
+      "itm_head", "ln_vision", "qformer", "query_tokens", "temp", "text_proj", "vision_proj",
+      "vit", "vqvae"
   }
   assert "    [vit] " in str(info.value) and "    [vqvae] " in str(info.value)
 
@@ -299,3 +300,19 @@ def test_minilm_text_path_matches_bert_model():
   assert model.import_report.ignored == [
       "embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"
   ]
+
+
+def test_scope_limits_an_import_to_one_part_of_the_model(tiny_bert):
+  """`assign(scope=...)`: weights outside the part are neither required nor reported, and a rule
+  for a weight outside it is a mapping error."""
+  folder, _ = tiny_bert
+  cfg = config("tiny")
+  model = api.abstract_model(cfg)
+  tensors, rules = hf_import.read_bert_tensors(folder), hf_import.bert_rules(cfg.model)
+  report = assign(model, rules, tensors, allow=("qformer/layers/*/crossattention/*", "pooler.*"),
+                  ignore=hf_import.BUFFERS, scope=("qformer/*",))
+  assert report.loaded and all(
+      n.startswith("qformer/") for n in report.loaded + report.kept_at_init)
+  assert "qformer/layers/0/crossattention/key/kernel" in report.kept_at_init
+  with pytest.raises(KeyError, match="which the model's part"):
+    assign(model, rules, tensors, scope=("vit/*",))

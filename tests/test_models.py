@@ -250,7 +250,8 @@ def paper_parameter_counts(m) -> dict[str, int]:
   d, p, mlp = vit.width, vit.patch_size, vit.mlp_dim
   n = (vit.image_size // p) ** 2
   vit_block = 2 * d + (3 * d * d + 2 * d) + (d * d + d) + 2 * d + (d * mlp + mlp) + (mlp * d + d)
-  counts = {"vit": p * p * 3 * d + d + d + (n + 1) * d + vit.depth * vit_block + 2 * d}
+  counts = {"vit": p * p * 3 * d + d + d + (n + 1) * d + vit.depth * vit_block}
+  counts["ln_vision"] = 2 * d  # beside the ViT: trained even when the ViT is frozen
 
   h, i, v = qf.hidden_size, qf.intermediate_size, qf.vocab_size
   attention = lambda src: (h * h + h) + 2 * (src * h + h) + (h * h + h) + 2 * h
@@ -286,6 +287,7 @@ def test_paper_config_builds_abstractly_with_the_expected_size():
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   counted = {
       "vit": size(params["vit"]),
+      "ln_vision": size(params["ln_vision"]),
       "qformer": size(params["qformer"]),
       "heads": sum(size(params[k]) for k in
                    ("query_tokens", "vision_proj", "text_proj", "itm_head", "temp")),

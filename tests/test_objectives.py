@@ -192,3 +192,172 @@ def test_overfitting_one_batch_halves_every_loss(cfg, model, batch):
     first = float(history[0][name])
     last = float(np.mean([h[name] for h in history[-3:]]))
     assert last < first / 2, f"{name}: {first:.3f} -> {last:.3f}"
+
+
+# -- duplicate-aware negatives -------------------------------------------------------------------
+
+
+def _hand_masked_ce(row, label, keep, s):
+  """Smoothed CE over the kept classes only (smoothing spread over them)."""
+  kept = np.flatnonzero(keep)
+  z = row[kept]
+  logp = z - z.max() - math.log(np.exp(z - z.max()).sum())
+  target = np.full(len(kept), s / len(kept))
+  target[list(kept).index(label)] += 1 - s
+  return -(target * logp).sum()
+
+
+def test_duplicate_texts_leave_the_itc_softmax():
+  rng = np.random.default_rng(5)
+  b, q, e, temp, s = 4, 3, 6, 0.1, 0.1
+  images, texts = _normalised(rng, b, q, e), _normalised(rng, b, e)
+  ids = jnp.asarray([[2, 7, 9, 0], [2, 8, 0, 0], [2, 7, 9, 0], [2, 5, 6, 3]], jnp.int32)
+  dups = np.asarray(obj.duplicate_texts(ids))
+  assert dups.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
+  loss, logits = obj.itc_loss(jnp.asarray(images), jnp.asarray(texts), jnp.float32(temp), s,
+                              duplicates=jnp.asarray(dups))
+  logits = np.asarray(logits, np.float64)
+  keep = ~(dups & ~np.eye(b, dtype=bool))
+  i2t = np.mean([_hand_masked_ce(logits[i], i, keep[i], s) for i in range(b)])
+  t2i = np.mean([_hand_masked_ce(logits[:, j], j, keep[:, j], s) for j in range(b)])
+  np.testing.assert_allclose(float(loss), (i2t + t2i) / 2, rtol=1e-5)
+  plain, _ = obj.itc_loss(jnp.asarray(images), jnp.asarray(texts), jnp.float32(temp), s)
+  assert float(loss) != float(plain)
+  # An excluded logit is not in the denominator: moving it changes nothing.
+  labels, excluded = jnp.arange(b), jnp.asarray(~keep)
+  moved = jnp.asarray(logits, jnp.float32) + jnp.where(excluded, 50.0, 0.0)
+  np.testing.assert_array_equal(
+      obj.masked_smoothed_cross_entropy(moved, labels, excluded, s),
+      obj.masked_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), labels, excluded, s))
+
+
+def test_duplicates_are_never_drawn_as_itm_negatives():
+  # Rows 0, 1 and 2 carry one text; their logits would win nearly every draw if allowed.
+  ids = jnp.asarray([[7, 1], [7, 1], [7, 1], [3, 1], [4, 1]], jnp.int32)
+  dups = obj.duplicate_texts(ids)
+  b = ids.shape[0]
+  logits = jnp.asarray(np.random.default_rng(6).normal(size=(b, b)), jnp.float32)
+  logits = logits + 20.0 * dups
+  keys = jax.random.split(jax.random.key(1), 500)
+  neg_image, neg_text = jax.vmap(lambda k: obj.sample_hard_negatives(logits, k, dups))(keys)
+  for draws in (np.asarray(neg_image), np.asarray(neg_text)):
+    assert (draws >= 0).all()
+    assert not np.asarray(dups)[draws, np.arange(b)].any()  # never a duplicate, nor itself
+  # The stand-in model says "match" when the image's value equals the text's first id: a
+  # duplicate drawn as a negative would be a mislabelled pair and raise the loss.
+  images = jnp.asarray([7, 7, 7, 3, 4], jnp.float32)[:, None, None] * jnp.ones((1, 2, 2))
+  loss = obj.itm_loss(_PairChecker(), images, ids, jnp.ones_like(ids), logits,
+                      jax.random.key(2), duplicates=dups)
+  np.testing.assert_allclose(float(loss), math.log1p(math.exp(-2.0)), rtol=1e-5)
+  naive = obj.itm_loss(_PairChecker(), images, ids, jnp.ones_like(ids), logits,
+                       jax.random.key(2))
+  assert float(naive) > float(loss) + 0.1
+
+  # A batch of one text: no row has a negative left. No NaN: the positives alone count.
+  same = jnp.asarray([[7, 1]] * 3, jnp.int32)
+  dups = obj.duplicate_texts(same)
+  neg_image, neg_text = obj.sample_hard_negatives(jnp.zeros((3, 3)), jax.random.key(3), dups)
+  assert np.asarray(neg_image).tolist() == np.asarray(neg_text).tolist() == [-1, -1, -1]
+  loss = obj.itm_loss(_PairChecker(), images[:3], same, jnp.ones_like(same), jnp.zeros((3, 3)),
+                      jax.random.key(3), duplicates=dups)
+  np.testing.assert_allclose(float(loss), math.log1p(math.exp(-2.0)), rtol=1e-5)
+
+
+def test_without_duplicates_the_losses_are_exactly_the_plain_ones():
+  rng = np.random.default_rng(7)
+  b, q, e = 5, 3, 4
+  images, texts = jnp.asarray(_normalised(rng, b, q, e)), jnp.asarray(_normalised(rng, b, e))
+  ids = jnp.asarray(rng.integers(5, 50, size=(b, 6)), jnp.int32)
+  dups = obj.duplicate_texts(ids)
+  assert (np.asarray(dups) == np.eye(b, dtype=bool)).all()
+  aware, logits = obj.itc_loss(images, texts, jnp.float32(0.07), 0.1, duplicates=dups)
+  plain, _ = obj.itc_loss(images, texts, jnp.float32(0.07), 0.1)
+  assert float(aware) == float(plain)
+  grad = lambda d: jax.grad(lambda t: obj.itc_loss(images, t, 0.07, 0.1, duplicates=d)[0])(texts)
+  np.testing.assert_array_equal(grad(dups), grad(None))
+  pixels = jnp.arange(b, dtype=jnp.float32)[:, None, None] * jnp.ones((1, 2, 2))
+  itm = lambda d: obj.itm_loss(_PairChecker(), pixels, ids, jnp.ones_like(ids), logits,
+                               jax.random.key(4), duplicates=d)
+  assert float(itm(dups)) == float(itm(None))
+
+
+def test_duplicates_span_the_global_batch_under_jit():
+  """Rows 1 and 6 hold one text on different devices of an 8-way data mesh."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from medunifier_jax.training.mesh import make_mesh
+
+  rng = np.random.default_rng(8)
+  b = 8
+  ids = rng.integers(5, 50, size=(b, 6)).astype(np.int32)
+  ids[6] = ids[1]
+  images, texts = _normalised(rng, b, 3, 4), _normalised(rng, b, 4)
+
+  def losses(ids, images, texts):
+    dups = obj.duplicate_texts(ids)
+    return dups, obj.itc_loss(images, texts, 0.1, 0.1, duplicates=dups)[0]
+
+  mesh = make_mesh([("data", 8), ("model", 1)])  # the training mesh's axis types
+  rows = NamedSharding(mesh, P("data"))
+  sharded = jax.device_get(jax.jit(losses, in_shardings=(rows, rows, rows))(ids, images, texts))
+  single = jax.device_get(jax.jit(losses)(ids, images, texts))
+  assert bool(sharded[0][1, 6]) and bool(sharded[0][6, 1])
+  np.testing.assert_array_equal(sharded[0], single[0])
+  np.testing.assert_allclose(float(sharded[1]), float(single[1]), rtol=1e-6)
+
+
+def test_compute_losses_with_and_without_the_option(model, batch):
+  """No duplicates in the batch: both settings give the same ITC and ITM losses, to the bit.
+  With one, ITC changes and nothing becomes NaN."""
+
+  @nnx.jit
+  def both(m, batch, rng):
+    out = {}
+    for aware in (True, False):
+      _, out[aware] = obj.compute_losses(m, batch, rng, weights={"itc": 1.0, "itm": 1.0},
+                                         train=False, duplicate_aware=aware)
+    return out
+
+  out = both(model, batch, _key(5))
+  for name in ("loss_itc", "loss_itm", "loss"):
+    assert float(out[True][name]) == float(out[False][name]), name
+  assert float(out[True]["duplicate_fraction"]) == 0.0
+  repeated = dict(batch, input_ids=batch["input_ids"].at[2].set(batch["input_ids"][0]),
+                  attention_mask=batch["attention_mask"].at[2].set(batch["attention_mask"][0]))
+  out = both(model, repeated, _key(5))
+  assert float(out[True]["duplicate_fraction"]) == 0.5
+  assert float(out[True]["loss_itc"]) != float(out[False]["loss_itc"])
+  assert all(np.isfinite(float(v)) for v in out[True].values())
+
+
+# -- temperature and ln_vision --------------------------------------------------------------------
+
+
+def test_temperature_outside_its_bounds_keeps_its_gradient(model):
+  rng = np.random.default_rng(9)
+  images, texts = jnp.asarray(_normalised(rng, 4, 3, 16)), jnp.asarray(_normalised(rng, 4, 16))
+  saved = model.temp.get_value()
+  try:
+    model.temp.set_value(jnp.float32(2.0))  # above temperature_max = 0.5
+    assert float(model.temperature()) == 0.5  # used at its bound, as BLIP-2 clamps first
+    grads = nnx.grad(lambda m: obj.itc_loss(images, texts, m.temperature(), 0.1)[0],
+                     argnums=nnx.DiffState(0, nnx.PathContains("temp")))(model)
+    # A plain clip would give exactly 0 here, and the temperature could never come back.
+    assert float(grads["temp"].get_value()) != 0.0
+    model.constrain_parameters()  # what the training step does after each update
+    assert float(model.temp.get_value()) == 0.5
+  finally:
+    model.temp.set_value(saved)
+
+
+def test_ln_vision_learns_while_the_frozen_vit_does_not(model, batch):
+  assert model.vit_frozen  # the module's configuration
+
+  @nnx.jit
+  def grads(m, x):
+    return nnx.grad(lambda m: jnp.sum(m.image_tokens(x)[:, 0] ** 2))(m)
+
+  g = grads(model, batch["image"])
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["vit"]))
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g["ln_vision"]))

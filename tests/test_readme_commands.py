@@ -24,13 +24,30 @@ WORKDIR = "workdirs/run"  # relative to the scratch directory
 TEXTS = ("No acute cardiopulmonary process.", "Right pleural effusion.")
 
 
-def readme_command(program: str) -> list[str]:
-  """The README's `python -m medunifier_jax.PROGRAM ...` command, shortened to the tiny size."""
-  for block in re.findall(r"```\n(.*?)```", README, re.S):
+def code_blocks(language: str = "") -> list[str]:
+  """The README's fenced code blocks opened with ```LANGUAGE, in order."""
+  blocks, current = [], None
+  for line in README.splitlines():
+    if line.startswith("```"):
+      if current is None:
+        current = [] if line[3:].strip() == language else False
+      else:
+        if current is not False:
+          blocks.append("\n".join(current) + "\n")
+        current = None
+    elif isinstance(current, list):
+      current.append(line)
+  return blocks
+
+
+def readme_command(program: str, containing: str = "") -> list[str]:
+  """The README's first `python -m medunifier_jax.PROGRAM ...` command (holding `containing`),
+  shortened to the tiny size."""
+  for block in code_blocks():
     for line in block.replace("\\\n", " ").splitlines():
-      if line.startswith(f"python -m medunifier_jax.{program} "):
+      if line.startswith(f"python -m medunifier_jax.{program} ") and containing in line:
         words = shlex.split(re.sub(r"\[[^\]]*\]", "", line))
-        words = [w.replace("configs/pretrain.py:demo", "configs/pretrain.py:tiny") for w in words]
+        words = [w.replace(".py:demo", ".py:tiny") for w in words]
         return [sys.executable, *words[1:]]
   raise AssertionError(f"README.md shows no `python -m medunifier_jax.{program}` command")
 
@@ -100,7 +117,7 @@ def test_evaluate_writes_results(trained, scratch, env):
 
 
 def test_api_example_runs_as_written(trained, scratch, env):
-  code = re.search(r"```python\n(.*?)```", README.split("## Inference API")[1], re.S).group(1)
+  code = next(b for b in code_blocks("python") if "api.load(" in b)
   assert 'api.load("workdirs/demo")' in code
   code = code.replace("workdirs/demo", WORKDIR)
   # The example's last values, checked: every line above ran on the relative workdir.
@@ -124,3 +141,15 @@ def test_predict_prints_and_writes_json(trained, scratch, env):
     assert [t["text"] for t in p["texts"]] == list(TEXTS)
     for t in p["texts"]:
       assert -1.0 <= t["similarity"] <= 1.0 and 0.0 <= t["match_probability"] <= 1.0
+
+
+def test_prior_training_and_generate(trained, scratch, env):
+  """The README's prior training on the trained workdir, then its generate command."""
+  train = readme_command("train", "configs/prior.py")
+  train = [w.replace("workdirs/demo", WORKDIR) for w in train]
+  run(train + ["--config.num_steps=4"], scratch, env)
+  generate = [w.replace("workdirs/demo", WORKDIR) for w in readme_command("generate")]
+  run(generate, scratch, env)
+  out = scratch / generate[generate.index("--out") + 1]
+  pngs = sorted(p.name for p in out.glob("*.png"))
+  assert len(pngs) >= int(generate[generate.index("--num") + 1])

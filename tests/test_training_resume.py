@@ -23,7 +23,9 @@ from medunifier_jax.training import state as state_lib
 
 NUM_STEPS, EVERY = 16, 4
 OVERRIDES = (f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}",
-             "--config.log_every=1", "--config.model.vit.frozen=True")
+             "--config.log_every=1", "--config.model.vit.frozen=True",
+             # A frozen random ViT on purpose (a shorter backward pass); without it the run refuses.
+             "--config.init_from.vision=random")
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate")
 
 

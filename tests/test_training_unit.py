@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
+from medunifier_jax.models.medunifier import MedUnifier
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import logging as log_lib
 from medunifier_jax.training import loop
@@ -190,6 +191,54 @@ def test_step_is_not_retraced(frozen_run):
   # chex.assert_max_traces(n=1) inside the step raised if any call had retraced; the jit
   # cache holds exactly one executable.
   assert train_step._cache_size() == 1
+
+
+# ------------------------------------------------------- bounded temperature, ln_vision
+
+
+class TempToy(Toy):
+  """The toy with MedUnifier's temperature: its parameter, bounds and both methods."""
+
+  temperature = MedUnifier.temperature
+  constrain_parameters = MedUnifier.constrain_parameters
+
+  def __init__(self, config, rngs):
+    super().__init__(config, rngs)
+    self.temp = nnx.Param(jnp.asarray(2.0, jnp.float32))  # above temperature_max
+    self.temperature_min = float(config.model.temperature_min)
+    self.temperature_max = float(config.model.temperature_max)
+
+
+def test_a_temperature_outside_its_bounds_comes_back_after_one_step():
+  config = tiny(mesh=[("data", 8), ("model", 1)])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  model_fn = lambda config, rngs: TempToy(config, rngs)
+  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, model_fn)
+  state = state_lib.init_train_state(config, shardings, model_fn)
+
+  def loss(model, batch, rng):
+    base, metrics = toy_loss(model, batch, rng)
+    return base + 0.1 * model.temperature(), metrics
+
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, config, loss),
+                                       shardings, mesh, config.sharding_rules)
+  batch = loop.to_global(next(synthetic_data(config)), mesh, config.sharding_rules)
+  state, _ = train_step(state, batch, jax.random.key(0))
+  after = jax.device_get(nnx.to_pure_dict(state))
+  assert after["model"]["temp"] == config.model.temperature_max  # clamped after the update
+  # Adam's first moment is (1 - b1) * gradient: the gradient reached the temperature although
+  # it lay outside the bounds (a clip in the forward pass would have given exactly 0).
+  assert after["optimizer"]["opt_state"][1][0]["mu"]["temp"] != 0
+
+
+def test_trainable_filter_freezes_the_vit_blocks_but_not_ln_vision():
+  config = get_config("tiny")
+  with config.unlocked():
+    config.model.vit.frozen = True
+  model = nnx.eval_shape(lambda: MedUnifier(config.model, rngs=nnx.Rngs(0)))
+  trainable = nnx.state(model, opt_lib.trainable_filter(config.model))
+  assert "vit" not in trainable and "ln_vision" in trainable and "qformer" in trainable
+  assert set(nnx.state(model, nnx.Param)) - set(trainable) == {"vit"}
 
 
 # ------------------------------------------------------------------ checkpoints, NaN stop

@@ -15,6 +15,7 @@ from typing import Any
 
 from medunifier_jax.evaluators.common import Evaluator
 from medunifier_jax.evaluators.finetune import FinetuneEvaluator
+from medunifier_jax.evaluators.image_gen import ImageGenEvaluator
 from medunifier_jax.evaluators.report_gen import ReportGenEvaluator
 from medunifier_jax.evaluators.retrieval import RetrievalEvaluator
 from medunifier_jax.evaluators.zero_shot import ZeroShotEvaluator
@@ -24,6 +25,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "retrieval": RetrievalEvaluator,
     "finetune": FinetuneEvaluator,
     "report_gen": ReportGenEvaluator,
+    "image_gen": ImageGenEvaluator,
 }
 
 
@@ -59,6 +61,14 @@ def build_evaluators(config, tokenizer, names=None, *, periodic_only: bool = Fal
     out[name] = get_evaluator_class(entry.get("task", name))(config, entry, tokenizer,
                                                             shared_fns=shared_fns)
   return out
+
+
+def bind_workdir(evaluators: dict[str, Evaluator], workdir: str) -> None:
+  """Gives the run's workdir to the evaluators that keep or find files there (those with a
+  `workdir` attribute still unset, e.g. image_gen: its priors and cached classifier)."""
+  for evaluator in evaluators.values():
+    if hasattr(evaluator, "workdir") and evaluator.workdir is None:
+      evaluator.workdir = workdir
 
 
 def run_evaluators(evaluators: dict[str, Evaluator], model, log=None) -> dict[str, Any]:
@@ -121,6 +131,7 @@ def make_eval_fn(config, workdir: str):
 
       tokenizer = pipeline.build_tokenizer(config, cache_dir=os.path.join(workdir, "tokenizer"))
       built["evaluators"] = build_evaluators(config, tokenizer, periodic_only=True)
+      bind_workdir(built["evaluators"], workdir)
     evaluators = built["evaluators"]
     results = run_evaluators(evaluators, model)
     write_results(os.path.join(workdir, "eval", "results.json"), results, evaluators,

@@ -48,7 +48,9 @@ def validate_geometry(cfg: ml_collections.ConfigDict) -> None:
 
 
 class MedUnifier(nnx.Module):
-  """The whole model. Attribute names are a contract (weight import and freezing use them)."""
+  """The whole model. Attribute names are a contract (weight import and freezing use them):
+  `vit` (frozen as a whole with `vit.frozen`), `ln_vision` (always trained), `qformer`,
+  `query_tokens`, `vision_proj`, `text_proj`, `itm_head`, `temp`, `vqvae`."""
 
   def __init__(
       self,
@@ -80,7 +82,11 @@ class MedUnifier(nnx.Module):
     self.temperature_max = float(cfg.temperature_max)
     h, e, dv = cfg.qformer.hidden_size, cfg.embed_dim, cfg.vit.width
 
-    self.vit = VisionTransformer(cfg.vit, rngs=rngs, dtype=dtype, remat=remat)
+    # `ln_vision` lives beside the ViT, not inside it: BLIP-2 trains it even when the ViT is
+    # frozen, and freezing goes by path (`vit`). Built right after the ViT, so the parameter
+    # initialisation draws its keys in the order it did when the ViT held it.
+    self.vit = VisionTransformer(cfg.vit, rngs=rngs, dtype=dtype, remat=remat, final_norm=False)
+    self.ln_vision = layers.layer_norm(dv, cfg.vit.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.qformer = QFormer(cfg.qformer, dv, rngs=rngs, dtype=dtype, remat=remat)
     self.query_tokens = layers.param(
         rngs, nnx.initializers.normal(layers.INIT_STD), (1, cfg.qformer.num_queries, h),
@@ -98,9 +104,15 @@ class MedUnifier(nnx.Module):
   # -- encoders ------------------------------------------------------------------------------
 
   def image_tokens(self, pixel_values: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """(B, S, S, 3) normalised pixels -> (B, 1 + N, Dv) after `ln_vision`."""
+    """(B, S, S, 3) normalised pixels -> (B, 1 + N, Dv) after `ln_vision`.
+
+    A frozen ViT's blocks get no gradient (no backward pass through them is built); `ln_vision`
+    after them always does, as in BLIP-2.
+    """
     tokens = self.vit(pixel_values.astype(self.dtype), rngs=rngs)
-    return jax.lax.stop_gradient(tokens) if self.vit_frozen else tokens
+    if self.vit_frozen:
+      tokens = jax.lax.stop_gradient(tokens)
+    return self.ln_vision(tokens)
 
   def _queries(self, batch: int) -> jax.Array:
     q = self.query_tokens[...]
@@ -146,8 +158,27 @@ class MedUnifier(nnx.Module):
     return l2_normalize(self.text_proj(text_hidden[:, 0]).astype(jnp.float32))
 
   def temperature(self) -> jax.Array:
-    """The learnable temperature clamped to [temperature_min, temperature_max] (as BLIP-2)."""
-    return jnp.clip(self.temp[...], self.temperature_min, self.temperature_max)
+    """The ITC temperature: the stored `temp`, whose gradient always reaches it.
+
+    The training step keeps `temp` inside [temperature_min, temperature_max]
+    (`constrain_parameters` after every update), so this is the stored value. A value from
+    elsewhere (an imported checkpoint, `temperature_init`) that lies outside is used clamped,
+    as BLIP-2 clamps before its forward pass, but the clamp is straight-through: a plain clip
+    would zero the gradient outside the bounds, and a temperature stuck there could never come
+    back.
+    """
+    t = self.temp[...]
+    return t + jax.lax.stop_gradient(
+        jnp.clip(t, self.temperature_min, self.temperature_max) - t
+    )
+
+  def constrain_parameters(self) -> None:
+    """Projects parameters back onto their allowed sets; the training step calls it after each
+    optimizer update. Here: `temp` clamped to [temperature_min, temperature_max] (BLIP-2 clamps
+    it in place, without gradient, at every step)."""
+    self.temp.set_value(
+        jnp.clip(self.temp.get_value(), self.temperature_min, self.temperature_max)
+    )
 
   # -- matching and generation ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""BLIP-2 / EVA vision transformer, ending in `ln_vision` (here `post_layernorm`).
+"""BLIP-2 / EVA vision transformer, optionally ending in `ln_vision` (here `post_layernorm`).
 
 Module names follow Hugging Face's `Blip2VisionModel` (the weight importer relies on it):
 
@@ -12,6 +12,9 @@ Module names follow Hugging Face's `Blip2VisionModel` (the weight importer relie
   layers[i].self_attn.projection          encoder.layers[i].self_attn.projection
   layers[i].mlp.fc1 / fc2                 encoder.layers[i].mlp.fc1 / fc2
   post_layernorm                          post_layernorm (LAVIS' `ln_vision`)
+
+MedUnifier builds it with `final_norm=False` and holds `ln_vision` itself (`MedUnifier.ln_vision`):
+BLIP-2 trains that LayerNorm even when the ViT is frozen, and freezing goes by path (`vit`).
 
 As in EVA, the fused qkv projection has learned query and value biases and no key bias (a key
 bias would cancel in the softmax anyway).
@@ -120,10 +123,17 @@ class VisionLayer(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-  """BLIP-2 ViT: (B, S, S, 3) normalised pixels -> (B, 1 + N, D) tokens after `ln_vision`."""
+  """BLIP-2 ViT: (B, S, S, 3) normalised pixels -> (B, 1 + N, D) tokens after the last block,
+  then `ln_vision` (`post_layernorm`) unless built with `final_norm=False`."""
 
   def __init__(
-      self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None, remat: bool = False
+      self,
+      cfg: ml_collections.ConfigDict,
+      *,
+      rngs: nnx.Rngs,
+      dtype=None,
+      remat: bool = False,
+      final_norm: bool = True,
   ):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
@@ -133,7 +143,10 @@ class VisionTransformer(nnx.Module):
     self.remat = remat
     self.embeddings = VisionEmbeddings(cfg, rngs=rngs, dtype=dtype)
     self.layers = nnx.List([VisionLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
-    self.post_layernorm = layers.layer_norm(cfg.width, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+    self.post_layernorm = (
+        layers.layer_norm(cfg.width, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+        if final_norm else None
+    )
 
   def __call__(self, pixel_values: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     s = self.image_size
@@ -146,7 +159,7 @@ class VisionTransformer(nnx.Module):
     block = _block_fn(self.remat)
     for layer in self.layers:
       x = block(layer, x, rngs)
-    return self.post_layernorm(x)
+    return x if self.post_layernorm is None else self.post_layernorm(x)
 
 
 @functools.cache

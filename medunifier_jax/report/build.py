@@ -3,8 +3,10 @@
 Reads what training and evaluation left in the workdir (`metrics.jsonl`, `eval/results.json`,
 `eval/outputs/`), measures reconstruction on test phantoms with the trained model, and lays out
 the figures table (with the demo's targets), loss curves, reconstructions and code maps,
-the zero-shot confusion matrix, retrieval examples, generated reports beside the real ones, and
-VQ code usage. Every figure names its data set and example count.
+images drawn from reports (FID/KID and finding fidelity beside their baselines, with N; a grid
+of single-finding prompts by samples), the zero-shot confusion matrix, retrieval examples,
+generated reports beside the real ones, and VQ code usage. Every figure names its data set and
+example count.
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ def write_report(config, workdir: str, graphdef=None, state=None, recon_batches=
         f"![code usage]({_rel(usage_png, workdir)})")
 
   outputs = os.path.join(workdir, "eval", "outputs")
+  sections += _image_gen_section(results, outputs, fig_dir, workdir)
   sections += _zero_shot_section(config, outputs, fig_dir, workdir)
   sections += _retrieval_section(config, outputs, fig_dir, workdir, max_examples)
   sections += _report_gen_section(outputs, max_examples)
@@ -201,6 +204,108 @@ def write_report(config, workdir: str, graphdef=None, state=None, recon_batches=
   with open(os.path.join(workdir, "report.html"), "w") as f:
     f.write(markdown_to_html(md, workdir))
   return md_path
+
+
+# image_gen sets in table order, with what each row is.
+IMAGE_SETS = (
+    ("conditional", "text prior, held-out reports"),
+    ("unconditional", "unconditional prior (baseline)"),
+    ("null_condition", "text prior, null condition (unconditional baseline)"),
+    ("reconstruction", "VQ reconstructions of the real images (upper reference)"),
+    ("real_train", "real training images (data floor)"),
+    ("real_test", "real test images against themselves (sanity: 0)"),
+)
+
+
+def _image_gen_section(results: dict, outputs: str, fig_dir: str, workdir: str) -> list[str]:
+  """FID/KID and fidelity per set with N, the prompt grid and held-out examples."""
+  by_set = results.get("image_gen")
+  if not by_set:
+    return []
+  paths = _glob(outputs, r"image_gen_(.+)\.json")
+  extra = {}
+  if paths:
+    with open(paths[0]) as f:
+      extra = json.load(f)
+  dataset = re.match(r"image_gen_(.+)\.json", os.path.basename(paths[0])).group(1) \
+      if paths else "the test split"
+  rows = []
+  for name, label in IMAGE_SETS:
+    r = by_set.get(name)
+    if r is None:
+      continue
+    kid = f"{r['kid_mean']:.4f} +- {r['kid_std']:.4f}"
+    fid_n = f"{int(r['n_generated'])} vs {int(r['n_real'])}"
+
+    def auc(prefix, r=r):
+      if f"{prefix}_auc_mean" not in r:
+        return "-"
+      return f"{r[f'{prefix}_auc_mean']:.3f} (n={int(r[f'n_{prefix}'])})"
+
+    rows.append([f"{label} (`{name}`)", f"{r['fid']:.2f}", kid, fid_n, auc("reports"),
+                 auc("prompts")])
+  text = [f"## Images from reports: {dataset}\n\n"
+          "FID and KID of each set's Inception-v3 pool features (2048-d, images resized to "
+          "299 px) against the real test images; N = images in the set vs real images. FID is "
+          "biased at small N (two samples of one distribution score above 0) and comparable "
+          "only at equal N; KID is unbiased (mean +- spread over random subsets). Fidelity: "
+          "AUC, averaged over findings, of a classifier trained on real training images for "
+          "the findings each image was asked to show (held-out reports; single-finding "
+          "prompts); 0.5 = the text is ignored.\n\n"
+          + _md_table(["set", "FID", "KID", "N (set vs real)", "fidelity AUC, held-out reports",
+                       "fidelity AUC, prompts"], rows)]
+  classifier = by_set.get("fidelity_classifier")
+  if classifier:
+    text.append(f"The fidelity classifier scores a mean validation AUC of "
+                f"{classifier['validation_auc_mean']:.3f} on "
+                f"{int(classifier['n_validation'])} real validation images "
+                f"({int(classifier['train_steps'])} training steps).")
+  sets = extra.get("sets", {})
+  if sets:
+    text.append("Where each set comes from: " + "; ".join(f"`{k}`: {v}" for k, v in
+                                                         sets.items()) + ".")
+  findings = extra.get("grid_findings", [])
+  names = [n for n, _ in IMAGE_SETS if any(f"prompts_auc/{f}" in by_set.get(n, {})
+                                           for f in findings)]
+  if findings and names:
+    table = [[f] + [_fmt(by_set[n].get(f"prompts_auc/{f}")) for n in names] for f in findings]
+    text.append("Fidelity AUC per finding on the single-finding prompts:\n\n"
+                + _md_table(["finding"] + [f"`{n}`" for n in names], table))
+  arrays = None
+  npz = os.path.join(outputs, f"image_gen_{dataset}.npz")
+  if os.path.exists(npz):
+    arrays = np.load(npz)
+  if arrays is not None and "grid_conditional" in arrays.files:
+    # Stored as 8-bit gray; as floats in [0, 1] they are drawn as images, not as code maps.
+    grid = arrays["grid_conditional"] / 255.0
+    real = arrays["grid_real_test"] / 255.0 if "grid_real_test" in arrays.files else None
+    rows_img = [(f, np.concatenate([real[i, :1], grid[i]]) if real is not None else grid[i])
+                for i, f in enumerate(findings)]
+    cols = (["real phantom"] if real is not None else []) + [
+        f"sample {j + 1}" for j in range(grid.shape[1])]
+    png = figures.image_rows(
+        rows_img, os.path.join(fig_dir, "image_gen_prompts.png"),
+        title=f"Text prior: {len(findings)} single-finding prompts (rows) x {grid.shape[1]} "
+              "samples (columns)", col_titles=cols)
+    prompts = extra.get("grid_prompts", [])
+    text.append(f"![prompt grid]({_rel(png, workdir)})\n\n"
+                + _md_table(["row", "prompt"], [[f, _short(p, 300)] for f, p in
+                                                zip(findings, prompts)]))
+  if arrays is not None:
+    shown = [(label, arrays[f"held_out_{n}"] / 255.0) for n, label in (
+        ("real_test", "real"), ("reconstruction", "reconstruction"),
+        ("conditional", "text prior"), ("unconditional", "unconditional"),
+        ("null_condition", "null condition")) if f"held_out_{n}" in arrays.files]
+    if shown:
+      png = figures.image_rows(
+          shown, os.path.join(fig_dir, "image_gen_held_out.png"),
+          title=f"{dataset} test: {len(shown[0][1])} held-out reports",
+          col_titles=[f"report {i + 1}" for i in range(len(shown[0][1]))])
+      reports = extra.get("held_out_reports", [])
+      text.append(f"![held-out reports]({_rel(png, workdir)})\n\n"
+                  + _md_table(["column", "report"], [[f"report {i + 1}", _short(r, 300)]
+                                                     for i, r in enumerate(reports)]))
+  return ["\n\n".join(text)]
 
 
 def _zero_shot_section(config, outputs: str, fig_dir: str, workdir: str) -> list[str]:

@@ -68,8 +68,8 @@ def image_rows(rows: Sequence[tuple[str, np.ndarray]], out: str, *, title: str,
                col_titles: Sequence[str] | None = None, cmap: str = "gray") -> str:
   """A grid: one labelled row per (name, images (N, H, W[, C])) pair; code maps use `cmap`."""
   n_cols = max(len(imgs) for _, imgs in rows)
-  fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.7 * len(rows)),
-                           squeeze=False)
+  height = 1.7 * len(rows)
+  fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, height), squeeze=False)
   for r, (name, imgs) in enumerate(rows):
     for c in range(n_cols):
       ax = axes[r, c]
@@ -88,7 +88,8 @@ def image_rows(rows: Sequence[tuple[str, np.ndarray]], out: str, *, title: str,
       if r == 0 and col_titles is not None and c < len(col_titles):
         ax.set_title(col_titles[c], fontsize=7)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  # About 0.4 inch kept for the title: a fraction of the height would crowd tall grids.
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
   return _save(fig, out)
 
 

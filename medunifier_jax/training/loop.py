@@ -1,11 +1,14 @@
 """`train_and_evaluate(config, workdir)`: the training loop, testable without the CLI.
 
-Start-up order: mesh and batch checks (fail before anything heavy), the abstract train state
-and its shardings, then the state itself from, in order, this workdir's latest checkpoint,
-`config.init_from` (imported weights) or the caller's `init_fn`, or a fresh initialisation.
+Start-up order: mesh and batch checks and, for a run without a checkpoint, the checks of its
+weight sources (fail before anything heavy), the abstract train state and its shardings, then
+the state itself from, in order, this workdir's latest checkpoint, the caller's `init_fn` or
+`config.init_from` (imported weights, one source per part of the model,
+`weights.init_sources`), or a fresh initialisation. An import's report (which source filled
+which weight, which kept its initial value) is logged and written to
+`WORKDIR/import_report.json`.
 """
 
-import functools
 import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -64,6 +67,9 @@ def _checkpointable(it: Any) -> Any | None:
   return it if hasattr(it, "get_state") and hasattr(it, "set_state") else None
 
 
+IMPORT_REPORT = "import_report.json"
+
+
 def initial_state(
     config: ml_collections.ConfigDict,
     manager: Any,
@@ -73,20 +79,34 @@ def initial_state(
     model_fn: state_lib.ModelFn | None = None,
     log: Callable[[str], None] = print,
     init_fn: InitFn | None = None,
+    workdir: str | None = None,
 ) -> tuple[nnx.State, jax.Array, str]:
   """`(state, base_rng, source)`: workdir's newest readable checkpoint -> `init_fn` or
   `config.init_from` -> fresh. Unreadable checkpoints are named in `log` and set aside
-  (`checkpoint`)."""
+  (`checkpoint`).
+
+  Without a checkpoint and without `init_fn`, `config.init_from` is checked first
+  (`init_sources.check_fresh_start`: placeholders, missing paths, a frozen ViT no source loads)
+  and its import report goes to `log` and, with `workdir`, to `WORKDIR/import_report.json`.
+  A caller's `init_fn` is trusted with what it writes (its description is logged).
+  """
   restored = ckpt.restore_newest_readable(manager, abstract, _checkpointable(data_iter), log=log)
   if restored is not None:
     state, rng, step = restored
     return state, rng, f"resumed from step {step}"
+  sources = {}
+  if init_fn is None:
+    from medunifier_jax.weights import init_sources
+
+    sources = init_sources.parse(config.get("init_from"))
+    init_sources.check_fresh_start(config, sources)
   state = state_lib.init_train_state(config, shardings, model_fn)
   rng = jax.random.key(int(config.seed))
-  if init_fn is None and config.get("init_from"):
-    init_fn = functools.partial(_import_from_config, config)
   if init_fn is not None:
     state, source = _import_weights(config, state, shardings, model_fn, init_fn)
+    return state, rng, f"initialised from {source}"
+  if sources:
+    state, source = _import_sources(config, state, model_fn, sources, log, workdir)
     return state, rng, f"initialised from {source}"
   return state, rng, "fresh initialisation"
 
@@ -111,24 +131,57 @@ def _import_weights(
   return state, source
 
 
-def _import_from_config(config: ml_collections.ConfigDict, model: nnx.Module) -> str:
-  """Writes `config.init_from` ("hf-blip2:DIR" / "hf-bert:DIR") into `model`. Weights the
-  source cannot have (e.g. the VQ-VAE) keep their initial values; anything else missing,
-  unexpected or mis-shaped raises `WeightImportError` with the list."""
-  from medunifier_jax.weights import hf_import
+def _import_sources(
+    config: ml_collections.ConfigDict,
+    state: nnx.State,
+    model_fn: state_lib.ModelFn | None,
+    sources: dict[str, str],
+    log: Callable[[str], None],
+    workdir: str | None,
+) -> tuple[nnx.State, str]:
+  """Writes the `config.init_from` sources, each into its part of the model, over the fresh
+  `state`; logs the report and writes it to `WORKDIR/import_report.json` (process 0).
 
-  kind, _, folder = str(config.init_from).partition(":")
-  importers = {
-      "hf-blip2": (hf_import.import_blip2, hf_import.BLIP2_NOT_IN_CHECKPOINT),
-      "hf-bert": (hf_import.import_bert, hf_import.BERT_NOT_IN_CHECKPOINT),
-  }
-  if kind not in importers or not folder:
-    raise ValueError(
-        f"config.init_from={config.init_from!r}: expected 'hf-blip2:DIR' or 'hf-bert:DIR'"
-    )
-  importer, allow = importers[kind]
-  importer(model, config.model, folder, allow=allow)
-  return str(config.init_from)
+  The sources are written into an abstract model (nothing initialised on the host, so a
+  billion-parameter ViT is read once and never built twice); weights no source wrote keep the
+  fresh state's values. Weights a source cannot have (e.g. the VQ-VAE) keep their initial
+  values; anything else missing, unexpected or mis-shaped raises `WeightImportError` with the
+  list, and frozen weights no source wrote are refused.
+  """
+  from medunifier_jax.weights import init_sources
+  from medunifier_jax.weights.mapping import path_str
+
+  model = nnx.eval_shape(lambda: state_lib.build_model(config, model_fn))
+  report = init_sources.import_sources(model, config.model, sources)
+  trained = nnx.filterlib.to_predicate(state_lib.optimizer_lib.trainable_filter(config.model))
+  frozen = [path_str(path) for path, var in nnx.iter_graph(model)
+            if isinstance(var, nnx.Param) and not trained(path, var)]
+  init_sources.check_frozen_loaded(report, frozen, sources)
+
+  def take(new, fresh):
+    # Written weights are arrays; the rest are still shapes (`jax.ShapeDtypeStruct`).
+    if isinstance(new, jax.ShapeDtypeStruct):
+      return fresh
+    return jax.device_put(new.astype(fresh.dtype), fresh.sharding)
+
+  pure = nnx.to_pure_dict(state)
+  pure["model"] = jax.tree.map(take, nnx.to_pure_dict(nnx.state(model)), pure["model"])
+  nnx.replace_by_pure_dict(state, pure)
+  for line in report.summary():
+    log(line)
+  if workdir is not None and jax.process_index() == 0:
+    path = f"{workdir}/{IMPORT_REPORT}"
+    report.write(path)
+    log(f"import report: {path}")
+  return state, ", ".join(f"{init_sources.where(p)}={s}" for p, s in sources.items())
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether the workdir holds a checkpoint step folder (readable or not)."""
+  from etils import epath
+
+  folder = epath.Path(ckpt.checkpoint_dir(workdir))
+  return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _evaluators_fn(config: ml_collections.ConfigDict, workdir: str) -> EvalFn | None:
@@ -175,6 +228,15 @@ def train_and_evaluate(
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = config.sharding_rules
   sharding_lib.check_batch_divisible(int(config.batch_size), mesh, rules)
+  if init_fn is None:
+    from medunifier_jax.weights import init_sources
+
+    sources = init_sources.parse(config.get("init_from"))  # syntax errors even when resuming
+    if not _has_checkpoints(workdir):
+      # Before the data pipeline and the compilation: a placeholder path or a frozen random
+      # ViT should cost seconds, not a tokenizer training. (`initial_state` checks again when
+      # the checkpoints it finds all turn out unreadable.)
+      init_sources.check_fresh_start(config, sources)
   ckpt.save_config(workdir, config)
   graphdef, abstract, shardings = state_lib.abstract_train_state(config, mesh, model_fn)
   data_iter = (data_fn or default_data_fn)(config, workdir)
@@ -182,7 +244,7 @@ def train_and_evaluate(
   manager = ckpt.make_manager(workdir, config)
   notes: list[str] = []
   state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, model_fn,
-                                     log=notes.append, init_fn=init_fn)
+                                     log=notes.append, init_fn=init_fn, workdir=workdir)
   start = state_lib.step_of(state)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, config, loss_fn), shardings, mesh, rules

@@ -35,7 +35,11 @@ NO_DECAY_NAMES = (
 def trainable_filter(model_config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
   """The parameters that receive gradients: all `nnx.Param`s, minus the ViT when it is frozen
   (`model.vit.frozen`) and minus every submodule named in `model.frozen_paths` (e.g. the frozen
-  text encoder of the image prior, configs/prior.py)."""
+  text encoder of the image prior, configs/prior.py).
+
+  A frozen ViT is the path component `vit` only, its blocks and embeddings: the LayerNorm after
+  it is the sibling `ln_vision` and stays trainable, as in BLIP-2 (the paper's code freezes
+  `visual_encoder` and trains `ln_vision`)."""
   frozen = [str(p) for p in model_config.get("frozen_paths", None) or ()]
   vit = model_config.get("vit", None)
   if vit is not None and vit.frozen:

@@ -39,6 +39,8 @@ def default_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
       weights={k: float(v) for k, v in config.loss_weights.items()},
       label_smoothing=float(config.label_smoothing),
       train=True,
+      # A config without the key predates the option: it keeps the behaviour it was run with.
+      duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
   )
 
 
@@ -56,7 +58,8 @@ def make_train_step(
 
   The returned function maps `(state, batch, rng)` to `(new_state, metrics)`, where metrics
   are scalars: the loss function's, plus `learning_rate` (used for this update) and
-  `grad_norm` (before clipping).
+  `grad_norm` (before clipping). After the update it calls the model's
+  `constrain_parameters()` when the model has one (MedUnifier clamps its temperature there).
   """
   loss_fn = loss_fn or default_loss_fn(config)
   trainable = optimizer_lib.trainable_filter(config.model)
@@ -94,6 +97,12 @@ def make_train_step(
     grad_state = nnx.state(model, trainable)
     nnx.replace_by_pure_dict(grad_state, grads)
     opt.update(model, grad_state)
+    # Parameters with bounds (the ITC temperature) go back inside them after the update, as
+    # BLIP-2 clamps its stored temperature; the forward pass used them unclipped, so their
+    # gradient was never cut off at a bound.
+    constrain = getattr(model, "constrain_parameters", None)
+    if constrain is not None:
+      constrain()
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
     metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)

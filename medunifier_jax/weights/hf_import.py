@@ -3,7 +3,7 @@
 Two sources:
 
 - BLIP-2 (`Blip2ForImageTextRetrieval` saved by transformers with `use_qformer_text_input=True`):
-  the ViT with `ln_vision` (`vision_model.post_layernorm`), the Q-Former (text embeddings, both
+  the ViT and `ln_vision` (`vision_model.post_layernorm`), the Q-Former (text embeddings, both
   feed-forward blocks, cross-attention), the query tokens, `vision_projection`,
   `text_projection`, `itm_head`, and the temperature when the file has one. The model's sizes
   come from the folder's config.json (`blip2_config`). BLIP-2 has no VQ-VAE, no LM head in this
@@ -41,6 +41,7 @@ BLIP2_NOT_IN_CHECKPOINT = ("vqvae/*", "temp", "qformer/lm_head/*")
 # Model weights a BERT checkpoint cannot provide, and BERT tensors the model has no use for.
 BERT_NOT_IN_CHECKPOINT = (
     "vit/*",
+    "ln_vision/*",
     "query_tokens",
     "qformer/layers/*/crossattention/*",
     "qformer/lm_head/*",
@@ -90,7 +91,7 @@ def _layer_norm(target: str, source: str) -> list[Rule]:
 
 
 def vit_rules(vit: ml_collections.ConfigDict, prefix: str = "vision_model.") -> list[Rule]:
-  """`Blip2VisionModel` -> `vit/` (ViT blocks and `post_layernorm`, i.e. `ln_vision`)."""
+  """`Blip2VisionModel` -> `vit/` (the ViT) and `ln_vision/` (its `post_layernorm`)."""
   e = f"{prefix}embeddings."
   rules = [
       Rule("vit/embeddings/patch_embedding/kernel", (f"{e}patch_embedding.weight",), conv_kernel),
@@ -111,7 +112,7 @@ def vit_rules(vit: ml_collections.ConfigDict, prefix: str = "vision_model.") -> 
     rules += _linear(f"{t}/self_attn/projection", f"{s}.self_attn.projection")
     rules += _linear(f"{t}/mlp/fc1", f"{s}.mlp.fc1")
     rules += _linear(f"{t}/mlp/fc2", f"{s}.mlp.fc2")
-  rules += _layer_norm("vit/post_layernorm", f"{prefix}post_layernorm")
+  rules += _layer_norm("ln_vision", f"{prefix}post_layernorm")
   return rules
 
 
@@ -418,6 +419,14 @@ def import_bert(
     ValueError: when `model_cfg.qformer` does not match the BERT config (the message lists the
       fields and values); WeightImportError as in `import_blip2`.
   """
+  check_bert_fits(folder, model_cfg)
+  return assign(model, bert_rules(model_cfg), read_bert_tensors(folder), allow=allow,
+                ignore=BUFFERS, source=folder)
+
+
+def check_bert_fits(folder: str, model_cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every Q-Former field that differs from the BERT in `folder`, with
+  the overrides that fix them."""
   mismatches = bert_config_mismatches(folder, model_cfg)
   if mismatches:
     fields = ", ".join(f"qformer.{k}={have!r} (BERT needs {need!r})" for k, (have, need) in
@@ -428,22 +437,33 @@ def import_bert(
         f"the model configuration does not match the BERT checkpoint in {folder}: {fields}. "
         f"Use weights.hf_import.bert_config(folder, config), or set {overrides}"
     )
+
+
+def read_bert_tensors(folder: str) -> dict[str, np.ndarray]:
+  """The BERT folder's tensors without the `bert.` prefix and without the tied MLM decoder."""
   tensors = {k.removeprefix("bert."): v for k, v in hf_files.read_weights(folder).items()}
-  _drop_tied_decoder(tensors, folder)
-  return assign(model, bert_rules(model_cfg), tensors, allow=allow, ignore=BUFFERS, source=folder)
+  drop_tied_decoder(tensors, folder)
+  return tensors
 
 
-def _drop_tied_decoder(tensors: dict[str, np.ndarray], folder: str) -> None:
-  """Removes the MLM decoder weight/bias, which are tied copies of other tensors."""
+def drop_tied_decoder(
+    tensors: dict[str, np.ndarray], source: str, head: str = "", body: str = ""
+) -> None:
+  """Removes the MLM decoder weight/bias, which are tied copies of the word embeddings and the
+  prediction bias; an untied decoder is refused.
+
+  head, body: key prefixes of the LM head (`cls.`) and of the encoder (`embeddings.`), e.g.
+  `Qformer.` and `Qformer.bert.` in BLIP-2's own files.
+  """
   for key, tied_to in (
-      ("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
-      ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+      (f"{head}cls.predictions.decoder.weight", f"{body}embeddings.word_embeddings.weight"),
+      (f"{head}cls.predictions.decoder.bias", f"{head}cls.predictions.bias"),
   ):
     if key not in tensors:
       continue
     if tied_to in tensors and not np.array_equal(tensors[key], tensors[tied_to]):
       raise ValueError(
-          f"{folder}: {key} differs from {tied_to}; the model ties its output layer to the "
+          f"{source}: {key} differs from {tied_to}; the model ties its output layer to the "
           "word embeddings and cannot hold an untied decoder"
       )
     del tensors[key]

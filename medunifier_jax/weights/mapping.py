@@ -99,6 +99,7 @@ def assign(
     allow: Iterable[str] = (),
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
+    scope: Iterable[str] | None = None,
 ) -> ImportReport:
   """Checks `rules` against the model and the tensors, then writes the weights in place.
 
@@ -111,6 +112,10 @@ def assign(
       matching model weights may stay at init, matching tensors may go unused.
     ignore: patterns for tensors that are never weights (e.g. saved index buffers).
     source: what to call the checkpoint in error messages (usually its folder).
+    scope: glob patterns of the model paths this import is about (e.g. `("vit/*",
+      "ln_vision/*")` when a checkpoint initialises only the vision part); weights outside it
+      are neither written nor reported, and every rule must target a weight inside it.
+      None: the whole model.
 
   Returns:
     an `ImportReport`.
@@ -120,11 +125,15 @@ def assign(
   """
   allow, ignore = tuple(allow), tuple(ignore)
   params = model_params(model)
+  if scope is not None:
+    scope = tuple(scope)
+    params = {k: v for k, v in params.items() if matches(k, scope)}
   by_target: dict[str, Rule] = {}
   for rule in rules:
     if rule.target not in params:
       # The mapping and the model disagree: a bug in the mapping, never a user error.
-      raise KeyError(f"weight mapping names {rule.target!r}, which the model does not have")
+      where = "the model" if scope is None else f"the model's part {scope}"
+      raise KeyError(f"weight mapping names {rule.target!r}, which {where} does not have")
     if rule.target in by_target:
       raise KeyError(f"weight mapping writes {rule.target!r} twice")
     by_target[rule.target] = rule

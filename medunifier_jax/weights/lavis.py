@@ -1,0 +1,231 @@
+"""BLIP-2's own PyTorch checkpoints (the paper's code base) -> MedUnifier weights.
+
+Two files users of the paper's code have on disk:
+
+- `eva_vit_g.pth`: the EVA ViT-g state dict BLIP-2 starts its vision encoder from (keys
+  `patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.N.{norm1,attn,norm2,mlp}.*`). EVA's
+  attention has one fused `attn.qkv.weight` (3D, D) and separate `attn.q_bias` and `attn.v_bias`
+  (D,) (no key bias), exactly the model's layout. BLIP-2 builds 39 blocks and drops the file's
+  last one: blocks beyond `vit.depth` are read and left unused (listed in the report). The file
+  has no `ln_vision` (BLIP-2 creates it fresh, LayerNorm ones/zeros): it keeps its initial
+  values. EVA's final norm and classifier head (`norm.*`, `fc_norm.*`, `head.*`), which BLIP-2's
+  ViT does not have, are left unused if a file carries them.
+- `blip2_pretrained.pth`: BLIP-2's stage-1 checkpoint, `{"model": state dict}` with
+  `visual_encoder.*` (the EVA keys above), `ln_vision.*`, `Qformer.bert.*` (a BERT with
+  `crossattention` in every `cross_attention_freq`-th layer and `intermediate_query` /
+  `output_query` feed-forward blocks; no token-type embeddings; the vocabulary already holds
+  `[DEC]`), `Qformer.cls.predictions.*` (the LM head, its decoder tied to the word embeddings),
+  `query_tokens`, `vision_proj.*`, `text_proj.*`, `itm_head.*` and `temp`.
+
+Reading `.pth` files needs torch (the CPU build is enough); it is imported only here and only
+when such a file is read, so the rest of the project runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from medunifier_jax.weights import hf_import
+from medunifier_jax.weights.hf_import import (
+    BUFFERS,
+    _attention_rules,
+    _ffn_rules,
+    _layer_norm,
+    _linear,
+    _scalar,
+    conv_kernel,
+    linear_kernel,
+)
+from medunifier_jax.weights.mapping import ImportReport, Rule, assign
+
+TORCH_REQUIREMENT = "torch==2.13.0"
+# Model weights an EVA ViT file cannot provide (everything but the ViT).
+LAVIS_EVA_NOT_IN_CHECKPOINT = (
+    "ln_vision/*", "qformer/*", "query_tokens", "vision_proj/*", "text_proj/*", "itm_head/*",
+    "temp", "vqvae/*",
+)
+# Model weights BLIP-2's stage-1 file cannot provide. Its LM head is there in the stage-1 file;
+# checkpoints of later stages drop it (`Qformer.cls = None`), so it may be absent.
+LAVIS_BLIP2_NOT_IN_CHECKPOINT = ("vqvae/*", "qformer/lm_head/*")
+# EVA modules BLIP-2's ViT leaves out (its final norm and classifier), unused when present.
+EVA_UNUSED = ("norm.*", "fc_norm.*", "head.*")
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def read_pth(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a PyTorch `.pth` state dict (or of its `"model"` entry), as float32 NumPy.
+
+  Raises:
+    FileNotFoundError: `path` is not a file.
+    ImportError: torch is not installed (the message names the pip command).
+    ValueError: the file holds something other than a state dict of tensors.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path!r} is not a file; pass the .pth checkpoint itself")
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f"{path} is a PyTorch checkpoint; reading it needs torch, which is not installed: "
+        f"pip install {TORCH_REQUIREMENT} (the CPU build is enough)"
+    ) from e
+  try:
+    # weights_only: a checkpoint is data; never run code from it.
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"{path} holds Python objects other than tensors and plain containers, which are not "
+        f"read (torch.load weights_only=True): {str(e).splitlines()[0]}"
+    ) from e
+  if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+    obj = obj["model"]  # the paper's code saves {"model": state_dict, ...}
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  odd = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+  if odd:
+    more = " ..." if len(odd) > 10 else ""
+    raise ValueError(f"{path} is not a state dict: entries that are not tensors: {odd[:10]}{more}")
+  return {
+      str(k): np.asarray((v.float() if v.is_floating_point() else v).numpy())
+      for k, v in obj.items()
+  }
+
+
+def unused_blocks(tensors: Iterable[str], depth: int, prefix: str = "") -> tuple[str, ...]:
+  """Glob patterns for the EVA blocks at index >= `depth` present in `tensors` (BLIP-2 uses the
+  first `depth` of EVA ViT-g's 40)."""
+  pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
+  indices = {int(m.group(1)) for k in tensors if (m := pattern.match(k))}
+  return tuple(f"{prefix}blocks.{i}.*" for i in sorted(indices) if i >= depth)
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+def eva_rules(vit: ml_collections.ConfigDict, prefix: str = "") -> list[Rule]:
+  """EVA ViT keys (under `prefix`, e.g. `visual_encoder.`) -> `vit/`."""
+  rules = [
+      Rule("vit/embeddings/patch_embedding/kernel", (f"{prefix}patch_embed.proj.weight",),
+           conv_kernel),
+      Rule("vit/embeddings/patch_embedding/bias", (f"{prefix}patch_embed.proj.bias",)),
+      Rule("vit/embeddings/class_embedding", (f"{prefix}cls_token",)),
+      Rule("vit/embeddings/position_embedding", (f"{prefix}pos_embed",)),
+  ]
+  for i in range(vit.depth):
+    t, s = f"vit/layers/{i}", f"{prefix}blocks.{i}"
+    rules += _layer_norm(f"{t}/layer_norm1", f"{s}.norm1")
+    rules += _layer_norm(f"{t}/layer_norm2", f"{s}.norm2")
+    rules.append(Rule(f"{t}/self_attn/qkv/kernel", (f"{s}.attn.qkv.weight",), linear_kernel))
+    if vit.qkv_bias:
+      rules.append(Rule(f"{t}/self_attn/q_bias", (f"{s}.attn.q_bias",)))
+      rules.append(Rule(f"{t}/self_attn/v_bias", (f"{s}.attn.v_bias",)))
+    rules += _linear(f"{t}/self_attn/projection", f"{s}.attn.proj")
+    rules += _linear(f"{t}/mlp/fc1", f"{s}.mlp.fc1")
+    rules += _linear(f"{t}/mlp/fc2", f"{s}.mlp.fc2")
+  return rules
+
+
+def qformer_rules(model_cfg: ml_collections.ConfigDict, prefix: str = "Qformer.") -> list[Rule]:
+  """BLIP-2's Q-Former (`{prefix}bert.*`, LM head `{prefix}cls.*`) -> `qformer/`."""
+  qf = model_cfg.qformer
+  b = f"{prefix}bert."
+  rules = [
+      Rule("qformer/embeddings/word_embeddings/embedding",
+           (f"{b}embeddings.word_embeddings.weight",)),
+      Rule("qformer/embeddings/position_embeddings/embedding",
+           (f"{b}embeddings.position_embeddings.weight",)),
+  ]
+  rules += _layer_norm("qformer/embeddings/layernorm", f"{b}embeddings.LayerNorm")
+  for i in range(qf.num_layers):
+    t, s = f"qformer/layers/{i}", f"{b}encoder.layer.{i}"
+    rules += _attention_rules(f"{t}/attention", f"{s}.attention", "self")
+    if i % qf.cross_attention_freq == 0:
+      rules += _attention_rules(f"{t}/crossattention", f"{s}.crossattention", "self")
+    rules += _ffn_rules(t, s, query_suffix="_query")
+  head = f"{prefix}cls.predictions."
+  rules += _linear("qformer/lm_head/dense", f"{head}transform.dense")
+  rules += _layer_norm("qformer/lm_head/layernorm", f"{head}transform.LayerNorm")
+  rules.append(Rule("qformer/lm_head/bias", (f"{head}bias",)))
+  return rules
+
+
+def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
+  """Every MedUnifier weight BLIP-2's own checkpoint provides."""
+  rules = eva_rules(model_cfg.vit, prefix="visual_encoder.")
+  rules += _layer_norm("ln_vision", "ln_vision")
+  rules += [Rule("query_tokens", ("query_tokens",)), Rule("temp", ("temp",), _scalar)]
+  rules += qformer_rules(model_cfg)
+  rules += _linear("vision_proj", "vision_proj")
+  rules += _linear("text_proj", "text_proj")
+  rules += _linear("itm_head", "itm_head")
+  return rules
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+def read_eva(path: str, model_cfg: ml_collections.ConfigDict):
+  """`(tensors, rules, ignore)` for `eva_vit_g.pth`."""
+  tensors = read_pth(path)
+  ignore = unused_blocks(tensors, model_cfg.vit.depth) + EVA_UNUSED
+  return tensors, eva_rules(model_cfg.vit), ignore
+
+
+def read_blip2(path: str, model_cfg: ml_collections.ConfigDict):
+  """`(tensors, rules, ignore)` for `blip2_pretrained.pth`."""
+  tensors = read_pth(path)
+  hf_import.drop_tied_decoder(tensors, path, head="Qformer.", body="Qformer.bert.")
+  prefix = "visual_encoder."
+  ignore = (
+      BUFFERS
+      + unused_blocks(tensors, model_cfg.vit.depth, prefix)
+      + tuple(prefix + p for p in EVA_UNUSED)
+  )
+  return tensors, blip2_rules(model_cfg), ignore
+
+
+def import_eva(
+    model: nnx.Module,
+    model_cfg: ml_collections.ConfigDict,
+    path: str,
+    *,
+    allow: Iterable[str] = (),
+) -> ImportReport:
+  """Writes the EVA ViT file at `path` into `model`'s ViT.
+
+  Args:
+    allow: glob patterns as in `weights.assign`; `LAVIS_EVA_NOT_IN_CHECKPOINT` names everything
+      the file never has.
+  Raises:
+    WeightImportError: listing missing, unexpected and mis-shaped weights.
+  """
+  tensors, rules, ignore = read_eva(path, model_cfg)
+  return assign(model, rules, tensors, allow=allow, ignore=ignore, source=path)
+
+
+def import_blip2(
+    model: nnx.Module,
+    model_cfg: ml_collections.ConfigDict,
+    path: str,
+    *,
+    allow: Iterable[str] = (),
+) -> ImportReport:
+  """Writes BLIP-2's own checkpoint at `path` into `model` (built from `model_cfg`, whose sizes
+  must be the checkpoint's: the `paper` variant's for the released file).
+
+  Args:
+    allow: as in `import_eva`; `LAVIS_BLIP2_NOT_IN_CHECKPOINT` names what the file never has.
+  Raises:
+    WeightImportError: listing missing, unexpected and mis-shaped weights.
+  """
+  tensors, rules, ignore = read_blip2(path, model_cfg)
+  return assign(model, rules, tensors, allow=allow, ignore=ignore, source=path)
