@@ -235,7 +235,7 @@ def _image_gen_eval(variant: str) -> dict:
   if variant == "demo":
     # Inception-v3 at 299 px costs ~0.15 s per image on 2 CPU cores and FID runs over five sets
     # of N: N = 100 keeps the Inception to ~75 s. KID on halves of N, so that its spread over
-    # subsets says something. The classifier's 600 steps (~1 min) reach a validation AUC of
+    # subsets says something. The classifier's 600 steps (~2 min) reach a validation AUC of
     # ~0.85 (the supervised reference: 0.82 after 250 steps, 0.90 after 1,500).
     e.update(num_images=100, kid_subset_size=50, classifier_steps=600)
   elif variant == "tiny":

@@ -40,11 +40,11 @@ _RECON_IMAGES = flags.DEFINE_integer("recon_images", 256, "Test phantoms used to
 _PRIOR_CONFIG = config_flags.DEFINE_config_file(
     "prior_config", os.path.join(os.path.dirname(_DEFAULT_CONFIG), "prior.py") + ":demo",
     "The image prior's config file and variant (stage 3).", lock_config=True)
-# Off by default: on 2 CPU cores it adds about 5.5 minutes (the prior ~3, its evaluation ~2.5)
+# Off by default: on 2 CPU cores it adds about 8 minutes (the prior ~4.5, its evaluation ~3.5)
 # to the ~15.5 of the rest, past the demo's 20-minute budget (README, "Status of the demo").
 _IMAGE_GEN = flags.DEFINE_bool("image_gen", False, "Train the image prior after pre-training and "
                                "score the images it draws from held-out reports (stage 3; "
-                               "about 5.5 more minutes on 2 CPU cores).")
+                               "about 8 more minutes on 2 CPU cores).")
 _UNCOND_PRIOR = flags.DEFINE_bool("uncond_prior", False, "Also train an unconditional prior "
                                   "(condition=none) as the baseline of stage 3; without it the "
                                   "text prior's learned null condition stands in.")
@@ -165,7 +165,7 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 25
     timings["image_gen evaluation"] = time.perf_counter() - start
   elif IMAGE_GEN in config.evals:
     log("(images from reports skipped: --image_gen trains the image prior and scores it, about "
-        "5.5 more minutes on 2 CPU cores)")
+        "8 more minutes on 2 CPU cores)")
 
   log(f"[{stages}/{stages}] reconstructions and the report")
   start = time.perf_counter()
