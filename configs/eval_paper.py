@@ -21,24 +21,14 @@ Consolidation), after preparing it with `--class-set pneumonia`.
       --config.data.data_dir=/data/tfds
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from medunifier_jax import config_lib
 
-def _load_pretrain():
-  # By file path, so the config loads from any working directory (config files are loaded by
-  # path, not as a package).
-  spec = importlib.util.spec_from_file_location(
-    "medunifier_configs_pretrain", Path(__file__).with_name("pretrain.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-pretrain = _load_pretrain()
+# By file path, so the config loads from any working directory (configs/ is not a package).
+pretrain = config_lib.load_module(Path(__file__).with_name("pretrain.py"))
 
 # Benchmark row -> (entry of the paper variant's config.evals, data set, overrides).
 ROWS = {
@@ -65,14 +55,13 @@ def _row(name: str, paper_evals: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "all"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+  variant = config_lib.select_variant(arg, VARIANTS, default="all")
   config = pretrain.get_config("paper")
   paper_evals = config.evals
   config.unlock()
   config.eval_variant = variant
   rows = tuple(ROWS) if variant == "all" else (variant,)
   config.evals = ml_collections.ConfigDict({row: _row(row, paper_evals) for row in rows})
+  config_lib.derive(config)  # the report row's max_length follows model.max_text_len again
   config.lock()
   return config

@@ -23,21 +23,51 @@ Launch, after pre-training the MedUnifier in W:
 
 The first run writes the code cache (`codes.dir`, default W/prior/codes) from the MedUnifier's
 latest checkpoint; the same command resumes. `model.grid`, `model.codebook_size`,
-`model.text_width` and `text_encoder` are copied from the MedUnifier run at start (the values
-below match the corresponding pre-training variant and serve runs without one, e.g. tests).
+`model.text_width` and `text_encoder` are copied from the MedUnifier run at start (until then
+they hold the values of the pre-training variant of the same name, which serve runs without one,
+e.g. tests).
 """
+
+from pathlib import Path
 
 import ml_collections
 
-VARIANTS = ("paper", "demo", "tiny")
+from medunifier_jax import config_lib
+
+# The pre-training config: the prior trains on its engine and reads its model's code grids.
+pretrain = config_lib.load_module(Path(__file__).with_name("pretrain.py"))
+
+# Each variant is one table: the dotted fields it changes from the defaults below.
+VARIANTS = {
+    "paper": {"compute_dtype": "bfloat16"},
+    "demo": {
+        # ~0.5 s per step of 32 on 2 CPU cores shared with other work (4 blocks with a 512-wide
+        # MLP at batch 64 took 2 s).
+        "model.width": 128, "model.depth": 3, "model.num_heads": 4, "model.mlp_dim": 256,
+        "model.null_length": 4,
+        # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
+        # (about half a minute to extract), 400 steps of 32.
+        "codes.max_examples": 8192,
+        "batch_size": 32, "num_steps": 400, "learning_rate": 1e-3, "warmup_steps": 40,
+        "weight_decay": 0.01, "checkpoint_every": 200, "log_every": 20,
+    },
+    "tiny": {
+        "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
+        "model.dropout": 0.0, "model.null_length": 4,
+        "codes.cache_text_states": True, "codes.shard_size": 64, "codes.batch_size": 16,
+        "batch_size": 8, "num_steps": 20, "learning_rate": 3e-3, "warmup_steps": 2,
+        "weight_decay": 0.0, "checkpoint_every": 10, "log_every": 5,
+    },
+}
 
 
-def _model(variant: str) -> ml_collections.ConfigDict:
+def _model(medunifier: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The prior; `medunifier` is the MedUnifier's `config.model` whose codes it models."""
   m = ml_collections.ConfigDict()
   # Dictated by the frozen MedUnifier (filled from its run config when training starts).
-  m.grid = 16  # bottom grid g; the top grid is g/2
-  m.codebook_size = 512  # K, both levels
-  m.text_width = 768  # Q-Former hidden size
+  m.grid = medunifier.vqvae.grid  # bottom grid g; the top grid is g/2
+  m.codebook_size = medunifier.vqvae.codebook_size  # K, both levels
+  m.text_width = medunifier.qformer.hidden_size  # Q-Former hidden size
   # The prior itself.
   m.width = 512
   m.depth = 12
@@ -51,29 +81,19 @@ def _model(variant: str) -> ml_collections.ConfigDict:
   m.cond_drop = 0.1  # share of training examples that see the null condition
   # Trained by nobody: the frozen Q-Former the step runs when text states are not cached.
   m.frozen_paths = ("text_encoder",)
-  if variant == "demo":
-    m.grid, m.text_width = 8, 128
-    # ~0.5 s per step of 32 on 2 CPU cores shared with other work (4 blocks with a 512-wide
-    # MLP at batch 64 took 2 s).
-    m.width, m.depth, m.num_heads, m.mlp_dim = 128, 3, 4, 256
-    m.null_length = 4
-  elif variant == "tiny":
-    m.grid, m.codebook_size, m.text_width = 8, 32, 32
-    m.width, m.depth, m.num_heads, m.mlp_dim = 32, 2, 2, 64
-    m.dropout = 0.0
-    m.null_length = 4
   return m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "demo"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+  variant = config_lib.select_variant(arg, VARIANTS, default="demo")
   c = ml_collections.ConfigDict()
   c.task = "prior"  # medunifier_jax/train.py sends this config to prior.train.train_prior
   c.variant = variant
-  c.seed = 0
-  c.model = _model(variant)
+  # Pre-training's engine settings but for the schedule, the checkpoint and log intervals.
+  c.update(pretrain.engine_fields(
+      batch_size=256, num_steps=50000, learning_rate=4e-4, end_learning_rate=1e-6,
+      warmup_steps=2000, adam_b2=0.96, checkpoint_every=2000, log_every=100))
+  c.model = _model(pretrain.get_config(variant).model)
 
   # The frozen MedUnifier: its workdir (latest checkpoint) and, filled in at start, its step.
   c.medunifier_workdir = ""
@@ -87,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   k.dir = ""  # empty: WORKDIR/codes
   # False: the frozen Q-Former computes them in every step (a few per cent of the demo's step;
   # cached, the demo's would take 24 KB per example, the paper's 290 KB).
-  k.cache_text_states = variant == "tiny"
+  k.cache_text_states = False
   k.shard_size = 4096  # examples per shard file
   k.batch_size = 64  # examples per model call while extracting
   k.max_examples = 0  # > 0: only the first that many training examples
@@ -102,61 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # What the step reads from a batch ("text_states" is added when the states are cached).
   c.batch_keys = ("codes_top", "codes_bottom", "input_ids", "attention_mask")
-
-  # Optimisation.
-  c.batch_size = 256  # global
-  c.num_steps = 50000
-  c.learning_rate = 4e-4
-  c.end_learning_rate = 1e-6
-  c.warmup_steps = 2000
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.96
-  c.weight_decay = 0.05
-  c.grad_clip_norm = 1.0
-  c.compute_dtype = "float32"
-  c.remat = False
-
-  c.mesh = [("data", -1), ("model", 1)]
-  c.sharding_rules = [
-      ("batch", "data"),
-      ("embed", None),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("kv", None),
-      ("vocab", "model"),
-      ("codebook", None),
-      ("conv_in", None),
-      ("conv_out", None),
-  ]
-
   c.init_from = ""  # unused: the frozen text encoder comes from medunifier_workdir
-  c.checkpoint_every = 2000
-  c.keep_checkpoints = 3
-  c.log_every = 100
-  c.eval_every = 0
 
-  if variant == "paper":
-    c.compute_dtype = "bfloat16"
-  elif variant == "demo":
-    # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
-    # (about half a minute to extract), 400 steps of 32.
-    c.codes.max_examples = 8192
-    c.batch_size = 32
-    c.num_steps = 400
-    c.learning_rate = 1e-3
-    c.warmup_steps = 40
-    c.weight_decay = 0.01
-    c.checkpoint_every = 200
-    c.log_every = 20
-  elif variant == "tiny":
-    c.batch_size = 8
-    c.num_steps = 20
-    c.learning_rate = 3e-3
-    c.warmup_steps = 2
-    c.weight_decay = 0.0
-    c.checkpoint_every = 10
-    c.log_every = 5
-    c.codes.shard_size = 64
-    c.codes.batch_size = 16
+  config_lib.override(c, VARIANTS[variant])
+  config_lib.derive(c)
   c.lock()
   return c

@@ -21,18 +21,16 @@ shape compile once. `python -m medunifier_jax.predict` is the command-line face 
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from medunifier_jax import config_lib, inference, model_io
 from medunifier_jax.models.medunifier import MedUnifier
 from medunifier_jax.objectives import itc_similarity
 from medunifier_jax.weights import hf_import
@@ -41,55 +39,7 @@ from medunifier_jax.weights.mapping import ImportReport
 HF_BLIP2 = "hf-blip2:"
 HF_BERT = "hf-bert:"
 # The configuration used when none is passed: the paper's, next to the package in a checkout.
-DEFAULT_CONFIG = "pretrain.py:paper"
-# Below this many initialised values (on CPU), the initialiser is compiled without optimisation.
-SMALL_INIT = 1 << 24
-
-
-# -- pure functions of the model (each is jitted once per input shape) ---------------------------
-# The encoders return hidden states and embeddings together, so `encode_image` and
-# `image_embeddings` (and `similarity` after them) share one compilation.
-
-
-def image_tokens_fn(m: MedUnifier, pixel_values):
-  return m.image_tokens(pixel_values)
-
-
-def image_features_fn(m: MedUnifier, pixel_values):
-  """-> query outputs (B, Q, H), normalised projected queries (B, Q, E)."""
-  queries = m.image_queries(m.image_tokens(pixel_values))
-  return queries, m.image_embeddings(queries)
-
-
-def text_features_fn(m: MedUnifier, input_ids, attention_mask):
-  """-> text hidden states (B, T, H), normalised projected [CLS] feature (B, E)."""
-  hidden = m.text_hidden(input_ids, attention_mask)
-  return hidden, m.text_embeddings(hidden)
-
-
-def itm_logits_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
-  return m.itm_logits(m.image_tokens(pixel_values), input_ids, attention_mask)
-
-
-@jax.jit
-def reconstruct_fn(m: MedUnifier, pixel_values, input_ids, attention_mask):
-  """The evaluation-mode TIG pass: (recon clipped to [0, 1], top codes, bottom codes)."""
-  tokens = m.image_tokens(pixel_values)
-  queries = m.image_queries(tokens)
-  text = m.text_hidden(input_ids, attention_mask)
-  out = m.vqvae(queries, tokens[:, 1:], text[:, 0], train=False)
-  return jnp.clip(out.recon, 0.0, 1.0), out.codes_top, out.codes_bottom
-
-
-@functools.cache
-def _jitted(fn: Callable) -> Callable:
-  """`fn` as a jitted function of (graphdef, state, *arrays). The graph definition is a static
-  argument, so handles of one architecture (e.g. successive checkpoints) share compilations."""
-
-  def pure(graphdef, state, *arrays):
-    return fn(nnx.merge(graphdef, state), *arrays)
-
-  return jax.jit(pure, static_argnums=0)
+DEFAULT_CONFIG = "configs/pretrain.py:paper"
 
 
 # -- the model handle --------------------------------------------------------------------------
@@ -129,9 +79,11 @@ class Model:
     self.import_report = import_report
     model_cfg = config.model
     self.image_size = model_cfg.vit.image_size
-    self.vocab_size = model_cfg.qformer.vocab_size
+    # Ids past [DEC] are padding rows of the vocabulary (never fed, never predicted).
+    self.vocab_size = int(model_cfg.qformer.dec_token_id) + 1
     self.max_positions = model_cfg.qformer.max_position_embeddings
     self._graphdef, self._state = nnx.split(module)
+    self.fns = inference.model_fns(self._graphdef)
 
   # -- running pure functions ----------------------------------------------------------------
 
@@ -141,17 +93,18 @@ class Model:
     Compiled once per function, architecture and input shapes; pass a module-level function
     (a new lambda per call would compile anew each time).
     """
-    return jax.tree.map(np.asarray, _jitted(fn)(self._graphdef, self._state, *arrays))
+    return jax.tree.map(np.asarray,
+                        inference.compiled(fn)(self._graphdef, self._state, *arrays))
 
   # -- the stable API ------------------------------------------------------------------------
 
   def encode_image(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) normalised float32 -> (B, Q, H) Q-Former query outputs."""
-    return self.run(image_features_fn, self._pixels(pixel_values))[0]
+    return self._features(pixel_values)["queries"]
 
   def encode_text(self, input_ids, attention_mask) -> np.ndarray:
     """(B, T) ids and mask -> (B, T, H) text-mode hidden states ([CLS] first)."""
-    return self.run(text_features_fn, *self._text(input_ids, attention_mask))[0]
+    return self._text_features(input_ids, attention_mask)["text_hidden"]
 
   def similarity(self, pixel_values, input_ids, attention_mask) -> np.ndarray:
     """(n_images, n_texts): max over queries of the cosine of the projected features.
@@ -175,21 +128,22 @@ class Model:
           f"itm_logits scores row-aligned pairs: got {pixels.shape[0]} images and "
           f"{ids.shape[0]} texts; pass as many texts as images (repeat rows to pair them)"
       )
-    return self.run(itm_logits_fn, pixels, ids, mask)
+    return np.asarray(self.fns.itm_logits(self._state, self.fns.image_tokens(self._state, pixels),
+                                          ids, mask))
 
   # -- helpers for evaluators ----------------------------------------------------------------
 
   def image_embeddings(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) -> (B, Q, E) L2-normalised projected query features."""
-    return self.run(image_features_fn, self._pixels(pixel_values))[1]
+    return self._features(pixel_values)["image_emb"]
 
   def text_embeddings(self, input_ids, attention_mask) -> np.ndarray:
     """(B, T) -> (B, E) L2-normalised projected [CLS] features."""
-    return self.run(text_features_fn, *self._text(input_ids, attention_mask))[1]
+    return self._text_features(input_ids, attention_mask)["text_emb"]
 
   def image_tokens(self, pixel_values) -> np.ndarray:
     """(B, S, S, 3) -> (B, 1 + N, Dv) ViT tokens after `ln_vision`."""
-    return self.run(image_tokens_fn, self._pixels(pixel_values))
+    return np.asarray(self.fns.image_tokens(self._state, self._pixels(pixel_values)))
 
   def reconstruct(self, pixel_values, input_ids, attention_mask) -> dict[str, np.ndarray]:
     """The image rebuilt from its text-grounded codes (the TIG path, evaluation mode).
@@ -202,8 +156,15 @@ class Model:
     if pixels.shape[0] != ids.shape[0]:
       raise ValueError(f"reconstruct pairs each image with its report: got {pixels.shape[0]} "
                        f"images and {ids.shape[0]} texts")
-    recon, top, bottom = self.run(reconstruct_fn, pixels, ids, mask)
-    return {"recon": recon, "codes_top": top, "codes_bottom": bottom}
+    return jax.tree.map(np.asarray, self.fns.reconstruct(self._state, pixels, ids, mask))
+
+  def _features(self, pixel_values) -> dict[str, np.ndarray]:
+    out = self.fns.image_features(self._state, self._pixels(pixel_values))
+    return {k: np.asarray(v) for k, v in out.items() if k != "image_tokens"}
+
+  def _text_features(self, input_ids, attention_mask) -> dict[str, np.ndarray]:
+    out = self.fns.text_features(self._state, *self._text(input_ids, attention_mask))
+    return jax.tree.map(np.asarray, out)
 
   def generate_reports(self, pixel_values, *, seed: int = 0, **decoding) -> list[str]:
     """(B, S, S, 3) normalised images -> B generated reports.
@@ -388,7 +349,7 @@ def load(
     *,
     config: ml_collections.ConfigDict | str | None = None,
     allow: Iterable[str] = (),
-    seed: int = 0,
+    seed: int | None = None,
     dtype: str = "float32",
     prior: str | None = None,
 ) -> Model:
@@ -405,7 +366,8 @@ def load(
     allow: more glob patterns of weights that may stay at init or go unused, on top of those a
       BLIP-2 / BERT file never has (`weights.BLIP2_NOT_IN_CHECKPOINT`,
       `weights.BERT_NOT_IN_CHECKPOINT`).
-    seed: initialisation seed for the weights the source does not provide.
+    seed: initialisation seed for the weights the source does not provide (default the
+      configuration's `seed`).
     dtype: compute dtype ("float32" or "bfloat16"); weights stay float32.
     prior: the workdir of an image prior trained on this model's codes (configs/prior.py), for
       `Model.generate_images`; default for a training workdir: `WORKDIR/prior` when it holds a
@@ -442,32 +404,25 @@ def load(
         f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
     )
   workdir = paths.resolve(source)
-  model = _load_workdir(workdir, config, seed=seed, dtype=dtype)
+  model = _load_workdir(workdir, config, dtype=dtype)
   attach_prior(model, prior, workdir)
   return model
 
 
-def _load_workdir(workdir: str, config, *, seed: int, dtype: str) -> Model:
-  """A model restored from a training work directory's latest checkpoint.
+def _load_workdir(workdir: str, config, *, dtype: str) -> Model:
+  """A model restored from a training work directory's newest readable checkpoint.
 
   The configuration is the run's own (`WORKDIR/config.json`, written by training) unless
   `config` is given; only the model's variables are read (no optimizer state). The tokenizer is
   the vocabulary the run trained and cached in `WORKDIR/tokenizer`, else
   `config.data.tokenizer_dir`, else None.
   """
-  from medunifier_jax.training import checkpoint as ckpt
-
-  cfg = resolve_config(config) if config is not None else ckpt.load_config(workdir)
-  module = abstract_model(cfg, seed, dtype)  # every variable comes from the checkpoint
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(module)
-  )
-  state, step = ckpt.restore_model_state(workdir, abstract)
-  nnx.update(module, state)
-  logging.info("restored %s at step %d", workdir, step)
-  model = Model(module, cfg, _workdir_tokenizer(workdir, cfg))
-  model.checkpoint_step = int(step)
+  restored = model_io.restore(
+      workdir, resolve_config(config) if config is not None else None, compute_dtype=dtype)
+  logging.info("restored %s at step %d", workdir, restored.step)
+  model = Model(restored.module, restored.config,
+                _workdir_tokenizer(workdir, restored.config))
+  model.checkpoint_step = restored.step
   return model
 
 
@@ -489,12 +444,8 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
 def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
   tokenizer = hf_import.folder_tokenizer(folder)
   cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
-  allow = hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
-  module, report = build_with_weights(
-      cfg, lambda m: hf_import.import_blip2(m, cfg.model, folder, allow=allow), seed, dtype
-  )
-  _log_report("hf-blip2", folder, report)
-  return Model(module, cfg, tokenizer, report)
+  return _build_imported(cfg, "hf-blip2", folder, tokenizer, seed, dtype, lambda m, c: (
+      hf_import.import_blip2(m, c.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow)))
 
 
 def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
@@ -510,61 +461,20 @@ def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
     from medunifier_jax.data.tokenizer import check_tokenizer
 
     check_tokenizer(tokenizer, cfg.model)
-  allow = hf_import.BERT_NOT_IN_CHECKPOINT + allow
-  module, report = build_with_weights(
-      cfg, lambda m: hf_import.import_bert(m, cfg.model, folder, allow=allow), seed, dtype
-  )
-  _log_report("hf-bert", folder, report)
+  return _build_imported(cfg, "hf-bert", folder, tokenizer, seed, dtype, lambda m, c: (
+      hf_import.import_bert(m, c.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow)))
+
+
+def _build_imported(cfg, kind: str, folder: str, tokenizer, seed, dtype, fill) -> Model:
+  """`model_io.build_with_weights` with the import `fill(module, cfg)`; the rest initialised
+  from `seed` (default the config's)."""
+  cfg = model_io.with_compute_dtype(cfg, dtype)
+  if seed is not None and int(cfg.get("seed", 0)) != int(seed):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.seed = int(seed)
+  module, report = model_io.build_with_weights(cfg, lambda m: fill(m, cfg))
+  _log_report(kind, folder, report)
   return Model(module, cfg, tokenizer, report)
-
-
-def _create(cfg: ml_collections.ConfigDict, seed: int, dtype: str) -> MedUnifier:
-  # RBG keys: on CPU, compiling threefry sampling for the VQ-VAE's many small shapes takes
-  # about three times as long. These draws only fill weights a checkpoint lacks.
-  key = jax.random.key(seed, impl="rbg")
-  return MedUnifier(cfg.model, rngs=nnx.Rngs(key), dtype=dtype)
-
-
-def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0, dtype="float32") -> MedUnifier:
-  """`MedUnifier(cfg.model)` with ShapeDtypeStruct placeholders (nothing allocated)."""
-  return nnx.eval_shape(lambda: _create(cfg, seed, dtype))
-
-
-def build_with_weights(
-    cfg: ml_collections.ConfigDict,
-    fill: Callable[[MedUnifier], ImportReport],
-    seed: int = 0,
-    dtype: str = "float32",
-) -> tuple[MedUnifier, ImportReport]:
-  """Builds `MedUnifier(cfg.model)` with `fill`'s weights, initialising only the others.
-
-  The model is first built abstractly (`nnx.eval_shape`, nothing allocated); `fill` writes the
-  imported weights into it; one jitted initialiser then computes just the variables still
-  abstract (XLA drops the rest), so a paper-size ViT is never drawn at random to be overwritten.
-  """
-
-  module = abstract_model(cfg, seed, dtype)
-  report = fill(module)
-  pending = {
-      path: var
-      for path, var in nnx.iter_graph(module)
-      if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.ShapeDtypeStruct)
-  }
-  if pending:
-    wanted = set(pending)
-
-    def initial_values():
-      fresh = _create(cfg, seed, dtype)
-      return {p: v.get_value() for p, v in nnx.iter_graph(fresh) if p in wanted}
-
-    size = sum(v.get_value().size for v in pending.values())
-    options = None
-    if jax.default_backend() == "cpu" and size < SMALL_INIT:
-      # Compiling dozens of small samplers dominates here; unoptimised code halves it.
-      options = {"xla_backend_optimization_level": "0"}
-    for path, value in jax.jit(initial_values).lower().compile(options)().items():
-      pending[path].set_value(value)
-  return module, report
 
 
 def _log_report(kind: str, folder: str, report: ImportReport) -> None:
@@ -576,29 +486,6 @@ def _log_report(kind: str, folder: str, report: ImportReport) -> None:
 
 
 def resolve_config(config: ml_collections.ConfigDict | str | None) -> ml_collections.ConfigDict:
-  """A full configuration from a ConfigDict, `"PATH.py[:ARG]"`, or None (the default)."""
-  if isinstance(config, ml_collections.ConfigDict):
-    if "model" not in config:
-      raise ValueError("pass the full configuration (with .model), not config.model")
-    return config
-  if config is None:
-    path, arg = _default_config_path(), DEFAULT_CONFIG.split(":")[1]
-  else:
-    path, _, arg = config.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"configuration file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location("medunifier_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def _default_config_path() -> str:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "configs", DEFAULT_CONFIG.split(":")[0])
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"no default configuration at {path} (installed without the repository's configs/); "
-        "pass config=ml_collections.ConfigDict or config='PATH/pretrain.py:paper'"
-    )
-  return path
+  """A full configuration from a ConfigDict, `"PATH.py[:ARG]"`, or None (the paper's), through
+  the one loader (`config_lib.load`)."""
+  return config_lib.load(DEFAULT_CONFIG if config is None else config)

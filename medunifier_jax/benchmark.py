@@ -9,6 +9,12 @@ the compiled step), `flops_per_s` (achieved) and, with `--peak_flops`, `mfu`. Wi
 modules (`Blip2VisionModel` frozen, `Blip2QFormerModel`, `Blip2TextEmbeddings`, dropout 0.1,
 AdamW) at the config's sizes, and the line holds both timings and their ratio.
 
+  python -m medunifier_jax.benchmark --config configs/pretrain.py:demo \
+      --prior_config configs/prior.py:demo [--flops_only]
+
+times text-to-image sampling instead (`prior/cost.py`): images/s with random weights of these
+sizes and the FLOPs per sampled image (text encoder + steps x prior passes + decoder).
+
 Inputs are synthetic batches of the config's shapes (the step's cost does not depend on pixel
 values); the data pipeline is not part of the measurement.
 """
@@ -21,6 +27,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from medunifier_jax.objectives import OBJECTIVES
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
 _OBJECTIVES = flags.DEFINE_list("objectives", ["itc", "itm", "itg", "tig"],
                                 "Objectives to train (the others get weight 0).")
@@ -29,9 +37,15 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of the machine, for MFU.")
 _PEER = flags.DEFINE_enum("peer", None, ["pytorch"], "Also time a peer implementation.")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for the PyTorch peer.")
+_PRIOR_CONFIG = config_flags.DEFINE_config_file(
+    "prior_config", None, "With it, time text-to-image sampling instead of the training step: "
+    "images/s of a prior of this config (e.g. configs/prior.py:demo) over the --config "
+    "MedUnifier, and the FLOPs per sampled image.")
+_SAMPLING_BATCH = flags.DEFINE_integer("sampling_batch", 16, "Reports per sampling call.")
+_FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Sampling: only the FLOPs per image, from "
+                                "shapes (nothing allocated; for the paper sizes).")
 flags.mark_flag_as_required("config")
 
-OBJECTIVES = ("itc", "itm", "itg", "tig")
 
 
 def with_objectives(config, objectives):
@@ -59,19 +73,20 @@ def _median_time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
 
 def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
   """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
+  from medunifier_jax import pretraining
   from medunifier_jax.training import mesh as mesh_lib
+  from medunifier_jax.training import sharding as sharding_lib
   from medunifier_jax.training import state as state_lib
   from medunifier_jax.training import step as step_lib
-  from medunifier_jax.training.loop import to_global
 
   mesh = mesh_lib.make_mesh(config.mesh)
-  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh)
-  state = state_lib.init_train_state(config, shardings)
-  batch = to_global(step_lib.random_batch(config), mesh, config.sharding_rules)
+  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
+  state = state_lib.init_train_state(config, shardings, pretraining.model_fn)
+  batch = sharding_lib.global_batch(pretraining.random_batch(config), mesh, config.sharding_rules)
   rng = jax.random.key(0)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, config), shardings, mesh, config.sharding_rules
-  )
+      step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), shardings, mesh,
+      config.sharding_rules)
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
@@ -101,8 +116,26 @@ def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = No
   return out
 
 
+def sampling(config, prior_config) -> dict:
+  """Text-to-image sampling figures (`prior.cost`) with the prior config's decoding defaults."""
+  from medunifier_jax.prior import cost
+
+  steps, guidance = int(prior_config.sample.steps), float(prior_config.sample.guidance)
+  guided = prior_config.model.condition == "text" and guidance != 0.0
+  result = {"config": config.get("variant", ""), "prior_config": prior_config.get("variant", ""),
+            "flops": cost.sampling_flops(config, prior_config, steps=steps, guided=guided)}
+  if not _FLOPS_ONLY.value:
+    result["speed"] = cost.sampling_speed(config, prior_config, batch_size=_SAMPLING_BATCH.value,
+                                          steps=steps, guidance=guidance)
+  result["platform"] = jax.devices()[0].platform
+  return result
+
+
 def main(argv):
   del argv
+  if _PRIOR_CONFIG.value is not None:
+    print(json.dumps(sampling(_CONFIG.value, _PRIOR_CONFIG.value)))
+    return
   objectives = [o.strip() for o in _OBJECTIVES.value if o.strip()]
   config = with_objectives(_CONFIG.value, objectives)
   result = {

@@ -22,6 +22,8 @@ def _blip2_config(config):
       num_attention_heads=vit.num_heads, image_size=vit.image_size, patch_size=vit.patch_size,
       layer_norm_eps=vit.layer_norm_eps, qkv_bias=vit.qkv_bias, attention_dropout=vit.dropout,
   )
+  # The padded vocabulary (qformer.vocab_size, not dec_token_id + 1): the same embedding table
+  # as ours, so that the two steps do the same work.
   qformer = Blip2QFormerConfig(
       vocab_size=qf.vocab_size, hidden_size=qf.hidden_size, num_hidden_layers=qf.num_layers,
       num_attention_heads=qf.num_heads, intermediate_size=qf.intermediate_size,
@@ -110,7 +112,7 @@ def benchmark_pytorch(config, steps: int, warmup: int, *, threads: int = 2) -> d
   """Median seconds per ITC+ITM step of the PyTorch peer on a synthetic batch."""
   import torch
 
-  from medunifier_jax.training.step import random_batch
+  from medunifier_jax.pretraining import random_batch
 
   torch.set_num_threads(threads)
   _, _, step = make_peer(config)

@@ -10,8 +10,6 @@ the mesh, parameter counts, step FLOPs and the per-device memory figures.
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app, flags
@@ -23,25 +21,28 @@ _SIMULATED = flags.DEFINE_integer("simulated_devices", 8,
 flags.mark_flag_as_required("config")
 
 
-def _simulate_devices(argv: list[str]) -> None:
-  """Sets XLA_FLAGS before JAX starts (absl parses flags too late for that)."""
-  n = 8
-  for i, arg in enumerate(argv):
-    if arg.startswith("--simulated_devices="):
-      n = int(arg.split("=", 1)[1])
-    elif arg == "--simulated_devices" and i + 1 < len(argv):
-      n = int(argv[i + 1])
-  if n > 0:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-    ).strip()
+def _simulate_devices(n: int) -> None:
+  """Makes the CPU backend pretend to have `n` devices (0: leave the real devices).
 
-
-def main(argv):
-  del argv
+  JAX reads both settings when its backends start, so this runs before anything asks for a
+  device; flags are parsed by then, so the count comes from `--simulated_devices` itself.
+  """
   import jax
 
+  if n <= 0:
+    return
+  if not jax.config.jax_platforms:  # a platform the user chose (JAX_PLATFORMS) is kept
+    jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _simulate_devices(_SIMULATED.value)
+  import jax
+
+  from medunifier_jax import pretraining
   from medunifier_jax.training import aot
   from medunifier_jax.training import mesh as mesh_lib
   from medunifier_jax.training import state as state_lib
@@ -49,13 +50,14 @@ def main(argv):
   config = _CONFIG.value
   mesh = mesh_lib.make_mesh(config.mesh)
   t0 = time.perf_counter()
-  lowered = aot.lower_train_step(config, mesh)
+  task = pretraining.task(config)
+  lowered = aot.lower_train_step(config, mesh, task)
   lower_s = time.perf_counter() - t0
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0 - lower_s
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
-  _, abstract, _ = state_lib.abstract_train_state(config, mesh)
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh, task.model_fn)
   report = {
       "config": config.get("variant", ""),
       "mesh": dict(mesh.shape),
@@ -73,5 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _simulate_devices(sys.argv)
   app.run(main)

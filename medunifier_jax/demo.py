@@ -7,20 +7,20 @@ r"""The newcomer's job: pre-train on phantom radiographs, evaluate every task, w
 Stages (each with its own progress display):
   1. pre-training with all four objectives on phantoms paired with the real Open-i reports
      (resumes if the workdir already holds a checkpoint; a finished run is not repeated);
-  2. every `config.evals` entry but `image_gen` on the phantom test sets ->
-     WORKDIR/eval/results.json;
+  2. every `config.evals` entry but `image_gen` on the phantom test sets (among them the
+     `reconstruction` entry: PSNR and code usage on `--recon_images` test phantoms) ->
+     WORKDIR/eval/results.json and WORKDIR/eval/outputs/;
   3. with --image_gen: the text-conditioned image prior on the frozen model's codes
      (`--prior_config`, WORKDIR/prior; with --uncond_prior also a prior with
      condition="none", WORKDIR/prior_uncond), then the `image_gen` entry (FID/KID, finding
      fidelity), merged into results.json;
-  4. reconstructions of test phantoms, figures and WORKDIR/report.md + report.html.
+  4. figures and WORKDIR/report.md + report.html, from WORKDIR/eval and the training log only.
 
 Priors resume like pre-training; a finished one is not trained again.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -50,6 +50,7 @@ _UNCOND_PRIOR = flags.DEFINE_bool("uncond_prior", False, "Also train an uncondit
                                   "text prior's learned null condition stands in.")
 
 IMAGE_GEN = "image_gen"  # the config.evals entry stage 3 runs
+RECONSTRUCTION = "reconstruction"  # the entry `--recon_images` sizes (run in stage 2)
 
 
 def default_prior_config():
@@ -106,19 +107,17 @@ def merge_results(path: str, earlier: dict | None) -> None:
   os.replace(tmp, path)
 
 
-def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 256,
+def run_demo(config, workdir: str, *, train: bool = True, recon_images: int | None = None,
              image_gen: bool = False, prior_config=None, uncond_prior: bool = False,
              log=print) -> dict[str, float]:
   """Trains (unless `train` is False), evaluates and writes the report; returns stage times.
 
   With `image_gen` (and a `config.evals.image_gen` entry), stage 3 trains the prior(s) of
-  `prior_config` (default configs/prior.py:demo) and scores image generation.
+  `prior_config` (default configs/prior.py:demo) and scores image generation. `recon_images`,
+  when given, replaces `config.evals.reconstruction.num_images`.
   """
-  from medunifier_jax import api, evaluate, paths
-  from medunifier_jax.data import pipeline, registry
-  from medunifier_jax.evaluators.common import Subset
+  from medunifier_jax import api, evaluation, paths, pretraining
   from medunifier_jax.report import build
-  from medunifier_jax.training import loop
 
   timings: dict[str, float] = {}
   workdir = paths.resolve(workdir)
@@ -136,15 +135,20 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 25
     log(f"[1/{stages}] pre-training {config.variant}: {config.num_steps} steps x "
         f"{config.batch_size} examples of {config.data.name}")
     start = time.perf_counter()
-    loop.train_and_evaluate(config, workdir)
+    pretraining.train(config, workdir)
     timings["pre-training"] = time.perf_counter() - start
 
   log(f"[2/{stages}] evaluating every task on the phantom test sets")
   start = time.perf_counter()
   model = api.load(workdir, config=config)
   tasks = [name for name in config.evals if name != IMAGE_GEN]
-  evaluate.evaluate(config, workdir, tasks, model=model.module, tokenizer=model.tokenizer,
-                    source=f"checkpoint in {workdir}", log=log)
+  if RECONSTRUCTION not in config.evals:
+    log(f"(this config has no config.evals.{RECONSTRUCTION} entry: the report will have no "
+        "reconstructions, PSNR or code usage)")
+  elif recon_images is not None:
+    config.evals[RECONSTRUCTION].num_images = int(recon_images)
+  evaluation.evaluate(config, workdir, tasks, model=model.module, tokenizer=model.tokenizer,
+                      source=f"checkpoint in {workdir}", log=log)
   timings["evaluation"] = time.perf_counter() - start
 
   if image_gen:
@@ -159,23 +163,17 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int = 25
     if os.path.exists(results_path):
       with open(results_path) as f:
         earlier = json.load(f)
-    evaluate.evaluate(config, workdir, [IMAGE_GEN], model=model.module,
-                      tokenizer=model.tokenizer, source=f"checkpoint in {workdir}", log=log)
+    evaluation.evaluate(config, workdir, [IMAGE_GEN], model=model.module,
+                        tokenizer=model.tokenizer, source=f"checkpoint in {workdir}", log=log)
     merge_results(results_path, earlier)
     timings["image_gen evaluation"] = time.perf_counter() - start
   elif IMAGE_GEN in config.evals:
     log("(images from reports skipped: --image_gen trains the image prior and scores it, about "
         "8 more minutes on 2 CPU cores)")
 
-  log(f"[{stages}/{stages}] reconstructions and the report")
+  log(f"[{stages}/{stages}] figures and the report")
   start = time.perf_counter()
-  source = registry.get_source(config.data.name, "test", config.data)
-  source = Subset(source, min(recon_images, len(source)))
-  batches = pipeline.eval_dataset(config, model.tokenizer, source=source,
-                                  batch_size=min(64, config.batch_size), shard_index=0,
-                                  shard_count=1)
-  md = build.write_report(config, workdir, model.graphdef, model.state,
-                          itertools.islice(batches, None), timings=timings)
+  md = build.write_report(config, workdir, timings=timings)
   timings["report"] = time.perf_counter() - start
   log(f"report: {md} (and {os.path.join(workdir, 'report.html')})")
   log("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -10,9 +10,11 @@ Decoding is written against an injectable step function,
 
 which consumes the token at `position` for each of R rows and returns the logits of the next
 token. `make_model_step` builds it from a MedUnifier model's `init_decode_cache` /
-`decode_step`; tests use hand-built tables. Beam search reorders the state's rows when beams
-are re-ranked; it finds each state array's row axis by building the state abstractly for two
-row counts (`init_fn(R)` and `init_fn(2 R)`), so arrays shared by all rows are left alone.
+`decode_step` (whose logits give a padded vocabulary's padding ids `qformer.PADDING_LOGIT`, so
+no method here ever picks one); tests use hand-built tables. Beam search reorders the state's
+rows when beams are re-ranked; it finds each state array's row axis by building the state
+abstractly for two row counts (`init_fn(R)` and `init_fn(2 R)`), so arrays shared by all rows
+are left alone.
 
 Conventions (those of Hugging Face `generate`, which the paper's code calls):
   * sequences start with the BOS token (`[DEC]`) at position 0; `max_length` and `min_length`
@@ -36,7 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from medunifier_jax import inference
 
 StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 InitFn = Callable[[int], Any]
@@ -329,23 +332,6 @@ def generate_tokens_uncached(model, pixel_values: jax.Array, tokens: SpecialToke
   return decode(step, init_fn, batch, tokens, config, rng)
 
 
-def make_generate_fn(graphdef, tokens: SpecialTokens, config: DecodingConfig,
-                     cached: bool = True):
-  """A jitted (model_state, pixel_values, rng) -> DecodeOutput for an `nnx.split` model.
-
-  Compiled once per image batch shape; keep the returned function to reuse the compilation.
-  `cached=False` gives the uncached reference (`generate_tokens_uncached`).
-  """
-  generate = generate_tokens if cached else generate_tokens_uncached
-
-  @jax.jit
-  def generate_fn(model_state, pixel_values, rng):
-    model = nnx.merge(graphdef, model_state)
-    return generate(model, pixel_values, tokens, config, rng)
-
-  return generate_fn
-
-
 def tokens_to_text(token_ids: np.ndarray, tokenizer, eos_id: int) -> list[str]:
   """(B, L) decoded ids (BOS first) -> B strings, cut at the first EOS."""
   out = []
@@ -360,8 +346,8 @@ def tokens_to_text(token_ids: np.ndarray, tokenizer, eos_id: int) -> list[str]:
 class ReportGenerator:
   """Images -> report strings for one model graph (what `api.Model.generate_reports` needs).
 
-  Compiled decoders are cached per decoding settings, so repeated calls with the same image
-  batch shape and settings reuse one compilation.
+  Decoders are compiled once per graph, decoding settings and image batch shape
+  (`inference.compiled`), so every generator of one architecture shares them.
 
     generator = ReportGenerator(graphdef, tokenizer, dec_token_id=config.model.qformer.dec_token_id)
     reports = generator(state, pixel_values, DecodingConfig(num_beams=3))
@@ -372,16 +358,14 @@ class ReportGenerator:
     self.tokenizer = tokenizer
     self.special = SpecialTokens(bos=int(dec_token_id), eos=int(tokenizer.sep_token_id),
                                  pad=int(tokenizer.pad_token_id))
-    self._fns: dict[DecodingConfig, Callable] = {}
 
   def tokens(self, state, pixel_values, config: DecodingConfig | None = None,
              rng: jax.Array | None = None) -> DecodeOutput:
     """(B, S, S, 3) normalised images -> decoded ids (B, max_length) and scores (B,)."""
     config = config or DecodingConfig()
-    if config not in self._fns:
-      self._fns[config] = make_generate_fn(self.graphdef, self.special, config)
+    fn = inference.model_fns(self.graphdef).report_tokens(self.special, config)
     rng = jax.random.key(0) if rng is None else rng
-    return self._fns[config](state, jnp.asarray(pixel_values, jnp.float32), rng)
+    return fn(state, jnp.asarray(pixel_values, jnp.float32), rng)
 
   def __call__(self, state, pixel_values, config: DecodingConfig | None = None,
                rng: jax.Array | None = None) -> list[str]:
@@ -391,7 +375,7 @@ class ReportGenerator:
 
 def measure_decoding_speed(generate_fn, model_state, pixel_values, config: DecodingConfig,
                            repeats: int = 5) -> dict[str, float]:
-  """Generated tokens per second of a `make_generate_fn` function (compile excluded).
+  """Generated tokens per second of a `ModelFns.report_tokens` function (compile excluded).
 
   Use `min_length == max_length` in `config` so every row decodes the full length and the
   figure is comparable across lengths. The fastest of `repeats` runs is reported (the least

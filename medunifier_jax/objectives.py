@@ -6,7 +6,8 @@
   TIG  text-grounded image generation: the VQ-VAE's reconstruction and quantizer losses.
 
 Cross-entropies with label smoothing follow PyTorch's `label_smoothing`: the target is
-(1 - s) * one_hot + s / C. Negatives span the batch the function sees; under `jax.jit` with a
+(1 - s) * one_hot + s / C (for ITG, C counts the real token ids: a padded vocabulary's extra
+rows are no classes). Negatives span the batch the function sees; under `jax.jit` with a
 sharded batch that is the global batch.
 
 Duplicate-aware negatives (beyond the paper; `compute_losses(duplicate_aware=True)`, the
@@ -78,7 +79,8 @@ def masked_smoothed_cross_entropy(
 ) -> jax.Array:
   """`smoothed_cross_entropy` over the classes not in `exclude` only.
 
-  logits (N, C), labels (N,), exclude (N, C) bool (never the label itself) -> (N,) float32.
+  logits (N, C), labels (N,), exclude (N, C) bool (never the label itself) -> (N,) float32; any
+  leading shape works in place of N, and `exclude` may be anything that broadcasts, e.g. (C,).
   Excluded classes leave the softmax's denominator, and the smoothing mass s is spread over
   the C_i classes a row keeps: target (1 - s) * one_hot + s / C_i on them, 0 elsewhere.
   """
@@ -212,15 +214,26 @@ def itg_loss(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     label_smoothing: float = 0.1,
+    num_classes: int | None = None,
 ) -> jax.Array:
   """Next-token CE: lm_logits[:, t] predicts input_ids[:, t + 1]; padding targets are ignored.
 
   lm_logits: (B, T, V) from the generation mode ([DEC] in place of the first token);
   input_ids, attention_mask: (B, T). Mean over the non-padding target tokens.
+  num_classes: the real token ids are 0..num_classes - 1 (`model.num_text_classes`); columns
+  beyond are vocabulary padding, left out of the softmax and of the label smoothing, so a
+  padded model's loss is the unpadded one's. None: every column is a class.
   """
   targets = input_ids[:, 1:]
   weights = (attention_mask[:, 1:] > 0).astype(jnp.float32)
-  ce = smoothed_cross_entropy(lm_logits[:, :-1], targets, label_smoothing)
+  logits = lm_logits[:, :-1]
+  v = logits.shape[-1]
+  if num_classes is None or num_classes == v:
+    ce = smoothed_cross_entropy(logits, targets, label_smoothing)
+  else:
+    # Masked, not sliced: slicing would regather a vocabulary sharded over the model axis.
+    padding = jnp.arange(v) >= num_classes
+    ce = masked_smoothed_cross_entropy(logits, targets, padding, label_smoothing)
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -292,7 +305,8 @@ def compute_losses(
                                image_kvs=image_kvs, rngs=rngs, duplicates=duplicates)
   if on["itg"]:
     lm_logits = model.lm_logits_from_query_kv(query_kvs, ids, mask, rngs=rngs)
-    losses["itg"] = itg_loss(lm_logits, ids, mask, label_smoothing)
+    losses["itg"] = itg_loss(lm_logits, ids, mask, label_smoothing,
+                             num_classes=model.num_text_classes)
   if on["tig"]:
     out = model.vqvae(queries, image_tokens[:, 1:], text_hidden[:, 0], train=train, rngs=rngs)
     losses["tig"], tig_metrics = tig_loss(out, batch["target_image"])

@@ -5,8 +5,8 @@ directory at the moment it enters: orbax refuses relative checkpoint paths, and 
 later could be read against another directory. A remote path (`gs://bucket/run`, any
 `scheme://`) passes through unchanged; `etils.epath` reads both kinds.
 
-Entry points (the command-line programs, `api.load`, `training.loop.train_and_evaluate`,
-`evaluate.evaluate`, `demo.run_demo`) call `resolve` on their workdir and `resolve_config` on
+Entry points (the command-line programs, `api.load`, `pretraining.train`,
+`evaluation.evaluate`, `demo.run_demo`) call `resolve` on their workdir and `resolve_config` on
 their config; code below them receives absolute paths.
 """
 

@@ -74,9 +74,9 @@ def main(argv: list[str]) -> None:
 
     train_prior(config, _WORKDIR.value)
     return
-  from medunifier_jax.training.loop import train_and_evaluate
+  from medunifier_jax import pretraining
 
-  train_and_evaluate(config, _WORKDIR.value)
+  pretraining.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

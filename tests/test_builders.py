@@ -25,7 +25,7 @@ from medunifier_jax.data import pipeline, registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.data.builders import BUILDERS, common, mimic_cxr, siim_pneumothorax
 from medunifier_jax.data.phantoms import make_phantom
-from medunifier_jax.data.prepare import main, prepare
+from medunifier_jax.data.preparation import prepare, run_command
 
 SIZE = 32
 
@@ -452,7 +452,7 @@ def test_wrong_header_stops_with_file_and_columns(tmp_path, data_dir, capsys):
   make_rsna_tree(tmp_path)
   labels = tmp_path / "stage_2_train_labels.csv"
   labels.write_text(labels.read_text().replace("patientId", "PatientID", 1))
-  code = main(["rsna_pneumonia", "--manual-dir", str(tmp_path), "--data-dir",
+  code = run_command(["rsna_pneumonia", "--manual-dir", str(tmp_path), "--data-dir",
                str(tmp_path / "out"), "--image-size", str(SIZE)])
   err = capsys.readouterr().err
   assert code == 2 and str(labels) in err
@@ -530,11 +530,11 @@ def test_command_line_prints_summary_and_reuses(tmp_path, capsys):
   make_rsna_tree(tmp_path / "manual")
   argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
           str(tmp_path / "out"), "--image-size", str(SIZE)]
-  assert main(argv) == 0
+  assert run_command(argv) == 0
   first = capsys.readouterr().out
   assert "rsna_pneumonia/32px: prepared" in first and "skipped: 2 files" in first
   assert "stage_2_train_images/003d8fa0-6bf1-40ed-b54c-ac657f8495c5.dcm" in first
-  assert main(argv) == 0
+  assert run_command(argv) == 0
   second = capsys.readouterr().out
   assert "already prepared, reused" in second
   block = lambda out: out[out.index("  test:"):]  # noqa: E731  (TFDS prints lines before)
@@ -589,7 +589,7 @@ def test_short_or_long_csv_row_is_skipped_with_file_and_line(tmp_path, capsys):
                                      *lines[3:]])
   argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
           str(tmp_path / "out"), "--image-size", str(SIZE)]
-  assert main(argv) == 0
+  assert run_command(argv) == 0
   out = capsys.readouterr().out
   assert "CSV row with fewer fields than the header: fix or delete the line" in out
   assert "CSV row with more fields than the header" in out
@@ -629,7 +629,7 @@ def test_label_file_not_utf8_names_file_line_offset_and_fix(tmp_path, capsys):
   labels.write_bytes(data[:at] + b"caf\xe9" + data[at + 4:])  # Latin-1 e-acute on line 2010
   argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
           str(tmp_path / "out"), "--image-size", str(SIZE)]
-  assert main(argv) == 2
+  assert run_command(argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err  # one message
   assert f"{labels}: not UTF-8 text (line 2010, byte offset {at + 3}: byte 0xe9" in err
@@ -657,16 +657,16 @@ def test_empty_or_incomplete_manual_dir_is_named_before_tfds_runs(tmp_path, caps
   (tmp_path / "empty").mkdir()
   argv = lambda manual: ["rsna_pneumonia", "--manual-dir", str(manual),  # noqa: E731
                          "--data-dir", str(tmp_path / "out")]
-  assert main(argv(tmp_path / "empty")) == 2
+  assert run_command(argv(tmp_path / "empty")) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and "AssertionError" not in err
   assert err.startswith(f"error: --manual-dir {tmp_path / 'empty'} is empty. rsna_pneumonia "
                         "expects these files there (docs/DATASETS.md, section rsna_pneumonia)")
   assert "stage_2_train_labels.csv" in err and "stage_2_train_images/" in err
-  assert main(argv(tmp_path / "absent")) == 2
+  assert run_command(argv(tmp_path / "absent")) == 2
   assert f"--manual-dir {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
   (tmp_path / "partial" / "stage_2_train_images").mkdir(parents=True)
-  assert main(argv(tmp_path / "partial")) == 2
+  assert run_command(argv(tmp_path / "partial")) == 2
   assert "lacks stage_2_train_labels.csv. rsna_pneumonia expects" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
 
@@ -740,7 +740,7 @@ def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, mon
   # A set without reports does not depend on the cleaning rule: still reused.
   assert not prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE).built
   # The printed command rebuilds it.
-  assert main(command.split()[3:]) == 0
+  assert run_command(command.split()[3:]) == 0
   assert "mimic_cxr/32px: prepared" in capsys.readouterr().out
   assert len(registry.get_source("mimic_cxr", "train", config.data)) == 3
   assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE,
@@ -757,11 +757,11 @@ def test_failed_overwrite_keeps_the_prepared_copy(tmp_path, capsys):
   make_rsna_tree(tmp_path / "manual")
   argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
           str(tmp_path / "out"), "--image-size", str(SIZE)]
-  assert main(argv) == 0
+  assert run_command(argv) == 0
   labels = tmp_path / "manual" / "stage_2_train_labels.csv"
   labels.write_bytes(labels.read_bytes().replace(b"Target", b"Targ\xe9t"))
-  assert main([*argv, "--overwrite"]) == 2
+  assert run_command([*argv, "--overwrite"]) == 2
   assert "not UTF-8 text (line 1" in capsys.readouterr().err
-  assert main(argv) == 0  # the earlier copy is back and still matches
+  assert run_command(argv) == 0  # the earlier copy is back and still matches
   assert "already prepared, reused" in capsys.readouterr().out
   assert [p.name for p in (tmp_path / "out" / "rsna_pneumonia" / "32px").iterdir()] == ["1.0.0"]

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs.pretrain import get_config
-from medunifier_jax import evaluate, generation
+from medunifier_jax import evaluation, generation, inference
 from medunifier_jax.data import registry as data_registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.evaluators import EVALUATORS, build_evaluators, finetune, make_eval_fn
@@ -80,7 +80,7 @@ def evaluators(config, tokenizer):
 def run(config, tokenizer, model, evaluators, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("workdir"))
   lines = []
-  results = evaluate.evaluate(config, workdir, model=model, tokenizer=tokenizer,
+  results = evaluation.evaluate(config, workdir, model=nnx.merge(*model), tokenizer=tokenizer,
                               evaluators=evaluators, log=lines.append)
   return workdir, results, "\n".join(lines)
 
@@ -166,7 +166,7 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   pixels = np.asarray(jax.random.normal(jax.random.key(1), (batch, size, size, 3)))
   generate = lambda state, pixels, rng: generator.tokens(state, pixels, decoding, rng)
   cached = generate(state, pixels, jax.random.key(0))
-  full = generation.make_generate_fn(graphdef, special, decoding, cached=False)(
+  full = inference.model_fns(graphdef).report_tokens(special, decoding, cached=False)(
       state, pixels, jax.random.key(0))
   np.testing.assert_array_equal(cached.tokens, full.tokens)
   np.testing.assert_allclose(cached.scores, full.scores, rtol=1e-4, atol=1e-4)
@@ -177,7 +177,9 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   permuted = np.asarray(generate(state, pixels[order], jax.random.key(0)).tokens)
   np.testing.assert_array_equal(permuted, tokens[order])
   assert len({tuple(r) for r in tokens.tolist()}) > 1, "images should yield different reports"
-  assert list(generator._fns) == [decoding] and generator._fns[decoding]._cache_size() == 1
+  compiled = inference.compiled(inference.report_tokens, special=special, decoding=decoding,
+                                cached=True)
+  assert compiled._cache_size() == 1
   texts = generator(state, pixels, decoding)
   assert len(texts) == batch and all(isinstance(t, str) for t in texts)
 
@@ -201,15 +203,16 @@ def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp
 
 
 def test_registry_names_and_errors(config, tokenizer):
-  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen", "image_gen"}
+  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen", "image_gen",
+                             "reconstruction"}
   with pytest.raises(KeyError, match="known evaluators: zero_shot, retrieval"):
     from medunifier_jax.evaluators import get_evaluator_class
     get_evaluator_class("segmentation")
   with pytest.raises(KeyError, match="configured: "):
     build_evaluators(config, tokenizer, ["captioning"])
   with pytest.raises(ValueError, match="--tasks names fid"):
-    evaluate.select_entries(config, ["fid"])
-  assert evaluate.select_entries(config, ["zero_shot"]) == ["zero_shot", "zero_shot_itm"]
+    evaluation.select_entries(config, ["fid"])
+  assert evaluation.select_entries(config, ["zero_shot"]) == ["zero_shot", "zero_shot_itm"]
   # The tiny variant marks nothing periodic: training it runs no evaluation.
   assert make_eval_fn(get_config("tiny"), "/nonexistent") is None
 

@@ -37,13 +37,12 @@ def model(config):
   return random_model(config.model)
 
 
-SHARED_FNS: dict = {}  # the model's compiled encoders, shared by every evaluator here
 
 
 def evaluator(config, tokenizer, **settings):
   cfg = ml_collections.ConfigDict(config.evals.finetune.to_dict())
   cfg.update(settings)
-  return finetune.FinetuneEvaluator(config, cfg, tokenizer, shared_fns=SHARED_FNS)
+  return finetune.FinetuneEvaluator(config, cfg, tokenizer)
 
 
 def flat(state) -> dict:
@@ -62,7 +61,7 @@ def paper(config, tokenizer, model):
              for r in ("train", "validation", "test")}
   fit = ev.fit_end_to_end(graphdef, state, sources["train"], sources["validation"],
                           sources["test"], num_classes=2)
-  results = dict(ev.run(model))
+  results = dict(ev.run(nnx.merge(*model)))  # evaluators take a module
   return ev, fit, before, results
 
 
@@ -96,7 +95,7 @@ def test_linear_probe_leaves_the_model_untouched(config, tokenizer, model):
   ev = evaluator(config, tokenizer)  # the tiny variant's protocol
   assert ev.protocol == "linear_probe" and "linear_probe" in ev.describe()
   before = flat(model[1])
-  results = dict(ev.run(model))
+  results = dict(ev.run(nnx.merge(*model)))  # evaluators take a module
   after = flat(model[1])
   assert all(np.array_equal(after[p], before[p]) for p in before)
   assert 0.0 <= results["phantom_pneumothorax/100%/auc"] <= 1.0
@@ -124,3 +123,39 @@ def test_variants_choose_their_protocol():
   assert (paper.adam_b1, paper.adam_b2, paper.schedule) == (0.9, 0.95, "cosine")
   for variant in ("demo", "tiny"):  # cheap: the probe
     assert get_config(variant).evals.finetune.protocol == "linear_probe"
+
+
+def separable(n: int, num_classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
+  """(n, 8) features whose class c is shifted by 3 along axis c, and their (n,) labels."""
+  y = np.arange(n) % num_classes
+  x = rng.normal(size=(n, 8)) + 3.0 * np.eye(8)[y]
+  return x.astype(np.float32), y.astype(np.int32)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_probe_head_learns_separable_features(config, tokenizer, num_classes):
+  ev = evaluator(config, tokenizer, epochs=6, learning_rate=3e-3)
+  rng = np.random.default_rng(0)
+  train, val, test = (separable(n, num_classes, rng) for n in (48, 24, 48))
+  test_metrics, best_epoch = ev._fit(train, val, test, num_classes)
+  assert test_metrics["auc"] > 0.9 and 1 <= best_epoch <= 6
+
+
+def test_padded_batches_fill_the_last_batch_at_weight_zero():
+  got = list(finetune.padded_batches(np.array([4, 2, 0, 3, 1]), 2))
+  assert [idx.tolist() for idx, _ in got] == [[4, 2], [0, 3], [1, 1]]
+  assert [w.tolist() for _, w in got] == [[1, 1], [1, 1], [1, 0]]
+
+
+def test_head_probs_are_the_sigmoid_or_the_softmax():
+  binary = finetune.head_probs(np.array([[0.0], [np.log(3.0)]], np.float32), binary=True)
+  np.testing.assert_allclose(binary, [[0.5, 0.5], [0.25, 0.75]], rtol=1e-6)
+  multi = finetune.head_probs(np.log(np.array([[1.0, 1.0, 2.0]], np.float32)), binary=False)
+  np.testing.assert_allclose(multi, [[0.25, 0.25, 0.5]], rtol=1e-6)
+
+
+def test_unknown_settings_are_refused_by_name():
+  with pytest.raises(ValueError, match=r"finetune\.pooling is 'max'"):
+    evaluator(get_config("tiny"), None, pooling="max")
+  with pytest.raises(ValueError, match=r"finetune\.schedule is 'linear'"):
+    evaluator(get_config("tiny"), None, schedule="linear")

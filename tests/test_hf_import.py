@@ -18,7 +18,7 @@ import transformers
 from configs_util import load_config
 from safetensors.numpy import save_file
 
-from medunifier_jax import api
+from medunifier_jax import api, model_io
 from medunifier_jax.weights import hf_files, hf_import
 from medunifier_jax.weights.mapping import WeightImportError, assign, natural_key
 
@@ -60,7 +60,7 @@ def edited_copy(folder: str, dest, edit) -> str:
 
 def import_tiny(folder: str, allow=hf_import.BERT_NOT_IN_CHECKPOINT):
   cfg = config("tiny")
-  model = api.abstract_model(cfg)
+  model = model_io.build_abstract(cfg)
   return model, hf_import.import_bert(model, cfg.model, folder, allow=allow)
 
 
@@ -131,6 +131,10 @@ def test_bert_for_masked_lm_fills_text_weights_lm_head_and_dec(tiny_bert):
   bias = get(qf.lm_head.bias)
   np.testing.assert_array_equal(bias[:512], sd["cls.predictions.bias"])
   assert bias[512] == 0
+  # The tiny vocabulary is padded past [DEC] (640 rows): those rows are made as [DEC]'s is.
+  assert word.shape[0] == bias.shape[0] == 640
+  np.testing.assert_array_equal(word[513:], np.broadcast_to(word[512], word[513:].shape))
+  assert not bias[513:].any()
   np.testing.assert_array_equal(
       get(qf.lm_head.dense.kernel), sd["cls.predictions.transform.dense.weight"].T
   )
@@ -248,7 +252,17 @@ def test_bert_config_mismatch_names_fields_and_fix():
   cfg = config("tiny")
   with pytest.raises(ValueError, match=r"qformer.hidden_size=32 \(BERT needs 384\).*"
                      r"--config.model.qformer.hidden_size=384"):
-    hf_import.import_bert(api.abstract_model(cfg), cfg.model, folder)
+    hf_import.import_bert(model_io.build_abstract(cfg), cfg.model, folder)
+
+
+def test_bert_fits_a_padded_vocabulary_but_not_a_smaller_or_far_larger_one(tiny_bert):
+  folder, _ = tiny_bert
+  model_cfg = config("tiny").model.copy_and_resolve_references()
+  model_cfg.unlock()
+  assert hf_import.bert_config_mismatches(folder, model_cfg) == {}  # 640 rows: 512 + [DEC] + 127
+  for rows in (512, 513 + hf_import.VOCAB_PADDING):
+    model_cfg.qformer.vocab_size = rows
+    assert hf_import.bert_config_mismatches(folder, model_cfg) == {"vocab_size": (rows, 513)}
 
 
 def test_blip2_config_vqvae_geometry_must_fit(tmp_path):
@@ -258,7 +272,8 @@ def test_blip2_config_vqvae_geometry_must_fit(tmp_path):
       num_query_tokens=8,
   ).save_pretrained(tmp_path)
   # The paper's VQ-VAE decoder (3 upsampling widths) cannot produce 48 px from an 8x8 grid.
-  with pytest.raises(ValueError, match=r"len\(vqvae.decoder_channels\) == k - 1"):
+  with pytest.raises(ValueError, match=r"k=3 x2 upsamplings, so model.vqvae.decoder_channels needs "
+                     r"k-1=2 entries"):
     hf_import.blip2_config(str(tmp_path), config("paper"))
   cfg = hf_import.blip2_config(str(tmp_path), config("tiny"))
   assert (cfg.model.vqvae.grid, tuple(cfg.model.vqvae.query_grid)) == (8, (2, 4))
@@ -307,7 +322,7 @@ def test_scope_limits_an_import_to_one_part_of_the_model(tiny_bert):
   for a weight outside it is a mapping error."""
   folder, _ = tiny_bert
   cfg = config("tiny")
-  model = api.abstract_model(cfg)
+  model = model_io.build_abstract(cfg)
   tensors, rules = hf_import.read_bert_tensors(folder), hf_import.bert_rules(cfg.model)
   report = assign(model, rules, tensors, allow=("qformer/layers/*/crossattention/*", "pooler.*"),
                   ignore=hf_import.BUFFERS, scope=("qformer/*",))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from configs.pretrain import get_config
 from configs.prior import get_config as prior_config
-from medunifier_jax import api, evaluate
+from medunifier_jax import api, evaluation
 from medunifier_jax.data import pipeline
 from medunifier_jax.evaluators import EVALUATORS, image_gen, image_metrics
 from medunifier_jax.prior import model as prior_model
@@ -105,11 +105,11 @@ def workdir(config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(config, workdir):
-  """`evaluate.evaluate(..., tasks=["image_gen"])`, as `python -m medunifier_jax.evaluate
+  """`evaluation.evaluate(..., tasks=["image_gen"])`, as `python -m medunifier_jax.evaluate
   --tasks image_gen` runs it, on the workdir's model."""
   model = api.load(workdir)
   lines = []
-  results = evaluate.evaluate(config, workdir, ["image_gen"], model=model.module,
+  results = evaluation.evaluate(config, workdir, ["image_gen"], model=model.module,
                               tokenizer=model.tokenizer, log=lines.append)
   return results, "\n".join(lines), model
 

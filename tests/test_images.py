@@ -12,7 +12,7 @@ import pytest
 from configs_util import load_config
 from PIL import Image
 
-from medunifier_jax import api
+from medunifier_jax import api, model_io
 from medunifier_jax.data import images, pipeline
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.data.builders import common
@@ -127,7 +127,7 @@ def test_builder_pipeline_and_api_give_identical_inputs(files, config, processor
   same = images.model_input([files["jpeg"].read_bytes(), files["dicom"]], S, mean, std)
   np.testing.assert_array_equal(same, api_batch[[5, 3]])
   # The API method is this function (a model built abstractly: no weights, no compilation).
-  model = api.Model(api.abstract_model(config), config)
+  model = api.Model(model_io.build_abstract(config), config)
   np.testing.assert_array_equal(model.preprocess_images([str(p) for p in paths]), api_batch)
   np.testing.assert_array_equal(model.preprocess_images(str(paths[0])), api_batch[:1])
 

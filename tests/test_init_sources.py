@@ -22,7 +22,7 @@ from absl import flags
 from configs_util import CONFIG_DIR, load_config
 from ml_collections import config_flags
 
-from medunifier_jax import api
+from medunifier_jax import model_io, pretraining
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import loop
 from medunifier_jax.training import mesh as mesh_lib
@@ -202,7 +202,7 @@ def test_paper_placeholders_and_missing_paths_fail_with_the_fix(tmp_path):
   with pytest.raises(init_sources.PlaceholderError,
                      match=r"config.init_from.vision='lavis-eva:/path/to/eva_vit_g.pth' is a "
                            r"placeholder.*--config.init_from.vision=lavis-eva:/real/path"):
-    loop.train_and_evaluate(paper, str(tmp_path / "run"), data_fn=pytest.fail)
+    pretraining.train(paper, str(tmp_path / "run"), data_fn=pytest.fail)
   with pytest.raises(FileNotFoundError, match="is not a .pth file"):
     init_sources.check_fresh_start(tiny(), {"vision": f"lavis-eva:{tmp_path}/absent.pth"})
 
@@ -217,7 +217,7 @@ def test_a_frozen_vit_no_source_loads_is_refused(bert_folder, tmp_path):
       frozen.init_from = init_from
     with pytest.raises(ValueError, match=fix):
       # Refused before the data pipeline is built.
-      loop.train_and_evaluate(frozen, str(tmp_path / "run"), data_fn=pytest.fail)
+      pretraining.train(frozen, str(tmp_path / "run"), data_fn=pytest.fail)
   init_sources.check_fresh_start(frozen, {"vision": "random"})  # on purpose: accepted
   init_sources.check_fresh_start(tiny(), {})  # a ViT trained from scratch may start random
   # BERT's word embeddings with a vocabulary trained afresh would mean nothing.
@@ -237,7 +237,7 @@ def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
     config.init_from.vision = f"hf-blip2:{vision_dir}"
     config.init_from.qformer = f"hf-bert:{bert_dir}"
   mesh = mesh_lib.make_mesh(config.mesh)
-  _, abstract, shardings = state_lib.abstract_train_state(config, mesh)
+  _, abstract, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
   # The fresh state, all zeros: the real one compiles an initialisation program (tens of
   # seconds on two CPU cores) that this test has no use for.
   zeros = lambda *args: jax.tree.map(
@@ -246,12 +246,13 @@ def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
   manager = ckpt.make_manager(tmp_path, config)
   notes = []
   state, _, how = loop.initial_state(config, manager, abstract, shardings, None,
-                                     log=notes.append, workdir=str(tmp_path))
+                                     pretraining.task(config), log=notes.append,
+                                     workdir=str(tmp_path))
   manager.close()
   assert how.startswith("initialised from config.init_from.vision=hf-blip2:")
 
-  report = json.loads((tmp_path / loop.IMPORT_REPORT).read_text())
-  names = set(model_params(api.abstract_model(config)))
+  report = json.loads((tmp_path / pretraining.IMPORT_REPORT).read_text())
+  names = set(model_params(model_io.build_abstract(config)))
   parts = {p["part"]: p for p in report["parts"]}
   loaded = [n for p in report["parts"] for n in p["loaded"]]
   # Every weight is either written by exactly one source or listed as keeping its initial value.
@@ -295,7 +296,7 @@ def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
 def test_lavis_blip2_file_gives_the_transformers_folders_weights(lavis_files):
   blip2_pth, _, hf_folder = lavis_files
   config = tiny()
-  from_hf, from_pth = api.abstract_model(config), api.abstract_model(config)
+  from_hf, from_pth = model_io.build_abstract(config), model_io.build_abstract(config)
   hf = init_sources.import_sources(from_hf, config.model, {"model": f"hf-blip2:{hf_folder}"})
   pth = init_sources.import_sources(from_pth, config.model, {"model": f"lavis-blip2:{blip2_pth}"})
   assert set(hf.parts[0].loaded) < set(pth.parts[0].loaded)
@@ -308,6 +309,14 @@ def test_lavis_blip2_file_gives_the_transformers_folders_weights(lavis_files):
       "qformer/lm_head/dense/kernel", "qformer/lm_head/layernorm/bias",
       "qformer/lm_head/layernorm/scale"}
   np.testing.assert_allclose(ours["temp"], 0.05)
+  # The files hold 513 rows ([DEC] included), the tiny model's padded vocabulary 640: the rows
+  # beyond are the mean word embedding, as from either source, and their LM bias is 0.
+  rows, word = QFORMER["vocab_size"], ours["qformer/embeddings/word_embeddings/embedding"]
+  assert word.shape == (config.model.qformer.vocab_size, 32) and rows < word.shape[0]
+  np.testing.assert_allclose(word[rows:], np.broadcast_to(word[:rows].mean(0), word[rows:].shape),
+                             rtol=1e-6)
+  assert ours["qformer/lm_head/bias"].shape == (word.shape[0],)
+  assert not ours["qformer/lm_head/bias"][rows:].any()
   assert pth.parts[0].ignored == [
       "Qformer.bert.embeddings.position_ids", *(f"visual_encoder.blocks.2.{k}" for k in (
           "attn.proj.bias", "attn.proj.weight", "attn.q_bias", "attn.qkv.weight", "attn.v_bias",
@@ -316,11 +325,25 @@ def test_lavis_blip2_file_gives_the_transformers_folders_weights(lavis_files):
   assert all(n.startswith("vqvae/") for n in pth.initial_values)
 
 
+def test_a_file_with_more_vocabulary_rows_than_the_model_is_refused(lavis_files):
+  blip2_pth, _, hf_folder = lavis_files
+  config = tiny(**{"model.qformer.vocab_size": 384, "model.qformer.dec_token_id": 383})
+  word = "qformer/embeddings/word_embeddings/embedding"
+  expected = {f"hf-blip2:{hf_folder}": {word: ((384, 32), (513, 32))},
+              f"lavis-blip2:{blip2_pth}": {word: ((384, 32), (513, 32)),
+                                           "qformer/lm_head/bias": ((384,), (513,))}}
+  for source, mismatched in expected.items():
+    with pytest.raises(WeightImportError) as info:
+      init_sources.import_sources(model_io.build_abstract(config), config.model,
+                                  {"model": source})
+    assert {m[0]: (m[2], m[3]) for m in info.value.mismatched} == mismatched, source
+
+
 def test_lavis_eva_file_fills_the_vit_and_leaves_ln_vision_at_init(lavis_files):
   blip2_pth, eva_pth, _ = lavis_files
   state = torch.load(eva_pth, weights_only=True)
   config = tiny()
-  model = api.abstract_model(config)
+  model = model_io.build_abstract(config)
   report = init_sources.import_sources(model, config.model, {"vision": f"lavis-eva:{eva_pth}"})
   part = report.parts[0]
   assert part.kept_at_init == ["ln_vision/bias", "ln_vision/scale"]  # BLIP-2 makes it fresh
@@ -341,7 +364,7 @@ def test_lavis_eva_file_fills_the_vit_and_leaves_ln_vision_at_init(lavis_files):
                                 state["pos_embed"].numpy())
 
   # The same file can serve the vision part of the BLIP-2 .pth as well: same ViT weights.
-  other = api.abstract_model(config)
+  other = model_io.build_abstract(config)
   init_sources.import_sources(other, config.model, {"vision": f"lavis-blip2:{blip2_pth}"})
   again = values(other, part.loaded)
   for name in part.loaded:
@@ -357,7 +380,7 @@ def test_lavis_files_that_do_not_fit_are_listed(lavis_files, tmp_path):
   torch.save(state, broken)
   config = tiny()
   with pytest.raises(WeightImportError) as info:
-    init_sources.import_sources(api.abstract_model(config), config.model,
+    init_sources.import_sources(model_io.build_abstract(config), config.model,
                                 {"vision": f"lavis-eva:{broken}"})
   assert info.value.missing == ["vit/layers/1/self_attn/v_bias"]
   assert info.value.unexpected == ["blocks.0.attn.k_bias"]

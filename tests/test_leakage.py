@@ -31,7 +31,7 @@ from test_builders import (
 
 from medunifier_jax.data import registry
 from medunifier_jax.data.builders import common, held_out, mimic_cxr
-from medunifier_jax.data.prepare import main, prepare
+from medunifier_jax.data.preparation import prepare, run_command
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 # Patient k's split. The first study of patients 0-9 is positive for class k % 5 (two
@@ -71,7 +71,7 @@ def make_patient_tree(root: Path) -> list[dict]:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-  code = main([str(a) for a in argv])
+  code = run_command([str(a) for a in argv])
   out, err = capsys.readouterr()
   return code, out, err
 

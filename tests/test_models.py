@@ -7,8 +7,9 @@ import pytest
 from configs_util import load_config
 from flax import nnx
 
-from medunifier_jax.models import medunifier as mu
+from medunifier_jax import config_lib, generation
 from medunifier_jax.models.medunifier import MedUnifier
+from medunifier_jax.models.qformer import PADDING_LOGIT
 from medunifier_jax.objectives import compute_losses
 
 B, T = 2, 10
@@ -26,9 +27,10 @@ def model(cfg):
 
 @pytest.fixture(scope="module")
 def inputs(cfg):
-  s, v = cfg.model.vit.image_size, cfg.model.qformer.vocab_size
+  # Real token ids only: those above [DEC] pad the vocabulary and are never fed.
+  s, dec = cfg.model.vit.image_size, cfg.model.qformer.dec_token_id
   images = jax.random.normal(jax.random.key(1), (B, s, s, 3))
-  ids = jax.random.randint(jax.random.key(2), (B, T), 5, v - 1).at[:, 0].set(2)
+  ids = jax.random.randint(jax.random.key(2), (B, T), 5, dec).at[:, 0].set(2)
   mask = jnp.ones((B, T), jnp.int32).at[1, 7:].set(0)
   return images, ids, mask
 
@@ -150,6 +152,79 @@ def test_decode_steps_equal_lm_logits(model, tokens, inputs, cfg):
   for t in range(T):
     logits, cache = step(model, cache, fed[:, t], jnp.int32(t))
     np.testing.assert_allclose(logits, jnp.repeat(full[:, t], beams, axis=0), atol=1e-5)
+
+
+def unpadded_twin(model, cfg):
+  """`model` with its vocabulary cut to the real ids 0..dec_token_id: the same weights but the
+  padding rows."""
+  real = cfg.model.qformer.dec_token_id + 1
+  small = cfg.model.copy_and_resolve_references()
+  small.unlock()
+  small.qformer.vocab_size = real
+  twin = nnx.eval_shape(lambda: MedUnifier(small, rngs=nnx.Rngs(0)))
+  state = nnx.state(nnx.clone(model))  # its own variables: `model` keeps its padding rows
+  qf = state["qformer"]
+  word = qf["embeddings"]["word_embeddings"]["embedding"]
+  word.set_value(word.get_value()[:real])
+  qf["lm_head"]["bias"].set_value(qf["lm_head"]["bias"].get_value()[:real])
+  nnx.update(twin, state)
+  return twin
+
+
+@nnx.jit
+def _itg(model, images, ids, mask):
+  return compute_losses(model, {"image": images, "input_ids": ids, "attention_mask": mask},
+                        jax.random.key(0), weights={"itg": 1.0}, train=False)[1]["loss_itg"]
+
+
+def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, tokens, inputs,
+                                                                         cfg):
+  images, ids, mask = inputs
+  qf = cfg.model.qformer
+  real = qf.dec_token_id + 1
+  assert qf.vocab_size % 128 == 0 and qf.vocab_size > real  # the tiny vocabulary is padded
+  padded = nnx.clone(model)
+  # Padding rows that would win every argmax if their logits were not masked.
+  bias = padded.qformer.lm_head.bias
+  bias.set_value(bias.get_value().at[real:].set(50.0))
+  twin = unpadded_twin(padded, cfg)
+  assert twin.qformer.lm_head.bias.shape == (real,) and twin.num_text_classes == real
+
+  logits = _lm_logits(padded, tokens, ids, mask)
+  assert logits.shape[-1] == qf.vocab_size
+  assert bool(jnp.all(logits[..., real:] == PADDING_LOGIT))
+  np.testing.assert_allclose(logits[..., :real], _lm_logits(twin, tokens, ids, mask),
+                             rtol=1e-6, atol=1e-6)
+  # The head before the mask prefers the padding rows: the mask is what keeps them out.
+  hidden = nnx.jit(lambda m, t, i, a: m.qformer.generate_text(
+      m.image_queries_with_kv(t)[1], i, a))(padded, tokens, ids, mask)
+  raw = padded.qformer.lm_head(hidden, padded.qformer.embeddings.word_embeddings)
+  assert bool(jnp.all(jnp.argmax(raw, -1) >= real))
+  # The cached decoder's step passes through the same mask.
+  cache = nnx.jit(lambda m, t: m.init_decode_cache(t, B, 4))(padded, tokens)
+  step, _ = nnx.jit(lambda m, c, tok: m.decode_step(c, tok, 0))(
+      padded, cache, jnp.full((B,), qf.dec_token_id, jnp.int32))
+  assert bool(jnp.all(step[:, real:] == PADDING_LOGIT))
+
+  # Greedy and beam decoding never emit a padding id, and decode as the unpadded model does.
+  special = generation.SpecialTokens(bos=qf.dec_token_id, eos=3, pad=qf.pad_token_id)
+  for method in ("greedy", "beam"):
+    settings = generation.DecodingConfig(method=method, num_beams=2, max_length=8, min_length=8)
+    decode = nnx.jit(lambda m, x, c=settings: generation.generate_tokens(m, x, special, c))
+    got = np.asarray(decode(padded, images).tokens)
+    assert got.max() < real, method
+    np.testing.assert_array_equal(got, np.asarray(decode(twin, images).tokens), err_msg=method)
+
+  # ITG smooths over the real classes only: the padded model's loss is the unpadded one's.
+  padded_itg = float(_itg(padded, images, ids, mask))
+  np.testing.assert_allclose(padded_itg, float(_itg(twin, images, ids, mask)), rtol=1e-6)
+  assert padded_itg < 2 * np.log(real)  # the 50.0 padding biases do not reach the loss
+  # And the padding rows get no gradient (the LM head is tied to the word embeddings).
+  grads = nnx.jit(lambda m, x, i, a: nnx.grad(lambda m: _itg(m, x, i, a))(m))(
+      padded, images, ids, mask)["qformer"]
+  assert not bool(jnp.any(grads["embeddings"]["word_embeddings"]["embedding"][...][real:]))
+  assert not bool(jnp.any(grads["lm_head"]["bias"][...][real:]))
+  assert bool(jnp.any(grads["lm_head"]["bias"][...][:real]))
 
 
 def test_frozen_vit_gets_no_gradient(model, inputs):
@@ -318,4 +393,4 @@ def test_paper_config_builds_abstractly_with_the_expected_size():
 
 def test_geometry_check_accepts_every_variant():
   for variant in ("paper", "small", "demo", "tiny", "bench_xs"):
-    mu.validate_geometry(load_config(variant).model)
+    config_lib.check_geometry(load_config(variant).model)

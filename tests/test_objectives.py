@@ -59,6 +59,24 @@ def test_itg_equals_hand_computation_and_ignores_padding():
   np.testing.assert_allclose(float(same), float(loss), rtol=1e-6)
 
 
+def test_itg_over_a_padded_vocabulary_smooths_over_the_real_classes_only():
+  rng = np.random.default_rng(5)
+  b, t, real, v, s = 2, 5, 7, 10, 0.1
+  logits = rng.normal(size=(b, t, real)).astype(np.float32)
+  ids = rng.integers(0, real, size=(b, t))
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+  plain = obj.itg_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), s)
+  # Columns real..v-1 are padding, whatever their values: the loss is the unpadded one.
+  padding = rng.normal(size=(b, t, v - real)).astype(np.float32) * 30
+  padded = jnp.asarray(np.concatenate([logits, padding], axis=-1))
+  got = obj.itg_loss(padded, jnp.asarray(ids), jnp.asarray(mask), s, num_classes=real)
+  np.testing.assert_allclose(float(got), float(plain), rtol=1e-6)
+  # num_classes equal to the width is the plain loss, to the bit.
+  same = obj.itg_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), s,
+                      num_classes=real)
+  assert float(same) == float(plain)
+
+
 def test_hard_negatives_skip_the_positive_and_follow_the_rng():
   b = 5
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(b, b)) * 2, jnp.float32)
@@ -145,7 +163,8 @@ def blob_batch(cfg):
               np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.05)]
   colours = np.array([[0.9, 0.3, 0.1], [0.2, 0.8, 0.3], [0.3, 0.3, 0.9], [0.8, 0.8, 0.8]])
   target = np.stack([p[..., None] * c for p, c in zip(patterns, colours)]).astype(np.float32)
-  ids = np.random.default_rng(4).integers(5, cfg.model.qformer.vocab_size - 1, size=(b, t))
+  # Real token ids only ([DEC] and the vocabulary's padding rows above it are never fed).
+  ids = np.random.default_rng(4).integers(5, cfg.model.qformer.dec_token_id, size=(b, t))
   ids[:, 0] = cfg.model.qformer.cls_token_id
   mask = np.ones((b, t), np.int32)
   mask[1, 9:] = mask[3, 7:] = 0

@@ -1,6 +1,5 @@
 """grain pipeline: values, determinism, checkpointed state, host sharding, global batches."""
 
-import importlib.util
 import io
 
 import grain
@@ -14,6 +13,7 @@ from PIL import Image
 from configs import pretrain
 from medunifier_jax.data import pipeline, registry, text
 from medunifier_jax.data import tokenizer as tok_lib
+from medunifier_jax.training import sharding as sharding_lib
 
 STORED = 40  # stored image size; the tiny config's 48 px forces a resize
 F = 12
@@ -163,13 +163,13 @@ def test_eval_batches_pad_with_a_mask_and_cover_every_example_once(tokenizer):
   assert sorted(np.concatenate(seen).tolist()) == list(range(37))
 
 
-def test_make_global_batch_shards_over_the_data_axis(tokenizer):
+def test_global_batch_shards_over_the_data_axis(tokenizer):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
   ds = pipeline.eval_dataset(_config(), tokenizer, source=ListSource(8), shard_index=0,
                              shard_count=1)
   (host,) = list(ds)
-  arrays = pipeline.make_global_batch(host, mesh)
+  arrays = sharding_lib.global_batch(host, mesh)
   assert arrays.keys() == host.keys()
   for key, x in arrays.items():
     assert isinstance(x, jax.Array) and x.shape == host[key].shape
@@ -181,7 +181,7 @@ def test_make_global_batch_shards_over_the_data_axis(tokenizer):
       assert rows.stop - rows.start == 2
       np.testing.assert_array_equal(np.asarray(shard.data), host[key][rows])
   with pytest.raises(ValueError, match="multiple of 4"):
-    pipeline.make_global_batch({"index": np.arange(6)}, mesh)
+    sharding_lib.global_batch({"index": np.arange(6)}, mesh)
 
 
 def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer, monkeypatch):
@@ -219,7 +219,7 @@ def test_stored_image_formats_give_the_same_example(tokenizer):
     bad(0)
 
 
-def test_registry_registers_by_name_and_tolerates_missing_modules(monkeypatch, tmp_path):
+def test_registry_registers_by_name_and_reports_broken_modules(monkeypatch, tmp_path):
   def factory(split, data_config):
     return ListSource(3, seed=len(split))
 
@@ -228,7 +228,7 @@ def test_registry_registers_by_name_and_tolerates_missing_modules(monkeypatch, t
   assert len(registry.get_source("list_source_for_tests", "val", None)) == 3
   with pytest.raises(ValueError, match="already registered"):
     registry.register("list_source_for_tests")(lambda split, data_config: None)
-  monkeypatch.setattr(registry, "SOURCE_MODULES", ("medunifier_jax.data.not_written_yet",))
+  monkeypatch.setattr(registry, "SOURCE_MODULES", ())
   assert "list_source_for_tests" in registry.known_names()
   # A registering module whose own imports fail is an error, not a silently missing set.
   (tmp_path / "broken_sources_for_tests.py").write_text("import no_such_dependency_for_tests\n")
@@ -238,8 +238,6 @@ def test_registry_registers_by_name_and_tolerates_missing_modules(monkeypatch, t
     registry.known_names()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("medunifier_jax.data.sets") is None,
-                    reason="phantom sets not available")
 def test_phantom_openi_source_through_the_registry(tokenizer):
   c = _config()
   src = registry.get_source("phantom_openi", "train", c.data)

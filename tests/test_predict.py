@@ -18,7 +18,7 @@ from configs_util import load_config
 from flax import nnx
 from PIL import Image
 
-from medunifier_jax import api, predict
+from medunifier_jax import api, model_io, prediction
 from medunifier_jax.data import tokenizer as tokenizer_lib
 
 DECODING = dict(method="greedy", max_length=8)  # short greedy decoding: a quick compilation
@@ -29,7 +29,7 @@ def numpy_weights(config):
   """The configured MedUnifier with weights drawn in NumPy into its abstract state: no
   initialiser is compiled (seconds saved). Norm scales and variances 1, biases and means 0,
   the temperature at its initial value, other weights N(0, 1 / fan-in)."""
-  graphdef, state = nnx.split(api.abstract_model(config))
+  graphdef, state = nnx.split(model_io.build_abstract(config))
   rng = np.random.default_rng(0)
 
   def draw(path, x):
@@ -70,7 +70,7 @@ def image_paths(tmp_path_factory):
 
 def test_predict_reports_similarities_and_match_probabilities(model, image_paths):
   # 3 images in batches of 2: the last batch is padded, the padding dropped.
-  out = predict.predict(model, image_paths, TEXTS, batch_size=2, **DECODING)
+  out = prediction.predict(model, image_paths, TEXTS, batch_size=2, **DECODING)
   assert [p["image"] for p in out] == image_paths
   assert all(isinstance(p["report"], str) for p in out)
   assert [[t["text"] for t in p["texts"]] for p in out] == [TEXTS] * 3
@@ -95,22 +95,22 @@ def test_predict_reports_similarities_and_match_probabilities(model, image_paths
   assert ((prob >= 0) & (prob <= 1)).all()
   np.testing.assert_allclose(prob, expected, atol=1e-5)
 
-  table = predict.format_table(out)
+  table = prediction.format_table(out)
   assert f"== {image_paths[0]} ==" in table and f"report: {out[0]['report']}" in table
   assert f"{out[1]['texts'][1]['similarity']:10.4f}" in table
 
 
 def test_predict_without_texts_gives_reports_only(model, image_paths):
-  out = predict.predict(model, image_paths[:2], batch_size=2, **DECODING)
+  out = prediction.predict(model, image_paths[:2], batch_size=2, **DECODING)
   assert len(out) == 2 and all(p["texts"] == [] for p in out)
   with pytest.raises(TypeError, match="list of texts"):
-    predict.predict(model, image_paths, "one text")
+    prediction.predict(model, image_paths, "one text")
 
 
 def test_list_flags_take_the_following_values():
   argv = ["predict", "--workdir", "w", "--images", "a.png", "b.dcm", "--texts", "no acute",
           "effusion, small", "--json=out.json", "--images=c.jpg"]
-  assert predict.expand_list_flags(argv) == [
+  assert prediction.expand_list_flags(argv) == [
       "predict", "--workdir", "w", "--images=a.png", "--images=b.dcm", "--texts=no acute",
       "--texts=effusion, small", "--json=out.json", "--images=c.jpg"]
 
@@ -119,10 +119,10 @@ def test_missing_images_are_named(tmp_path, monkeypatch):
   present = tmp_path / "present.png"
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(present)
   monkeypatch.chdir(tmp_path)  # relative paths resolve against the current directory
-  assert predict.resolve_images(["present.png"]) == [str(present)]
+  assert prediction.resolve_images(["present.png"]) == [str(present)]
   with pytest.raises(FileNotFoundError, match=f"1 of 2 image files do not exist: "
                      f"{tmp_path / 'absent.png'}; check the paths"):
-    predict.resolve_images(["present.png", "absent.png"])
+    prediction.resolve_images(["present.png", "absent.png"])
 
 
 def _run_cli(cwd, *args):

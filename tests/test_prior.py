@@ -21,11 +21,11 @@ from PIL import Image
 
 from configs.pretrain import get_config as pretrain_config
 from configs.prior import get_config
-from medunifier_jax import api, generate
+from medunifier_jax import api, model_io
 from medunifier_jax.data import pipeline, registry
 from medunifier_jax.prior import codes as codes_lib
+from medunifier_jax.prior import export, objective
 from medunifier_jax.prior import model as model_lib
-from medunifier_jax.prior import objective
 from medunifier_jax.prior import sample as sample_lib
 from medunifier_jax.prior import train as train_lib
 from medunifier_jax.training import checkpoint as ckpt
@@ -209,7 +209,7 @@ def drawn_weights(config):
   """The configured MedUnifier with weights drawn in NumPy into its abstract state (no
   initialiser is compiled): norm scales and variances 1, biases and means 0, other weights
   N(0, 1 / fan-in)."""
-  graphdef, state = nnx.split(api.abstract_model(config))
+  graphdef, state = nnx.split(model_io.build_abstract(config))
   rng = np.random.default_rng(0)
 
   def draw(path, x):
@@ -274,8 +274,8 @@ def test_extraction_writes_each_example_in_source_order(extracted):
   rows = [39, 17, 0, 33, 5, 16, 15, 31, 32, 1, 2, 3, 4, 6, 7, 8]
   examples = [read(i) for i in rows]
   stack = lambda key: np.stack([e[key] for e in examples])
-  top, bottom, states = model.run(codes_lib.extract_fn, stack("image"), stack("input_ids"),
-                                  stack("attention_mask"))
+  top, bottom, states = jax.device_get(model.fns.codes_and_text(
+      model.state, stack("image"), stack("input_ids"), stack("attention_mask")))
   np.testing.assert_array_equal(cached["codes_top"][rows], top)
   np.testing.assert_array_equal(cached["codes_bottom"][rows], bottom)
   np.testing.assert_array_equal(cached["input_ids"][rows], stack("input_ids"))
@@ -353,7 +353,7 @@ def test_generate_images_shape_range_and_seed(with_prior):
 def test_generate_writes_pngs_and_a_grid(with_prior, tmp_path):
   _, model = with_prior
   prompts = ["small left effusion", "cardiomegaly"]  # the shapes of the test above: compiled
-  written = generate.generate(model, prompts, str(tmp_path), num=2, steps=4, seed=1)
+  written = export.generate(model, prompts, str(tmp_path), num=2, steps=4, seed=1)
   assert [os.path.basename(p) for p in written] == [
       f"prompt{p}_sample{s}.png" for p in range(2) for s in range(2)] + ["grid.png"]
   assert Image.open(written[0]).size == (48, 48)

@@ -159,12 +159,12 @@ def test_openi_split_by_report_and_labels_follow_mesh():
 def test_contact_sheet_writes_a_png(tmp_path):
   from PIL import Image
 
-  from medunifier_jax.data import contact_sheet
+  from medunifier_jax.data import rendering
 
   out = tmp_path / "sheet.png"
-  ids = contact_sheet.write_contact_sheet(str(out), "phantom_covidx", "val", n=3, size=32)
+  ids = rendering.write_contact_sheet(str(out), "phantom_covidx", "val", n=3, size=32)
   assert ids == [f"phantom_covidx/val/{i}:{c}" for i, c in enumerate(F.CLASSES_COVIDX)]
   with Image.open(out) as im:
     assert im.size[0] > 300 and im.size[1] > 300
   with pytest.raises(ValueError, match="does not fit"):
-    contact_sheet.write_contact_sheet(str(out), "phantom_covidx", "val", n=10**6, size=32)
+    rendering.write_contact_sheet(str(out), "phantom_covidx", "val", n=10**6, size=32)

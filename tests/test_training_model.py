@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs.pretrain import get_config
+from medunifier_jax import pretraining
 from medunifier_jax.training import aot, loop
 from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
@@ -51,22 +52,24 @@ def runs():
   mesh's shardings) and sees the same batches and base key.
   """
   config = frozen_tiny()
-  _, _, shardings = state_lib.abstract_train_state(config, make_mesh(None))
-  initial = jax.device_get(state_lib.init_train_state(config, shardings))
+  _, _, shardings = state_lib.abstract_train_state(config, make_mesh(None), pretraining.model_fn)
+  initial = jax.device_get(state_lib.init_train_state(config, shardings, pretraining.model_fn))
   out = {}
   for shape in MESHES:
     mesh = make_mesh(shape)
-    graphdef, _, shardings = state_lib.abstract_train_state(config, mesh)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
     state = jax.device_put(initial, shardings)
     # chex raises in here if the step is ever traced a second time (its counter is keyed by
     # the function's code, which every mesh shares).
     chex.clear_trace_counter()
-    fn = chex.assert_max_traces(step_lib.make_train_step(graphdef, config), n=1)
+    fn = chex.assert_max_traces(
+        step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), n=1)
     train_step = step_lib.jit_train_step(fn, shardings, mesh, config.sharding_rules,
                                          compiler_options=COMPILER_OPTIONS)
     rng, metrics = jax.random.key(config.seed), []
     for i in range(NUM_STEPS):
-      batch = loop.to_global(step_lib.random_batch(config, seed=i), mesh, config.sharding_rules)
+      batch = loop.to_global(pretraining.random_batch(config, seed=i), mesh,
+                             config.sharding_rules)
       state, m = train_step(state, batch, rng)
       metrics.append(jax.device_get(m))
     out[shape] = (nnx.to_pure_dict(initial), jax.device_get(nnx.to_pure_dict(state)), metrics,
@@ -116,7 +119,7 @@ def test_paper_step_lowers_for_eight_devices_from_abstract_inputs():
   config = get_config("paper")
   mesh = mesh_lib.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 8, "model": 1}
-  lowered = aot.lower_train_step(config, mesh)
+  lowered = aot.lower_train_step(config, mesh, pretraining.task(config))
   text = lowered.as_text(debug_info=False)
   assert "num_partitions = 8" in text
   # The (256, 224, 224, 3) image batch is split 8 ways along its batch dimension.

@@ -16,7 +16,7 @@ from cli_runs import ROOT, cached_env, finished_checkpoints, records, train_comm
 from flax import nnx
 
 from configs.pretrain import get_config
-from medunifier_jax import api
+from medunifier_jax import api, pretraining
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
@@ -83,7 +83,8 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
   steps = manager.all_steps()
   assert steps and all(s % EVERY == 0 and s <= killed_at for s in steps)
-  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh))
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh),
+                                                  pretraining.model_fn)
   for step in steps:
     state, _ = ckpt.restore(manager, step, abstract)
     assert state_lib.step_of(state) == step
@@ -141,7 +142,8 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, referen
   with config.unlocked():
     config.model.vit.frozen = True
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
-  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh))
+  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh),
+                                                  pretraining.model_fn)
   state, _ = ckpt.restore(manager, stopped_at, abstract)
   manager.close()
   assert state_lib.step_of(state) == stopped_at

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
+from medunifier_jax import pretraining
 from medunifier_jax.models.medunifier import MedUnifier
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import logging as log_lib
@@ -21,6 +22,7 @@ from medunifier_jax.training import optimizer as opt_lib
 from medunifier_jax.training import sharding as sharding_lib
 from medunifier_jax.training import state as state_lib
 from medunifier_jax.training import step as step_lib
+from medunifier_jax.training.task import Task
 
 
 class Toy(nnx.Module):
@@ -63,8 +65,15 @@ def tiny(**overrides):
 def synthetic_data(config, workdir=None):
   i = 0
   while True:
-    yield step_lib.random_batch(config, seed=i)
+    yield pretraining.random_batch(config, seed=i)
     i += 1
+
+
+def train_toy(config, workdir, *, model_fn=toy_model_fn, loss_fn=toy_loss, data_fn=synthetic_data,
+              show_progress=False):
+  task = Task(model_fn=model_fn, loss_fn=loss_fn, batch_keys=pretraining.BATCH_KEYS,
+              data_fn=data_fn)
+  return loop.train(config, workdir, task, show_progress=show_progress)
 
 
 # ------------------------------------------------------------------------------------ mesh
@@ -94,7 +103,7 @@ def test_batch_not_divisible_fails_before_training(tmp_path):
   config = tiny(batch_size=6, mesh=[("data", 4), ("model", 2)])
   calls = []
   with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the data-parallel"):
-    loop.train_and_evaluate(
+    train_toy(
         config, str(tmp_path), model_fn=toy_model_fn, loss_fn=toy_loss,
         data_fn=lambda c, w: calls.append(1),
     )
@@ -110,10 +119,17 @@ def test_logical_rules_map_to_mesh_axes():
   spec = lambda names, shape: sharding_lib.logical_to_spec(names, shape, mesh, rules)
   assert spec(("embed", "mlp"), (32, 64)) == P(None, "model")
   assert spec(("vocab", "embed"), (512, 32)) == P("model", None)
-  # Not divisible by the model axis (a 513-token vocabulary): replicated instead of failing.
-  assert spec(("vocab", "embed"), (513, 32)) == P(None, None)
-  # One mesh axis is used at most once per array.
+  # Not divisible by the model axis (an unpadded 513-token vocabulary): an error naming the
+  # logical axis, the rule, both sizes and the fixes, not a silent replication.
+  with pytest.raises(ValueError, match=r"logical axis 'vocab' has size 513, which its rule "
+                     r"\('vocab', 'model'\) .* mesh axis 'model' has size 4 .* pad the dimension "
+                     r"to a multiple of 4, e.g. 516 \(for the Q-Former's vocabulary: "
+                     r"model.qformer.vocab_size.*\), or map the logical axis to None"):
+    spec(("vocab", "embed"), (513, 32))
+  # One mesh axis is used at most once per array, and a later dimension it would not divide
+  # stays replicated rather than failing: that axis is taken.
   assert spec(("heads", "mlp"), (8, 64)) == P("model", None)
+  assert spec(("mlp", "vocab"), (64, 513)) == P("model", None)
   with pytest.raises(ValueError, match="no entry in config.sharding_rules"):
     spec(("nonsense",), (4,))
 
@@ -128,6 +144,14 @@ def test_state_shardings_follow_the_rules():
   mu = shardings["optimizer"]["opt_state"][1][0]["mu"]["out"]["kernel"].get_value()
   assert mu.spec == P("model", None)
   assert abstract["model"]["vit"]["kernel"].get_value().sharding.spec == P(None, "model")
+
+
+def test_an_unpadded_vocabulary_on_a_model_axis_fails_naming_the_weight():
+  config = tiny(**{"model.qformer.vocab_size": 513}, mesh=[("data", 4), ("model", 2)])
+  mesh = mesh_lib.make_mesh(config.mesh)
+  with pytest.raises(ValueError, match=r"^model/qformer/embeddings/word_embeddings/embedding "
+                     r"\(513, 32\): logical axis 'vocab' has size 513"):
+    state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
 
 
 # ------------------------------------------------------------------------------- optimizer
@@ -298,7 +322,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
       yield batch
 
   with pytest.raises(log_lib.NonFiniteLossError, match="non-finite loss at step 6"):
-    loop.train_and_evaluate(config, str(tmp_path), model_fn=toy_model_fn,
+    train_toy(config, str(tmp_path), model_fn=toy_model_fn,
                             loss_fn=exploding_loss, data_fn=data_fn, show_progress=False)
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
   assert manager.all_steps() == [4]
@@ -319,7 +343,7 @@ def test_relative_workdir_trains_saves_and_resumes(tmp_path, monkeypatch):
   """A relative workdir is resolved where it enters (orbax refuses relative paths)."""
   monkeypatch.chdir(tmp_path)
   config = tiny(num_steps=4, checkpoint_every=2, log_every=100)
-  run = lambda: loop.train_and_evaluate(config, "workdirs/rel", model_fn=toy_model_fn,
+  run = lambda: train_toy(config, "workdirs/rel", model_fn=toy_model_fn,
                                         loss_fn=toy_loss, data_fn=synthetic_data,
                                         show_progress=False)
   assert run()["start"] == "fresh initialisation"
@@ -340,7 +364,7 @@ def test_failed_save_stops_the_run_at_once(tmp_path, monkeypatch):
                       lambda workdir, config: make_manager("unresolved", config))
   config = tiny(num_steps=40, checkpoint_every=2, log_every=1)
   with pytest.raises(ckpt.CheckpointSaveError, match="step 2") as err:
-    loop.train_and_evaluate(config, str(tmp_path / "run"), model_fn=toy_model_fn,
+    train_toy(config, str(tmp_path / "run"), model_fn=toy_model_fn,
                             loss_fn=toy_loss, data_fn=synthetic_data, show_progress=False)
   assert "run the same command again" in str(err.value)
   records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]

@@ -134,9 +134,16 @@ def test_class_scores_pool_raw_similarities_then_softmax():
   probs = zero_shot.class_probabilities(sim, owner, 2, "mean")
   expected = np.exp(mean) / np.exp(mean).sum(axis=1, keepdims=True)  # no temperature
   np.testing.assert_allclose(probs, expected)
-  np.testing.assert_allclose(probs, common.softmax(mean, axis=1))
   with pytest.raises(ValueError, match="prompt_pooling"):
     zero_shot.pool_prompt_scores(sim, owner, 2, "sum")
+
+
+def test_setting_choice_names_the_setting_and_its_choices():
+  cfg = {"prompt_pooling": "sum"}
+  assert common.setting_choice(cfg, "zero_shot", "prompts", "paper", ("paper",)) == "paper"
+  with pytest.raises(ValueError, match=r"zero_shot\.prompt_pooling is 'sum'; choose one of "
+                                       r"\('max', 'mean'\)"):
+    common.setting_choice(cfg, "zero_shot", "prompt_pooling", "max", zero_shot.POOLINGS)
 
 
 def test_variants_choose_their_prompts():

@@ -5,96 +5,36 @@
 Each cell shows the image, its positive labels (with side / severity) and the start of its
 report. Any registered phantom set works (`--set`, default phantom_openi); `--split`, `--start`
 and `--seed` pick which examples.
+
+This module only parses the flags; the drawing is `medunifier_jax.data.rendering`'s.
 """
 
-from __future__ import annotations
+from absl import app, flags
 
-import argparse
-import math
-import textwrap
-from collections.abc import Sequence
+from medunifier_jax.data import rendering, sets
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-
-from medunifier_jax.data import registry, sets  # noqa: E402
-
-
-def _finding_line(example: sets.Example) -> str:
-  if not example.phantom.findings:
-    return "No Finding"
-  parts = []
-  for f in example.phantom.findings:
-    where = " ".join(x for x in (f.side, f.zone) if x)
-    parts.append(f"{f.name} ({', '.join(x for x in (where, f.severity) if x)})")
-  return "; ".join(parts)
+_OUT = flags.DEFINE_string("out", None, "PNG file to write.")
+_SET = flags.DEFINE_string("set", "phantom_openi", "Registered phantom data set name.")
+_SPLIT = flags.DEFINE_enum("split", "train", sorted(sets.SPLITS), "Split to draw from.")
+_N = flags.DEFINE_integer("n", 16, "Number of phantoms.")
+_SIZE = flags.DEFINE_integer("size", 224, "Image size in pixels.")
+_START = flags.DEFINE_integer("start", 0, "First example index.")
+_SEED = flags.DEFINE_integer("seed", 0, "data.phantom_seed.")
+# Hyphenated as it always was: absl accepts hyphens in flag names.
+_TEMPLATED_FRACTION = flags.DEFINE_float(
+    "templated-fraction", None, "phantom_openi: share of templated reports (default: the "
+    "config default).")
+flags.mark_flag_as_required("out")
 
 
-def write_contact_sheet(
-  out: str,
-  name: str = "phantom_openi",
-  split: str = "train",
-  n: int = 16,
-  size: int = 224,
-  start: int = 0,
-  seed: int = 0,
-  templated_fraction: float | None = None,
-  report_chars: int = 260,
-) -> list[str]:
-  """Renders examples start..start+n-1 of set `name` into a PNG at `out`; returns their ids."""
-  cfg = ml_collections.ConfigDict(dict(sets.DEFAULTS))
-  cfg.image_size, cfg.phantom_seed = size, seed
-  if templated_fraction is not None:
-    cfg.templated_fraction = templated_fraction
-  source = registry.get_source(name, split, cfg)
-  if n < 1 or start < 0 or start + n > len(source):
-    raise ValueError(f"--n {n} from --start {start} does not fit {name}/{split} of {len(source)}")
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 5.0 * rows), squeeze=False)
-  ids = []
-  for k, ax in enumerate(axes.flat):
-    ax.axis("off")
-    if k >= n:
-      continue
-    e = source.example(start + k)
-    ids.append(e.id)
-    ax.imshow(e.phantom.image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    title = e.id.split("/", 1)[1]
-    if source.class_names is not None:
-      title += f"  [{source.class_names[e.label]}]"
-    ax.set_title(title, fontsize=7)
-    report = e.report if len(e.report) <= report_chars else e.report[:report_chars] + "..."
-    text = "\n".join(textwrap.wrap(_finding_line(e), 48)[:3])
-    text += "\n\n" + "\n".join(textwrap.wrap(report.replace("\n", " "), 52)[:7])
-    ax.text(0.0, -0.02, text, transform=ax.transAxes, va="top", ha="left", fontsize=6.2,
-            family="monospace")
-  fig.suptitle(f"{name} / {split}: {n} phantoms at {size} px", fontsize=11)
-  fig.tight_layout(rect=(0, 0, 1, 0.98))
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
-  return ids
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True, help="PNG file to write")
-  p.add_argument("--set", default="phantom_openi", help="registered phantom data set name")
-  p.add_argument("--split", default="train", choices=sorted(sets.SPLITS))
-  p.add_argument("--n", type=int, default=16, help="number of phantoms")
-  p.add_argument("--size", type=int, default=224, help="image size in pixels")
-  p.add_argument("--start", type=int, default=0, help="first example index")
-  p.add_argument("--seed", type=int, default=0, help="data.phantom_seed")
-  p.add_argument("--templated-fraction", type=float, default=None,
-                 help="phantom_openi: share of templated reports (default: the config default)")
-  args = p.parse_args(argv)
-  ids = write_contact_sheet(args.out, args.set, args.split, args.n, args.size, args.start,
-                            args.seed, args.templated_fraction)
-  print(f"wrote {args.out}: {len(ids)} phantoms of {args.set}/{args.split}")
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  ids = rendering.write_contact_sheet(_OUT.value, _SET.value, _SPLIT.value, _N.value,
+                                      _SIZE.value, _START.value, _SEED.value,
+                                      _TEMPLATED_FRACTION.value)
+  print(f"wrote {_OUT.value}: {len(ids)} phantoms of {_SET.value}/{_SPLIT.value}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -39,20 +39,12 @@ CLASSES_PNEUMONIA: tuple[str, ...] = ("Normal", "Pneumonia")  # RSNA-like
 CLASSES_PNEUMOTHORAX: tuple[str, ...] = ("No Pneumothorax", "Pneumothorax")  # SIIM-like
 CLASSES_COVIDX: tuple[str, ...] = ("Normal", "Pneumonia", "COVID-19")  # COVIDx-like
 
-# CheXpert / MIMIC-CXR label columns that are the same observation as one of ours.
+# Our findings without a CheXpert / MIMIC-CXR label column (Open-i MeSH terms, COVID-19).
+NOT_IN_CHEXPERT: tuple[str, ...] = ("Nodule", "Calcified Granuloma", "COVID-19")
+# CheXpert / MIMIC-CXR label columns that are the same observation as one of ours: every other
+# finding, under the same name.
 CHEXPERT_COLUMNS: Mapping[str, str] = {
-  name: name
-  for name in (
-    "No Finding",
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Pleural Effusion",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-  )
+  name: name for name in FINDINGS if name not in NOT_IN_CHEXPERT
 }
 
 

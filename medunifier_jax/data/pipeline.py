@@ -28,8 +28,8 @@ Evaluation (`eval_dataset`): no shuffle, nothing dropped. Host h reads h, h+H, .
 pads its last batch (repeating a real example) to the same number of batches, and each batch
 carries `mask` (bool (B,)): False on padding, so metrics skip it.
 
-`make_global_batch` turns each host's batch into global `jax.Array`s sharded over the mesh's
-data axis (`jax.make_array_from_process_local_data`).
+The training engine turns each host's batch into global `jax.Array`s sharded over the mesh's
+data axes (`training.sharding.global_batch`).
 
 Batches (docs/ARCHITECTURE.md, "Batches"); B host batch, S image size, T text length,
 F findings:
@@ -48,7 +48,6 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from medunifier_jax.data import images, registry
 from medunifier_jax.data import text as text_lib
@@ -154,6 +153,30 @@ def host_batch_size(global_batch_size: int, shard_count: int) -> int:
   return global_batch_size // shard_count
 
 
+def _host_inputs(
+    config: Any,
+    tokenizer: Any,
+    source: Any,
+    split: str,
+    shard_index: int | None,
+    shard_count: int | None,
+    batch_size: int | None = None,
+) -> tuple[Any, int, int, int]:
+  """What every dataset settles first: the tokenizer checked against the model, the source
+  (default: the registered one for `split`), this host's shard and its batch size.
+
+  Returns:
+    (source, shard_index, shard_count, host batch size), the global batch being `batch_size`
+    or config.batch_size.
+  """
+  tokenizer_lib.check_tokenizer(tokenizer, config.model)
+  if source is None:
+    source = registry.get_source(config.data.name, split, config.data)
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  batch = host_batch_size(int(batch_size or config.batch_size), shard_count)
+  return source, shard_index, shard_count, batch
+
+
 def _prefetched(ds: grain.MapDataset, worker_count: int, read_threads: int,
                 prefetch_batches: int) -> grain.IterDataset:
   it = ds.to_iter_dataset(
@@ -198,11 +221,8 @@ def train_dataset(
     num_epochs: None repeats forever; otherwise the last incomplete batch is dropped.
     read_threads, prefetch_batches: thread prefetching per process (batches are elements).
   """
-  tokenizer_lib.check_tokenizer(tokenizer, config.model)
-  if source is None:
-    source = registry.get_source(config.data.name, split, config.data)
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  batch = host_batch_size(int(config.batch_size), shard_count)
+  source, shard_index, shard_count, batch = _host_inputs(
+      config, tokenizer, source, split, shard_index, shard_count)
   n = len(source)
   per_host = n // shard_count
   if per_host < batch:
@@ -238,11 +258,8 @@ def eval_dataset(
   Every host yields ceil(ceil(n / shard_count) / host batch) batches, so all hosts take part in
   every global batch. `batch_size` is global (default config.batch_size).
   """
-  tokenizer_lib.check_tokenizer(tokenizer, config.model)
-  if source is None:
-    source = registry.get_source(config.data.name, split, config.data)
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  batch = host_batch_size(int(batch_size or config.batch_size), shard_count)
+  source, shard_index, shard_count, batch = _host_inputs(
+      config, tokenizer, source, split, shard_index, shard_count, batch_size)
   n = len(source)
   if n == 0:
     raise ValueError(f"split {split!r} of {config.data.name!r} is empty; nothing to evaluate")
@@ -253,28 +270,6 @@ def eval_dataset(
   ds = ds.map(_PaddedExample(ExampleProcessor.from_config(source, tokenizer, config.data)))
   ds = ds.batch(batch, drop_remainder=False)
   return _prefetched(ds, int(config.data.worker_count), read_threads, prefetch_batches)
-
-
-def make_global_batch(host_batch: dict[str, np.ndarray], mesh: Any, data_axis: str = "data"):
-  """Host batches -> global jax.Arrays, leading axis sharded over `data_axis` of `mesh`.
-
-  Every process passes its own host batch (B_host, ...); the global arrays have leading size
-  B_host * process_count and are replicated over the other mesh axes.
-  """
-  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
-  data_size = mesh.shape[data_axis]
-
-  def put(x):
-    x = np.asarray(x)
-    global_size = x.shape[0] * jax.process_count()
-    if global_size % data_size:
-      raise ValueError(
-          f"the global batch of {global_size} does not split over the {data_size} devices of "
-          f"mesh axis {data_axis!r}; make config.batch_size a multiple of {data_size}"
-      )
-    return jax.make_array_from_process_local_data(sharding, x)
-
-  return jax.tree.map(put, host_batch)
 
 
 def source_reports(source: Any) -> Sequence[str]:

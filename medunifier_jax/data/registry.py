@@ -13,7 +13,7 @@ A source is any object with `__len__` and `__getitem__(i) -> record`, where a re
 
 Importing this module is cheap: the modules that register sources (phantom sets in
 `medunifier_jax.data.sets`, real data sets in `medunifier_jax.data.builders`) are imported only
-when a name is looked up, and a module that does not exist (yet) is skipped.
+when a name is looked up.
 """
 
 from __future__ import annotations
@@ -66,19 +66,10 @@ def _qualname(f: Callable) -> str:
   return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
 
 
-def _import_source_module(module: str) -> None:
-  try:
-    importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    # Only a missing registering module is tolerated; a broken import inside it is not.
-    if e.name is None or not module.startswith(e.name):
-      raise
-
-
 def known_names() -> list[str]:
   """Sorted names of every registered data set (imports the registering modules)."""
   for module in SOURCE_MODULES:
-    _import_source_module(module)
+    importlib.import_module(module)
   return sorted(_FACTORIES)
 
 
@@ -91,7 +82,7 @@ def get_source(name: str, split: str, data_config: Any):
   for module in SOURCE_MODULES:
     if name in _FACTORIES:
       break
-    _import_source_module(module)
+    importlib.import_module(module)
   if name not in _FACTORIES:
     known = ", ".join(sorted(_FACTORIES)) or "(none)"
     raise UnknownDataSetError(

@@ -246,6 +246,15 @@ def _cache_remote(texts: Sequence[str], size: int, folder: str) -> None:
       (remote / name).write_bytes((epath.Path(local) / name).read_bytes())
 
 
+# The configs pad the Q-Former's vocabulary to a multiple of this (its rows shard over the model
+# axis); the rows past [DEC] are never fed or predicted.
+VOCAB_MULTIPLE = 128
+
+
+def _padded(n: int) -> int:
+  return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def check_tokenizer(tokenizer, model_config: Any) -> None:
   """Raises ValueError unless `tokenizer` fits `config.model` (ids of [DEC], [CLS], [PAD])."""
   qf = model_config.qformer
@@ -255,13 +264,14 @@ def check_tokenizer(tokenizer, model_config: Any) -> None:
         f"the tokenizer's {DEC_TOKEN} id is {dec_id} (its vocabulary has {dec_id} tokens) but "
         f"config.model.qformer.dec_token_id is {qf.dec_token_id}; set "
         f"config.model.qformer.dec_token_id={dec_id} and config.model.qformer.vocab_size="
-        f"{dec_id + 1}, or use a tokenizer with {qf.dec_token_id} tokens (when training one: "
-        f"config.data.tokenizer_vocab_size={qf.dec_token_id})"
+        f"{_padded(dec_id + 1)}, or use a tokenizer with {qf.dec_token_id} tokens (when "
+        f"training one: config.data.tokenizer_vocab_size={qf.dec_token_id})"
     )
   if qf.vocab_size < dec_id + 1:
     raise ValueError(
         f"config.model.qformer.vocab_size is {qf.vocab_size} but the tokenizer needs "
-        f"{dec_id + 1} ids (vocabulary + {DEC_TOKEN}); set it to at least {dec_id + 1}"
+        f"{dec_id + 1} ids (vocabulary + {DEC_TOKEN}); set it to at least {dec_id + 1} "
+        f"({_padded(dec_id + 1)}: padded to a multiple of {VOCAB_MULTIPLE}, so it can shard)"
     )
   for name, want in (("cls", qf.cls_token_id), ("pad", qf.pad_token_id)):
     got = getattr(tokenizer, f"{name}_token_id")

@@ -5,6 +5,7 @@
   finetune    two linear layers on frozen query outputs           finetune.py
   report_gen  decoded reports: n-gram scores, clinical efficacy   report_gen.py
   image_gen   images from reports: FID/KID, finding fidelity      image_gen.py
+  reconstruction  VQ reconstructions: PSNR, code usage            reconstruction.py
 
 `EVALUATORS` maps each name to its class; `build_evaluators(config, tokenizer)` makes those
 `config.evals` asks for, and each evaluator's `run(model)` yields `(metric, value)` pairs.

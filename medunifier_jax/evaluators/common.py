@@ -1,9 +1,9 @@
 """What every evaluator shares: compiled model functions, data reading, settings.
 
-Evaluators take the model as an `nnx.Module` (the `MedUnifier` the training loop holds), an
-`api.Model` (its `.module` is used) or a `(graphdef, state)` pair. The functions below are
-compiled once per graph definition and input shape (`ModelFns.for_graph` caches them), with the
-weights passed as an argument, so periodic evaluation during training reuses the compilation.
+Evaluators take the model as an `nnx.Module` (the `MedUnifier` the training loop holds) or an
+`api.Model` (its `.module` is used). The model's functions are `inference.model_fns(graphdef)`,
+compiled once per graph definition and input shape with the weights passed as an argument, so
+periodic evaluation during training reuses the compilation.
 
 Evaluation reads every example once, in order, on every process (`pipeline.eval_dataset` with
 one shard): each process passes identical inputs, as multi-host `jax.jit` calls require.
@@ -21,17 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medunifier_jax import inference
 from medunifier_jax.objectives import itc_similarity
 
 
-def split_model(model: Any) -> tuple[Any, Any]:
-  """nnx.Module | api.Model | (graphdef, state) -> (graphdef, state)."""
-  if isinstance(model, tuple) and len(model) == 2:
-    return model
+def split_model(model: Any) -> tuple[nnx.GraphDef, nnx.State]:
+  """nnx.Module | api.Model -> (graphdef, state)."""
   module = getattr(model, "module", model)
   if not isinstance(module, nnx.Module):
-    raise TypeError("expected a MedUnifier nnx.Module, an api.Model or a (graphdef, state) pair, "
-                    f"got {type(model).__name__}")
+    raise TypeError(f"expected a MedUnifier nnx.Module or an api.Model, got {type(model).__name__}")
   return nnx.split(module)
 
 
@@ -54,36 +52,6 @@ def similarity_matrix(image_emb: jax.Array, text_emb: jax.Array, chunk: int = 25
   return sims.reshape(-1, text_emb.shape[0])[:n]
 
 
-class ModelFns:
-  """Jitted `(state, ...)` inference functions of one model graph."""
-
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-    merge = lambda state: nnx.merge(graphdef, state)
-
-    def image_features(state, pixel_values):
-      model = merge(state)
-      tokens = model.image_tokens(pixel_values)
-      queries = model.image_queries(tokens)
-      return {"image_tokens": tokens, "queries": queries,
-              "image_emb": model.image_embeddings(queries)}
-
-    def text_features(state, input_ids, attention_mask):
-      model = merge(state)
-      return model.text_embeddings(model.text_hidden(input_ids, attention_mask))
-
-    def itm_logits(state, image_tokens, input_ids, attention_mask):
-      return merge(state).itm_logits(image_tokens, input_ids, attention_mask)
-
-    def temperature(state):
-      return merge(state).temperature()
-
-    self.image_features = jax.jit(image_features)
-    self.text_features = jax.jit(text_features)
-    self.itm_logits = jax.jit(itm_logits)
-    self.temperature = jax.jit(temperature)
-
-
 class Evaluator:
   """Base of the task evaluators: settings, data sets and cached compiled functions.
 
@@ -93,24 +61,20 @@ class Evaluator:
 
   task = ""
 
-  def __init__(self, config, task_config, tokenizer, *, shared_fns: dict | None = None):
+  def __init__(self, config, task_config, tokenizer):
     """config: the full configuration; task_config: `config.evals[task]`; tokenizer: the
-    model's (`data.pipeline.build_tokenizer`); shared_fns: a dict shared by evaluators built
-    together, so they compile the model's functions once between them."""
+    model's (`data.pipeline.build_tokenizer`)."""
     self.config = config
     self.cfg = task_config
     self.tokenizer = tokenizer
     self.datasets = tuple(task_config.datasets)
     if not self.datasets:
       raise ValueError(f"config.evals.{self.task}.datasets is empty; name at least one data set")
-    self._fns: dict[Any, ModelFns] = {} if shared_fns is None else shared_fns
     self.outputs: dict[str, dict[str, Any]] = {}  # per data set: arrays for reports and plots
 
-  def fns(self, graphdef) -> ModelFns:
-    """The compiled functions for this graph (built on first use, then reused)."""
-    if graphdef not in self._fns:
-      self._fns[graphdef] = ModelFns(graphdef)
-    return self._fns[graphdef]
+  def fns(self, graphdef) -> inference.ModelFns:
+    """The compiled functions of this graph (shared by every evaluator and the API)."""
+    return inference.model_fns(graphdef)
 
   def describe(self) -> str:
     """One line naming the protocol variant behind this entry's figures ("" when there is only
@@ -173,18 +137,14 @@ def run_in_chunks(fn, arrays: dict[str, np.ndarray], chunk: int) -> list:
   return out
 
 
-def encode_texts(fns: ModelFns, state, tokenizer, texts, max_len: int, chunk: int,
-                 max_words: int | None = None) -> np.ndarray:
-  """Texts -> (M, E) text embeddings, cleaned and tokenised as the model input is."""
-  from medunifier_jax.data import text as text_lib
-  from medunifier_jax.data import tokenizer as tokenizer_lib
-
-  kwargs = {} if max_words is None else {"max_words": max_words}
-  cleaned = [text_lib.clean_report(t, **kwargs) for t in texts]
-  tok = tokenizer_lib.tokenize(tokenizer, cleaned, max_len)
-  parts = run_in_chunks(lambda input_ids, attention_mask: fns.text_features(
-      state, input_ids, attention_mask), tok, chunk)
-  return np.concatenate(parts)
+def setting_choice(task_config, task: str, key: str, default: str, choices) -> str:
+  """`config.evals.{task}.{key}` (`default` when unset) as a string, refused unless it is one
+  of `choices`: evaluators check their settings when built, so a typo fails before any image
+  is encoded."""
+  value = str(task_config.get(key, default))
+  if value not in choices:
+    raise ValueError(f"config.evals.{task}.{key} is {value!r}; choose one of {tuple(choices)}")
+  return value
 
 
 def source_class_names(source, dataset: str) -> tuple[str, ...]:
@@ -210,7 +170,7 @@ def to_python(settings: dict) -> dict:
 BATCH_KEYS = ("label", "labels", "index", "input_ids", "attention_mask")
 
 
-def collect_features(fns: ModelFns, state, batches, *, image_keys=("image_emb",),
+def collect_features(fns: inference.ModelFns, state, batches, *, image_keys=("image_emb",),
                      text: bool = False, desc: str = "") -> dict[str, np.ndarray]:
   """Runs the compiled encoders over evaluation batches; keeps the real (unpadded) rows.
 
@@ -226,19 +186,14 @@ def collect_features(fns: ModelFns, state, batches, *, image_keys=("image_emb",)
     feats = fns.image_features(state, batch["image"])
     rows = {k: feats[k] for k in image_keys}
     if text:
-      rows["text_emb"] = fns.text_features(state, batch["input_ids"], batch["attention_mask"])
+      rows["text_emb"] = fns.text_features(state, batch["input_ids"],
+                                           batch["attention_mask"])["text_emb"]
     rows.update({k: batch[k] for k in BATCH_KEYS if k in batch})
     for k, v in rows.items():
       out.setdefault(k, []).append(np.asarray(v)[keep])
   if not out:
     raise ValueError("the data set yielded no batches")
   return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-  z = x - x.max(axis=axis, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=axis, keepdims=True)
 
 
 class Subset:

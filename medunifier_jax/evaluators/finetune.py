@@ -14,8 +14,9 @@
                 label fraction and epoch (the learning rate is an argument of the step).
   linear_probe  A cheaper stand-in, named as such: the frozen model's query outputs are computed
                 once per split and only a head trains on them: Linear(hidden_dim) -> ReLU ->
-                Linear(classes) (the ReLU keeps the pair from collapsing into one linear map),
-                AdamW (optax defaults for the betas) at a constant learning_rate.
+                Linear(classes) (the ReLU keeps the pair from collapsing into one linear map;
+                Glorot-uniform weights), AdamW (optax defaults for the betas) at a constant
+                learning_rate.
 
 Both: binary cross-entropy on one logit for two-class sets (RSNA-, SIIM-like), cross-entropy for
 more classes (COVIDx-like). For each label fraction (1%, 10%, 100% of the training split, drawn
@@ -29,6 +30,7 @@ written to results.json, of `outputs[data set]["protocol"]` and of `describe()`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -36,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from scipy import special
 
 from medunifier_jax.evaluators import common, metrics
+from medunifier_jax.supervised import update_step
 
 PROTOCOLS = ("paper", "linear_probe")
 POOLINGS = ("flatten", "mean")
@@ -61,21 +65,37 @@ def pool_queries(queries, pooling: str):
   raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
-class ClassifierHead(nnx.Module):
-  """Query outputs (B, Q, H) -> logits (B, out): pool, Linear(hidden_dim), [ReLU], Linear(out)."""
+class MLPHead(nnx.Module):
+  """Features (B, in_dim) -> logits (B, out_dim): Linear(hidden_dim), [ReLU], Linear(out_dim).
+
+  kernel_init: the weights' initialiser (None: the layer's default); biases start at 0.
+  """
+
+  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, activation: bool = False,
+               kernel_init=None, rngs: nnx.Rngs):
+    self.activation = activation
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
+    self.hidden = nnx.Linear(in_dim, hidden_dim, rngs=rngs, **init)
+    self.out = nnx.Linear(hidden_dim, out_dim, rngs=rngs, **init)
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    h = self.hidden(features)
+    return self.out(nnx.relu(h) if self.activation else h)
+
+
+class ClassifierHead(MLPHead):
+  """Query outputs (B, Q, H) -> logits (B, out): pool (`pool_queries`), then the `MLPHead`."""
 
   def __init__(self, num_queries: int, width: int, hidden_dim: int, out_dim: int, *,
                pooling: str = "flatten", activation: bool = False, rngs: nnx.Rngs):
     if pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-    self.pooling, self.activation = pooling, activation
+    self.pooling = pooling
     in_dim = num_queries * width if pooling == "flatten" else width
-    self.hidden = nnx.Linear(in_dim, hidden_dim, rngs=rngs)
-    self.out = nnx.Linear(hidden_dim, out_dim, rngs=rngs)
+    super().__init__(in_dim, hidden_dim, out_dim, activation=activation, rngs=rngs)
 
   def __call__(self, queries: jax.Array) -> jax.Array:
-    h = self.hidden(pool_queries(queries.astype(jnp.float32), self.pooling))
-    return self.out(nnx.relu(h) if self.activation else h)
+    return super().__call__(pool_queries(queries.astype(jnp.float32), self.pooling))
 
 
 class QueryClassifier(nnx.Module):
@@ -130,34 +150,47 @@ def classification_loss(logits: jax.Array, y: jax.Array, weight: jax.Array,
   return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-# The linear probe's head: plain parameters and functions on cached features.
-
-
-def init_head(rng: jax.Array, in_dim: int, hidden_dim: int, out_dim: int) -> dict:
-  """Two linear layers: w1 (in, hidden), b1, w2 (hidden, out), b2 (Glorot-uniform weights)."""
-  k1, k2 = jax.random.split(rng)
-  init = jax.nn.initializers.glorot_uniform()
-  return {"w1": init(k1, (in_dim, hidden_dim)), "b1": jnp.zeros((hidden_dim,)),
-          "w2": init(k2, (hidden_dim, out_dim)), "b2": jnp.zeros((out_dim,))}
-
-
-def head_logits(params: dict, x: jax.Array) -> jax.Array:
-  """(B, in) features -> (B, out) logits."""
-  h = jax.nn.relu(x @ params["w1"] + params["b1"])
-  return h @ params["w2"] + params["b2"]
-
-
-def head_loss(params: dict, x, y, weight, binary: bool) -> jax.Array:
-  """`classification_loss` of the probe head on (B, in) features."""
-  return classification_loss(head_logits(params, x), y, weight, binary)
-
-
 def head_probs(logits: np.ndarray, binary: bool) -> np.ndarray:
-  """Logits -> (N, C) class probabilities."""
+  """(N, out) logits -> (N, C) class probabilities: the sigmoid of the one logit of a binary
+  head as (1 - p, p), or the softmax over a multi-class head's."""
   if binary:
-    p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+    p1 = special.expit(logits[:, 0])
     return np.stack([1.0 - p1, p1], axis=1)
-  return common.softmax(logits, axis=1)
+  return special.softmax(logits, axis=1)
+
+
+def validation_score(labels: np.ndarray, probs: np.ndarray, metric: str) -> float:
+  """The epoch-selection score: `metric` of (N, C) probs against (N,) labels, -inf where it is
+  undefined (e.g. AUC with one class in the validation split), so such an epoch never wins."""
+  score = metrics.classification_metrics(labels, probs)[metric]
+  return score if np.isfinite(score) else -np.inf
+
+
+# The linear probe: a head (`MLPHead` with ReLU) trained on cached (N, D) features.
+
+
+def probe_loss(head: MLPHead, x: jax.Array, y: jax.Array, weight: jax.Array,
+               binary: bool) -> jax.Array:
+  """`classification_loss` of the head on features x (B, D), labels y (B,), weights (B,)."""
+  return classification_loss(head(x), y, weight, binary)
+
+
+# One compiled step per kind of loss (binary or not); each compiles once per head and optimizer
+# graph. nnx.jit's Python overhead (well under a millisecond a step) is small beside the
+# feature extraction the probe runs first.
+PROBE_STEPS = {binary: nnx.jit(update_step(functools.partial(probe_loss, binary=binary)))
+               for binary in (False, True)}
+probe_logits = nnx.jit(lambda head, x: head(x))
+
+
+def padded_batches(order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Rows of `order` in batches of exactly `batch_size`: yields (indices (B,), weights (B,));
+  the last batch is filled up with its first row at weight 0 (one compiled shape)."""
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    weights = np.zeros((batch_size,), np.float32)
+    weights[:idx.size] = 1.0
+    yield np.concatenate([idx, np.repeat(idx[:1], batch_size - idx.size)]), weights
 
 
 def sample_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -218,25 +251,20 @@ class FinetuneEvaluator(common.Evaluator):
 
   def __init__(self, config, task_config, tokenizer, **kwargs):
     super().__init__(config, task_config, tokenizer, **kwargs)
-    self.protocol = str(task_config.get("protocol", "linear_probe"))
-    if self.protocol not in PROTOCOLS:
-      raise ValueError(f"config.evals.{self.task}.protocol is {self.protocol!r}; choose one of "
-                       f"{PROTOCOLS}")
-    self.pooling = str(task_config.get("pooling", "flatten"))
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"config.evals.{self.task}.pooling is {self.pooling!r}; choose one of "
-                       f"{POOLINGS}")
-    if task_config.get("schedule", "cosine") not in SCHEDULES:
-      raise ValueError(f"config.evals.{self.task}.schedule is {task_config.schedule!r}; choose "
-                       f"one of {SCHEDULES}")
-    self._steps: dict = {}  # linear probe: compiled step per head shape
+    self.protocol = common.setting_choice(task_config, self.task, "protocol", "linear_probe",
+                                   PROTOCOLS)
+    self.pooling = common.setting_choice(task_config, self.task, "pooling", "flatten", POOLINGS)
+    common.setting_choice(task_config, self.task, "schedule", "cosine", SCHEDULES)
     self._end_to_end: dict = {}  # paper: compiled step and head per classifier graph
     self._trained = end_to_end_filter()
-    # One transformation object for every fit, so the optimizer's graph (and the step's
-    # compilation) is shared between label fractions and data sets.
+    # One transformation object per protocol for every fit, so the optimizer's graph (and the
+    # step's compilation) is shared between label fractions and data sets.
     self._tx = adamw_rate_argument(float(task_config.get("adam_b1", 0.9)),
                                    float(task_config.get("adam_b2", 0.95)),
                                    float(task_config.weight_decay))
+    # The probe: AdamW with optax's default betas at a constant rate.
+    self._probe_tx = optax.adamw(float(task_config.learning_rate),
+                                 weight_decay=float(task_config.weight_decay))
 
   def describe(self) -> str:
     if self.protocol == "paper":
@@ -293,17 +321,18 @@ class FinetuneEvaluator(common.Evaluator):
     if key not in self._end_to_end:
       trained = self._trained
 
+      def loss_fn(classifier, pixels, labels, weights, rng):
+        logits = classifier(pixels, rngs=nnx.Rngs(dropout=rng))
+        return classification_loss(logits, labels, weights, binary)
+
+      # Gradients only for the trained filter: the ViT's backward pass is never built.
+      update = update_step(loss_fn, wrt=trained)
+
       def step(params, opt_state, frozen, pixels, labels, weights, learning_rate, rng):
         classifier = nnx.merge(cls_def, params, frozen)
         optimizer = nnx.merge(opt_def, opt_state)
-
-        def loss_fn(classifier):
-          logits = classifier(pixels, rngs=nnx.Rngs(dropout=rng))
-          return classification_loss(logits, labels, weights, binary)
-
-        # Gradients only for the trained filter: the ViT's backward pass is never built.
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trained))(classifier)
-        optimizer.update(classifier, grads, learning_rate=learning_rate)
+        loss = update(classifier, optimizer, pixels, labels, weights, rng,
+                      learning_rate=learning_rate)
         return nnx.state(classifier, trained), nnx.state(optimizer), loss
 
       def head_logits(head_state, queries):
@@ -360,8 +389,7 @@ class FinetuneEvaluator(common.Evaluator):
             jax.random.fold_in(rng, count))
         count += 1
       probs, labels = predict(params, val_source)
-      score = metrics.classification_metrics(labels, probs)[cfg.select_metric]
-      score = score if np.isfinite(score) else -np.inf  # e.g. AUC with one class in val
+      score = validation_score(labels, probs, cfg.select_metric)
       if score > best or best_epoch == 0:
         # A copy: the next step donates `params`.
         best, best_params, best_epoch = score, jax.tree.map(jnp.copy, params), epoch
@@ -394,44 +422,29 @@ class FinetuneEvaluator(common.Evaluator):
 
     yield from self._report(dataset, class_names, fits())
 
-  def _train_fns(self, in_dim: int, out_dim: int, binary: bool):
-    key = (in_dim, out_dim, binary)
-    if key not in self._steps:
-      tx = optax.adamw(float(self.cfg.learning_rate), weight_decay=float(self.cfg.weight_decay))
-
-      @jax.jit
-      def step(params, opt_state, x, y, w):
-        loss, grads = jax.value_and_grad(head_loss)(params, x, y, w, binary)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-      self._steps[key] = (tx, step, jax.jit(head_logits))
-    return self._steps[key]
-
   def _fit(self, train, val, test, num_classes: int) -> tuple[dict[str, float], int]:
-    """Linear probe: trains a head on (features (N, D), labels (N,)); returns test metrics and
-    the best epoch."""
+    """Linear probe: trains a fresh head on train = (features (N, D), labels (N,)), selects the
+    epoch on val, scores it on test (both pairs alike); returns test metrics and that epoch."""
     cfg = self.cfg
     x, y = train
     binary = num_classes == 2
-    out_dim = 1 if binary else num_classes
-    tx, step, logits_fn = self._train_fns(x.shape[1], out_dim, binary)
-    params = init_head(jax.random.key(int(cfg.seed)), x.shape[1], int(cfg.hidden_dim), out_dim)
-    opt_state = tx.init(params)
-    bs = int(cfg.batch_size)
-    predict = lambda p, feats: head_probs(np.concatenate(common.run_in_chunks(
-        lambda f: logits_fn(p, f), {"f": feats}, 256)), binary)
-    best, best_params, best_epoch = -np.inf, params, 0
+    head = MLPHead(x.shape[1], int(cfg.hidden_dim), 1 if binary else num_classes,
+                   activation=True, kernel_init=nnx.initializers.glorot_uniform(),
+                   rngs=nnx.Rngs(int(cfg.seed)))
+    optimizer = nnx.Optimizer(head, self._probe_tx, wrt=nnx.Param)
+    step = PROBE_STEPS[binary]
+
+    def predict(head, feats):
+      logits = common.run_in_chunks(lambda f: probe_logits(head, f), {"f": feats}, 256)
+      return head_probs(np.concatenate(logits), binary)
+
+    best, best_head, best_epoch = -np.inf, head, 0
     for epoch in range(1, int(cfg.epochs) + 1):
       order = np.random.default_rng((int(cfg.seed), epoch)).permutation(len(y))
-      for start in range(0, len(order), bs):
-        idx = order[start:start + bs]
-        w = np.zeros((bs,), np.float32)
-        w[:idx.size] = 1.0
-        idx = np.concatenate([idx, np.repeat(idx[:1], bs - idx.size)])  # fixed batch shape
-        params, opt_state, _ = step(params, opt_state, x[idx], y[idx], w)
-      score = metrics.classification_metrics(val[1], predict(params, val[0]))[cfg.select_metric]
-      score = score if np.isfinite(score) else -np.inf  # e.g. AUC with one class in val
+      for idx, weights in padded_batches(order, int(cfg.batch_size)):
+        step(head, optimizer, x[idx], y[idx], weights)
+      score = validation_score(val[1], predict(head, val[0]), cfg.select_metric)
       if score > best or best_epoch == 0:
-        best, best_params, best_epoch = score, params, epoch
-    return metrics.classification_metrics(test[1], predict(best_params, test[0])), best_epoch
+        # A copy: the next steps update `head` in place.
+        best, best_head, best_epoch = score, nnx.clone(head), epoch
+    return metrics.classification_metrics(test[1], predict(best_head, test[0])), best_epoch

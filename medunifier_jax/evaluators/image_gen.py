@@ -26,7 +26,7 @@ Every set holds `num_images` images (the first of each split). Scores:
   each set reports `n_real` and `n_generated` beside it, and the unbiased KID (mean and spread
   over `kid_subsets` random subsets of `kid_subset_size`).
 - Finding fidelity: a classifier trained on real images of `train_split` with their finding
-  labels (the configured ViT with a linear head, `supervised_reference.SupervisedEncoder`,
+  labels (the configured ViT with a linear head, `supervised.SupervisedEncoder`,
   `classifier_steps` steps; cached in `classifier_dir`, default WORKDIR/eval/
   fidelity_classifier) reads every image, and the ROC AUC of each finding's logit against the
   requested labels says whether the finding asked for is there. Two request sets:
@@ -170,7 +170,7 @@ def _classify(graphdef, state, images, mean, std):
 
 
 class FidelityClassifier:
-  """The supervised reference (`supervised_reference.SupervisedEncoder`: the configured ViT and
+  """The supervised reference (`supervised.SupervisedEncoder`: the configured ViT and
   a linear head over the findings) trained on real images, as a reader of generated ones.
 
   Attributes:
@@ -203,7 +203,7 @@ class FidelityClassifier:
   @classmethod
   def load(cls, folder: str, settings: dict[str, Any], config) -> FidelityClassifier | None:
     """The classifier cached in `folder` when it was trained with `settings`, else None."""
-    from medunifier_jax.supervised_reference import SupervisedEncoder
+    from medunifier_jax.supervised import SupervisedEncoder
 
     info_path = os.path.join(folder, CLASSIFIER_INFO)
     weights_path = os.path.join(folder, CLASSIFIER_WEIGHTS)
@@ -249,29 +249,16 @@ class FidelityClassifier:
     """Trains on `settings["split"]` of the pre-training data with the configuration's optimiser
     (learning rate, warm-up, decay, clipping), `steps` steps of `batch_size`; then scores the
     validation source (real images) for the record."""
-    import optax
     from tqdm.auto import tqdm
 
     from medunifier_jax.data import pipeline
-    from medunifier_jax.supervised_reference import SupervisedEncoder, auc_per_finding
-    from medunifier_jax.training import optimizer as optimizer_lib
+    from medunifier_jax.supervised import auc_per_finding, new_encoder, train_step
 
     start = time.perf_counter()
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.batch_size, cfg.num_steps = int(settings["batch_size"]), int(settings["steps"])
-    module = SupervisedEncoder(config.model.vit, findings_lib.NUM_FINDINGS,
-                               rngs=nnx.Rngs(int(config.seed)))
-    optimizer = nnx.Optimizer(module, optimizer_lib.make_tx(cfg), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(module, optimizer, images, labels):
-      def loss_fn(module):
-        return optax.sigmoid_binary_cross_entropy(module(images), labels).mean()
-
-      loss, grads = nnx.value_and_grad(loss_fn)(module)
-      optimizer.update(module, grads)
-      return loss
-
+    # The optimizer's schedule follows cfg: this run's step count, not pre-training's.
+    module, optimizer = new_encoder(cfg)
     batches = iter(pipeline.train_dataset(cfg, tokenizer, split=settings["split"],
                                           shard_index=0, shard_count=1))
     first = next(batches)
@@ -306,30 +293,6 @@ class FidelityClassifier:
 # -- image sets --------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _reconstruct(graphdef, state, pixel_values, input_ids, attention_mask):
-  """`api.reconstruct_fn` (the evaluation-mode TIG pass) -> recon (B, S, S, 3) in [0, 1]."""
-  from medunifier_jax import api
-
-  return api.reconstruct_fn(nnx.merge(graphdef, state), pixel_values, input_ids,
-                            attention_mask)[0]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("steps",))
-def _null_condition_images(mu_def, mu_state, prior_def, prior_state, keys, temperature,
-                           choice_temperature, *, steps: int):
-  """Images from the text prior's learned null condition: keys (B,) -> (B, S, S, 3) in [0, 1]."""
-  from medunifier_jax.prior.model import unflatten_codes
-  from medunifier_jax.prior.sample import sample_codes
-
-  prior = nnx.merge(prior_def, prior_state)
-  tokens = sample_codes(prior, None, None, keys, steps=steps, guidance=None,
-                        temperature=temperature, choice_temperature=choice_temperature)
-  top, bottom = unflatten_codes(tokens, prior.grid)
-  images = nnx.merge(mu_def, mu_state).vqvae.decode_codes(top, bottom)
-  return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
-
-
 def _has_prior(folder: str) -> bool:
   """Whether `folder` holds a prior run with a finished checkpoint (one still starting, without
   any, is treated as absent)."""
@@ -353,8 +316,8 @@ class ImageGenEvaluator(common.Evaluator):
   task = "image_gen"
   workdir: str | None = None
 
-  def __init__(self, config, task_config, tokenizer, *, shared_fns=None):
-    super().__init__(config, task_config, tokenizer, shared_fns=shared_fns)
+  def __init__(self, config, task_config, tokenizer):
+    super().__init__(config, task_config, tokenizer)
     from medunifier_jax import paths
 
     if len(self.datasets) != 1:
@@ -402,26 +365,19 @@ class ImageGenEvaluator(common.Evaluator):
     from medunifier_jax.prior import sample as prior_sample
 
     out: dict[str, Any] = {}
-    cond_dir = self._folder(self.prior_dir, "prior")
-    if cond_dir and (self.prior_dir or _has_prior(cond_dir)):
-      prior = prior_sample.load_prior(cond_dir)
-      prior.check_fits(self.config)
-      if prior.module.condition != "text":
-        raise ValueError(f"the prior in {cond_dir} is unconditional (model.condition="
-                         f"{prior.module.condition!r}); set it as uncond_prior_dir")
+    cond_dir, prior = self._trained_prior(self.prior_dir, "prior", "text",
+                                          "an unconditional prior is set as uncond_prior_dir")
+    if prior is not None:
       out["conditional"] = prior
       self.used["conditional"] = f"text prior {cond_dir} (step {prior.step})"
     else:
       logging.warning("image_gen: no text prior in %s: only the baselines are scored; train one "
                       "with\n  %s", cond_dir or "(no workdir)",
                       prior_sample.train_command(self.workdir or "WORKDIR"))
-    uncond_dir = self._folder(self.uncond_prior_dir, "prior_uncond")
-    if uncond_dir and (self.uncond_prior_dir or _has_prior(uncond_dir)):
-      prior = prior_sample.load_prior(uncond_dir)
-      prior.check_fits(self.config)
-      if prior.module.condition != "none":
-        raise ValueError(f"the prior in {uncond_dir} is conditioned on text; the unconditional "
-                         "baseline is a prior trained with --config.model.condition=none")
+    uncond_dir, prior = self._trained_prior(
+        self.uncond_prior_dir, "prior_uncond", "none",
+        "the unconditional baseline is a prior trained with --config.model.condition=none")
+    if prior is not None:
       out["unconditional"] = prior
       self.used["unconditional"] = f"unconditional prior {uncond_dir} (step {prior.step})"
     elif "conditional" in out:
@@ -429,6 +385,23 @@ class ImageGenEvaluator(common.Evaluator):
       self.used["null_condition"] = (f"the text prior {cond_dir} sampled with its learned null "
                                      "condition (no prior trained with condition=none found)")
     return out
+
+  def _trained_prior(self, configured: str, name: str, condition: str, advice: str):
+    """(folder, prior): the prior in the `configured` folder, else in WORKDIR/`name` when that
+    holds a finished one (prior None when there is none). A prior that does not fit this model's
+    configuration, or was not trained with model.condition == `condition` ("text" or "none"), is
+    refused; `advice` ends that error."""
+    from medunifier_jax.prior import sample as prior_sample
+
+    folder = self._folder(configured, name)
+    if not folder or not (configured or _has_prior(folder)):
+      return folder, None
+    prior = prior_sample.load_prior(folder)
+    prior.check_fits(self.config)
+    if prior.module.condition != condition:
+      raise ValueError(f"the prior in {folder} has model.condition={prior.module.condition!r}, "
+                       f"not {condition!r}: {advice}")
+    return folder, prior
 
   def fidelity_classifier(self, show_progress: bool = True) -> FidelityClassifier:
     """The cached classifier when its settings match, else a newly trained one (then cached)."""
@@ -456,20 +429,13 @@ class ImageGenEvaluator(common.Evaluator):
     cfg = self.cfg
     steps, temperature = int(cfg.sample_steps), float(cfg.temperature)
     choice = float(prior.config.sample.choice_temperature)
-    if kind == "null_condition":
-      from medunifier_jax.prior.sample import row_keys
-
-      def draw(batch, offset):
-        keys = row_keys(seed, len(batch["input_ids"]), offset)
-        return np.asarray(_null_condition_images(
-            graphdef, state, prior.graphdef, prior.state, keys, jnp.float32(temperature),
-            jnp.float32(choice), steps=steps))
-      return draw
+    null = kind == "null_condition"
 
     def draw(batch, offset):
       return prior.generate(graphdef, state, batch["input_ids"], batch["attention_mask"],
-                            seed=seed, steps=steps, guidance=float(cfg.guidance),
-                            temperature=temperature, row_offset=offset)["images"]
+                            seed=seed, steps=steps, guidance=0.0 if null else float(cfg.guidance),
+                            temperature=temperature, choice_temperature=choice,
+                            row_offset=offset, null_condition=null)["images"]
     return draw
 
   def _score(self, source, makers: dict[str, Callable], *, inception, classifier,
@@ -515,7 +481,7 @@ class ImageGenEvaluator(common.Evaluator):
   @staticmethod
   def _fidelity(prefix: str, labels: np.ndarray, logits: np.ndarray
                 ) -> Iterator[tuple[str, float]]:
-    from medunifier_jax.supervised_reference import auc_per_finding
+    from medunifier_jax.supervised import auc_per_finding
 
     aucs = auc_per_finding(labels, logits)
     yield f"{prefix}_auc_mean", float(np.mean(list(aucs.values()))) if aucs else float("nan")
@@ -544,8 +510,8 @@ class ImageGenEvaluator(common.Evaluator):
     train = self.source(dataset, cfg.train_split)
     train = common.Subset(train, len(test))
     real = lambda batch, offset: batch["target_image"]
-    recon = lambda batch, offset: np.asarray(_reconstruct(
-        graphdef, state, batch["image"], batch["input_ids"], batch["attention_mask"]))
+    recon = lambda batch, offset: np.asarray(self.fns(graphdef).reconstruct(
+        state, batch["image"], batch["input_ids"], batch["attention_mask"])["recon"])
     generated = {name: self._generator(prior, name, graphdef, state, int(cfg.seed))
                  for name, prior in priors.items()}
     self.used.update(reconstruction=f"Model.reconstruct of the {cfg.split} images",

@@ -16,6 +16,7 @@ from typing import Any
 from medunifier_jax.evaluators.common import Evaluator
 from medunifier_jax.evaluators.finetune import FinetuneEvaluator
 from medunifier_jax.evaluators.image_gen import ImageGenEvaluator
+from medunifier_jax.evaluators.reconstruction import ReconstructionEvaluator
 from medunifier_jax.evaluators.report_gen import ReportGenEvaluator
 from medunifier_jax.evaluators.retrieval import RetrievalEvaluator
 from medunifier_jax.evaluators.zero_shot import ZeroShotEvaluator
@@ -26,6 +27,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "finetune": FinetuneEvaluator,
     "report_gen": ReportGenEvaluator,
     "image_gen": ImageGenEvaluator,
+    "reconstruction": ReconstructionEvaluator,
 }
 
 
@@ -53,13 +55,11 @@ def build_evaluators(config, tokenizer, names=None, *, periodic_only: bool = Fal
     raise KeyError(f"no config.evals entry named {', '.join(map(repr, unknown))}; configured: "
                    f"{', '.join(entries) or '(none)'}; evaluators: {', '.join(EVALUATORS)}")
   out = {}
-  shared_fns: dict = {}  # one set of compiled model functions for all of them
   for name in names:
     entry = entries[name]
     if periodic_only and not entry.get("periodic", False):
       continue
-    out[name] = get_evaluator_class(entry.get("task", name))(config, entry, tokenizer,
-                                                            shared_fns=shared_fns)
+    out[name] = get_evaluator_class(entry.get("task", name))(config, entry, tokenizer)
   return out
 
 

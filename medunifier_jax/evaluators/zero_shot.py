@@ -22,6 +22,7 @@ log-probability of "match" (every image against every prompt), pooled the same w
 from collections.abc import Iterator
 
 import numpy as np
+from scipy import special
 
 from medunifier_jax.evaluators import common, metrics, prompts
 
@@ -50,7 +51,7 @@ def pool_prompt_scores(prompt_scores: np.ndarray, owner: np.ndarray, num_classes
 def class_probabilities(prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int,
                         pooling: str = "max") -> np.ndarray:
   """(N, P) per-prompt scores -> (N, C) softmax over the pooled class scores."""
-  return common.softmax(pool_prompt_scores(prompt_scores, owner, num_classes, pooling), axis=1)
+  return special.softmax(pool_prompt_scores(prompt_scores, owner, num_classes, pooling), axis=1)
 
 
 class ZeroShotEvaluator(common.Evaluator):
@@ -61,19 +62,12 @@ class ZeroShotEvaluator(common.Evaluator):
 
   def __init__(self, config, task_config, tokenizer, **kwargs):
     super().__init__(config, task_config, tokenizer, **kwargs)
-    # Settings are checked here, so a typo fails before any image is encoded.
-    self.prompt_set = str(task_config.get("prompts", "paper"))
-    if self.prompt_set not in prompts.PROMPT_SETS:
-      raise ValueError(f"config.evals.{self.task}.prompts is {self.prompt_set!r}; choose one of "
-                       f"{prompts.PROMPT_SETS}")
-    self.pooling = str(task_config.get("prompt_pooling", "max"))
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"config.evals.{self.task}.prompt_pooling is {self.pooling!r}; choose "
-                       f"one of {POOLINGS}")
-    self.class_set = str(task_config.get("class_set", ""))
-    if self.class_set and self.class_set not in prompts.class_sets():
-      raise ValueError(f"config.evals.{self.task}.class_set is {self.class_set!r}; choose one "
-                       f"of {sorted(prompts.class_sets())} or ''")
+    self.prompt_set = common.setting_choice(task_config, self.task, "prompts", "paper",
+                                     prompts.PROMPT_SETS)
+    self.pooling = common.setting_choice(task_config, self.task, "prompt_pooling", "max", POOLINGS)
+    # "": no class-set check.
+    self.class_set = common.setting_choice(task_config, self.task, "class_set", "",
+                                    (*sorted(prompts.class_sets()), ""))
 
   def describe(self) -> str:
     cfg = self.cfg
@@ -108,12 +102,13 @@ class ZeroShotEvaluator(common.Evaluator):
       prompt_scores = self._itm_scores(fns, state, feats["image_tokens"], tok)
     else:
       text_emb = np.concatenate(common.run_in_chunks(
-          lambda input_ids, attention_mask: fns.text_features(state, input_ids, attention_mask),
+          lambda input_ids, attention_mask: fns.text_features(
+              state, input_ids, attention_mask)["text_emb"],
           tok, int(cfg.batch_size)))
       # Raw cosine similarities (max over queries): the authors' code applies no temperature.
       prompt_scores = np.asarray(common.similarity_matrix(feats["image_emb"], text_emb))
     class_scores = pool_prompt_scores(prompt_scores, owner, len(class_names), self.pooling)
-    probs = common.softmax(class_scores, axis=1)
+    probs = special.softmax(class_scores, axis=1)
     self.outputs[dataset] = {
         "labels": feats["label"], "probs": probs, "class_scores": class_scores,
         "class_names": list(class_names), "prompts": class_prompts,
@@ -136,6 +131,5 @@ class ZeroShotEvaluator(common.Evaluator):
         lambda img, txt: fns.itm_logits(state, image_tokens[img], tok["input_ids"][txt],
                                         tok["attention_mask"][txt]),
         pairs, int(self.cfg.itm_batch_size))
-    logits = np.concatenate(logits)
-    log_match = logits[:, 1] - np.logaddexp(logits[:, 0], logits[:, 1])
+    log_match = special.log_softmax(np.concatenate(logits), axis=1)[:, 1]
     return log_match.reshape(n, p)

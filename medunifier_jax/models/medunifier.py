@@ -1,8 +1,9 @@
 """MedUnifier: BLIP-2 ViT + Q-Former + contrastive/matching heads + text-grounded VQ-VAE.
 
 Shapes: B batch, S image size, N = (S / patch)^2 patch tokens, Dv ViT width, Q queries, H Q-Former
-width, T text length, E embed_dim, V vocabulary. The model holds only `nnx.Param` and
-`nnx.BatchStat` state; dropout draws from the `rngs` passed at call time (None: deterministic).
+width, T text length, E embed_dim, V vocabulary (padding rows included). The model holds only
+`nnx.Param` and `nnx.BatchStat` state; dropout draws from the `rngs` passed at call time (None:
+deterministic).
 """
 
 import jax
@@ -10,41 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from medunifier_jax import config_lib
 from medunifier_jax.models import layers
 from medunifier_jax.models.qformer import KV, CrossKVs, QFormer
 from medunifier_jax.models.vit import VisionTransformer
 from medunifier_jax.models.vqvae import VQVAE
-
-
-def validate_geometry(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending config values when the parts do not fit together."""
-  vit, qf, vq = cfg.vit, cfg.qformer, cfg.vqvae
-  s, p = vit.image_size, vit.patch_size
-  if s % p:
-    raise ValueError(f"model.vit.image_size={s} must be a multiple of model.vit.patch_size={p}")
-  if s // p != vq.grid:
-    raise ValueError(
-        f"the ViT's patch grid is {s}/{p}={s // p} but model.vqvae.grid={vq.grid}; the VQ-VAE "
-        f"reads the patch tokens as its grid: set vqvae.grid={s // p} or change image/patch size"
-    )
-  k = len(vq.decoder_channels) + 1
-  if s != (vq.grid - 2) * 2**k:
-    raise ValueError(
-        f"the VQ-VAE decoder maps its {vq.grid}x{vq.grid} grid to (grid - 2) * 2**k pixels with "
-        f"k = len(vqvae.decoder_channels) + 1 = {k}, i.e. {(vq.grid - 2) * 2**k}, but "
-        f"vit.image_size={s}; adjust vqvae.decoder_channels or the image size"
-    )
-  qh, qw = vq.query_grid
-  if qh * qw != qf.num_queries:
-    raise ValueError(
-        f"model.vqvae.query_grid={tuple(vq.query_grid)} holds {qh * qw} cells but "
-        f"model.qformer.num_queries={qf.num_queries}; they must match"
-    )
-  if cfg.max_text_len > qf.max_position_embeddings:
-    raise ValueError(
-        f"model.max_text_len={cfg.max_text_len} exceeds "
-        f"model.qformer.max_position_embeddings={qf.max_position_embeddings}"
-    )
 
 
 class MedUnifier(nnx.Module):
@@ -70,13 +41,15 @@ class MedUnifier(nnx.Module):
       remat: rematerialise each transformer block in the backward pass. Default: `cfg.remat`
         if present, else False.
     """
-    validate_geometry(cfg)
+    config_lib.check_geometry(cfg)  # one error listing every part that does not fit
     dtype = jnp.dtype(dtype or cfg.get("dtype", "float32"))
     remat = bool(cfg.get("remat", False) if remat is None else remat)
     self.dtype = dtype
     self.vit_frozen = bool(cfg.vit.frozen)
     self.image_size = cfg.vit.image_size
-    self.vocab_size = cfg.qformer.vocab_size
+    self.vocab_size = cfg.qformer.vocab_size  # V, padding rows included
+    # The real token ids 0..dec_token_id: the classes of the LM head's softmax (ITG).
+    self.num_text_classes = cfg.qformer.dec_token_id + 1
     self.max_positions = cfg.qformer.max_position_embeddings
     self.temperature_min = float(cfg.temperature_min)
     self.temperature_max = float(cfg.temperature_max)
@@ -214,7 +187,8 @@ class MedUnifier(nnx.Module):
   ) -> jax.Array:
     """Generation mode, one joint pass -> (B, T, V) float32; logits[:, t] predicts token t + 1.
 
-    The first token is replaced by [DEC] inside.
+    The first token is replaced by [DEC] inside. Ids >= `num_text_classes` (vocabulary padding)
+    get `qformer.PADDING_LOGIT`.
     """
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]

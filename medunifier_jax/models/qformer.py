@@ -20,6 +20,10 @@ In generation mode the queries never see text, so their per-layer keys/values eq
 image pass: `image_mode_with_kv` returns them and `generate_text` / `decode_step` reuse them (the
 BLIP-2 recipe) instead of running the queries again.
 
+The vocabulary may be padded: `vocab_size` rows of which ids 0..dec_token_id are real ([DEC] is
+the last) and the rest only round the table up to a size the model axis divides. `lm_logits`
+gives the padding ids `PADDING_LOGIT`, so they are never predicted.
+
 Module names mirror Hugging Face (`Blip2ForImageTextRetrieval` with `use_qformer_text_input=True`,
 and `BertLMHeadModel` for the head), so the weight import is a renaming (torch Linear weights are
 transposed: ours are (in, out)):
@@ -52,6 +56,9 @@ from flax import nnx
 from medunifier_jax.models import layers
 
 Mode = Literal["image", "text", "matching", "generation"]
+# The LM logit of a vocabulary padding id (one above [DEC]): finite, so that softmaxes and the
+# decoders' score sums never meet -inf - -inf (NaN), yet exp() of it is exactly 0 in float32.
+PADDING_LOGIT = -1e9
 KV = tuple[jax.Array, jax.Array]  # keys, values: (B, heads, T, head_dim) each
 CrossKVs = list[KV | None]  # per layer: the image tokens' cross-attention keys/values, or None
 
@@ -295,6 +302,9 @@ class QFormer(nnx.Module):
           f"qformer.vocab_size={cfg.vocab_size}"
       )
     self.dec_token_id = cfg.dec_token_id
+    # [DEC] is the last real id; rows above it pad the vocabulary (to a size the model axis
+    # divides) and are never fed nor predicted.
+    self.num_text_classes = cfg.dec_token_id + 1
     self.num_heads = cfg.num_heads
     self.remat = remat
     self.embeddings = QFormerEmbeddings(cfg, rngs=rngs, dtype=dtype)
@@ -413,8 +423,23 @@ class QFormer(nnx.Module):
     return input_ids.at[:, 0].set(self.dec_token_id)
 
   def lm_logits(self, text_hidden: jax.Array) -> jax.Array:
-    """(B, T, H) -> (B, T, V) float32 next-token logits."""
-    return self.lm_head(text_hidden, self.embeddings.word_embeddings)
+    """(B, T, H) -> (B, T, V) float32 next-token logits; padding ids get `PADDING_LOGIT`.
+
+    Every LM logit (training, the uncached and the cached decoders) comes from here, so no
+    softmax or decoder ever gives a padding id any probability.
+    """
+    return self.mask_padding_ids(self.lm_head(text_hidden, self.embeddings.word_embeddings))
+
+  def mask_padding_ids(self, logits: jax.Array) -> jax.Array:
+    """(..., V) logits -> the same with ids >= `num_text_classes` set to `PADDING_LOGIT`.
+
+    An unpadded vocabulary (V == dec_token_id + 1) is returned untouched, bit for bit.
+    """
+    v = logits.shape[-1]
+    if v == self.num_text_classes:
+      return logits
+    real = jnp.arange(v) < self.num_text_classes
+    return jnp.where(real, logits, jnp.asarray(PADDING_LOGIT, logits.dtype))
 
   # -- cached incremental decoding -----------------------------------------------------------
 

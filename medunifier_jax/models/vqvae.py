@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from medunifier_jax import config_lib
 from medunifier_jax.models.layers import partitioned, sinusoidal_position_encoding_2d
 from medunifier_jax.models.quantizer import VectorQuantizer
 
@@ -61,43 +62,13 @@ def valid_image_sizes(grid: int, count: int = 5) -> list[int]:
 def check_geometry(cfg, image_size: int) -> int:
   """Checks the VQ-VAE config against the image size; returns k, the number of x2 upsamplings.
 
+  The rules and their messages are `config_lib.check_geometry`'s (this is the part of them the
+  VQ-VAE can check from its own config).
+
   Raises:
-    ValueError: naming the value to change (grid, query_grid, latent_dim, image size or
-      decoder_channels) and the values that would work.
+    ValueError: listing every broken rule with the values that would work.
   """
-  grid = int(cfg.grid)
-  if grid < 4 or grid % 2:
-    raise ValueError(
-        f"vqvae.grid must be even and >= 4 (the top grid is grid/2 and the decoder's 3x3 valid "
-        f"convolution needs grid - 2 >= 2), got {grid}."
-    )
-  if len(cfg.query_grid) != 2 or min(cfg.query_grid) < 1:
-    raise ValueError(f"vqvae.query_grid must be two positive sizes (rows, cols), got "
-                     f"{tuple(cfg.query_grid)}.")
-  if cfg.latent_dim < 4 or cfg.latent_dim % 4:
-    raise ValueError(
-        f"vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position encoding "
-        f"and d/2 residual bottlenecks), got {cfg.latent_dim}."
-    )
-  base = grid - 2
-  ratio, rest = divmod(image_size, base)
-  if rest or ratio < 2 or ratio & (ratio - 1):
-    raise ValueError(
-        f"image size {image_size} cannot be decoded from a {grid}x{grid} grid: the decoder maps "
-        f"{grid} -> {base} (3x3 valid convolution) and then doubles k >= 1 times, so the image "
-        f"size must be {base} * 2^k; valid sizes for grid {grid}: "
-        f"{', '.join(map(str, valid_image_sizes(grid)))}, ... (or change vqvae.grid together "
-        f"with vit.image_size / vit.patch_size)."
-    )
-  k = ratio.bit_length() - 1
-  if len(cfg.decoder_channels) != k - 1:
-    raise ValueError(
-        f"image size {image_size} from grid {grid} takes k={k} x2 upsamplings, so "
-        f"vqvae.decoder_channels needs k-1={k - 1} entries (the channels after each upsampling "
-        f"but the last, which outputs 3); got {len(cfg.decoder_channels)}: "
-        f"{tuple(cfg.decoder_channels)}."
-    )
-  return k
+  return config_lib.check_vqvae_geometry(cfg, image_size)
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:

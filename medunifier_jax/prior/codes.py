@@ -53,16 +53,6 @@ def shard_name(i: int) -> str:
   return f"shard-{i:05d}.npz"
 
 
-def extract_fn(m, pixel_values, input_ids, attention_mask):
-  """The frozen model's evaluation pass -> codes_top (B, g/2, g/2), codes_bottom (B, g, g),
-  text states (B, T, H). The image decoder's output is unused, so XLA drops it."""
-  tokens = m.image_tokens(pixel_values)
-  queries = m.image_queries(tokens)
-  text = m.text_hidden(input_ids, attention_mask)
-  out = m.vqvae(queries, tokens[:, 1:], text[:, 0], train=False)
-  return out.codes_top, out.codes_bottom, text
-
-
 def latest_checkpoint_step(workdir: str) -> int:
   """The newest finished checkpoint step of a training workdir (FileNotFoundError if none)."""
   folder = epath.Path(workdir) / "checkpoints"
@@ -227,8 +217,8 @@ def _encode_range(model, processor, start: int, stop: int, batch_size: int,
     chunk += [chunk[-1]] * (batch_size - m)
     batch = {k: np.stack([e[k] for e in chunk]) for k in
              ("image", "input_ids", "attention_mask", "index")}
-    top, bottom, text = model.run(extract_fn, batch["image"], batch["input_ids"],
-                                  batch["attention_mask"])
+    top, bottom, text = jax.device_get(model.fns.codes_and_text(
+        model.state, batch["image"], batch["input_ids"], batch["attention_mask"]))
     out = {
         "index": batch["index"][:m].astype(np.int32),
         "codes_top": top[:m].astype(code_dtype),

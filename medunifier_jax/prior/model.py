@@ -143,8 +143,11 @@ class CodePrior(nnx.Module):
     init = nnx.initializers.normal(layers.INIT_STD)
 
     def table(n: int) -> nnx.Embed:
+      # K codes + [MASK] rows: not a multiple of a model axis, so laid out like the VQ
+      # codebooks ("codebook", replicated by default) rather than split as a vocabulary.
       return nnx.Embed(n, d, dtype=dtype, param_dtype=jnp.float32,
-                       embedding_init=layers.partitioned(init, ("vocab", "embed")), rngs=rngs)
+                       embedding_init=layers.partitioned(init, ("codebook", "embed")),
+                       rngs=rngs)
 
     # Names containing "embedding" are spared weight decay (training/optimizer.py).
     self.code_embedding_top = table(k + 1)

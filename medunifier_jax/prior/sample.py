@@ -16,7 +16,6 @@ only, not on the batch around it.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from medunifier_jax.prior.model import CodePrior, ConditionedPrior, unflatten_codes
+from medunifier_jax.prior.model import CodePrior, unflatten_codes
 
 
 def mask_schedule(n: int, steps: int) -> np.ndarray:
@@ -107,12 +106,16 @@ def sample_codes(
 
 
 def generate_fn(medunifier, prior: CodePrior, input_ids, attention_mask, keys, guidance,
-                temperature, choice_temperature, *, steps: int, guided: bool):
+                temperature, choice_temperature, *, steps: int, guided: bool,
+                null_condition: bool = False):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g): the frozen Q-Former's text states, parallel decoding, the frozen
-  VQ-VAE's decoder (evaluation mode)."""
+  VQ-VAE's decoder (evaluation mode). `null_condition` ignores the reports and samples the
+  text prior's learned null condition (its unconditional baseline)."""
   text = None
-  if prior.condition == "text":
+  if null_condition:
+    attention_mask, guided = None, False
+  elif prior.condition == "text":
     text = medunifier.text_hidden(input_ids, attention_mask)
   tokens = sample_codes(prior, text, attention_mask, keys, steps=steps,
                         guidance=guidance if guided else None, temperature=temperature,
@@ -120,16 +123,6 @@ def generate_fn(medunifier, prior: CodePrior, input_ids, attention_mask, keys, g
   top, bottom = unflatten_codes(tokens, prior.grid)
   images = medunifier.vqvae.decode_codes(top, bottom)
   return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), top, bottom
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("steps", "guided"))
-def _generate(mu_def, mu_state, prior_def, prior_state, input_ids, attention_mask, keys,
-              guidance, temperature, choice_temperature, *, steps, guided):
-  # Graph definitions are static: one compilation per architecture, steps and input shapes,
-  # shared by every checkpoint, seed, guidance weight and temperature.
-  return generate_fn(nnx.merge(mu_def, mu_state), nnx.merge(prior_def, prior_state), input_ids,
-                     attention_mask, keys, guidance, temperature, choice_temperature,
-                     steps=steps, guided=guided)
 
 
 class TrainedPrior:
@@ -154,12 +147,13 @@ class TrainedPrior:
                input_ids: np.ndarray, attention_mask: np.ndarray, *, seed: int = 0,
                steps: int | None = None, guidance: float | None = None,
                temperature: float | None = None, choice_temperature: float | None = None,
-               row_offset: int = 0) -> dict[str, np.ndarray]:
+               row_offset: int = 0, null_condition: bool = False) -> dict[str, np.ndarray]:
     """Rows of report tokens (B, T) -> `images` (B, S, S, 3) float32 in [0, 1], `codes_top`,
     `codes_bottom`; the MedUnifier is given as `(graphdef, state)` (`api.Model`'s).
 
     Unset decoding settings come from `config.sample`; row i draws from
-    fold_in(key(seed), row_offset + i).
+    fold_in(key(seed), row_offset + i). `null_condition` samples the learned null condition
+    instead of the reports (`generate_fn`).
     """
     s = self.config.sample
     steps = int(s.steps if steps is None else steps)
@@ -172,11 +166,13 @@ class TrainedPrior:
     # Without text (the unconditional prior) or with weight 0 the guidance term is exactly
     # zero: one prior pass per step suffices.
     guided = self.module.condition == "text" and guidance != 0.0
-    images, top, bottom = _generate(
+    from medunifier_jax import inference
+
+    images, top, bottom = inference.generate_images(
         medunifier_graphdef, medunifier_state, self.graphdef, self.state,
         jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32), keys,
         jnp.float32(guidance), jnp.float32(temperature), jnp.float32(choice),
-        steps=steps, guided=guided)
+        steps=steps, guided=guided, null_condition=bool(null_condition))
     return {"images": np.asarray(images), "codes_top": np.asarray(top),
             "codes_bottom": np.asarray(bottom)}
 
@@ -214,25 +210,18 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 def load_prior(workdir: str) -> TrainedPrior:
-  """The prior of a training workdir (its config.json and latest checkpoint; only the prior's
-  weights are read, not a frozen text encoder's or the optimizer's).
+  """The prior of a training workdir (its config.json and newest readable checkpoint; only the
+  prior's weights are read, not a frozen text encoder's or the optimizer's).
 
   Raises:
     FileNotFoundError: no prior run or no checkpoint there.
   """
-  from medunifier_jax.training import checkpoint as ckpt
+  from medunifier_jax import model_io
 
   if not is_prior_workdir(workdir):
     raise FileNotFoundError(f"{workdir} holds no trained prior (config.json with task 'prior')")
-  config = ckpt.load_config(workdir)
-  module = nnx.eval_shape(lambda: ConditionedPrior(config, rngs=nnx.Rngs(0),
-                                                   with_text_encoder=False))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.state(module))
-  state, step = ckpt.restore_model_state(workdir, abstract)
-  nnx.update(module, state)
-  return TrainedPrior(module.prior, config, os.fspath(workdir), step)
+  restored = model_io.restore(workdir)
+  return TrainedPrior(restored.module.prior, restored.config, restored.workdir, restored.step)
 
 
 def train_command(workdir: str) -> str:

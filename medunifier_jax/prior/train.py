@@ -5,9 +5,9 @@ r"""Training the image prior on the project's training engine.
 
 `train.py` sends configs with `task = "prior"` here. `train_prior` reads the frozen MedUnifier's
 run config (grid, codebook size, Q-Former width), extracts its code cache once (`codes.py`) and
-calls `training.loop.train_and_evaluate` with the prior's model, loss, data and initial weights:
-the same mesh, optimizer, checkpoints (with the data iterator's position), metrics.jsonl and
-TensorBoard as pre-training. Running the command again resumes.
+trains its `task` on the engine (`training.loop.train`): the prior's model, loss, data and
+initial weights, with the same mesh, optimizer, checkpoints (with the data iterator's
+position), metrics.jsonl and TensorBoard as pre-training. Running the command again resumes.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from medunifier_jax import model_io
 from medunifier_jax.prior import codes as codes_lib
 from medunifier_jax.prior import data as data_lib
 from medunifier_jax.prior.model import ConditionedPrior
 from medunifier_jax.prior.objective import BATCH_KEYS, masked_token_loss
+from medunifier_jax.training.task import Task
 
 
 def model_fn(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ConditionedPrior:
-  """The training module: the prior, plus the frozen Q-Former without cached text states."""
-  return ConditionedPrior(config, rngs=rngs, dtype=str(config.compute_dtype),
-                          remat=bool(config.remat))
+  """The training module (`model_io.build`): the prior, plus the frozen Q-Former when the text
+  states are not cached."""
+  return model_io.build(config, rngs=rngs)
 
 
 def loss_fn(config: ml_collections.ConfigDict):
@@ -45,8 +47,7 @@ def codes_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def configure(config: ml_collections.ConfigDict,
               medunifier_config: ml_collections.ConfigDict | None, step: int = -1) -> None:
   """Fills, in place, what the frozen MedUnifier dictates: `model.grid`, `model.codebook_size`,
-  `model.text_width`, the Q-Former config of the text encoder, `medunifier_step`; and the
-  batch entries the step reads (`batch_keys`)."""
+  `model.text_width`, the Q-Former config of the text encoder, `medunifier_step`."""
   if medunifier_config is not None:
     m = medunifier_config.model
     config.model.grid = int(m.vqvae.grid)
@@ -55,8 +56,11 @@ def configure(config: ml_collections.ConfigDict,
     config.text_encoder.qformer = ml_collections.ConfigDict(m.qformer.to_dict())
     config.text_encoder.vision_width = int(m.vit.width)
     config.medunifier_step = int(step)
-  keys = BATCH_KEYS + (("text_states",) if config.codes.cache_text_states else ())
-  config.batch_keys = keys
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch entries the step reads: codes and tokens, and the cached text states."""
+  return BATCH_KEYS + (("text_states",) if config.codes.cache_text_states else ())
 
 
 class _Frozen:
@@ -108,30 +112,41 @@ def _check_cache(index: dict[str, Any], config: ml_collections.ConfigDict, folde
                      "--config.codes.cache_text_states=False to compute them each step")
 
 
-def make_init_fn(frozen: _Frozen) -> Callable[[nnx.Module], str]:
-  """`init_fn(model)`: the frozen Q-Former's weights into a fresh training module that has a
-  text encoder."""
+def make_init_fn(frozen: _Frozen) -> Callable[..., str]:
+  """The engine's `init_fn`: the frozen Q-Former's weights into the text encoder of the
+  (abstract) training module; the prior itself starts fresh."""
 
-  def init_fn(model: ConditionedPrior) -> str:
+  def init_fn(model: ConditionedPrior, log, workdir) -> str:
+    del log, workdir
     nnx.update(model.text_encoder, nnx.state(frozen.model().module.qformer))
     return f"the Q-Former of {frozen.workdir} (step {frozen.step}, frozen)"
 
   return init_fn
 
 
+def task(config: ml_collections.ConfigDict, frozen: _Frozen | None = None) -> Task:
+  """The prior's training task: its model, masked-token loss and code cache; with the frozen
+  MedUnifier when the text states are computed each step."""
+  on_the_fly = frozen is not None and not config.codes.cache_text_states
+  return Task(model_fn=model_fn, loss_fn=loss_fn(config), batch_keys=batch_keys(config),
+              data_fn=code_data_fn,
+              # Only the frozen text encoder has weights to take over; the prior starts fresh.
+              init_fn=make_init_fn(frozen) if on_the_fly else None)
+
+
 def train_prior(config: ml_collections.ConfigDict, workdir: str, *,
-                data_fn=None, eval_fn=None, show_progress: bool = True) -> dict[str, Any]:
+                data_fn=None, show_progress: bool = True) -> dict[str, Any]:
   """Trains the prior of `config` (configs/prior.py) in `workdir`; see the module docstring.
 
   Without `config.medunifier_workdir` the code cache must already exist (`config.codes.dir`,
   e.g. written by `codes.write_cache`) and hold the text states.
 
   Returns:
-    `train_and_evaluate`'s result.
+    `training.loop.train`'s result.
   """
   from medunifier_jax import paths
   from medunifier_jax.training import checkpoint as ckpt
-  from medunifier_jax.training.loop import train_and_evaluate
+  from medunifier_jax.training import loop
 
   workdir = paths.resolve(workdir)
   if config.codes.dir:
@@ -150,10 +165,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str, *,
       raise ValueError("computing the text states each step needs the frozen MedUnifier: set "
                        "--config.medunifier_workdir=WORKDIR")
     configure(config, None)
-  on_the_fly = frozen is not None and not config.codes.cache_text_states
-  return train_and_evaluate(
-      config, workdir, model_fn=model_fn, loss_fn=loss_fn(config),
-      data_fn=data_fn or code_data_fn, eval_fn=eval_fn,
-      # Only the frozen text encoder has weights to take over; the prior starts fresh.
-      init_fn=make_init_fn(frozen) if on_the_fly else None,
-      show_progress=show_progress)
+  prior_task = task(config, frozen)
+  if data_fn is not None:
+    prior_task = prior_task.replace(data_fn=data_fn)
+  return loop.train(config, workdir, prior_task, show_progress=show_progress)

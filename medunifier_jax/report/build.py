@@ -1,28 +1,26 @@
 """The run report: `WORKDIR/report.md` and the same as one self-contained `WORKDIR/report.html`.
 
-Reads what training and evaluation left in the workdir (`metrics.jsonl`, `eval/results.json`,
-`eval/outputs/`), measures reconstruction on test phantoms with the trained model, and lays out
-the figures table (with the demo's targets), loss curves, reconstructions and code maps,
-images drawn from reports (FID/KID and finding fidelity beside their baselines, with N; a grid
-of single-finding prompts by samples), the zero-shot confusion matrix, retrieval examples,
-generated reports beside the real ones, and VQ code usage. Every figure names its data set and
-example count.
+Reads only what training and evaluation left in the workdir (`metrics.jsonl`,
+`eval/results.json`, `eval/outputs/`) and never runs the model: every figure comes from
+`python -m medunifier_jax.evaluate`, the demo's evaluation stages or periodic evaluation during
+training. It lays out the figures table (with the demo's targets), loss curves, VQ
+reconstructions, code maps and code usage (the `reconstruction` evaluator's), images drawn from
+reports (FID/KID and finding fidelity beside their baselines, with N; a grid of single-finding
+prompts by samples), the zero-shot confusion matrix, retrieval examples and generated reports
+beside the real ones. Every figure names its data set and example count.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
+from medunifier_jax.evaluators import metrics
 from medunifier_jax.report import figures
 
 # (label, entry, data set, metric, target, how the target is read). `baseline_x2` compares
@@ -43,47 +41,13 @@ TARGETS = (
      None, "baseline_x2"),
     ("Report generation CIDEr, Open-i phantom test", "report_gen", "phantom_openi", "CIDEr",
      None, "baseline_x2"),
+    ("Reconstruction PSNR (dB), phantom_openi test", "reconstruction", "phantom_openi",
+     "psnr_db", 24.0, "min"),
+    ("Codebook usage, top level, phantom_openi test", "reconstruction", "phantom_openi",
+     "usage_top", 0.25, "min"),
+    ("Codebook usage, bottom level, phantom_openi test", "reconstruction", "phantom_openi",
+     "usage_bottom", 0.25, "min"),
 )
-
-
-def reconstruction_fn(graphdef: nnx.GraphDef) -> Callable:
-  """Jitted `(state, image, input_ids, attention_mask) -> (recon, codes_top, codes_bottom)`:
-  `api.reconstruct_fn`, the evaluation-mode TIG pass (running BatchNorm statistics)."""
-  from medunifier_jax import api
-
-  return jax.jit(lambda state, *arrays: api.reconstruct_fn(nnx.merge(graphdef, state), *arrays))
-
-
-def measure_reconstruction(graphdef, state, batches, codebook_size: int) -> dict[str, Any]:
-  """PSNR (dB, per image on [0, 1], averaged) and code counts per level over `batches`.
-
-  `batches` yields evaluation batches (`image`, `target_image`, `input_ids`,
-  `attention_mask`, `mask`); padded rows are left out. Also keeps the first batch's images,
-  reconstructions and code maps for the figure.
-  """
-  run = reconstruction_fn(graphdef)
-  psnrs, counts = [], {"top": np.zeros(codebook_size, np.int64),
-                       "bottom": np.zeros(codebook_size, np.int64)}
-  first = None
-  for batch in batches:
-    keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool)), bool)
-    recon, top, bottom = jax.device_get(run(state, batch["image"], batch["input_ids"],
-                                            batch["attention_mask"]))
-    target = np.asarray(batch["target_image"])
-    mse = np.mean((recon - target) ** 2, axis=(1, 2, 3))
-    psnrs.extend((10.0 * np.log10(1.0 / np.maximum(mse, 1e-12)))[keep].tolist())
-    counts["top"] += np.bincount(top[keep].ravel(), minlength=codebook_size)
-    counts["bottom"] += np.bincount(bottom[keep].ravel(), minlength=codebook_size)
-    if first is None:
-      first = dict(target=target[keep], recon=recon[keep], top=top[keep], bottom=bottom[keep])
-  return {
-      "psnr_db": float(np.mean(psnrs)),
-      "num_images": len(psnrs),
-      "usage_top": float((counts["top"] > 0).mean()),
-      "usage_bottom": float((counts["bottom"] > 0).mean()),
-      "counts": counts,
-      "examples": first,
-  }
 
 
 def _value(results: dict, entry: str, dataset: str, metric: str) -> float | None:
@@ -91,11 +55,15 @@ def _value(results: dict, entry: str, dataset: str, metric: str) -> float | None
   return None if v is None else float(v)
 
 
-def target_rows(results: dict, recon: dict | None) -> list[dict[str, Any]]:
-  """The figures table: label, value, target and whether it is met."""
+def target_rows(results: dict) -> list[dict[str, Any]]:
+  """The figures table: label, value, target and whether it is met. Entries that count their
+  examples (`num_images`) have the count added to the label."""
   rows = []
   for label, entry, dataset, metric, target, kind in TARGETS:
     value = _value(results, entry, dataset, metric)
+    n = _value(results, entry, dataset, "num_images")
+    if n is not None:
+      label = f"{label} ({int(n)} images)"
     row = {"label": label, "value": value, "target": "", "met": None}
     if kind == "min" and value is not None:
       row.update(target=f">= {target:.2f}", met=value >= target)
@@ -104,15 +72,6 @@ def target_rows(results: dict, recon: dict | None) -> list[dict[str, Any]]:
       if value is not None and base is not None:
         row.update(target=f">= 2 x baseline {base:.4f} = {2 * base:.4f}", met=value >= 2 * base)
     rows.append(row)
-  if recon is not None:
-    n = recon["num_images"]
-    rows.append({"label": f"Reconstruction PSNR (dB), {n} phantom_openi test images",
-                 "value": recon["psnr_db"], "target": ">= 24.00",
-                 "met": recon["psnr_db"] >= 24.0})
-    for level in ("top", "bottom"):
-      u = recon[f"usage_{level}"]
-      rows.append({"label": f"Codebook usage, {level} level ({n} test images)", "value": u,
-                   "target": ">= 0.25", "met": u >= 0.25})
   return rows
 
 
@@ -126,33 +85,42 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(out)
 
 
-def write_report(config, workdir: str, graphdef=None, state=None, recon_batches=None,
-                 *, timings: dict[str, float] | None = None, max_examples: int = 6) -> str:
-  """Writes the figures and `report.md` / `report.html`; returns the markdown path.
+def read_payload(workdir: str) -> dict[str, Any]:
+  """WORKDIR/eval/results.json (`results`, `protocol`, `meta`); empty parts when absent."""
+  payload = {"results": {}, "protocol": {}, "meta": {}}
+  path = os.path.join(workdir, "eval", "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      payload.update(json.load(f))
+  return payload
+
+
+def task_entries(payload: dict, task: str) -> list[str]:
+  """The evaluated entries that ran `task` (an entry's task defaults to its name)."""
+  protocol = payload.get("protocol", {})
+  return [name for name in payload.get("results", {})
+          if protocol.get(name, {}).get("task", name) == task]
+
+
+def write_report(config, workdir: str, *, timings: dict[str, float] | None = None,
+                 max_examples: int = 6) -> str:
+  """Writes the figures and `report.md` / `report.html` from the workdir's files; returns the
+  markdown path.
 
   Args:
     config: the run's configuration.
     workdir: the run directory (figures go to WORKDIR/report/).
-    graphdef, state: the trained model (for reconstructions); None skips that section.
-    recon_batches: evaluation batches of the pre-training test split for reconstructions.
     timings: seconds per stage, shown in the report.
+    max_examples: examples shown per figure or table at most.
   """
   fig_dir = os.path.join(workdir, "report")
   os.makedirs(fig_dir, exist_ok=True)
   sections: list[str] = [f"# MedUnifier run report: `{config.variant}`\n"]
-  payload_path = os.path.join(workdir, "eval", "results.json")
-  results = {}
-  if os.path.exists(payload_path):
-    with open(payload_path) as f:
-      results = json.load(f)["results"]
-
-  recon = None
-  if graphdef is not None and recon_batches is not None:
-    recon = measure_reconstruction(graphdef, state, recon_batches,
-                                   int(config.model.vqvae.codebook_size))
+  payload = read_payload(workdir)
+  results = payload["results"]
 
   # Figures table.
-  rows = target_rows(results, recon)
+  rows = target_rows(results)
   table = [[r["label"], _fmt(r["value"]), r["target"] or "-",
             {True: "yes", False: "**no**", None: "-"}[r["met"]]] for r in rows]
   sections.append("## Figures\n\n" + _md_table(["measure", "value", "target", "met"], table))
@@ -172,24 +140,8 @@ def write_report(config, workdir: str, graphdef=None, state=None, recon_batches=
                 f"{last} steps x {config.batch_size} examples")
       sections.append(f"## Pre-training losses\n\n![losses]({_rel(png, workdir)})")
 
-  # Reconstructions and code maps.
-  if recon is not None and recon["examples"] is not None:
-    ex = recon["examples"]
-    n = min(max_examples, len(ex["target"]))
-    png = figures.image_rows(
-        [("input", ex["target"][:n]), ("reconstruction", ex["recon"][:n]),
-         ("top codes", ex["top"][:n]), ("bottom codes", ex["bottom"][:n])],
-        os.path.join(fig_dir, "reconstructions.png"),
-        title=f"{config.data.name} test split: {n} phantoms, VQ reconstructions and code maps")
-    usage_png = figures.code_usage(
-        recon["counts"], os.path.join(fig_dir, "code_usage.png"),
-        title=f"VQ code usage on {recon['num_images']} {config.data.name} test images")
-    sections.append(
-        f"## Reconstructions\n\nMean PSNR {recon['psnr_db']:.2f} dB over "
-        f"{recon['num_images']} test images.\n\n![reconstructions]({_rel(png, workdir)})\n\n"
-        f"![code usage]({_rel(usage_png, workdir)})")
-
   outputs = os.path.join(workdir, "eval", "outputs")
+  sections += _reconstruction_section(payload, outputs, fig_dir, workdir, max_examples)
   sections += _image_gen_section(results, outputs, fig_dir, workdir)
   sections += _zero_shot_section(config, outputs, fig_dir, workdir)
   sections += _retrieval_section(config, outputs, fig_dir, workdir, max_examples)
@@ -204,6 +156,54 @@ def write_report(config, workdir: str, graphdef=None, state=None, recon_batches=
   with open(os.path.join(workdir, "report.html"), "w") as f:
     f.write(markdown_to_html(md, workdir))
   return md_path
+
+
+def _reconstruction_section(payload: dict, outputs: str, fig_dir: str, workdir: str,
+                            max_examples: int) -> list[str]:
+  """Per reconstruction entry and data set: PSNR and code usage, then (when the evaluation
+  saved its outputs; periodic evaluation during training does not) the example inputs,
+  reconstructions and code maps, and each level's code histogram."""
+  out = []
+  for entry in task_entries(payload, "reconstruction"):
+    split = payload["protocol"].get(entry, {}).get("split", "test")
+    for dataset, scores in payload["results"][entry].items():
+      where = f"{dataset} {split} split"
+      text = [f"## Reconstructions: {where}\n\n"
+              f"Mean PSNR {scores['psnr_db']:.2f} dB over {int(scores['num_images'])} images; "
+              f"codebook usage {scores['usage_top']:.3f} (top), {scores['usage_bottom']:.3f} "
+              f"(bottom); code perplexity {scores['perplexity_top']:.1f} (top), "
+              f"{scores['perplexity_bottom']:.1f} (bottom)."]
+      npz = os.path.join(outputs, f"{entry}_{dataset}.npz")
+      if os.path.exists(npz):
+        text += _reconstruction_figures(np.load(npz), f"{entry}_{dataset}", where,
+                                        int(scores["num_images"]), fig_dir, workdir,
+                                        max_examples)
+      out.append("\n\n".join(text))
+  return out
+
+
+def _reconstruction_figures(arrays, stem: str, where: str, n_images: int, fig_dir: str,
+                            workdir: str, max_examples: int) -> list[str]:
+  """Markdown images of a reconstruction output file: `inputs` / `recons` (n, S, S, 3) uint8
+  with `codes_top` / `codes_bottom` maps, and the histograms of `counts_top` / `counts_bottom`
+  (K,)."""
+  out = []
+  if "inputs" in arrays.files:
+    n = min(max_examples, len(arrays["inputs"]))
+    # Stored as 8-bit; as floats in [0, 1] they are drawn as images, not as code maps.
+    png = figures.image_rows(
+        [("input", arrays["inputs"][:n] / 255.0), ("reconstruction", arrays["recons"][:n] / 255.0),
+         ("top codes", arrays["codes_top"][:n]), ("bottom codes", arrays["codes_bottom"][:n])],
+        os.path.join(fig_dir, f"{stem}.png"),
+        title=f"{where}: {n} images, VQ reconstructions and code maps")
+    out.append(f"![reconstructions]({_rel(png, workdir)})")
+  counts = {level: arrays[f"counts_{level}"] for level in ("top", "bottom")
+            if f"counts_{level}" in arrays.files}
+  if counts:
+    png = figures.code_usage(counts, os.path.join(fig_dir, f"{stem}_codes.png"),
+                             title=f"VQ code usage on {n_images} images of the {where}")
+    out.append(f"![code usage]({_rel(png, workdir)})")
+  return out
 
 
 # image_gen sets in table order, with what each row is.
@@ -315,11 +315,10 @@ def _zero_shot_section(config, outputs: str, fig_dir: str, workdir: str) -> list
     arrays = np.load(path)
     with open(path[:-4] + ".json") as f:
       names = json.load(f)["class_names"]
-    labels, pred = arrays["labels"].astype(int), arrays["probs"].argmax(-1)
-    if arrays["probs"].ndim == 1:  # binary sets store P(positive)
-      pred = (arrays["probs"] >= 0.5).astype(int)
-    matrix = np.zeros((len(names), len(names)), np.int64)
-    np.add.at(matrix, (labels, pred), 1)
+    labels, probs = arrays["labels"].astype(int), arrays["probs"]
+    if probs.ndim == 1:  # binary sets store P(positive)
+      probs = np.stack([1.0 - probs, probs], axis=-1)
+    matrix = metrics.confusion_matrix(labels, probs)
     png = figures.confusion_matrix(
         matrix, names, os.path.join(fig_dir, f"zero_shot_{dataset}.png"),
         title=f"Zero-shot on {dataset} (test split, {len(labels)} images)")
@@ -405,50 +404,36 @@ def _rel(path: str, root: str) -> str:
   return os.path.relpath(path, root)
 
 
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+         "padding:4px 8px;font-size:13px;vertical-align:top}img{max-width:100%}")
+
+
 def markdown_to_html(md: str, root: str) -> str:
-  """The report's small markdown subset -> one HTML page with the PNGs embedded."""
-  body, table, para = [], [], []
+  """The report's markdown -> one HTML page with the PNGs embedded as data URIs (the page
+  stands alone: it can be mailed or opened away from the workdir).
 
-  def inline(s: str) -> str:
-    s = html.escape(s)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+  CommonMark with tables; raw HTML is escaped (generated reports are quoted verbatim) and line
+  breaks inside a paragraph are kept (retrieval examples list one report per line).
+  """
+  from markdown_it import MarkdownIt
 
-  def flush():
-    if table:
-      cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table
-               if not re.fullmatch(r"\|(---\|)+", r.strip())]
-      head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
-      rows = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>"
-                     for r in cells[1:])
-      body.append(f"<table><tr>{head}</tr>{rows}</table>")
-      table.clear()
-    if para:
-      body.append("<p>" + "<br>".join(inline(p) for p in para) + "</p>")
-      para.clear()
-
-  for line in md.splitlines():
-    img = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
-    if line.startswith("|"):
-      if para:
-        flush()
-      table.append(line)
-      continue
-    flush()
-    if not line.strip():
-      continue
-    if img:
-      with open(os.path.join(root, img.group(2)), "rb") as f:
-        data = base64.b64encode(f.read()).decode()
-      body.append(f'<img alt="{html.escape(img.group(1))}" src="data:image/png;base64,{data}">')
-    elif line.startswith("#"):
-      level = len(line) - len(line.lstrip("#"))
-      body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-    else:
-      para.append(line)
-  flush()
-  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-           "padding:4px 8px;font-size:13px;vertical-align:top}img{max-width:100%}")
+  parser = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
+  tokens = parser.parse(md)
+  for token in tokens:
+    for child in token.children or ():
+      if child.type == "image":
+        child.attrSet("src", _data_uri(str(child.attrGet("src")), root))
+  body = parser.renderer.render(tokens, parser.options, {})
   return (f"<!doctype html><html><head><meta charset='utf-8'><title>MedUnifier report</title>"
-          f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+          f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def _data_uri(src: str, root: str) -> str:
+  """A PNG path relative to `root` -> a base64 data URI; anything else (a URL, a missing file)
+  is left as it is."""
+  path = os.path.join(root, src)
+  if re.match(r"[a-z][a-z0-9+.-]*:", src) or not os.path.isfile(path):
+    return src
+  with open(path, "rb") as f:
+    return "data:image/png;base64," + base64.b64encode(f.read()).decode()

@@ -6,27 +6,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medunifier_jax.training import state as state_lib
 from medunifier_jax.training import step as step_lib
+from medunifier_jax.training.task import Task
 
 
-def lower_train_step(
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    model_fn: state_lib.ModelFn | None = None,
-    loss_fn: step_lib.LossFn | None = None,
-) -> jax.stages.Lowered:
+def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh, task: Task,
+                     global_batch: int | None = None) -> jax.stages.Lowered:
   """`jax.jit(step).lower(...)` on `ShapeDtypeStruct`s carrying the run's shardings.
 
   The model is only traced (`nnx.eval_shape`), so this works for configurations far larger than
   the host's memory; `.compile()` on the result gives XLA's per-device memory figures.
   """
-  graphdef, abstract_state, shardings = state_lib.abstract_train_state(config, mesh, model_fn)
+  graphdef, abstract_state, shardings = state_lib.abstract_train_state(config, mesh,
+                                                                       task.model_fn)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, config, loss_fn), shardings, mesh, config.sharding_rules
-  )
+      step_lib.make_train_step(graphdef, config, task.loss_fn), shardings, mesh,
+      config.sharding_rules)
   key = jax.eval_shape(jax.random.key, 0)
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype,
                              sharding=NamedSharding(mesh, PartitionSpec()))
-  return train_step.lower(abstract_state, step_lib.abstract_batch(config, mesh), rng)
+  shapes = task.abstract_batch(config, int(global_batch or config.batch_size))
+  batch = step_lib.abstract_batch(shapes, mesh, config.sharding_rules)
+  return train_step.lower(abstract_state, batch, rng)
 
 
 def memory_report(compiled: jax.stages.Compiled) -> dict[str, int]:

@@ -35,12 +35,14 @@ def logical_to_spec(
 ) -> PartitionSpec:
   """Maps one array's logical axis names to a `PartitionSpec` on `mesh`.
 
-  A dimension stays replicated when its rule says `None`, when its mesh axis is already used
-  by an earlier dimension, or when its size is not divisible by the mesh axis size (a tiny
-  vocabulary of 513 on a model axis of 2, say), so every config runs on every mesh.
+  A dimension stays replicated when its rule says `None` or when its mesh axis is already used
+  by an earlier dimension. A dimension its mesh axes do not divide is an error, not a silent
+  replication: a replicated vocabulary (513 rows on a model axis of 2, say) costs every device
+  the whole table and its gradient, so the config should pad it instead.
 
   Raises:
-    ValueError: a logical name with no rule, or a rule naming an axis the mesh lacks.
+    ValueError: a logical name with no rule, a rule naming an axis the mesh lacks, or a
+      dimension whose size the mesh axes of its rule do not divide (the message names the fix).
   """
   if not logical:
     return PartitionSpec()
@@ -66,12 +68,35 @@ def logical_to_spec(
             f"config.sharding_rules maps {name!r} to mesh axis {a!r}, but the mesh has axes "
             f"{tuple(mesh.shape)}; fix the rule or config.mesh."
         )
-    if not axes or used.intersection(axes) or dim % _axis_size(mesh, mesh_axis):
+    if not axes or used.intersection(axes):
       spec.append(None)
       continue
+    size = _axis_size(mesh, mesh_axis)
+    if dim % size:
+      raise ValueError(_indivisible(name, mesh_axis, dim, size))
     used.update(axes)
     spec.append(mesh_axis)
   return PartitionSpec(*spec)
+
+
+# Where the size of a logical axis is set, for the error's fix.
+_SIZE_FIELDS = {
+    "vocab": "for the Q-Former's vocabulary: model.qformer.vocab_size, which the configs pad to "
+             "a multiple of 128",
+}
+
+
+def _indivisible(name: str, mesh_axis: Any, dim: int, size: int) -> str:
+  """The error for a dimension of `dim` on mesh axes `mesh_axis` of `size` devices."""
+  padded = -(-dim // size) * size
+  field = _SIZE_FIELDS.get(name, "in the config field that sets it")
+  return (
+      f"logical axis {name!r} has size {dim}, which its rule ({name!r}, {mesh_axis!r}) in "
+      f"config.sharding_rules cannot split: mesh axis {mesh_axis!r} has size {size} and "
+      f"{dim} % {size} = {dim % size}. Fix: pad the dimension to a multiple of {size}, e.g. "
+      f"{padded} ({field}), or map the logical axis to None (('{name}', None) in "
+      f"config.sharding_rules) to replicate it."
+  )
 
 
 def _logical_names(variable: nnx.Variable) -> Sequence[str | None] | None:
@@ -90,13 +115,31 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) ->
   """
   rd = rules_dict(rules)
 
-  def one(x):
+  def one(path, x):
     if isinstance(x, nnx.Variable):
       shape = np.shape(x.get_value())
-      return x.replace(NamedSharding(mesh, logical_to_spec(_logical_names(x), shape, mesh, rd)))
+      try:
+        spec = logical_to_spec(_logical_names(x), shape, mesh, rd)
+      except ValueError as e:
+        raise ValueError(f"{_path_str(path)} {tuple(shape)}: {e}") from e
+      return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(
+      one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  """A tree path as `model/qformer/lm_head/bias`."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
 
 
 def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
@@ -129,3 +172,26 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Sequence[tuple[s
         f"config.batch_size={global_batch} is not divisible by the {processes} processes; each "
         "host feeds an equal slice. Use a multiple of the process count."
     )
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = ()) -> dict[str, jax.Array]:
+  """Host batches -> global `jax.Array`s, leading axis split over the batch's mesh axes.
+
+  Every process passes its own host batch (B_host, ...); the global arrays have leading size
+  B_host * process_count and are replicated over the other mesh axes.
+  """
+  sharding = batch_sharding(mesh, rules)
+  axes = batch_axes(mesh, rules)
+  n = _axis_size(mesh, axes) if axes else 1
+
+  def put(x):
+    x = np.asarray(x)
+    size = x.shape[0] * jax.process_count()
+    if size % n:
+      raise ValueError(
+          f"the global batch of {size} does not split over the {n} devices of mesh axes "
+          f"{axes}; make config.batch_size a multiple of {n}")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, host_batch)

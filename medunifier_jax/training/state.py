@@ -4,7 +4,6 @@ The state is created directly with its final shardings (`jax.jit(init, out_shard
 so no host ever holds a full unsharded copy of a large model.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,40 +14,30 @@ from jax.sharding import Mesh
 from medunifier_jax.training import optimizer as optimizer_lib
 from medunifier_jax.training import sharding as sharding_lib
 from medunifier_jax.training import tracing
-
-ModelFn = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+from medunifier_jax.training.task import ModelFn
 
 
 class TrainState(nnx.Module):
-  """`model` (the MedUnifier module) and `optimizer` (`nnx.Optimizer`, holds the step count)."""
+  """`model` (the task's module) and `optimizer` (`nnx.Optimizer`, holds the step count)."""
 
   def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
     self.model = model
     self.optimizer = optimizer
 
 
-def default_model_fn(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """`MedUnifier` with the run's compute dtype (fp32 master weights) and rematerialisation."""
-  from medunifier_jax.models.medunifier import MedUnifier
-
-  return MedUnifier(
-      config.model, rngs=rngs, dtype=str(config.compute_dtype), remat=bool(config.remat)
-  )
-
-
-def build_model(config: ml_collections.ConfigDict, model_fn: ModelFn | None = None) -> nnx.Module:
-  """Builds the model on the host without eager sharding (shardings are applied by `jit`)."""
+def build_model(config: ml_collections.ConfigDict, model_fn: ModelFn) -> nnx.Module:
+  """`model_fn` from `config.seed`, without eager sharding (shardings are applied by `jit`)."""
   with nnx.use_eager_sharding(False):
-    return (model_fn or default_model_fn)(config, nnx.Rngs(int(config.seed)))
+    return model_fn(config, nnx.Rngs(int(config.seed)))
 
 
-def _make_train_state(config: ml_collections.ConfigDict, model_fn: ModelFn | None) -> TrainState:
+def _make_train_state(config: ml_collections.ConfigDict, model_fn: ModelFn) -> TrainState:
   model = build_model(config, model_fn)
   return TrainState(model, optimizer_lib.make_optimizer(model, config))
 
 
 def abstract_train_state(
-    config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn | None = None
+    config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """Shapes only: `(graphdef, abstract_state, shardings)`; nothing is allocated.
 
@@ -65,7 +54,7 @@ def abstract_train_state(
 
 
 def init_train_state(
-    config: ml_collections.ConfigDict, shardings: nnx.State, model_fn: ModelFn | None = None
+    config: ml_collections.ConfigDict, shardings: nnx.State, model_fn: ModelFn
 ) -> nnx.State:
   """A freshly initialised state (from `config.seed`), created with its shardings."""
   init = jax.jit(lambda: nnx.state(_make_train_state(config, model_fn)), out_shardings=shardings)

@@ -5,11 +5,10 @@ in/out shardings and the state donated. The step's randomness (dropout, ITM nega
 comes from `fold_in(rng, step)`, so a resumed run reproduces the uninterrupted one.
 
 Mixed precision: `config.compute_dtype = "bfloat16"` builds the model with a bf16 compute dtype
-(`state.default_model_fn`): its layers cast the fp32 parameters at use, so the optimizer keeps
+(`model_io.build`): its layers cast the fp32 parameters at use, so the optimizer keeps
 fp32 master weights and gradients arrive in fp32. Losses are reduced in fp32.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,45 +22,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from medunifier_jax.training import optimizer as optimizer_lib
 from medunifier_jax.training import sharding as sharding_lib
 from medunifier_jax.training import tracing
+from medunifier_jax.training.task import LossFn
 
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 Batch = dict[str, jax.Array]
-# What the pre-training step reads from a batch (docs/ARCHITECTURE.md, "Batches").
-BATCH_KEYS = ("image", "target_image", "input_ids", "attention_mask")
-
-
-def default_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
-  """`objectives.compute_losses` with the config's objective weights and label smoothing."""
-  from medunifier_jax import objectives
-
-  return functools.partial(
-      objectives.compute_losses,
-      weights={k: float(v) for k, v in config.loss_weights.items()},
-      label_smoothing=float(config.label_smoothing),
-      train=True,
-      # A config without the key predates the option: it keeps the behaviour it was run with.
-      duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
-  )
 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
     config: ml_collections.ConfigDict,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn,
 ) -> Callable[[nnx.State, Batch, jax.Array], tuple[nnx.State, dict[str, jax.Array]]]:
   """Returns the pure step for the train state described by `graphdef`.
 
   Args:
     graphdef: from `state.abstract_train_state`.
     config: the run config (`model.vit.frozen`, optimizer values).
-    loss_fn: `(model, batch, rng) -> (total, metrics)`; defaults to the four objectives.
+    loss_fn: `(model, batch, rng) -> (total, metrics)` (the task's).
 
   The returned function maps `(state, batch, rng)` to `(new_state, metrics)`, where metrics
   are scalars: the loss function's, plus `learning_rate` (used for this update) and
   `grad_norm` (before clipping). After the update it calls the model's
   `constrain_parameters()` when the model has one (MedUnifier clamps its temperature there).
   """
-  loss_fn = loss_fn or default_loss_fn(config)
   trainable = optimizer_lib.trainable_filter(config.model)
   schedule = optimizer_lib.learning_rate_schedule(config)
 
@@ -133,41 +115,7 @@ def jit_train_step(
   )
 
 
-def abstract_batch(
-    config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int | None = None
-) -> Batch:
-  """`ShapeDtypeStruct`s (with the batch sharding) for one training batch of the config."""
-  b = int(global_batch or config.batch_size)
-  s, t = int(config.model.vit.image_size), int(config.model.max_text_len)
-  sh = sharding_lib.batch_sharding(mesh, config.sharding_rules)
-  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  return {
-      "image": sds((b, s, s, 3), jnp.float32),
-      "target_image": sds((b, s, s, 3), jnp.float32),
-      "input_ids": sds((b, t), jnp.int32),
-      "attention_mask": sds((b, t), jnp.int32),
-  }
-
-
-def random_batch(config: ml_collections.ConfigDict, seed: int = 0, global_batch: int | None = None):
-  """A synthetic batch with the training batch's shapes (benchmarks and tests), host numpy."""
-  import numpy as np
-
-  rs = np.random.RandomState(seed)
-  b = int(global_batch or config.batch_size)
-  s, t = int(config.model.vit.image_size), int(config.model.max_text_len)
-  qf = config.model.qformer
-  target = rs.rand(b, s, s, 3).astype(np.float32)
-  mean, std = np.asarray(config.data.image_mean, np.float32), np.asarray(config.data.image_std)
-  lengths = rs.randint(t // 4, t + 1, size=b)
-  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
-  # Ids avoid the special tokens at the start of the vocabulary and [DEC] at its end.
-  ids = rs.randint(5, int(qf.dec_token_id), size=(b, t)).astype(np.int32)
-  ids[:, 0] = int(qf.cls_token_id)
-  ids = np.where(mask == 1, ids, int(qf.pad_token_id)).astype(np.int32)
-  return {
-      "image": ((target - mean) / std).astype(np.float32),
-      "target_image": target,
-      "input_ids": ids,
-      "attention_mask": mask,
-  }
+def abstract_batch(shapes: dict[str, jax.ShapeDtypeStruct], mesh: Mesh, rules: Any) -> Batch:
+  """A task's batch shapes (`Task.abstract_batch`) with the batch sharding of `rules`."""
+  sh = sharding_lib.batch_sharding(mesh, rules)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}

@@ -17,6 +17,12 @@ Two sources:
   the Q-Former reproduces `BertModel` numerically. `BertModel` files have no LM head, so the head
   keeps its init (`qformer/lm_head/*` must be allowed); the pooler is never used.
 
+A model whose vocabulary is padded (`qformer.vocab_size` > the checkpoint's rows; ids above
+`dec_token_id` are never fed and their logits are masked) gets the extra rows the way `[DEC]`
+gets its row from BERT: the mean word embedding and a zero LM bias (the LM head's decoder is
+tied to the word embeddings, so it has no rows of its own). A checkpoint with more rows than the
+model is refused as mis-shaped.
+
 PyTorch layouts become Flax ones: Linear (out, in) -> kernel (in, out); Conv2d (O, I, kh, kw)
 -> (kh, kw, I, O). BLIP-2's fused qkv bias is split into the query and value biases; its key
 third is dropped, which is exact: a key bias adds q.b_k to every logit of a query, and softmax
@@ -26,13 +32,15 @@ ignores a constant shift.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from medunifier_jax import config_lib
 from medunifier_jax.weights import hf_files
 from medunifier_jax.weights.mapping import ImportReport, Rule, assign
 
@@ -54,6 +62,9 @@ BERT_NOT_IN_CHECKPOINT = (
 )
 # Saved index buffers, never weights.
 BUFFERS = ("*position_ids", "*token_type_ids")
+# A Q-Former vocabulary may exceed BERT's + [DEC] by fewer rows than this (the configs pad it to
+# a multiple of 128); a larger excess means a config made for another vocabulary.
+VOCAB_PADDING = 128
 
 
 # -- layout conversions --------------------------------------------------------------------------
@@ -90,29 +101,80 @@ def _layer_norm(target: str, source: str) -> list[Rule]:
 # -- rules -----------------------------------------------------------------------------------
 
 
-def vit_rules(vit: ml_collections.ConfigDict, prefix: str = "vision_model.") -> list[Rule]:
-  """`Blip2VisionModel` -> `vit/` (the ViT) and `ln_vision/` (its `post_layernorm`)."""
-  e = f"{prefix}embeddings."
+@dataclasses.dataclass(frozen=True)
+class VitKeys:
+  """Where a checkpoint keeps the ViT's tensors (names relative to its prefix); `block` is the
+  layer list ("encoder.layers" -> "encoder.layers.{i}."), the rest are names inside a block."""
+
+  patch: str
+  cls: str
+  pos: str
+  block: str
+  norm1: str
+  norm2: str
+  attn: str
+  proj: str  # the attention output projection, inside `attn`
+
+
+BLIP2_VIT_KEYS = VitKeys(patch="embeddings.patch_embedding", cls="embeddings.class_embedding",
+                         pos="embeddings.position_embedding", block="encoder.layers",
+                         norm1="layer_norm1", norm2="layer_norm2", attn="self_attn",
+                         proj="projection")
+
+
+def vit_layer_rules(vit: ml_collections.ConfigDict, prefix: str, keys: VitKeys,
+                    qkv_bias: Callable[[str, str], list[Rule]]) -> list[Rule]:
+  """`vit/` from a checkpoint laid out as `keys` (BLIP-2's vision model, EVA ViT-g): the patch,
+  class and position embeddings and every block. `qkv_bias(target, source_attn)` gives the
+  q/v bias rules of one block (BLIP-2 stores one qkv bias, EVA separate q and v biases)."""
   rules = [
-      Rule("vit/embeddings/patch_embedding/kernel", (f"{e}patch_embedding.weight",), conv_kernel),
-      Rule("vit/embeddings/patch_embedding/bias", (f"{e}patch_embedding.bias",)),
-      Rule("vit/embeddings/class_embedding", (f"{e}class_embedding",)),
-      Rule("vit/embeddings/position_embedding", (f"{e}position_embedding",)),
+      Rule("vit/embeddings/patch_embedding/kernel", (f"{prefix}{keys.patch}.weight",),
+           conv_kernel),
+      Rule("vit/embeddings/patch_embedding/bias", (f"{prefix}{keys.patch}.bias",)),
+      Rule("vit/embeddings/class_embedding", (f"{prefix}{keys.cls}",)),
+      Rule("vit/embeddings/position_embedding", (f"{prefix}{keys.pos}",)),
   ]
-  d = vit.width
   for i in range(vit.depth):
-    t, s = f"vit/layers/{i}", f"{prefix}encoder.layers.{i}"
-    rules += _layer_norm(f"{t}/layer_norm1", f"{s}.layer_norm1")
-    rules += _layer_norm(f"{t}/layer_norm2", f"{s}.layer_norm2")
-    rules.append(Rule(f"{t}/self_attn/qkv/kernel", (f"{s}.self_attn.qkv.weight",), linear_kernel))
+    t, s = f"vit/layers/{i}", f"{prefix}{keys.block}.{i}"
+    attn = f"{s}.{keys.attn}"
+    rules += _layer_norm(f"{t}/layer_norm1", f"{s}.{keys.norm1}")
+    rules += _layer_norm(f"{t}/layer_norm2", f"{s}.{keys.norm2}")
+    rules.append(Rule(f"{t}/self_attn/qkv/kernel", (f"{attn}.qkv.weight",), linear_kernel))
     if vit.qkv_bias:
-      qkv_bias = (f"{s}.self_attn.qkv.bias",)
-      rules.append(Rule(f"{t}/self_attn/q_bias", qkv_bias, lambda b: b[:d]))
-      rules.append(Rule(f"{t}/self_attn/v_bias", qkv_bias, lambda b: b[2 * d :]))
-    rules += _linear(f"{t}/self_attn/projection", f"{s}.self_attn.projection")
+      rules += qkv_bias(f"{t}/self_attn", attn)
+    rules += _linear(f"{t}/self_attn/projection", f"{attn}.{keys.proj}")
     rules += _linear(f"{t}/mlp/fc1", f"{s}.mlp.fc1")
     rules += _linear(f"{t}/mlp/fc2", f"{s}.mlp.fc2")
+  return rules
+
+
+def vit_rules(vit: ml_collections.ConfigDict, prefix: str = "vision_model.") -> list[Rule]:
+  """`Blip2VisionModel` -> `vit/` (the ViT) and `ln_vision/` (its `post_layernorm`)."""
+  d = vit.width
+
+  def qkv_bias(target: str, attn: str) -> list[Rule]:
+    # One stored qkv bias; the key bias is zero by construction and has no parameter.
+    both = (f"{attn}.qkv.bias",)
+    return [Rule(f"{target}/q_bias", both, lambda b: b[:d]),
+            Rule(f"{target}/v_bias", both, lambda b: b[2 * d :])]
+
+  rules = vit_layer_rules(vit, prefix, BLIP2_VIT_KEYS, qkv_bias)
   rules += _layer_norm("ln_vision", f"{prefix}post_layernorm")
+  return rules
+
+
+def qformer_layer_rules(qf: ml_collections.ConfigDict, block: str,
+                        self_attention: str) -> list[Rule]:
+  """Every Q-Former layer from `{block}.{i}.*` (a BERT layout): self-attention, the
+  cross-attention of every `cross_attention_freq`-th layer and both feed-forward branches
+  (text and `_query`). `self_attention` names the attention module inside `attention.`."""
+  rules = []
+  for i in range(qf.num_layers):
+    t, s = f"qformer/layers/{i}", f"{block}.{i}"
+    rules += _attention_rules(f"{t}/attention", f"{s}.attention", self_attention)
+    if i % qf.cross_attention_freq == 0:
+      rules += _attention_rules(f"{t}/crossattention", f"{s}.crossattention", self_attention)
+    rules += _ffn_rules(t, s, query_suffix="_query")
   return rules
 
 
@@ -149,19 +211,15 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   rules += [
       Rule("query_tokens", ("query_tokens",)),
       Rule("temp", ("temp",), _scalar),  # LAVIS-converted files only; transformers has none
-      Rule("qformer/embeddings/word_embeddings/embedding", ("embeddings.word_embeddings.weight",)),
+      Rule("qformer/embeddings/word_embeddings/embedding", ("embeddings.word_embeddings.weight",),
+           grow_embedding(qf.vocab_size)),
       Rule(
           "qformer/embeddings/position_embeddings/embedding",
           ("embeddings.position_embeddings.weight",),
       ),
   ]
   rules += _layer_norm("qformer/embeddings/layernorm", "qformer.layernorm")
-  for i in range(qf.num_layers):
-    t, s = f"qformer/layers/{i}", f"qformer.encoder.layer.{i}"
-    rules += _attention_rules(f"{t}/attention", f"{s}.attention", "attention")
-    if i % qf.cross_attention_freq == 0:
-      rules += _attention_rules(f"{t}/crossattention", f"{s}.crossattention", "attention")
-    rules += _ffn_rules(t, s, query_suffix="_query")
+  rules += qformer_layer_rules(qf, "qformer.encoder.layer", "attention")
   rules += _linear("vision_proj", "vision_projection")
   rules += _linear("text_proj", "text_projection")
   rules += _linear("itm_head", "itm_head")
@@ -171,17 +229,11 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
 def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   """The Q-Former's text weights from a BERT checkpoint (keys without the `bert.` prefix).
 
-  `qformer.vocab_size` is BERT's vocabulary + 1: the `[DEC]` row is the mean word embedding (as
-  transformers' `resize_token_embeddings` starts new rows), its LM bias 0.
+  `qformer.vocab_size` is BERT's vocabulary + 1, or more with padding: the `[DEC]` row and any
+  padding rows are the mean word embedding (as transformers' `resize_token_embeddings` starts
+  new rows), their LM bias 0.
   """
   qf = model_cfg.qformer
-
-  def append_rows(w: np.ndarray) -> np.ndarray:
-    mean = w.mean(axis=0, keepdims=True)
-    return np.concatenate([w, np.repeat(mean, qf.vocab_size - w.shape[0], axis=0)], axis=0)
-
-  def append_zeros(b: np.ndarray) -> np.ndarray:
-    return np.concatenate([b, np.zeros(qf.vocab_size - b.shape[0], b.dtype)])
 
   def fold_token_type(positions: np.ndarray, token_types: np.ndarray) -> np.ndarray:
     return positions + token_types[0]
@@ -190,7 +242,7 @@ def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
       Rule(
           "qformer/embeddings/word_embeddings/embedding",
           ("embeddings.word_embeddings.weight",),
-          append_rows,
+          grow_embedding(qf.vocab_size),
       ),
       Rule(
           "qformer/embeddings/position_embeddings/embedding",
@@ -205,8 +257,29 @@ def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
     rules += _ffn_rules(t, s, query_suffix="")
   rules += _linear("qformer/lm_head/dense", "cls.predictions.transform.dense")
   rules += _layer_norm("qformer/lm_head/layernorm", "cls.predictions.transform.LayerNorm")
-  rules.append(Rule("qformer/lm_head/bias", ("cls.predictions.bias",), append_zeros))
+  rules.append(Rule("qformer/lm_head/bias", ("cls.predictions.bias",), grow_bias(qf.vocab_size)))
   return rules
+
+
+def _grow_rows(x: np.ndarray, rows: int, fill: np.ndarray) -> np.ndarray:
+  """x (V, ...) with rows V..rows - 1 appended, each `fill` (...); x itself when V >= rows, so
+  that `assign` reports a checkpoint larger than the model as mis-shaped."""
+  extra = rows - x.shape[0]
+  if extra <= 0:
+    return x
+  fill = np.broadcast_to(np.asarray(fill, x.dtype), (extra,) + x.shape[1:])
+  return np.concatenate([x, fill], axis=0)
+
+
+def grow_embedding(rows: int) -> Callable[[np.ndarray], np.ndarray]:
+  """Convert for a word-embedding table (V, H) -> (rows, H): new rows ([DEC] from BERT, the
+  vocabulary's padding) are the mean row."""
+  return lambda w: _grow_rows(w, rows, w.mean(axis=0))
+
+
+def grow_bias(rows: int) -> Callable[[np.ndarray], np.ndarray]:
+  """Convert for an LM bias (V,) -> (rows,): new entries are 0."""
+  return lambda b: _grow_rows(b, rows, np.zeros((), b.dtype))
 
 
 # -- model configuration from the folders ---------------------------------------------------------
@@ -278,8 +351,7 @@ def blip2_config(
   m.embed_dim = hf.image_text_hidden_size
   m.max_text_len = min(m.max_text_len, q.max_position_embeddings)
   fit_vqvae_geometry(m)
-  _sync_data(config)
-  return config
+  return config_lib.derive(config)  # data.image_size, data.max_text_len, ... follow the model
 
 
 def folder_tokenizer(folder: str):
@@ -300,45 +372,27 @@ def _token_ids_from(tokenizer, qf: ml_collections.ConfigDict) -> None:
     qf.dec_token_id = tokenizer.bos_token_id
 
 
-def _sync_data(config: ml_collections.ConfigDict) -> None:
-  """Data fields that mirror model sizes (present in full training configs)."""
-  data = config.get("data")
-  if data is None:
-    return
-  for key, value in (
-      ("image_size", config.model.vit.image_size),
-      ("max_text_len", config.model.max_text_len),
-      ("tokenizer_vocab_size", config.model.qformer.dec_token_id),
-  ):
-    if key in data:
-      data[key] = value
-
-
 def fit_vqvae_geometry(m: ml_collections.ConfigDict) -> None:
   """Sets `vqvae.grid` and `vqvae.query_grid` from the ViT and the query count, in place.
 
   The patch grid is image_size / patch_size; the queries are read as the most nearly square
-  grid (4x8 for 32). The decoder upsamples (grid - 2) by 2**k to the image size with
-  len(decoder_channels) == k - 1; a mismatch there cannot be derived and raises.
+  grid (4x8 for 32). What cannot be derived (the decoder's depth for the image size) is left to
+  `config_lib.check_geometry`, whose error lists what to change.
   """
   vq, s, p, n = m.vqvae, m.vit.image_size, m.vit.patch_size, m.qformer.num_queries
   vq.grid = s // p
   if vq.query_grid[0] * vq.query_grid[1] != n:
     a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
     vq.query_grid = type(vq.query_grid)((a, n // a))  # a list when read back from JSON
-  k = 0
-  while vq.grid > 2 and (vq.grid - 2) * 2**k < s:
-    k += 1
-  if vq.grid <= 2 or (vq.grid - 2) * 2**k != s or len(vq.decoder_channels) != k - 1:
-    raise ValueError(
-        f"the VQ-VAE decoder cannot fit image_size={s} with patch grid {vq.grid}: it needs "
-        f"image_size == (grid - 2) * 2**k and len(vqvae.decoder_channels) == k - 1 (have "
-        f"{tuple(vq.decoder_channels)}); pass a config whose model.vqvae fits this geometry"
-    )
+  config_lib.check_geometry(m)
 
 
 def bert_config_mismatches(folder: str, model_cfg: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """Q-Former fields that differ from the BERT checkpoint: {field: (config value, needed)}."""
+  """Q-Former fields that differ from the BERT checkpoint: {field: (config value, needed)}.
+
+  `vocab_size` fits from BERT's vocabulary + 1 ([DEC]) up to `VOCAB_PADDING` - 1 rows more
+  (vocabulary padding); the value named as needed is the unpadded one.
+  """
   hf = hf_files.read_config(folder)
   _require_gelu("BERT config", hf.get("hidden_act", "gelu"))
   if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -354,7 +408,10 @@ def bert_config_mismatches(folder: str, model_cfg: ml_collections.ConfigDict) ->
       "layer_norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
   }
   qf = model_cfg.qformer
-  return {k: (qf[k], v) for k, v in need.items() if qf[k] != v}
+  mismatches = {k: (qf[k], v) for k, v in need.items() if qf[k] != v}
+  if need["vocab_size"] <= qf.vocab_size < need["vocab_size"] + VOCAB_PADDING:
+    mismatches.pop("vocab_size", None)  # [DEC] and padding rows: both are grown on import
+  return mismatches
 
 
 def bert_config(folder: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -371,8 +428,7 @@ def bert_config(folder: str, base: ml_collections.ConfigDict) -> ml_collections.
   config.model.max_text_len = min(
       config.model.max_text_len, config.model.qformer.max_position_embeddings
   )
-  _sync_data(config)
-  return config
+  return config_lib.derive(config)  # data.max_text_len, ... follow the model
 
 
 # -- import ---------------------------------------------------------------------------------

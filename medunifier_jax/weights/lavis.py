@@ -15,7 +15,9 @@ Two files users of the paper's code have on disk:
   `crossattention` in every `cross_attention_freq`-th layer and `intermediate_query` /
   `output_query` feed-forward blocks; no token-type embeddings; the vocabulary already holds
   `[DEC]`), `Qformer.cls.predictions.*` (the LM head, its decoder tied to the word embeddings),
-  `query_tokens`, `vision_proj.*`, `text_proj.*`, `itm_head.*` and `temp`.
+  `query_tokens`, `vision_proj.*`, `text_proj.*`, `itm_head.*` and `temp`. A model with a padded
+  vocabulary gets the extra rows as from a Hugging Face folder (`hf_import`: mean word
+  embedding, zero LM bias); a file with more rows than the model is refused as mis-shaped.
 
 Reading `.pth` files needs torch (the CPU build is enough); it is imported only here and only
 when such a file is read, so the rest of the project runs without it.
@@ -35,13 +37,9 @@ from flax import nnx
 from medunifier_jax.weights import hf_import
 from medunifier_jax.weights.hf_import import (
     BUFFERS,
-    _attention_rules,
-    _ffn_rules,
     _layer_norm,
     _linear,
     _scalar,
-    conv_kernel,
-    linear_kernel,
 )
 from medunifier_jax.weights.mapping import ImportReport, Rule, assign
 
@@ -111,50 +109,39 @@ def unused_blocks(tensors: Iterable[str], depth: int, prefix: str = "") -> tuple
 # -- rules ------------------------------------------------------------------------------------
 
 
+EVA_VIT_KEYS = hf_import.VitKeys(patch="patch_embed.proj", cls="cls_token", pos="pos_embed",
+                                 block="blocks", norm1="norm1", norm2="norm2", attn="attn",
+                                 proj="proj")
+
+
 def eva_rules(vit: ml_collections.ConfigDict, prefix: str = "") -> list[Rule]:
   """EVA ViT keys (under `prefix`, e.g. `visual_encoder.`) -> `vit/`."""
-  rules = [
-      Rule("vit/embeddings/patch_embedding/kernel", (f"{prefix}patch_embed.proj.weight",),
-           conv_kernel),
-      Rule("vit/embeddings/patch_embedding/bias", (f"{prefix}patch_embed.proj.bias",)),
-      Rule("vit/embeddings/class_embedding", (f"{prefix}cls_token",)),
-      Rule("vit/embeddings/position_embedding", (f"{prefix}pos_embed",)),
-  ]
-  for i in range(vit.depth):
-    t, s = f"vit/layers/{i}", f"{prefix}blocks.{i}"
-    rules += _layer_norm(f"{t}/layer_norm1", f"{s}.norm1")
-    rules += _layer_norm(f"{t}/layer_norm2", f"{s}.norm2")
-    rules.append(Rule(f"{t}/self_attn/qkv/kernel", (f"{s}.attn.qkv.weight",), linear_kernel))
-    if vit.qkv_bias:
-      rules.append(Rule(f"{t}/self_attn/q_bias", (f"{s}.attn.q_bias",)))
-      rules.append(Rule(f"{t}/self_attn/v_bias", (f"{s}.attn.v_bias",)))
-    rules += _linear(f"{t}/self_attn/projection", f"{s}.attn.proj")
-    rules += _linear(f"{t}/mlp/fc1", f"{s}.mlp.fc1")
-    rules += _linear(f"{t}/mlp/fc2", f"{s}.mlp.fc2")
-  return rules
+
+  def qkv_bias(target: str, attn: str) -> list[Rule]:
+    # Separate q and v biases; the key bias is zero by construction and has no parameter.
+    return [Rule(f"{target}/q_bias", (f"{attn}.q_bias",)),
+            Rule(f"{target}/v_bias", (f"{attn}.v_bias",))]
+
+  return hf_import.vit_layer_rules(vit, prefix, EVA_VIT_KEYS, qkv_bias)
 
 
 def qformer_rules(model_cfg: ml_collections.ConfigDict, prefix: str = "Qformer.") -> list[Rule]:
   """BLIP-2's Q-Former (`{prefix}bert.*`, LM head `{prefix}cls.*`) -> `qformer/`."""
   qf = model_cfg.qformer
   b = f"{prefix}bert."
+  # A padded vocabulary grows the file's rows as `hf_import` grows BERT's (mean row, zero bias).
   rules = [
       Rule("qformer/embeddings/word_embeddings/embedding",
-           (f"{b}embeddings.word_embeddings.weight",)),
+           (f"{b}embeddings.word_embeddings.weight",), hf_import.grow_embedding(qf.vocab_size)),
       Rule("qformer/embeddings/position_embeddings/embedding",
            (f"{b}embeddings.position_embeddings.weight",)),
   ]
   rules += _layer_norm("qformer/embeddings/layernorm", f"{b}embeddings.LayerNorm")
-  for i in range(qf.num_layers):
-    t, s = f"qformer/layers/{i}", f"{b}encoder.layer.{i}"
-    rules += _attention_rules(f"{t}/attention", f"{s}.attention", "self")
-    if i % qf.cross_attention_freq == 0:
-      rules += _attention_rules(f"{t}/crossattention", f"{s}.crossattention", "self")
-    rules += _ffn_rules(t, s, query_suffix="_query")
+  rules += hf_import.qformer_layer_rules(qf, f"{b}encoder.layer", "self")
   head = f"{prefix}cls.predictions."
   rules += _linear("qformer/lm_head/dense", f"{head}transform.dense")
   rules += _layer_norm("qformer/lm_head/layernorm", f"{head}transform.LayerNorm")
-  rules.append(Rule("qformer/lm_head/bias", (f"{head}bias",)))
+  rules.append(Rule("qformer/lm_head/bias", (f"{head}bias",), hf_import.grow_bias(qf.vocab_size)))
   return rules
 
 

@@ -275,6 +275,42 @@ def chexpert_vector(row: dict[str, str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Binary image-level labels (RSNA, SIIM)
+
+SPLITS = ("train", "validation", "test")
+
+
+def labels_by_key(
+  rows: Iterable[dict[str, str]], key: str, positive: Callable[[dict[str, str]], int]
+) -> dict[str, int]:
+  """`row[key]` -> 1 if any of its rows is `positive`, else 0; sorted by key.
+
+  The label files list one row per finding box or mask, so a key (patient or image) has as many
+  rows as it has findings (or one negative row); its label is whether any of them is positive.
+  """
+  labels: dict[str, int] = {}
+  for row in rows:
+    labels[row[key]] = max(labels.get(row[key], 0), positive(row))
+  return dict(sorted(labels.items()))
+
+
+def split_of(
+  train: Iterable[str], validation: Iterable[str], test: Iterable[str]
+) -> dict[str, str]:
+  """key -> "train" / "validation" / "test", from the keys drawn into each split."""
+  return {key: name for name, keys in zip(SPLITS, (train, validation, test)) for key in keys}
+
+
+def class_label_features(class_names: Sequence[str]) -> dict[str, Any]:
+  """Features of the image-only classification sets: a `label` over `class_names` and a
+  `report` (empty; kept so every record has one)."""
+  return {
+    "label": tfds.features.ClassLabel(names=list(class_names)),
+    "report": tfds.features.Text(),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
 # Images
 
 
@@ -798,6 +834,33 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _write_manifest(self, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
     """Writes `manifest.csv` next to the ArrayRecord files (the split/sample definition)."""
     write_csv(Path(self.data_dir) / MANIFEST_FILE, columns, rows)
+
+  def _keyed_splits(
+    self,
+    root: Path,
+    key_column: str,
+    labels: dict[str, int],
+    split: dict[str, str],
+    item: Callable[[str, int], Any] = lambda key, label: (key, label),
+  ) -> dict[str, Iterator[tuple[str, dict]]]:
+    """Writes the manifest (key_column, label, split) and returns the generator of each split,
+    for the sets that label and split one key (patient or image) at a time.
+
+    Args:
+      labels: key -> class index, in manifest order.
+      split: key -> "train" / "validation" / "test".
+      item: (key, label) -> what `_generate_examples(root, split, items)` makes an example of.
+    """
+    self._write_manifest(
+      (key_column, "label", "split"),
+      ({key_column: k, "label": y, "split": split[k]} for k, y in labels.items()),
+    )
+    return {
+      name: self._generate_examples(
+        root, name, [item(k, y) for k, y in labels.items() if split[k] == name]
+      )
+      for name in SPLITS
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import tensorflow_datasets as tfds
 from sklearn.model_selection import train_test_split
 
 from medunifier_jax.data import findings as findings_lib
@@ -37,10 +36,7 @@ stage_2_train_labels.csv and stage_2_train_images/ lie in the folder passed as -
 
 def patient_labels(rows: Sequence[dict[str, str]]) -> dict[str, int]:
   """patientId -> 1 if any of its rows has Target 1 (a pneumonia box), else 0; sorted by id."""
-  labels: dict[str, int] = {}
-  for row in rows:
-    labels[row["patientId"]] = max(labels.get(row["patientId"], 0), int(row["Target"]))
-  return dict(sorted(labels.items()))
+  return common.labels_by_key(rows, "patientId", lambda row: int(row["Target"]))
 
 
 def split_patients(patients: Sequence[str], seed: int = 0) -> dict[str, str]:
@@ -48,10 +44,7 @@ def split_patients(patients: Sequence[str], seed: int = 0) -> dict[str, str]:
   patients = sorted(patients)
   train, held_out = train_test_split(patients, test_size=2 * HELD_OUT, random_state=seed)
   test, validation = train_test_split(held_out, test_size=0.5, random_state=seed)
-  split = {p: "train" for p in train}
-  split.update({p: "validation" for p in validation})
-  split.update({p: "test" for p in test})
-  return split
+  return common.split_of(train, validation, test)
 
 
 class RsnaPneumonia(common.RadiographBuilder):
@@ -72,25 +65,13 @@ class RsnaPneumonia(common.RadiographBuilder):
   CLASS_NAMES = tuple(findings_lib.CLASSES_PNEUMONIA)
 
   def _features(self):
-    return {
-      "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
-      "report": tfds.features.Text(),
-    }
+    return common.class_label_features(self.CLASS_NAMES)
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
     labels = patient_labels(common.read_csv(root / LABELS_CSV, COLUMNS, self._bad_row))
     split = split_patients(list(labels), seed=self.builder_config.seed)
-    self._write_manifest(
-      ("patientId", "label", "split"),
-      ({"patientId": p, "label": y, "split": split[p]} for p, y in labels.items()),
-    )
-    return {
-      name: self._generate_examples(
-        root, name, [(p, y) for p, y in labels.items() if split[p] == name]
-      )
-      for name in ("train", "validation", "test")
-    }
+    return self._keyed_splits(root, "patientId", labels, split)
 
   def _generate_examples(self, root: Path, split: str, items):
     def make(item):

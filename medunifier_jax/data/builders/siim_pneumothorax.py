@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import tensorflow_datasets as tfds
 from sklearn.model_selection import train_test_split
 
 from medunifier_jax.data import findings as findings_lib
@@ -39,11 +38,9 @@ the folder passed as --manual-dir.
 
 def image_labels(rows: Sequence[dict[str, str]]) -> dict[str, int]:
   """ImageId -> 1 if any of its rows has an RLE mask (not "-1"), else 0; sorted by id."""
-  labels: dict[str, int] = {}
-  for row in rows:
-    positive = int(row["EncodedPixels"].strip() != "-1")
-    labels[row["ImageId"]] = max(labels.get(row["ImageId"], 0), positive)
-  return dict(sorted(labels.items()))
+  return common.labels_by_key(
+    rows, "ImageId", lambda row: int(row["EncodedPixels"].strip() != "-1")
+  )
 
 
 def split_images(labels: dict[str, int], seed: int = SPLIT_SEED) -> dict[str, str]:
@@ -55,10 +52,7 @@ def split_images(labels: dict[str, int], seed: int = SPLIT_SEED) -> dict[str, st
   train, validation = train_test_split(
     rest, test_size=VALIDATION_FRACTION, stratify=y_rest, random_state=seed
   )
-  split = {i: "train" for i in train}
-  split.update({i: "validation" for i in validation})
-  split.update({i: "test" for i in test})
-  return split
+  return common.split_of(train, validation, test)
 
 
 class SiimPneumothorax(common.RadiographBuilder):
@@ -79,10 +73,7 @@ class SiimPneumothorax(common.RadiographBuilder):
   CLASS_NAMES = tuple(findings_lib.CLASSES_PNEUMOTHORAX)
 
   def _features(self):
-    return {
-      "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
-      "report": tfds.features.Text(),
-    }
+    return common.class_label_features(self.CLASS_NAMES)
 
   def _split_generators(self, dl_manager):
     root = self._manual(dl_manager)
@@ -90,16 +81,7 @@ class SiimPneumothorax(common.RadiographBuilder):
     split = split_images(labels, seed=self.builder_config.seed)
     # The DICOMs sit two folders deep under ids that are not in the label file.
     paths = {p.stem: p for p in (root / IMAGE_DIR).rglob("*.dcm")}
-    self._write_manifest(
-      ("ImageId", "label", "split"),
-      ({"ImageId": i, "label": y, "split": split[i]} for i, y in labels.items()),
-    )
-    return {
-      name: self._generate_examples(
-        root, name, [(i, y, paths.get(i)) for i, y in labels.items() if split[i] == name]
-      )
-      for name in ("train", "validation", "test")
-    }
+    return self._keyed_splits(root, "ImageId", labels, split, lambda i, y: (i, y, paths.get(i)))
 
   def _generate_examples(self, root: Path, split: str, items):
     def make(item):
