@@ -21,6 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 lint: install
 	$(BIN)/ruff check medunifier_jax configs tests launch
+	$(BIN)/ruff format --check medunifier_jax configs tests launch
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10 tests

@@ -32,124 +32,180 @@ from medunifier_jax import config_lib
 
 # The reduced model that keeps the paper's 16x16 patch grid (small, bench_xs).
 _SMALL_MODEL = {
-    "model.vit.image_size": 112, "model.vit.patch_size": 7,
-    "model.vit.width": 256, "model.vit.depth": 4, "model.vit.num_heads": 4,
-    "model.vit.mlp_dim": 1024,
-    "model.qformer.hidden_size": 256, "model.qformer.num_layers": 4,
-    "model.qformer.num_heads": 4, "model.qformer.intermediate_size": 1024,
-    "model.max_text_len": 64,
-    "model.vqvae.latent_dim": 128, "model.vqvae.codebook_size": 512,
-    "model.vqvae.decoder_channels": (256, 128),
+  "model.vit.image_size": 112,
+  "model.vit.patch_size": 7,
+  "model.vit.width": 256,
+  "model.vit.depth": 4,
+  "model.vit.num_heads": 4,
+  "model.vit.mlp_dim": 1024,
+  "model.qformer.hidden_size": 256,
+  "model.qformer.num_layers": 4,
+  "model.qformer.num_heads": 4,
+  "model.qformer.intermediate_size": 1024,
+  "model.max_text_len": 64,
+  "model.vqvae.latent_dim": 128,
+  "model.vqvae.codebook_size": 512,
+  "model.vqvae.decoder_channels": (256, 128),
 }
 
 VARIANTS = {
-    "paper": {
-        "compute_dtype": "bfloat16",
-        "batch_size": 256, "num_steps": 100000, "warmup_steps": 2000,
-        # The paper's initialisation: EVA ViT-g as BLIP-2 ships it, the Q-Former from a BERT
-        # (CXR-BERT-general in the paper). Placeholders: replace them with real paths.
-        "init_from.vision": "lavis-eva:/path/to/eva_vit_g.pth",
-        "init_from.qformer": "hf-bert:/path/to/bert",
-        # The real data sets in place of the phantom stand-ins.
-        "data.name": "mimic_cxr",
-        "evals.zero_shot.datasets": ("chexpert_5x200", "mimic_5x200", "rsna_pneumonia"),
-        "evals.zero_shot.class_set": "pneumonia",
-        "evals.zero_shot.prompts": "paper",
-        "evals.retrieval.datasets": ("mimic_5x200",),
-        "evals.finetune.datasets": ("rsna_pneumonia", "siim_pneumothorax", "covidx"),
-        "evals.report_gen.datasets": ("mimic_cxr",),
-        "evals.image_gen.datasets": ("mimic_cxr",),
-        "evals.image_gen.prompt_phantoms": False,
-        "evals.reconstruction.datasets": ("mimic_cxr",),
-        "evals.reconstruction.batch_size": 64,
-    },
-    "small": {
-        **_SMALL_MODEL,
-        "model.vit.frozen": False,
-        # A WordPiece vocabulary trained on the report corpus (set data.tokenizer_dir and the
-        # BERT ids 30592/30522/101 instead to use a pretrained BERT vocabulary).
-        "model.qformer.vocab_size": 8320, "model.qformer.dec_token_id": 8192,
-        "model.qformer.cls_token_id": 2,
-        "batch_size": 32,
-    },
-    "bench_xs": {
-        **_SMALL_MODEL,
-        "model.qformer.vocab_size": 30592, "model.qformer.dec_token_id": 30522,
-        "batch_size": 8, "num_steps": 20,
-        "evals.reconstruction.batch_size": 8,
-    },
-    "demo": {
-        "model.vit.image_size": 48, "model.vit.patch_size": 6,
-        # Sized so that `make demo` (pre-training + every evaluation) fits in ~20 minutes on 2
-        # CPU cores: the matching pass over 3B pairs dominates, so depth, queries and text
-        # length are cut.
-        "model.vit.width": 128, "model.vit.depth": 2, "model.vit.num_heads": 4,
-        "model.vit.mlp_dim": 256, "model.vit.frozen": False,
-        "model.qformer.hidden_size": 128, "model.qformer.num_layers": 2,
-        "model.qformer.num_heads": 4, "model.qformer.intermediate_size": 256,
-        "model.qformer.num_queries": 8,
-        # The tokenizer is trained on the report corpus.
-        "model.qformer.vocab_size": 2176, "model.qformer.dec_token_id": 2048,
-        "model.qformer.cls_token_id": 2,
-        "model.embed_dim": 128,
-        "model.max_text_len": 48,
-        "model.vqvae.grid": 8, "model.vqvae.query_grid": (2, 4),
-        # The paper's K=512 codes per level: with 128 the bottom level used every code and
-        # reconstructions were 1.2 dB worse after 600 steps.
-        "model.vqvae.latent_dim": 64, "model.vqvae.codebook_size": 512,
-        "model.vqvae.decoder_channels": (128, 64),
-        # With the paper's gradient-trained codebooks the top level collapsed to one code within
-        # a few hundred steps and its loss, growing without bound, took over the clipped
-        # gradient; EMA codebooks with dead-code restarts keep both levels in use.
-        "model.vqvae.ema": True, "model.vqvae.restart_dead_codes": True,
-        # The demo's figures grow with the pairs seen, not with the learning rate or batch size
-        # (README, "Status of the demo"); 1200 steps fill the demo's time budget.
-        "batch_size": 32, "num_steps": 1200, "learning_rate": 5e-4, "warmup_steps": 50,
-        "weight_decay": 0.01, "checkpoint_every": 200,
-        # A fresh head on a few hundred phantom features learns nothing in 5 epochs at 1e-5;
-        # the probe keeps the demo within its time budget.
-        "evals.finetune.protocol": "linear_probe", "evals.finetune.learning_rate": 1e-3,
-        "evals.finetune.epochs": 10, "evals.finetune.hidden_dim": 256,
-        # Inception-v3 at 299 px costs ~0.15 s per image on 2 CPU cores and FID runs over five
-        # sets of N: N = 100 keeps the Inception to ~75 s. KID on halves of N, so that its
-        # spread over subsets says something. The classifier's 600 steps (~2 min) reach a
-        # validation AUC of ~0.85 (the supervised reference: 0.82 after 250 steps, 0.90 after
-        # 1,500).
-        "evals.image_gen.num_images": 100, "evals.image_gen.kid_subset_size": 50,
-        "evals.image_gen.classifier_steps": 600,
-    },
-    "tiny": {
-        "model.vit.image_size": 48, "model.vit.patch_size": 6,
-        "model.vit.width": 32, "model.vit.depth": 2, "model.vit.num_heads": 2,
-        "model.vit.mlp_dim": 64, "model.vit.frozen": False,
-        "model.qformer.hidden_size": 32, "model.qformer.num_layers": 2,
-        "model.qformer.num_heads": 2, "model.qformer.intermediate_size": 64,
-        "model.qformer.num_queries": 8, "model.qformer.max_position_embeddings": 64,
-        "model.qformer.vocab_size": 640, "model.qformer.dec_token_id": 512,
-        "model.qformer.cls_token_id": 2,
-        "model.embed_dim": 16,
-        "model.max_text_len": 24,
-        "model.vqvae.grid": 8, "model.vqvae.query_grid": (2, 4),
-        "model.vqvae.latent_dim": 16, "model.vqvae.codebook_size": 32,
-        "model.vqvae.num_res_layers": 1, "model.vqvae.decoder_channels": (32, 16),
-        "batch_size": 8, "num_steps": 20, "learning_rate": 1e-3, "warmup_steps": 2,
-        "checkpoint_every": 10, "log_every": 5,
-        "evals.reconstruction.num_images": 16, "evals.reconstruction.batch_size": 8,
-        "data.num_train": 256, "data.num_val": 32, "data.num_test": 32,
-        # The tests train tiny models without evaluating.
-        "evals.zero_shot.batch_size": 8, "evals.zero_shot.periodic": False,
-        "evals.retrieval.batch_size": 8, "evals.retrieval.periodic": False,
-        "evals.finetune.protocol": "linear_probe", "evals.finetune.label_fractions": (0.1, 1.0),
-        "evals.finetune.learning_rate": 1e-3, "evals.finetune.epochs": 2,
-        "evals.finetune.hidden_dim": 32, "evals.finetune.feature_batch_size": 8,
-        "evals.report_gen.batch_size": 4, "evals.report_gen.max_examples": 8,
-        "evals.image_gen.num_images": 8, "evals.image_gen.batch_size": 8,
-        "evals.image_gen.sample_steps": 4, "evals.image_gen.kid_subsets": 5,
-        "evals.image_gen.classifier_steps": 10, "evals.image_gen.classifier_batch_size": 8,
-        "evals.image_gen.findings": ("No Finding", "Cardiomegaly", "Pleural Effusion"),
-        "evals.image_gen.prompts_per_finding": 1, "evals.image_gen.samples_per_prompt": 2,
-        "evals.image_gen.num_examples": 2,
-    },
+  "paper": {
+    "compute_dtype": "bfloat16",
+    "batch_size": 256,
+    "num_steps": 100000,
+    "warmup_steps": 2000,
+    # The paper's initialisation: EVA ViT-g as BLIP-2 ships it, the Q-Former from a BERT
+    # (CXR-BERT-general in the paper). Placeholders: replace them with real paths.
+    "init_from.vision": "lavis-eva:/path/to/eva_vit_g.pth",
+    "init_from.qformer": "hf-bert:/path/to/bert",
+    # The real data sets in place of the phantom stand-ins.
+    "data.name": "mimic_cxr",
+    "evals.zero_shot.datasets": ("chexpert_5x200", "mimic_5x200", "rsna_pneumonia"),
+    "evals.zero_shot.class_set": "pneumonia",
+    "evals.zero_shot.prompts": "paper",
+    "evals.retrieval.datasets": ("mimic_5x200",),
+    "evals.finetune.datasets": ("rsna_pneumonia", "siim_pneumothorax", "covidx"),
+    "evals.report_gen.datasets": ("mimic_cxr",),
+    "evals.image_gen.datasets": ("mimic_cxr",),
+    "evals.image_gen.prompt_phantoms": False,
+    "evals.reconstruction.datasets": ("mimic_cxr",),
+    "evals.reconstruction.batch_size": 64,
+  },
+  "small": {
+    **_SMALL_MODEL,
+    "model.vit.frozen": False,
+    # A WordPiece vocabulary trained on the report corpus (set data.tokenizer_dir and the
+    # BERT ids 30592/30522/101 instead to use a pretrained BERT vocabulary).
+    "model.qformer.vocab_size": 8320,
+    "model.qformer.dec_token_id": 8192,
+    "model.qformer.cls_token_id": 2,
+    "batch_size": 32,
+  },
+  "bench_xs": {
+    **_SMALL_MODEL,
+    "model.qformer.vocab_size": 30592,
+    "model.qformer.dec_token_id": 30522,
+    "batch_size": 8,
+    "num_steps": 20,
+    "evals.reconstruction.batch_size": 8,
+  },
+  "demo": {
+    "model.vit.image_size": 48,
+    "model.vit.patch_size": 6,
+    # Sized so that `make demo` (pre-training + every evaluation) fits in ~20 minutes on 2
+    # CPU cores: the matching pass over 3B pairs dominates, so depth, queries and text
+    # length are cut.
+    "model.vit.width": 128,
+    "model.vit.depth": 2,
+    "model.vit.num_heads": 4,
+    "model.vit.mlp_dim": 256,
+    "model.vit.frozen": False,
+    "model.qformer.hidden_size": 128,
+    "model.qformer.num_layers": 2,
+    "model.qformer.num_heads": 4,
+    "model.qformer.intermediate_size": 256,
+    "model.qformer.num_queries": 8,
+    # The tokenizer is trained on the report corpus.
+    "model.qformer.vocab_size": 2176,
+    "model.qformer.dec_token_id": 2048,
+    "model.qformer.cls_token_id": 2,
+    "model.embed_dim": 128,
+    "model.max_text_len": 48,
+    "model.vqvae.grid": 8,
+    "model.vqvae.query_grid": (2, 4),
+    # The paper's K=512 codes per level: with 128 the bottom level used every code and
+    # reconstructions were 1.2 dB worse after 600 steps.
+    "model.vqvae.latent_dim": 64,
+    "model.vqvae.codebook_size": 512,
+    "model.vqvae.decoder_channels": (128, 64),
+    # With the paper's gradient-trained codebooks the top level collapsed to one code within
+    # a few hundred steps and its loss, growing without bound, took over the clipped
+    # gradient; EMA codebooks with dead-code restarts keep both levels in use.
+    "model.vqvae.ema": True,
+    "model.vqvae.restart_dead_codes": True,
+    # The demo's figures grow with the pairs seen, not with the learning rate or batch size
+    # (README, "Status of the demo"); 1200 steps fill the demo's time budget.
+    "batch_size": 32,
+    "num_steps": 1200,
+    "learning_rate": 5e-4,
+    "warmup_steps": 50,
+    "weight_decay": 0.01,
+    "checkpoint_every": 200,
+    # A fresh head on a few hundred phantom features learns nothing in 5 epochs at 1e-5;
+    # the probe keeps the demo within its time budget.
+    "evals.finetune.protocol": "linear_probe",
+    "evals.finetune.learning_rate": 1e-3,
+    "evals.finetune.epochs": 10,
+    "evals.finetune.hidden_dim": 256,
+    # Inception-v3 at 299 px costs ~0.15 s per image on 2 CPU cores and FID runs over five
+    # sets of N: N = 100 keeps the Inception to ~75 s. KID on halves of N, so that its
+    # spread over subsets says something. The classifier's 600 steps (~2 min) reach a
+    # validation AUC of ~0.85 (the supervised reference: 0.82 after 250 steps, 0.90 after
+    # 1,500).
+    "evals.image_gen.num_images": 100,
+    "evals.image_gen.kid_subset_size": 50,
+    "evals.image_gen.classifier_steps": 600,
+  },
+  "tiny": {
+    "model.vit.image_size": 48,
+    "model.vit.patch_size": 6,
+    "model.vit.width": 32,
+    "model.vit.depth": 2,
+    "model.vit.num_heads": 2,
+    "model.vit.mlp_dim": 64,
+    "model.vit.frozen": False,
+    "model.qformer.hidden_size": 32,
+    "model.qformer.num_layers": 2,
+    "model.qformer.num_heads": 2,
+    "model.qformer.intermediate_size": 64,
+    "model.qformer.num_queries": 8,
+    "model.qformer.max_position_embeddings": 64,
+    "model.qformer.vocab_size": 640,
+    "model.qformer.dec_token_id": 512,
+    "model.qformer.cls_token_id": 2,
+    "model.embed_dim": 16,
+    "model.max_text_len": 24,
+    "model.vqvae.grid": 8,
+    "model.vqvae.query_grid": (2, 4),
+    "model.vqvae.latent_dim": 16,
+    "model.vqvae.codebook_size": 32,
+    "model.vqvae.num_res_layers": 1,
+    "model.vqvae.decoder_channels": (32, 16),
+    "batch_size": 8,
+    "num_steps": 20,
+    "learning_rate": 1e-3,
+    "warmup_steps": 2,
+    "checkpoint_every": 10,
+    "log_every": 5,
+    "evals.reconstruction.num_images": 16,
+    "evals.reconstruction.batch_size": 8,
+    "data.num_train": 256,
+    "data.num_val": 32,
+    "data.num_test": 32,
+    # The tests train tiny models without evaluating.
+    "evals.zero_shot.batch_size": 8,
+    "evals.zero_shot.periodic": False,
+    "evals.retrieval.batch_size": 8,
+    "evals.retrieval.periodic": False,
+    "evals.finetune.protocol": "linear_probe",
+    "evals.finetune.label_fractions": (0.1, 1.0),
+    "evals.finetune.learning_rate": 1e-3,
+    "evals.finetune.epochs": 2,
+    "evals.finetune.hidden_dim": 32,
+    "evals.finetune.feature_batch_size": 8,
+    "evals.report_gen.batch_size": 4,
+    "evals.report_gen.max_examples": 8,
+    "evals.image_gen.num_images": 8,
+    "evals.image_gen.batch_size": 8,
+    "evals.image_gen.sample_steps": 4,
+    "evals.image_gen.kid_subsets": 5,
+    "evals.image_gen.classifier_steps": 10,
+    "evals.image_gen.classifier_batch_size": 8,
+    "evals.image_gen.findings": ("No Finding", "Cardiomegaly", "Pleural Effusion"),
+    "evals.image_gen.prompts_per_finding": 1,
+    "evals.image_gen.samples_per_prompt": 2,
+    "evals.image_gen.num_examples": 2,
+  },
 }
 
 
@@ -249,55 +305,84 @@ def _evals() -> ml_collections.ConfigDict:
   """
   e = ml_collections.ConfigDict()
   e.zero_shot = dict(
-      datasets=("phantom_5x200", "phantom_pneumonia"),
-      split="test",
-      # The phantom 5x200 set renders GLoRIA's classes (Consolidation, not Pneumonia), and the
-      # phantom reports use the project's phrasing: after 400 demo steps the paper vocabulary
-      # scored 5x200 accuracy 0.21 (chance) where the project's scored 0.29.
-      prompts="project",  # "paper": the CheXpert class-prompt vocabulary; "project": our own lists
-      class_set="gloria",  # 5x200 classes: "pneumonia" (authors' code), "gloria", "" (any)
-      num_prompts=0,  # per class; 0: the vocabulary's (paper: 15 CheXpert, 10 RSNA; project: 5)
-      prompt_seed=1,  # the authors' code draws from Python's random seeded with 1
-      prompt_pooling="max",  # class score over its prompts' raw similarities: "max" or "mean"
-      batch_size=32, itm_rescore=False, itm_batch_size=64, periodic=True)
+    datasets=("phantom_5x200", "phantom_pneumonia"),
+    split="test",
+    # The phantom 5x200 set renders GLoRIA's classes (Consolidation, not Pneumonia), and the
+    # phantom reports use the project's phrasing: after 400 demo steps the paper vocabulary
+    # scored 5x200 accuracy 0.21 (chance) where the project's scored 0.29.
+    prompts="project",  # "paper": the CheXpert class-prompt vocabulary; "project": our own lists
+    class_set="gloria",  # 5x200 classes: "pneumonia" (authors' code), "gloria", "" (any)
+    num_prompts=0,  # per class; 0: the vocabulary's (paper: 15 CheXpert, 10 RSNA; project: 5)
+    prompt_seed=1,  # the authors' code draws from Python's random seeded with 1
+    prompt_pooling="max",  # class score over its prompts' raw similarities: "max" or "mean"
+    batch_size=32,
+    itm_rescore=False,
+    itm_batch_size=64,
+    periodic=True,
+  )
   e.retrieval = dict(
-      datasets=("phantom_5x200",),
-      split="test", batch_size=32, ks=(1, 5, 10),
-      itm_rerank_k=0,  # > 0: re-rank each query's top k with the ITM head (paper 256)
-      itm_batch_size=64, periodic=True)
+    datasets=("phantom_5x200",),
+    split="test",
+    batch_size=32,
+    ks=(1, 5, 10),
+    itm_rerank_k=0,  # > 0: re-rank each query's top k with the ITM head (paper 256)
+    itm_batch_size=64,
+    periodic=True,
+  )
   e.finetune = dict(
-      datasets=("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
-      train_split="train", val_split="validation", test_split="test",
-      # "paper": Q-Former and queries fine-tuned end to end, ViT frozen (the authors' code);
-      # "linear_probe": a head on frozen, cached query outputs (cheap; not the paper's figures).
-      protocol="paper",
-      label_fractions=(0.01, 0.1, 1.0), learning_rate=1e-5, batch_size=8, epochs=5,
-      end_learning_rate=1e-8,  # paper protocol: cosine to this over all steps (authors' code)
-      schedule="cosine",  # paper protocol: "cosine" or "constant" (the probe is constant)
-      adam_b1=0.9, adam_b2=0.95,  # paper protocol (the probe keeps optax's defaults)
-      weight_decay=0.01,  # AdamW, as the authors' code sets it
-      hidden_dim=768,  # width between the two linear layers (the authors' code)
-      pooling="flatten",  # query outputs into the head: "flatten" (Q*H, authors') or "mean"
-      select_metric="auc",  # on the validation split, per epoch
-      feature_batch_size=32, seed=0, periodic=False)
+    datasets=("phantom_pneumonia", "phantom_pneumothorax", "phantom_covidx"),
+    train_split="train",
+    val_split="validation",
+    test_split="test",
+    # "paper": Q-Former and queries fine-tuned end to end, ViT frozen (the authors' code);
+    # "linear_probe": a head on frozen, cached query outputs (cheap; not the paper's figures).
+    protocol="paper",
+    label_fractions=(0.01, 0.1, 1.0),
+    learning_rate=1e-5,
+    batch_size=8,
+    epochs=5,
+    end_learning_rate=1e-8,  # paper protocol: cosine to this over all steps (authors' code)
+    schedule="cosine",  # paper protocol: "cosine" or "constant" (the probe is constant)
+    adam_b1=0.9,
+    adam_b2=0.95,  # paper protocol (the probe keeps optax's defaults)
+    weight_decay=0.01,  # AdamW, as the authors' code sets it
+    hidden_dim=768,  # width between the two linear layers (the authors' code)
+    pooling="flatten",  # query outputs into the head: "flatten" (Q*H, authors') or "mean"
+    select_metric="auc",  # on the validation split, per epoch
+    feature_batch_size=32,
+    seed=0,
+    periodic=False,
+  )
   e.report_gen = dict(
-      datasets=("phantom_openi",),
-      split="test", train_split="train", batch_size=16, max_examples=0,
-      method="beam", num_beams=3,
-      max_length=0,  # min(95, model.max_text_len), linked by config_lib.derive
-      min_length=3,
-      length_penalty=1.0, repetition_penalty=1.0, early_stopping=False, top_p=0.9,
-      temperature=1.0, seed=0, meteor=True, split_references=True,
-      labeler="rule",  # clinical-efficacy reader: evaluators/labeler.py LABELERS
-      baseline=True,  # also score the most frequent training report, a model-free baseline
-      periodic=False)
+    datasets=("phantom_openi",),
+    split="test",
+    train_split="train",
+    batch_size=16,
+    max_examples=0,
+    method="beam",
+    num_beams=3,
+    max_length=0,  # min(95, model.max_text_len), linked by config_lib.derive
+    min_length=3,
+    length_penalty=1.0,
+    repetition_penalty=1.0,
+    early_stopping=False,
+    top_p=0.9,
+    temperature=1.0,
+    seed=0,
+    meteor=True,
+    split_references=True,
+    labeler="rule",  # clinical-efficacy reader: evaluators/labeler.py LABELERS
+    baseline=True,  # also score the most frequent training report, a model-free baseline
+    periodic=False,
+  )
   e.reconstruction = dict(
-      datasets=("phantom_openi",),  # the pre-training data set
-      split="test",
-      num_images=256,  # the first of the split; 0: all of it
-      batch_size=32,
-      num_examples=6,  # images kept for the report's figures
-      periodic=False)
+    datasets=("phantom_openi",),  # the pre-training data set
+    split="test",
+    num_images=256,  # the first of the split; 0: all of it
+    batch_size=32,
+    num_examples=6,  # images kept for the report's figures
+    periodic=False,
+  )
   e.image_gen = _image_gen_eval()
   return e
 
@@ -310,58 +395,67 @@ def _image_gen_eval() -> dict:
   without one only the baselines are scored.
   """
   return dict(
-      datasets=("phantom_openi",),  # the pre-training data
-      split="test", train_split="train", val_split="validation",
-      num_images=0,  # per set, the first of each split (0: the whole test split)
-      batch_size=32,  # reports per generation / reconstruction / Inception call
-      prior_dir="",  # the text prior; "": WORKDIR/prior
-      uncond_prior_dir="",  # condition="none" prior; "": WORKDIR/prior_uncond, else null condition
-      sample_steps=12, guidance=1.0, temperature=1.0, seed=0,  # fixed: never tuned on test
-      inception_cache="",  # converted FID Inception weights; "": ~/.cache/medunifier_jax/...
-      kid_subsets=100, kid_subset_size=1000,
-      classifier_dir="",  # cached fidelity classifier; "": WORKDIR/eval/fidelity_classifier
-      classifier_steps=5000, classifier_batch_size=32,
-      findings=(),  # single-finding prompts; (): every finding ("No Finding": a normal report)
-      prompts_per_finding=4, samples_per_prompt=4,
-      prompt_phantoms=True,  # real reference for the prompts: phantoms with that finding
-      num_examples=6,  # held-out reports shown in the report, per set
-      periodic=False)
+    datasets=("phantom_openi",),  # the pre-training data
+    split="test",
+    train_split="train",
+    val_split="validation",
+    num_images=0,  # per set, the first of each split (0: the whole test split)
+    batch_size=32,  # reports per generation / reconstruction / Inception call
+    prior_dir="",  # the text prior; "": WORKDIR/prior
+    uncond_prior_dir="",  # condition="none" prior; "": WORKDIR/prior_uncond, else null condition
+    sample_steps=12,
+    guidance=1.0,
+    temperature=1.0,
+    seed=0,  # fixed: never tuned on test
+    inception_cache="",  # converted FID Inception weights; "": ~/.cache/medunifier_jax/...
+    kid_subsets=100,
+    kid_subset_size=1000,
+    classifier_dir="",  # cached fidelity classifier; "": WORKDIR/eval/fidelity_classifier
+    classifier_steps=5000,
+    classifier_batch_size=32,
+    findings=(),  # single-finding prompts; (): every finding ("No Finding": a normal report)
+    prompts_per_finding=4,
+    samples_per_prompt=4,
+    prompt_phantoms=True,  # real reference for the prompts: phantoms with that finding
+    num_examples=6,  # held-out reports shown in the report, per set
+    periodic=False,
+  )
 
 
 def engine_fields(**changes) -> dict:
   """Fields of the training engine (medunifier_jax/training) with pre-training's values, and
   `changes`; configs/prior.py trains on the same engine and starts from these too."""
   fields = dict(
-      seed=0,
-      # Optimisation (the paper's recipe, DESIGN.md section 1.6, plus warm-up and clipping).
-      batch_size=32,  # global
-      num_steps=10000,
-      learning_rate=1e-4,
-      end_learning_rate=1e-8,
-      warmup_steps=500,
-      adam_b1=0.9,
-      adam_b2=0.95,
-      weight_decay=0.05,
-      grad_clip_norm=1.0,
-      compute_dtype="float32",  # "bfloat16": bf16 compute, fp32 master weights
-      remat=False,  # rematerialise transformer blocks
-      # Device mesh: one -1 is filled in with the remaining devices.
-      mesh=[("data", -1), ("model", 1)],
-      sharding_rules=[
-          ("batch", "data"),
-          ("embed", None),
-          ("mlp", "model"),
-          ("heads", "model"),
-          ("kv", None),
-          ("vocab", "model"),
-          ("codebook", None),
-          ("conv_in", None),
-          ("conv_out", None),
-      ],
-      checkpoint_every=500,
-      keep_checkpoints=3,
-      log_every=50,
-      eval_every=0,  # 0: evaluate at the end only
+    seed=0,
+    # Optimisation (the paper's recipe, DESIGN.md section 1.6, plus warm-up and clipping).
+    batch_size=32,  # global
+    num_steps=10000,
+    learning_rate=1e-4,
+    end_learning_rate=1e-8,
+    warmup_steps=500,
+    adam_b1=0.9,
+    adam_b2=0.95,
+    weight_decay=0.05,
+    grad_clip_norm=1.0,
+    compute_dtype="float32",  # "bfloat16": bf16 compute, fp32 master weights
+    remat=False,  # rematerialise transformer blocks
+    # Device mesh: one -1 is filled in with the remaining devices.
+    mesh=[("data", -1), ("model", 1)],
+    sharding_rules=[
+      ("batch", "data"),
+      ("embed", None),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv", None),
+      ("vocab", "model"),
+      ("codebook", None),
+      ("conv_in", None),
+      ("conv_out", None),
+    ],
+    checkpoint_every=500,
+    keep_checkpoints=3,
+    log_every=50,
+    eval_every=0,  # 0: evaluate at the end only
   )
   unknown = set(changes) - set(fields)
   if unknown:

@@ -39,25 +39,44 @@ pretrain = config_lib.load_module(Path(__file__).with_name("pretrain.py"))
 
 # Each variant is one table: the dotted fields it changes from the defaults below.
 VARIANTS = {
-    "paper": {"compute_dtype": "bfloat16"},
-    "demo": {
-        # ~0.5 s per step of 32 on 2 CPU cores shared with other work (4 blocks with a 512-wide
-        # MLP at batch 64 took 2 s).
-        "model.width": 128, "model.depth": 3, "model.num_heads": 4, "model.mlp_dim": 256,
-        "model.null_length": 4,
-        # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
-        # (about half a minute to extract), 400 steps of 32.
-        "codes.max_examples": 8192,
-        "batch_size": 32, "num_steps": 400, "learning_rate": 1e-3, "warmup_steps": 40,
-        "weight_decay": 0.01, "checkpoint_every": 200, "log_every": 20,
-    },
-    "tiny": {
-        "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
-        "model.dropout": 0.0, "model.null_length": 4,
-        "codes.cache_text_states": True, "codes.shard_size": 64, "codes.batch_size": 16,
-        "batch_size": 8, "num_steps": 20, "learning_rate": 3e-3, "warmup_steps": 2,
-        "weight_decay": 0.0, "checkpoint_every": 10, "log_every": 5,
-    },
+  "paper": {"compute_dtype": "bfloat16"},
+  "demo": {
+    # ~0.5 s per step of 32 on 2 CPU cores shared with other work (4 blocks with a 512-wide
+    # MLP at batch 64 took 2 s).
+    "model.width": 128,
+    "model.depth": 3,
+    "model.num_heads": 4,
+    "model.mlp_dim": 256,
+    "model.null_length": 4,
+    # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
+    # (about half a minute to extract), 400 steps of 32.
+    "codes.max_examples": 8192,
+    "batch_size": 32,
+    "num_steps": 400,
+    "learning_rate": 1e-3,
+    "warmup_steps": 40,
+    "weight_decay": 0.01,
+    "checkpoint_every": 200,
+    "log_every": 20,
+  },
+  "tiny": {
+    "model.width": 32,
+    "model.depth": 2,
+    "model.num_heads": 2,
+    "model.mlp_dim": 64,
+    "model.dropout": 0.0,
+    "model.null_length": 4,
+    "codes.cache_text_states": True,
+    "codes.shard_size": 64,
+    "codes.batch_size": 16,
+    "batch_size": 8,
+    "num_steps": 20,
+    "learning_rate": 3e-3,
+    "warmup_steps": 2,
+    "weight_decay": 0.0,
+    "checkpoint_every": 10,
+    "log_every": 5,
+  },
 }
 
 
@@ -90,9 +109,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "prior"  # medunifier_jax/train.py sends this config to prior.train.train_prior
   c.variant = variant
   # Pre-training's engine settings but for the schedule, the checkpoint and log intervals.
-  c.update(pretrain.engine_fields(
-      batch_size=256, num_steps=50000, learning_rate=4e-4, end_learning_rate=1e-6,
-      warmup_steps=2000, adam_b2=0.96, checkpoint_every=2000, log_every=100))
+  c.update(
+    pretrain.engine_fields(
+      batch_size=256,
+      num_steps=50000,
+      learning_rate=4e-4,
+      end_learning_rate=1e-6,
+      warmup_steps=2000,
+      adam_b2=0.96,
+      checkpoint_every=2000,
+      log_every=100,
+    )
+  )
   c.model = _model(pretrain.get_config(variant).model)
 
   # The frozen MedUnifier: its workdir (latest checkpoint) and, filled in at start, its step.

@@ -67,11 +67,11 @@ class Model:
   checkpoint_step: int | None = None
 
   def __init__(
-      self,
-      module: MedUnifier,
-      config: ml_collections.ConfigDict,
-      tokenizer=None,
-      import_report: ImportReport | None = None,
+    self,
+    module: MedUnifier,
+    config: ml_collections.ConfigDict,
+    tokenizer=None,
+    import_report: ImportReport | None = None,
   ):
     self.module = module
     self.config = config
@@ -93,8 +93,7 @@ class Model:
     Compiled once per function, architecture and input shapes; pass a module-level function
     (a new lambda per call would compile anew each time).
     """
-    return jax.tree.map(np.asarray,
-                        inference.compiled(fn)(self._graphdef, self._state, *arrays))
+    return jax.tree.map(np.asarray, inference.compiled(fn)(self._graphdef, self._state, *arrays))
 
   # -- the stable API ------------------------------------------------------------------------
 
@@ -125,11 +124,12 @@ class Model:
     ids, mask = self._text(input_ids, attention_mask)
     if pixels.shape[0] != ids.shape[0]:
       raise ValueError(
-          f"itm_logits scores row-aligned pairs: got {pixels.shape[0]} images and "
-          f"{ids.shape[0]} texts; pass as many texts as images (repeat rows to pair them)"
+        f"itm_logits scores row-aligned pairs: got {pixels.shape[0]} images and "
+        f"{ids.shape[0]} texts; pass as many texts as images (repeat rows to pair them)"
       )
-    return np.asarray(self.fns.itm_logits(self._state, self.fns.image_tokens(self._state, pixels),
-                                          ids, mask))
+    return np.asarray(
+      self.fns.itm_logits(self._state, self.fns.image_tokens(self._state, pixels), ids, mask)
+    )
 
   # -- helpers for evaluators ----------------------------------------------------------------
 
@@ -154,8 +154,10 @@ class Model:
     pixels = self._pixels(pixel_values)
     ids, mask = self._text(input_ids, attention_mask)
     if pixels.shape[0] != ids.shape[0]:
-      raise ValueError(f"reconstruct pairs each image with its report: got {pixels.shape[0]} "
-                       f"images and {ids.shape[0]} texts")
+      raise ValueError(
+        f"reconstruct pairs each image with its report: got {pixels.shape[0]} "
+        f"images and {ids.shape[0]} texts"
+      )
     return jax.tree.map(np.asarray, self.fns.reconstruct(self._state, pixels, ids, mask))
 
   def _features(self, pixel_values) -> dict[str, np.ndarray]:
@@ -176,25 +178,29 @@ class Model:
     from medunifier_jax import generation
 
     if self.tokenizer is None:
-      raise ValueError("generate_reports needs the model's tokenizer: load a training workdir, "
-                       "or a folder that holds vocab.txt / tokenizer.json")
+      raise ValueError(
+        "generate_reports needs the model's tokenizer: load a training workdir, "
+        "or a folder that holds vocab.txt / tokenizer.json"
+      )
     pixels = self._pixels(pixel_values)
     decoding.setdefault("max_length", min(95, int(self.config.model.max_text_len)))
     if getattr(self, "_generator", None) is None:
       self._generator = generation.ReportGenerator(
-          self._graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id))
-    return self._generator(self._state, pixels, generation.DecodingConfig(**decoding),
-                           jax.random.key(seed))
+        self._graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id)
+      )
+    return self._generator(
+      self._state, pixels, generation.DecodingConfig(**decoding), jax.random.key(seed)
+    )
 
   def generate_images(
-      self,
-      texts: Sequence[str],
-      *,
-      num_per_text: int = 1,
-      steps: int | None = None,
-      guidance: float | None = None,
-      temperature: float | None = None,
-      seed: int = 0,
+    self,
+    texts: Sequence[str],
+    *,
+    num_per_text: int = 1,
+    steps: int | None = None,
+    guidance: float | None = None,
+    temperature: float | None = None,
+    seed: int = 0,
   ) -> np.ndarray:
     """Reports -> (len(texts) * num_per_text, S, S, 3) float32 images in [0, 1].
 
@@ -212,9 +218,10 @@ class Model:
 
     if self.prior is None:
       raise ValueError(
-          "this model has no image prior, so it cannot draw images from reports; train one on "
-          f"its codes with\n  {prior_sample.train_command('WORKDIR')}\nthen load with "
-          "api.load(WORKDIR) (which attaches WORKDIR/prior) or api.load(WORKDIR, prior=DIR)")
+        "this model has no image prior, so it cannot draw images from reports; train one on "
+        f"its codes with\n  {prior_sample.train_command('WORKDIR')}\nthen load with "
+        "api.load(WORKDIR) (which attaches WORKDIR/prior) or api.load(WORKDIR, prior=DIR)"
+      )
     if isinstance(texts, str):
       raise TypeError("generate_images takes a list of texts; wrap a single text in a list")
     texts = list(texts)
@@ -226,8 +233,16 @@ class Model:
     ids = np.repeat(tokens["input_ids"], int(num_per_text), axis=0)
     mask = np.repeat(tokens["attention_mask"], int(num_per_text), axis=0)
     ids, mask = self._text(ids, mask)
-    out = self.prior.generate(self._graphdef, self._state, ids, mask, seed=seed, steps=steps,
-                              guidance=guidance, temperature=temperature)
+    out = self.prior.generate(
+      self._graphdef,
+      self._state,
+      ids,
+      mask,
+      seed=seed,
+      steps=steps,
+      guidance=guidance,
+      temperature=temperature,
+    )
     return out["images"]
 
   def temperature(self) -> float:
@@ -246,7 +261,7 @@ class Model:
   # -- preparing inputs ----------------------------------------------------------------------
 
   def tokenize(
-      self, texts: Sequence[str], max_len: int | None = None, *, clean: bool = True
+    self, texts: Sequence[str], max_len: int | None = None, *, clean: bool = True
   ) -> dict[str, np.ndarray]:
     """Texts -> `input_ids`, `attention_mask` int32 (B, max_len), default model.max_text_len.
 
@@ -254,8 +269,8 @@ class Model:
     """
     if self.tokenizer is None:
       raise ValueError(
-          "this model has no tokenizer; load one with medunifier_jax.data.tokenizer."
-          "load_tokenizer(folder) and pass it to api.Model, or tokenize the texts yourself"
+        "this model has no tokenizer; load one with medunifier_jax.data.tokenizer."
+        "load_tokenizer(folder) and pass it to api.Model, or tokenize the texts yourself"
       )
     from medunifier_jax.data import text as text_lib
     from medunifier_jax.data.tokenizer import tokenize
@@ -288,7 +303,8 @@ class Model:
     if isinstance(images, str | bytes | os.PathLike):
       images = [images]
     return images_lib.model_input(
-        images, self.image_size, self.config.data.image_mean, self.config.data.image_std)
+      images, self.image_size, self.config.data.image_mean, self.config.data.image_std
+    )
 
   # -- input checks --------------------------------------------------------------------------
 
@@ -297,8 +313,8 @@ class Model:
     s = self.image_size
     if not np.issubdtype(x.dtype, np.floating):
       raise ValueError(
-          f"pixel_values must be float32 images normalised with config.data.image_mean/std, "
-          f"got dtype {x.dtype}; convert to [0, 1] floats and normalise first"
+        f"pixel_values must be float32 images normalised with config.data.image_mean/std, "
+        f"got dtype {x.dtype}; convert to [0, 1] floats and normalise first"
       )
     if x.ndim != 4 or x.shape[1:] != (s, s, 3):
       hint = f"resize images to {s}x{s}"
@@ -307,7 +323,7 @@ class Model:
       elif x.ndim == 3:
         hint = "add a batch axis"
       raise ValueError(
-          f"expected pixel_values of shape (B, {s}, {s}, 3) (NHWC), got {x.shape}; {hint}"
+        f"expected pixel_values of shape (B, {s}, {s}, 3) (NHWC), got {x.shape}; {hint}"
       )
     if x.shape[0] == 0:
       raise ValueError("pixel_values holds no images")
@@ -317,8 +333,8 @@ class Model:
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     if ids.ndim != 2 or mask.shape != ids.shape:
       raise ValueError(
-          f"expected input_ids and attention_mask of one shape (B, T), got {ids.shape} and "
-          f"{mask.shape}"
+        f"expected input_ids and attention_mask of one shape (B, T), got {ids.shape} and "
+        f"{mask.shape}"
       )
     if ids.shape[0] == 0 or ids.shape[1] == 0:
       raise ValueError(f"input_ids holds no tokens (shape {ids.shape})")
@@ -326,15 +342,15 @@ class Model:
       raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.shape[1] > self.max_positions:
       raise ValueError(
-          f"texts of {ids.shape[1]} tokens exceed the model's {self.max_positions} positions; "
-          f"truncate to config.model.max_text_len={self.config.model.max_text_len}"
+        f"texts of {ids.shape[1]} tokens exceed the model's {self.max_positions} positions; "
+        f"truncate to config.model.max_text_len={self.config.model.max_text_len}"
       )
     bad = (ids < 0) | (ids >= self.vocab_size)
     if bad.any():
       row, col = np.argwhere(bad)[0]
       raise ValueError(
-          f"token id {ids[row, col]} at input_ids[{row}, {col}] is outside the vocabulary "
-          f"[0, {self.vocab_size}); use the model's tokenizer ({bad.sum()} ids are out of range)"
+        f"token id {ids[row, col]} at input_ids[{row}, {col}] is outside the vocabulary "
+        f"[0, {self.vocab_size}); use the model's tokenizer ({bad.sum()} ids are out of range)"
       )
     if not np.isin(mask, (0, 1)).all():
       raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
@@ -345,13 +361,13 @@ class Model:
 
 
 def load(
-    source: str,
-    *,
-    config: ml_collections.ConfigDict | str | None = None,
-    allow: Iterable[str] = (),
-    seed: int | None = None,
-    dtype: str = "float32",
-    prior: str | None = None,
+  source: str,
+  *,
+  config: ml_collections.ConfigDict | str | None = None,
+  allow: Iterable[str] = (),
+  seed: int | None = None,
+  dtype: str = "float32",
+  prior: str | None = None,
 ) -> Model:
   """Loads a model for inference.
 
@@ -397,11 +413,11 @@ def load(
   is_url = paths.is_remote(source)  # e.g. gs://bucket/workdir
   if ":" in source and not is_url and not os.path.exists(source):
     raise ValueError(
-        f"unknown source {source!r}: use 'hf-blip2:DIR', 'hf-bert:DIR' or a training workdir"
+      f"unknown source {source!r}: use 'hf-blip2:DIR', 'hf-bert:DIR' or a training workdir"
     )
   if not is_url and not os.path.isdir(source):
     raise FileNotFoundError(
-        f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
+      f"{source!r} is not a directory; pass a training workdir, 'hf-blip2:DIR' or 'hf-bert:DIR'"
     )
   workdir = paths.resolve(source)
   model = _load_workdir(workdir, config, dtype=dtype)
@@ -418,10 +434,10 @@ def _load_workdir(workdir: str, config, *, dtype: str) -> Model:
   `config.data.tokenizer_dir`, else None.
   """
   restored = model_io.restore(
-      workdir, resolve_config(config) if config is not None else None, compute_dtype=dtype)
+    workdir, resolve_config(config) if config is not None else None, compute_dtype=dtype
+  )
   logging.info("restored %s at step %d", workdir, restored.step)
-  model = Model(restored.module, restored.config,
-                _workdir_tokenizer(workdir, restored.config))
+  model = Model(restored.module, restored.config, _workdir_tokenizer(workdir, restored.config))
   model.checkpoint_step = restored.step
   return model
 
@@ -432,7 +448,7 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
   cached = os.path.join(workdir, "tokenizer")
   if os.path.isdir(cached):
     folders = sorted(
-        f for f in os.listdir(cached) if os.path.isfile(os.path.join(cached, f, "vocab.txt"))
+      f for f in os.listdir(cached) if os.path.isfile(os.path.join(cached, f, "vocab.txt"))
     )
     if folders:
       return load_tokenizer(os.path.join(cached, folders[-1]))
@@ -444,16 +460,25 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
 def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
   tokenizer = hf_import.folder_tokenizer(folder)
   cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
-  return _build_imported(cfg, "hf-blip2", folder, tokenizer, seed, dtype, lambda m, c: (
-      hf_import.import_blip2(m, c.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow)))
+  return _build_imported(
+    cfg,
+    "hf-blip2",
+    folder,
+    tokenizer,
+    seed,
+    dtype,
+    lambda m, c: hf_import.import_blip2(
+      m, c.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
+    ),
+  )
 
 
 def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
   if config is None:
     raise ValueError(
-        "hf-bert needs config=...: BERT provides only the Q-Former's text weights, so the "
-        "ViT, queries, heads and VQ-VAE sizes come from the configuration (size the Q-Former "
-        "like the BERT with weights.bert_config(folder, config))"
+      "hf-bert needs config=...: BERT provides only the Q-Former's text weights, so the "
+      "ViT, queries, heads and VQ-VAE sizes come from the configuration (size the Q-Former "
+      "like the BERT with weights.bert_config(folder, config))"
     )
   cfg = copy.deepcopy(resolve_config(config))
   tokenizer = hf_import.folder_tokenizer(folder)
@@ -461,8 +486,17 @@ def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
     from medunifier_jax.data.tokenizer import check_tokenizer
 
     check_tokenizer(tokenizer, cfg.model)
-  return _build_imported(cfg, "hf-bert", folder, tokenizer, seed, dtype, lambda m, c: (
-      hf_import.import_bert(m, c.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow)))
+  return _build_imported(
+    cfg,
+    "hf-bert",
+    folder,
+    tokenizer,
+    seed,
+    dtype,
+    lambda m, c: hf_import.import_bert(
+      m, c.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow
+    ),
+  )
 
 
 def _build_imported(cfg, kind: str, folder: str, tokenizer, seed, dtype, fill) -> Model:
@@ -479,9 +513,12 @@ def _build_imported(cfg, kind: str, folder: str, tokenizer, seed, dtype, fill) -
 
 def _log_report(kind: str, folder: str, report: ImportReport) -> None:
   logging.info(
-      "%s import from %s: %d weights loaded, %d kept their initial values (%s)",
-      kind, folder, len(report.loaded), len(report.kept_at_init),
-      ", ".join(sorted({p.split("/")[0] for p in report.kept_at_init})) or "none",
+    "%s import from %s: %d weights loaded, %d kept their initial values (%s)",
+    kind,
+    folder,
+    len(report.loaded),
+    len(report.kept_at_init),
+    ", ".join(sorted({p.split("/")[0] for p in report.kept_at_init})) or "none",
   )
 
 

@@ -30,22 +30,28 @@ from ml_collections import config_flags
 from medunifier_jax.objectives import OBJECTIVES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
-_OBJECTIVES = flags.DEFINE_list("objectives", ["itc", "itm", "itg", "tig"],
-                                "Objectives to train (the others get weight 0).")
+_OBJECTIVES = flags.DEFINE_list(
+  "objectives", ["itc", "itm", "itg", "tig"], "Objectives to train (the others get weight 0)."
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of the machine, for MFU.")
 _PEER = flags.DEFINE_enum("peer", None, ["pytorch"], "Also time a peer implementation.")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for the PyTorch peer.")
 _PRIOR_CONFIG = config_flags.DEFINE_config_file(
-    "prior_config", None, "With it, time text-to-image sampling instead of the training step: "
-    "images/s of a prior of this config (e.g. configs/prior.py:demo) over the --config "
-    "MedUnifier, and the FLOPs per sampled image.")
+  "prior_config",
+  None,
+  "With it, time text-to-image sampling instead of the training step: "
+  "images/s of a prior of this config (e.g. configs/prior.py:demo) over the --config "
+  "MedUnifier, and the FLOPs per sampled image.",
+)
 _SAMPLING_BATCH = flags.DEFINE_integer("sampling_batch", 16, "Reports per sampling call.")
-_FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Sampling: only the FLOPs per image, from "
-                                "shapes (nothing allocated; for the paper sizes).")
+_FLOPS_ONLY = flags.DEFINE_bool(
+  "flops_only",
+  False,
+  "Sampling: only the FLOPs per image, from shapes (nothing allocated; for the paper sizes).",
+)
 flags.mark_flag_as_required("config")
-
 
 
 def with_objectives(config, objectives):
@@ -85,8 +91,11 @@ def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = No
   batch = sharding_lib.global_batch(pretraining.random_batch(config), mesh, config.sharding_rules)
   rng = jax.random.key(0)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), shardings, mesh,
-      config.sharding_rules)
+    step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)),
+    shardings,
+    mesh,
+    config.sharding_rules,
+  )
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
@@ -101,14 +110,14 @@ def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = No
 
   median, times = _median_time(one_step, steps, warmup)
   out = {
-      "median_step_s": median,
-      "examples_per_s": int(config.batch_size) / median,
-      "step_flops": flops,
-      "flops_per_s": flops / median,
-      "compile_s": compile_s,
-      "step_times_s": times,
-      "devices": jax.device_count(),
-      "platform": jax.devices()[0].platform,
+    "median_step_s": median,
+    "examples_per_s": int(config.batch_size) / median,
+    "step_flops": flops,
+    "flops_per_s": flops / median,
+    "compile_s": compile_s,
+    "step_times_s": times,
+    "devices": jax.device_count(),
+    "platform": jax.devices()[0].platform,
   }
   if peak_flops:
     out["peak_flops"] = peak_flops
@@ -122,11 +131,15 @@ def sampling(config, prior_config) -> dict:
 
   steps, guidance = int(prior_config.sample.steps), float(prior_config.sample.guidance)
   guided = prior_config.model.condition == "text" and guidance != 0.0
-  result = {"config": config.get("variant", ""), "prior_config": prior_config.get("variant", ""),
-            "flops": cost.sampling_flops(config, prior_config, steps=steps, guided=guided)}
+  result = {
+    "config": config.get("variant", ""),
+    "prior_config": prior_config.get("variant", ""),
+    "flops": cost.sampling_flops(config, prior_config, steps=steps, guided=guided),
+  }
   if not _FLOPS_ONLY.value:
-    result["speed"] = cost.sampling_speed(config, prior_config, batch_size=_SAMPLING_BATCH.value,
-                                          steps=steps, guidance=guidance)
+    result["speed"] = cost.sampling_speed(
+      config, prior_config, batch_size=_SAMPLING_BATCH.value, steps=steps, guidance=guidance
+    )
   result["platform"] = jax.devices()[0].platform
   return result
 
@@ -139,18 +152,19 @@ def main(argv):
   objectives = [o.strip() for o in _OBJECTIVES.value if o.strip()]
   config = with_objectives(_CONFIG.value, objectives)
   result = {
-      "config": config.get("variant", ""),
-      "objectives": objectives,
-      "batch_size": int(config.batch_size),
-      "steps": _STEPS.value,
+    "config": config.get("variant", ""),
+    "objectives": objectives,
+    "batch_size": int(config.batch_size),
+    "steps": _STEPS.value,
   }
   if _PEER.value == "pytorch":
     if set(objectives) != {"itc", "itm"}:
       raise app.UsageError("--peer pytorch times ITC+ITM; pass --objectives itc,itm")
     from medunifier_jax import benchmark_torch
 
-    peer = benchmark_torch.benchmark_pytorch(config, _STEPS.value, _WARMUP.value,
-                                             threads=_THREADS.value)
+    peer = benchmark_torch.benchmark_pytorch(
+      config, _STEPS.value, _WARMUP.value, threads=_THREADS.value
+    )
   ours = benchmark_jax(config, _STEPS.value, _WARMUP.value, _PEAK.value)
   result.update(ours)
   if _PEER.value == "pytorch":

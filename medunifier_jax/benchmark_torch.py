@@ -18,24 +18,38 @@ def _blip2_config(config):
 
   vit, qf = config.model.vit, config.model.qformer
   vision = Blip2VisionConfig(
-      hidden_size=vit.width, intermediate_size=vit.mlp_dim, num_hidden_layers=vit.depth,
-      num_attention_heads=vit.num_heads, image_size=vit.image_size, patch_size=vit.patch_size,
-      layer_norm_eps=vit.layer_norm_eps, qkv_bias=vit.qkv_bias, attention_dropout=vit.dropout,
+    hidden_size=vit.width,
+    intermediate_size=vit.mlp_dim,
+    num_hidden_layers=vit.depth,
+    num_attention_heads=vit.num_heads,
+    image_size=vit.image_size,
+    patch_size=vit.patch_size,
+    layer_norm_eps=vit.layer_norm_eps,
+    qkv_bias=vit.qkv_bias,
+    attention_dropout=vit.dropout,
   )
   # The padded vocabulary (qformer.vocab_size, not dec_token_id + 1): the same embedding table
   # as ours, so that the two steps do the same work.
   qformer = Blip2QFormerConfig(
-      vocab_size=qf.vocab_size, hidden_size=qf.hidden_size, num_hidden_layers=qf.num_layers,
-      num_attention_heads=qf.num_heads, intermediate_size=qf.intermediate_size,
-      hidden_dropout_prob=qf.hidden_dropout, attention_probs_dropout_prob=qf.attention_dropout,
-      max_position_embeddings=qf.max_position_embeddings, layer_norm_eps=qf.layer_norm_eps,
-      cross_attention_frequency=qf.cross_attention_freq, encoder_hidden_size=vit.width,
-      pad_token_id=qf.pad_token_id,
-      use_qformer_text_input=True,  # text and matching modes, as in Blip2ForImageTextRetrieval
+    vocab_size=qf.vocab_size,
+    hidden_size=qf.hidden_size,
+    num_hidden_layers=qf.num_layers,
+    num_attention_heads=qf.num_heads,
+    intermediate_size=qf.intermediate_size,
+    hidden_dropout_prob=qf.hidden_dropout,
+    attention_probs_dropout_prob=qf.attention_dropout,
+    max_position_embeddings=qf.max_position_embeddings,
+    layer_norm_eps=qf.layer_norm_eps,
+    cross_attention_frequency=qf.cross_attention_freq,
+    encoder_hidden_size=vit.width,
+    pad_token_id=qf.pad_token_id,
+    use_qformer_text_input=True,  # text and matching modes, as in Blip2ForImageTextRetrieval
   )
   return Blip2Config(
-      vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-      num_query_tokens=qf.num_queries, image_text_hidden_size=config.model.embed_dim,
+    vision_config=vision.to_dict(),
+    qformer_config=qformer.to_dict(),
+    num_query_tokens=qf.num_queries,
+    image_text_hidden_size=config.model.embed_dim,
   )
 
 
@@ -52,8 +66,10 @@ def make_peer(config):
   temp = torch.nn.Parameter(torch.tensor(float(config.model.temperature_init)))
   trainable = [p for p in model.parameters() if p.requires_grad] + [temp]
   optimizer = torch.optim.AdamW(
-      trainable, lr=float(config.learning_rate), betas=(config.adam_b1, config.adam_b2),
-      weight_decay=float(config.weight_decay),
+    trainable,
+    lr=float(config.learning_rate),
+    betas=(config.adam_b1, config.adam_b2),
+    weight_decay=float(config.weight_decay),
   )
   smoothing = float(config.label_smoothing)
   t_min, t_max = float(config.model.temperature_min), float(config.model.temperature_max)
@@ -66,18 +82,22 @@ def make_peer(config):
       image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
     queries = model.query_tokens.expand(b, -1, -1)
-    q_out = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                          encoder_attention_mask=image_mask).last_hidden_state
+    q_out = model.qformer(
+      query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+    ).last_hidden_state
     image_feats = F.normalize(model.vision_projection(q_out), dim=-1)  # (B, Q, E)
-    t_out = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0,
-                          attention_mask=mask).last_hidden_state
+    t_out = model.qformer(
+      query_embeds=model.embeddings(input_ids=ids), query_length=0, attention_mask=mask
+    ).last_hidden_state
     text_feat = F.normalize(model.text_projection(t_out[:, 0]), dim=-1)  # (B, E)
     t = temp.clamp(t_min, t_max)
     sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat).max(-1).values / t
     sim_t2i = sim_i2t.t()
     targets = torch.arange(b)
-    loss_itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)
-                + F.cross_entropy(sim_t2i, targets, label_smoothing=smoothing)) / 2
+    loss_itc = (
+      F.cross_entropy(sim_i2t, targets, label_smoothing=smoothing)
+      + F.cross_entropy(sim_t2i, targets, label_smoothing=smoothing)
+    ) / 2
     with torch.no_grad():
       eye = torch.eye(b, dtype=torch.bool)
       w_t2i = F.softmax(sim_t2i, dim=1).masked_fill(eye, 0) + 1e-12
@@ -90,10 +110,11 @@ def make_peer(config):
     q3 = model.query_tokens.expand(3 * b, -1, -1)
     joint_mask = torch.cat([torch.ones(q3.shape[:-1], dtype=torch.long), all_mask], dim=1)
     itm_out = model.qformer(
-        query_embeds=model.embeddings(input_ids=all_ids, query_embeds=q3),
-        query_length=q3.shape[1], attention_mask=joint_mask,
-        encoder_hidden_states=all_images,
-        encoder_attention_mask=torch.ones(all_images.shape[:-1], dtype=torch.long),
+      query_embeds=model.embeddings(input_ids=all_ids, query_embeds=q3),
+      query_length=q3.shape[1],
+      attention_mask=joint_mask,
+      encoder_hidden_states=all_images,
+      encoder_attention_mask=torch.ones(all_images.shape[:-1], dtype=torch.long),
     ).last_hidden_state
     logits = model.itm_head(itm_out[:, : q3.shape[1]]).mean(1)
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
@@ -118,10 +139,10 @@ def benchmark_pytorch(config, steps: int, warmup: int, *, threads: int = 2) -> d
   _, _, step = make_peer(config)
   host = random_batch(config)
   batch = {
-      # transformers' vision model is NCHW.
-      "image": torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2))),
-      "input_ids": torch.from_numpy(host["input_ids"]).long(),
-      "attention_mask": torch.from_numpy(host["attention_mask"]).long(),
+    # transformers' vision model is NCHW.
+    "image": torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2))),
+    "input_ids": torch.from_numpy(host["input_ids"]).long(),
+    "attention_mask": torch.from_numpy(host["attention_mask"]).long(),
   }
   for _ in range(warmup):
     step(batch)
@@ -131,9 +152,9 @@ def benchmark_pytorch(config, steps: int, warmup: int, *, threads: int = 2) -> d
     losses.append(step(batch))
     times.append(time.perf_counter() - t0)
   return {
-      "median_step_s": float(np.median(times)),
-      "examples_per_s": int(config.batch_size) / float(np.median(times)),
-      "step_times_s": times,
-      "threads": threads,
-      "final_loss": losses[-1],
+    "median_step_s": float(np.median(times)),
+    "examples_per_s": int(config.batch_size) / float(np.median(times)),
+    "step_times_s": times,
+    "threads": threads,
+    "final_loss": losses[-1],
   }

@@ -16,8 +16,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:paper")
-_SIMULATED = flags.DEFINE_integer("simulated_devices", 8,
-                                  "Simulated CPU devices (0: use the real devices).")
+_SIMULATED = flags.DEFINE_integer(
+  "simulated_devices", 8, "Simulated CPU devices (0: use the real devices)."
+)
 flags.mark_flag_as_required("config")
 
 
@@ -59,17 +60,18 @@ def main(argv: list[str]) -> None:
   cost = cost[0] if isinstance(cost, list | tuple) else cost
   _, abstract, _ = state_lib.abstract_train_state(config, mesh, task.model_fn)
   report = {
-      "config": config.get("variant", ""),
-      "mesh": dict(mesh.shape),
-      "platform": jax.devices()[0].platform,
-      "parameters": state_lib.count_params(abstract),
-      "trainable_parameters": state_lib.count_params(
-          abstract, state_lib.optimizer_lib.trainable_filter(config.model)),
-      "global_batch": int(config.batch_size),
-      "step_flops_per_device": float(cost.get("flops", float("nan"))),
-      "memory_per_device": aot.memory_report(compiled),
-      "lower_s": lower_s,
-      "compile_s": compile_s,
+    "config": config.get("variant", ""),
+    "mesh": dict(mesh.shape),
+    "platform": jax.devices()[0].platform,
+    "parameters": state_lib.count_params(abstract),
+    "trainable_parameters": state_lib.count_params(
+      abstract, state_lib.optimizer_lib.trainable_filter(config.model)
+    ),
+    "global_batch": int(config.batch_size),
+    "step_flops_per_device": float(cost.get("flops", float("nan"))),
+    "memory_per_device": aot.memory_report(compiled),
+    "lower_s": lower_s,
+    "compile_s": compile_s,
   }
   print(json.dumps(report))
 

@@ -31,10 +31,10 @@ DEFAULT_FILE = "pretrain.py"
 # hold one-way references, so setting the source moves the target, while setting the target alone
 # (e.g. `--config.data.image_size=64`) leaves the source as it is.
 DERIVED = {
-    "data.image_size": "model.vit.image_size",
-    "data.max_text_len": "model.max_text_len",
-    # [DEC] takes the id right after the tokenizer's vocabulary.
-    "data.tokenizer_vocab_size": "model.qformer.dec_token_id",
+  "data.image_size": "model.vit.image_size",
+  "data.max_text_len": "model.max_text_len",
+  # [DEC] takes the id right after the tokenizer's vocabulary.
+  "data.tokenizer_vocab_size": "model.qformer.dec_token_id",
 }
 # Report generation decodes at most the paper's 95 tokens, and never past the model's text length;
 # applies to every `evals` entry whose task is report generation.
@@ -54,8 +54,7 @@ def load_module(path: str | Path) -> ModuleType:
 
 
 def load(
-    spec: str | ml_collections.ConfigDict | None = None,
-    overrides: Mapping[str, Any] | None = None,
+  spec: str | ml_collections.ConfigDict | None = None, overrides: Mapping[str, Any] | None = None
 ) -> ml_collections.ConfigDict:
   """A full configuration with its derived fields linked (`derive`).
 
@@ -78,7 +77,7 @@ def load(
 
 
 def _split_spec(spec: str | None) -> tuple[str, str | None]:
-  """"configs/prior.py:tiny" -> (path, "tiny"); "tiny" -> (configs/pretrain.py, "tiny")."""
+  """ "configs/prior.py:tiny" -> (path, "tiny"); "tiny" -> (configs/pretrain.py, "tiny")."""
   if not spec:
     return str(CONFIG_DIR / DEFAULT_FILE), None
   path, _, variant = spec.partition(":")
@@ -94,8 +93,9 @@ def _find_file(path: str) -> Path:
   for candidate in candidates:
     if candidate.is_file():
       return candidate
-  raise FileNotFoundError(f"configuration file {path!r} does not exist (looked at "
-                          f"{', '.join(map(str, candidates))})")
+  raise FileNotFoundError(
+    f"configuration file {path!r} does not exist (looked at {', '.join(map(str, candidates))})"
+  )
 
 
 # -- variant tables --------------------------------------------------------------------------
@@ -204,9 +204,10 @@ def check_geometry(model_cfg: ml_collections.ConfigDict) -> int:
   problems += _query_problems(vq.query_grid, qf.num_queries)
   if model_cfg.max_text_len > qf.max_position_embeddings:
     problems.append(
-        f"model.max_text_len={model_cfg.max_text_len} exceeds "
-        f"model.qformer.max_position_embeddings={qf.max_position_embeddings}: lower the first "
-        "or raise the second")
+      f"model.max_text_len={model_cfg.max_text_len} exceeds "
+      f"model.qformer.max_position_embeddings={qf.max_position_embeddings}: lower the first "
+      "or raise the second"
+    )
   _raise_if(problems)
   return k
 
@@ -222,21 +223,25 @@ def check_vqvae_geometry(vqvae_cfg: ml_collections.ConfigDict, image_size: int) 
 def _raise_if(problems: list[str]) -> None:
   if problems:
     raise ValueError(
-        f"the model's geometry does not fit together ({len(problems)} "
-        f"problem{'s' if len(problems) > 1 else ''}; rules: "
-        "medunifier_jax/config_lib.py check_geometry):\n"
-        + "\n".join(f"  - {p}" for p in problems))
+      f"the model's geometry does not fit together ({len(problems)} "
+      f"problem{'s' if len(problems) > 1 else ''}; rules: "
+      "medunifier_jax/config_lib.py check_geometry):\n" + "\n".join(f"  - {p}" for p in problems)
+    )
 
 
 def _patch_grid_problems(image_size: int, patch_size: int, grid: int) -> list[str]:
   s, p = int(image_size), int(patch_size)
   if s % p:
-    return [f"model.vit.image_size={s} is not a multiple of model.vit.patch_size={p} (the ViT "
-            f"cuts the image into {p}x{p} patches): change one of them"]
+    return [
+      f"model.vit.image_size={s} is not a multiple of model.vit.patch_size={p} (the ViT "
+      f"cuts the image into {p}x{p} patches): change one of them"
+    ]
   if s // p != grid:
-    return [f"the ViT's patch grid is {s}/{p}={s // p} but model.vqvae.grid={grid} (the VQ-VAE "
-            f"reads the patch tokens as its grid): set model.vqvae.grid={s // p} or change "
-            "model.vit.image_size / model.vit.patch_size"]
+    return [
+      f"the ViT's patch grid is {s}/{p}={s // p} but model.vqvae.grid={grid} (the VQ-VAE "
+      f"reads the patch tokens as its grid): set model.vqvae.grid={s // p} or change "
+      "model.vit.image_size / model.vit.patch_size"
+    ]
   return []
 
 
@@ -248,9 +253,11 @@ def _query_problems(query_grid, num_queries: int) -> list[str]:
     return []
   n = int(num_queries)
   a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0) if n > 0 else 1
-  return [f"model.vqvae.query_grid={tuple(query_grid)} holds {rows * cols} cells but "
-          f"model.qformer.num_queries={n} (the query outputs are read as that grid): set "
-          f"model.vqvae.query_grid=({a}, {max(n, 1) // a}) or change model.qformer.num_queries"]
+  return [
+    f"model.vqvae.query_grid={tuple(query_grid)} holds {rows * cols} cells but "
+    f"model.qformer.num_queries={n} (the query outputs are read as that grid): set "
+    f"model.vqvae.query_grid=({a}, {max(n, 1) // a}) or change model.qformer.num_queries"
+  ]
 
 
 def _vqvae_problems(vq: ml_collections.ConfigDict, image_size: int) -> tuple[list[str], int]:
@@ -259,15 +266,18 @@ def _vqvae_problems(vq: ml_collections.ConfigDict, image_size: int) -> tuple[lis
   problems = []
   if grid < 4 or grid % 2:
     problems.append(
-        f"model.vqvae.grid must be even and >= 4 (the top grid is grid/2 and the decoder's 3x3 "
-        f"valid convolution needs grid - 2 >= 2), got {grid}")
+      f"model.vqvae.grid must be even and >= 4 (the top grid is grid/2 and the decoder's 3x3 "
+      f"valid convolution needs grid - 2 >= 2), got {grid}"
+    )
   if len(vq.query_grid) != 2 or min(vq.query_grid) < 1:
-    problems.append(f"model.vqvae.query_grid must be two positive sizes (rows, cols), got "
-                    f"{tuple(vq.query_grid)}")
+    problems.append(
+      f"model.vqvae.query_grid must be two positive sizes (rows, cols), got {tuple(vq.query_grid)}"
+    )
   if vq.latent_dim < 4 or vq.latent_dim % 4:
     problems.append(
-        f"model.vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position "
-        f"encoding and d/2 residual bottlenecks), got {vq.latent_dim}")
+      f"model.vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position "
+      f"encoding and d/2 residual bottlenecks), got {vq.latent_dim}"
+    )
   k, decode_problem = _decoder_steps(grid, s, tuple(vq.decoder_channels))
   if decode_problem:
     problems.append(decode_problem)
@@ -284,15 +294,17 @@ def _decoder_steps(grid: int, image_size: int, channels: tuple) -> tuple[int, st
   if rest or ratio < 2 or ratio & (ratio - 1):
     sizes = ", ".join(str(base * 2**k) for k in range(1, 6))
     return 0, (
-        f"image size {image_size} (model.vit.image_size) cannot be decoded from a {grid}x{grid} "
-        f"grid: the decoder maps {grid} -> {base} (3x3 valid convolution) and then doubles "
-        f"k >= 1 times, so the image size must be {base} * 2^k; valid sizes for grid {grid}: "
-        f"{sizes}, ... (or change model.vqvae.grid together with model.vit.image_size / "
-        "model.vit.patch_size)")
+      f"image size {image_size} (model.vit.image_size) cannot be decoded from a {grid}x{grid} "
+      f"grid: the decoder maps {grid} -> {base} (3x3 valid convolution) and then doubles "
+      f"k >= 1 times, so the image size must be {base} * 2^k; valid sizes for grid {grid}: "
+      f"{sizes}, ... (or change model.vqvae.grid together with model.vit.image_size / "
+      "model.vit.patch_size)"
+    )
   k = ratio.bit_length() - 1
   if len(channels) != k - 1:
     return k, (
-        f"image size {image_size} from grid {grid} takes k={k} x2 upsamplings, so "
-        f"model.vqvae.decoder_channels needs k-1={k - 1} entries (the channels after each "
-        f"upsampling but the last, which outputs 3); got {len(channels)}: {channels}")
+      f"image size {image_size} from grid {grid} takes k={k} x2 upsamplings, so "
+      f"model.vqvae.decoder_channels needs k-1={k - 1} entries (the channels after each "
+      f"upsampling but the last, which outputs 3); got {len(channels)}: {channels}"
+    )
   return k, ""

@@ -28,26 +28,43 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "pretrain.py")
+_DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py"
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{_DEFAULT_CONFIG}:demo", "Config file and variant.", lock_config=True)
+  "config", f"{_DEFAULT_CONFIG}:demo", "Config file and variant.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Run directory.")
-_SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Evaluate and report on the workdir's "
-                                "latest checkpoint without training further.")
-_RECON_IMAGES = flags.DEFINE_integer("recon_images", 256, "Test phantoms used to measure "
-                                     "reconstruction PSNR and code usage.")
+_SKIP_TRAIN = flags.DEFINE_bool(
+  "skip_train",
+  False,
+  "Evaluate and report on the workdir's latest checkpoint without training further.",
+)
+_RECON_IMAGES = flags.DEFINE_integer(
+  "recon_images", 256, "Test phantoms used to measure reconstruction PSNR and code usage."
+)
 _PRIOR_CONFIG = config_flags.DEFINE_config_file(
-    "prior_config", os.path.join(os.path.dirname(_DEFAULT_CONFIG), "prior.py") + ":demo",
-    "The image prior's config file and variant (stage 3).", lock_config=True)
+  "prior_config",
+  os.path.join(os.path.dirname(_DEFAULT_CONFIG), "prior.py") + ":demo",
+  "The image prior's config file and variant (stage 3).",
+  lock_config=True,
+)
 # Off by default: on 2 CPU cores it adds about 8 minutes (the prior ~4.5, its evaluation ~3.5)
 # to the ~15.5 of the rest, past the demo's 20-minute budget (README, "Status of the demo").
-_IMAGE_GEN = flags.DEFINE_bool("image_gen", False, "Train the image prior after pre-training and "
-                               "score the images it draws from held-out reports (stage 3; "
-                               "about 8 more minutes on 2 CPU cores).")
-_UNCOND_PRIOR = flags.DEFINE_bool("uncond_prior", False, "Also train an unconditional prior "
-                                  "(condition=none) as the baseline of stage 3; without it the "
-                                  "text prior's learned null condition stands in.")
+_IMAGE_GEN = flags.DEFINE_bool(
+  "image_gen",
+  False,
+  "Train the image prior after pre-training and "
+  "score the images it draws from held-out reports (stage 3; "
+  "about 8 more minutes on 2 CPU cores).",
+)
+_UNCOND_PRIOR = flags.DEFINE_bool(
+  "uncond_prior",
+  False,
+  "Also train an unconditional prior "
+  "(condition=none) as the baseline of stage 3; without it the "
+  "text prior's learned null condition stands in.",
+)
 
 IMAGE_GEN = "image_gen"  # the config.evals entry stage 3 runs
 RECONSTRUCTION = "reconstruction"  # the entry `--recon_images` sizes (run in stage 2)
@@ -81,8 +98,10 @@ def train_priors(prior_config, workdir: str, *, uncond: bool, log=print) -> dict
     if name != "prior" and not config.codes.dir:
       # Same frozen model, same settings: the codes extracted for the text prior serve.
       config.codes.dir = os.path.join(workdir, "prior", "codes")
-    log(f"  {name}: condition={condition}, {config.num_steps} steps x {config.batch_size} code "
-        f"grids ({config.variant})")
+    log(
+      f"  {name}: condition={condition}, {config.num_steps} steps x {config.batch_size} code "
+      f"grids ({config.variant})"
+    )
     start = time.perf_counter()
     prior_train.train_prior(config, os.path.join(workdir, name))
     timings[f"{name} training"] = time.perf_counter() - start
@@ -97,9 +116,9 @@ def merge_results(path: str, earlier: dict | None) -> None:
   with open(path) as f:
     later = json.load(f)
   merged = {
-      "results": {**earlier["results"], **later["results"]},
-      "protocol": {**earlier.get("protocol", {}), **later.get("protocol", {})},
-      "meta": dict(earlier.get("meta", {}), image_gen=later.get("meta", {})),
+    "results": {**earlier["results"], **later["results"]},
+    "protocol": {**earlier.get("protocol", {}), **later.get("protocol", {})},
+    "meta": dict(earlier.get("meta", {}), image_gen=later.get("meta", {})),
   }
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
@@ -107,9 +126,17 @@ def merge_results(path: str, earlier: dict | None) -> None:
   os.replace(tmp, path)
 
 
-def run_demo(config, workdir: str, *, train: bool = True, recon_images: int | None = None,
-             image_gen: bool = False, prior_config=None, uncond_prior: bool = False,
-             log=print) -> dict[str, float]:
+def run_demo(
+  config,
+  workdir: str,
+  *,
+  train: bool = True,
+  recon_images: int | None = None,
+  image_gen: bool = False,
+  prior_config=None,
+  uncond_prior: bool = False,
+  log=print,
+) -> dict[str, float]:
   """Trains (unless `train` is False), evaluates and writes the report; returns stage times.
 
   With `image_gen` (and a `config.evals.image_gen` entry), stage 3 trains the prior(s) of
@@ -132,8 +159,10 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int | No
     # only repeat the zero-shot and retrieval entries.
     for entry in config.evals.values():
       entry.periodic = False
-    log(f"[1/{stages}] pre-training {config.variant}: {config.num_steps} steps x "
-        f"{config.batch_size} examples of {config.data.name}")
+    log(
+      f"[1/{stages}] pre-training {config.variant}: {config.num_steps} steps x "
+      f"{config.batch_size} examples of {config.data.name}"
+    )
     start = time.perf_counter()
     pretraining.train(config, workdir)
     timings["pre-training"] = time.perf_counter() - start
@@ -143,19 +172,30 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int | No
   model = api.load(workdir, config=config)
   tasks = [name for name in config.evals if name != IMAGE_GEN]
   if RECONSTRUCTION not in config.evals:
-    log(f"(this config has no config.evals.{RECONSTRUCTION} entry: the report will have no "
-        "reconstructions, PSNR or code usage)")
+    log(
+      f"(this config has no config.evals.{RECONSTRUCTION} entry: the report will have no "
+      "reconstructions, PSNR or code usage)"
+    )
   elif recon_images is not None:
     config.evals[RECONSTRUCTION].num_images = int(recon_images)
-  evaluation.evaluate(config, workdir, tasks, model=model.module, tokenizer=model.tokenizer,
-                      source=f"checkpoint in {workdir}", log=log)
+  evaluation.evaluate(
+    config,
+    workdir,
+    tasks,
+    model=model.module,
+    tokenizer=model.tokenizer,
+    source=f"checkpoint in {workdir}",
+    log=log,
+  )
   timings["evaluation"] = time.perf_counter() - start
 
   if image_gen:
     if prior_config is None:
       prior_config = default_prior_config()
-    log(f"[3/{stages}] images from reports: the prior on the model's codes, then FID/KID and "
-        "finding fidelity")
+    log(
+      f"[3/{stages}] images from reports: the prior on the model's codes, then FID/KID and "
+      "finding fidelity"
+    )
     timings.update(train_priors(prior_config, workdir, uncond=uncond_prior, log=log))
     start = time.perf_counter()
     results_path = os.path.join(workdir, "eval", "results.json")
@@ -163,13 +203,22 @@ def run_demo(config, workdir: str, *, train: bool = True, recon_images: int | No
     if os.path.exists(results_path):
       with open(results_path) as f:
         earlier = json.load(f)
-    evaluation.evaluate(config, workdir, [IMAGE_GEN], model=model.module,
-                        tokenizer=model.tokenizer, source=f"checkpoint in {workdir}", log=log)
+    evaluation.evaluate(
+      config,
+      workdir,
+      [IMAGE_GEN],
+      model=model.module,
+      tokenizer=model.tokenizer,
+      source=f"checkpoint in {workdir}",
+      log=log,
+    )
     merge_results(results_path, earlier)
     timings["image_gen evaluation"] = time.perf_counter() - start
   elif IMAGE_GEN in config.evals:
-    log("(images from reports skipped: --image_gen trains the image prior and scores it, about "
-        "8 more minutes on 2 CPU cores)")
+    log(
+      "(images from reports skipped: --image_gen trains the image prior and scores it, about "
+      "8 more minutes on 2 CPU cores)"
+    )
 
   log(f"[{stages}/{stages}] figures and the report")
   start = time.perf_counter()
@@ -184,9 +233,15 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  run_demo(_CONFIG.value, _WORKDIR.value, train=not _SKIP_TRAIN.value,
-           recon_images=_RECON_IMAGES.value, image_gen=_IMAGE_GEN.value,
-           prior_config=_PRIOR_CONFIG.value, uncond_prior=_UNCOND_PRIOR.value)
+  run_demo(
+    _CONFIG.value,
+    _WORKDIR.value,
+    train=not _SKIP_TRAIN.value,
+    recon_images=_RECON_IMAGES.value,
+    image_gen=_IMAGE_GEN.value,
+    prior_config=_PRIOR_CONFIG.value,
+    uncond_prior=_UNCOND_PRIOR.value,
+  )
 
 
 if __name__ == "__main__":

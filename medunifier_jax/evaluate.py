@@ -32,16 +32,23 @@ from ml_collections import config_flags
 from medunifier_jax import evaluation
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with an optional variant, e.g. configs/pretrain.py:demo.",
-    lock_config=True,
+  "config",
+  None,
+  "Config file with an optional variant, e.g. configs/pretrain.py:demo.",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory; results go to its eval/.")
-_TASKS = flags.DEFINE_list("tasks", None, "config.evals entries (or task names) to run; "
-                           "default: all of them.")
-_RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Evaluate a freshly initialised model "
-                                 "(no checkpoint needed): the chance-level reference.")
-_DECODE_BENCHMARK = flags.DEFINE_bool("decode_benchmark", False, "Time 3-beam report decoding "
-                                      "at several lengths instead of evaluating.")
+_TASKS = flags.DEFINE_list(
+  "tasks", None, "config.evals entries (or task names) to run; default: all of them."
+)
+_RANDOM_INIT = flags.DEFINE_bool(
+  "random_init",
+  False,
+  "Evaluate a freshly initialised model (no checkpoint needed): the chance-level reference.",
+)
+_DECODE_BENCHMARK = flags.DEFINE_bool(
+  "decode_benchmark", False, "Time 3-beam report decoding at several lengths instead of evaluating."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,8 +63,9 @@ def main(argv: list[str]) -> None:
       print(json.dumps(row))
     return
   model, tokenizer, source = evaluation.load_model(config, _WORKDIR.value, _RANDOM_INIT.value)
-  evaluation.evaluate(config, _WORKDIR.value, _TASKS.value, model=model, tokenizer=tokenizer,
-                      source=source)
+  evaluation.evaluate(
+    config, _WORKDIR.value, _TASKS.value, model=model, tokenizer=tokenizer, source=source
+  )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ def select_entries(config, tasks) -> list[str]:
   if not tasks:
     return list(entries)
   chosen = [n for n, e in entries.items() if n in tasks or e.get("task", n) in tasks]
-  missing = [t for t in tasks if not any(t == n or t == entries[n].get("task", n)
-                                         for n in entries)]
+  missing = [t for t in tasks if not any(t == n or t == entries[n].get("task", n) for n in entries)]
   if missing:
     from medunifier_jax.evaluators import EVALUATORS
 
-    raise ValueError(f"--tasks names {', '.join(missing)}, which config.evals does not "
-                     f"configure; configured entries: {', '.join(entries) or '(none)'}; "
-                     f"evaluators: {', '.join(EVALUATORS)}")
+    raise ValueError(
+      f"--tasks names {', '.join(missing)}, which config.evals does not "
+      f"configure; configured entries: {', '.join(entries) or '(none)'}; "
+      f"evaluators: {', '.join(EVALUATORS)}"
+    )
   return chosen
 
 
@@ -44,8 +45,17 @@ def load_model(config, workdir: str, random_init: bool = False):
   return loaded.module, loaded.tokenizer, f"checkpoint in {workdir}"
 
 
-def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
-             evaluators=None, source: str = "", log=print) -> dict[str, Any]:
+def evaluate(
+  config,
+  workdir: str,
+  tasks=None,
+  *,
+  model=None,
+  tokenizer=None,
+  evaluators=None,
+  source: str = "",
+  log=print,
+) -> dict[str, Any]:
   """Runs the selected `config.evals` entries on `model`; writes and returns the results.
 
   Args:
@@ -78,8 +88,11 @@ def evaluate(config, workdir: str, tasks=None, *, model=None, tokenizer=None,
   start = time.perf_counter()
   results = registry.run_evaluators(evaluators, model, log=log)
   out_dir = os.path.join(workdir, "eval")
-  meta = {"variant": config.get("variant", ""), "source": source or "model passed in",
-          "seconds": round(time.perf_counter() - start, 1)}
+  meta = {
+    "variant": config.get("variant", ""),
+    "source": source or "model passed in",
+    "seconds": round(time.perf_counter() - start, 1),
+  }
   registry.write_results(os.path.join(out_dir, "results.json"), results, evaluators, meta)
   write_outputs(os.path.join(out_dir, "outputs"), evaluators)
   log(format_table(results, {name: ev.describe() for name, ev in evaluators.items()}))
@@ -128,8 +141,17 @@ def format_table(results: dict[str, Any], protocols: dict[str, str] | None = Non
 
 
 # Metrics that count things (examples, epochs, steps): printed as integers, not as 12.0000.
-COUNT_METRICS = ("num_train", "best_epoch", "n_real", "n_generated", "n_reports", "n_prompts",
-                 "n_validation", "train_steps", "num_images")
+COUNT_METRICS = (
+  "num_train",
+  "best_epoch",
+  "n_real",
+  "n_generated",
+  "n_reports",
+  "n_prompts",
+  "n_validation",
+  "train_steps",
+  "num_images",
+)
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -141,8 +163,9 @@ def _fmt(metric: str, value: float) -> str:
   return f"{value:.4f}"
 
 
-def decode_benchmark(config, lengths=(16, 32, 64), batch_size: int = 4, num_beams: int = 3,
-                     repeats: int = 5) -> list[dict[str, float]]:
+def decode_benchmark(
+  config, lengths=(16, 32, 64), batch_size: int = 4, num_beams: int = 3, repeats: int = 5
+) -> list[dict[str, float]]:
   """Tokens per second of cached beam decoding at each length (fresh model, random images)."""
   import jax
   from flax import nnx
@@ -161,8 +184,9 @@ def decode_benchmark(config, lengths=(16, 32, 64), batch_size: int = 4, num_beam
     if length > int(qf.max_position_embeddings):
       continue
     # min_length = max_length: every row decodes the full length, so lengths compare fairly.
-    decoding = generation.DecodingConfig(method="beam", num_beams=num_beams, max_length=length,
-                                         min_length=length)
+    decoding = generation.DecodingConfig(
+      method="beam", num_beams=num_beams, max_length=length, min_length=length
+    )
     for cached in (True, False):
       fn = inference.model_fns(graphdef).report_tokens(special, decoding, cached=cached)
       row = generation.measure_decoding_speed(fn, state, pixels, decoding, repeats)

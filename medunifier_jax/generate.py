@@ -22,20 +22,28 @@ from absl import app, flags, logging
 from medunifier_jax.prior import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The MedUnifier's training workdir.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "A report to draw images for; repeat "
-                                    "the flag for several.")
+_PROMPT = flags.DEFINE_multi_string(
+  "prompt", None, "A report to draw images for; repeat the flag for several."
+)
 _NUM = flags.DEFINE_integer("num", 4, "Images per prompt.")
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNG files (created).")
-_STEPS = flags.DEFINE_integer("steps", None, "Parallel decoding steps (default: the prior "
-                              "config's, 12).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance weight: logits = "
-                               "cond + g (cond - uncond); 0 = conditional only (default: the "
-                               "prior config's).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature of the codes "
-                                  "(default: the prior config's, 1.0).")
+_STEPS = flags.DEFINE_integer(
+  "steps", None, "Parallel decoding steps (default: the prior config's, 12)."
+)
+_GUIDANCE = flags.DEFINE_float(
+  "guidance",
+  None,
+  "Classifier-free guidance weight: logits = "
+  "cond + g (cond - uncond); 0 = conditional only (default: the "
+  "prior config's).",
+)
+_TEMPERATURE = flags.DEFINE_float(
+  "temperature", None, "Sampling temperature of the codes (default: the prior config's, 1.0)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
-_PRIOR = flags.DEFINE_string("prior", None, "The prior's training workdir (default: "
-                             "WORKDIR/prior).")
+_PRIOR = flags.DEFINE_string(
+  "prior", None, "The prior's training workdir (default: WORKDIR/prior)."
+)
 flags.mark_flags_as_required(["workdir", "prompt", "out"])
 
 
@@ -49,11 +57,19 @@ def main(argv: list[str]) -> None:
   if _NUM.value < 1:
     raise app.UsageError("--num must be at least 1")
   try:
-    model = api.load(paths.resolve(_WORKDIR.value),
-                     prior=paths.resolve(_PRIOR.value) if _PRIOR.value else None)
-    written = export.generate(model, _PROMPT.value, _OUT.value, num=_NUM.value,
-                              steps=_STEPS.value, guidance=_GUIDANCE.value,
-                              temperature=_TEMPERATURE.value, seed=_SEED.value)
+    model = api.load(
+      paths.resolve(_WORKDIR.value), prior=paths.resolve(_PRIOR.value) if _PRIOR.value else None
+    )
+    written = export.generate(
+      model,
+      _PROMPT.value,
+      _OUT.value,
+      num=_NUM.value,
+      steps=_STEPS.value,
+      guidance=_GUIDANCE.value,
+      temperature=_TEMPERATURE.value,
+      seed=_SEED.value,
+    )
   except (FileNotFoundError, ValueError) as e:
     # A workdir without a checkpoint or without a prior: one message, no traceback.
     raise SystemExit(f"generate: {e}") from None

@@ -67,15 +67,18 @@ class DecodingConfig:
     if self.max_length < 2:
       raise ValueError(f"max_length must be >= 2 (BOS + one token), got {self.max_length}")
     if not 0 <= self.min_length <= self.max_length:
-      raise ValueError(f"min_length must lie in [0, max_length={self.max_length}], "
-                       f"got {self.min_length}")
+      raise ValueError(
+        f"min_length must lie in [0, max_length={self.max_length}], got {self.min_length}"
+      )
     if self.num_beams < 1:
       raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
     if self.temperature <= 0.0 or self.repetition_penalty <= 0.0:
-      raise ValueError("temperature and repetition_penalty must be > 0, got "
-                       f"{self.temperature} and {self.repetition_penalty}")
+      raise ValueError(
+        "temperature and repetition_penalty must be > 0, got "
+        f"{self.temperature} and {self.repetition_penalty}"
+      )
 
   @property
   def rows_per_example(self) -> int:
@@ -100,8 +103,14 @@ class SpecialTokens:
   pad: int
 
 
-def decode(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTokens,
-           config: DecodingConfig, rng: jax.Array | None = None) -> DecodeOutput:
+def decode(
+  step_fn: StepFn,
+  init_fn: InitFn,
+  batch_size: int,
+  tokens: SpecialTokens,
+  config: DecodingConfig,
+  rng: jax.Array | None = None,
+) -> DecodeOutput:
   """Decodes `batch_size` sequences with the configured method (traceable; jit the caller).
 
   Args:
@@ -140,8 +149,14 @@ def _initial_presence(rows: int, vocab_size: int, first: jax.Array, config: Deco
   return jax.nn.one_hot(first, vocab_size, dtype=bool)
 
 
-def sample(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTokens,
-           config: DecodingConfig, rng: jax.Array | None = None) -> DecodeOutput:
+def sample(
+  step_fn: StepFn,
+  init_fn: InitFn,
+  batch_size: int,
+  tokens: SpecialTokens,
+  config: DecodingConfig,
+  rng: jax.Array | None = None,
+) -> DecodeOutput:
   """Greedy decoding (config.method == "greedy") or nucleus sampling ("nucleus")."""
   length = config.max_length
   seqs = jnp.full((batch_size, length), tokens.pad, jnp.int32).at[:, 0].set(tokens.bos)
@@ -161,8 +176,7 @@ def sample(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTok
     if config.method == "greedy":
       tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     else:
-      tok = _nucleus_sample(jax.random.fold_in(rng, i), logp / config.temperature,
-                            config.top_p)
+      tok = _nucleus_sample(jax.random.fold_in(rng, i), logp / config.temperature, config.top_p)
     tok = jnp.where(done, tokens.pad, tok)
     total = total + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], 1)[:, 0])
     seqs = seqs.at[:, i + 1].set(tok)
@@ -170,8 +184,14 @@ def sample(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTok
       presence = presence | jax.nn.one_hot(tok, presence.shape[-1], dtype=bool)
     return i + 1, seqs, state, done | (tok == tokens.eos), total, presence
 
-  carry = (jnp.int32(0), seqs, state, jnp.zeros((batch_size,), bool),
-           jnp.zeros((batch_size,), jnp.float32), presence)
+  carry = (
+    jnp.int32(0),
+    seqs,
+    state,
+    jnp.zeros((batch_size,), bool),
+    jnp.zeros((batch_size,), jnp.float32),
+    presence,
+  )
   _, seqs, _, _, total, _ = jax.lax.while_loop(cond, body, carry)
   return DecodeOutput(seqs, total)
 
@@ -202,8 +222,10 @@ def _row_axes(init_fn: InitFn, rows: int):
     if not diff:
       return None
     if len(diff) > 1 or (a.shape[diff[0]], b.shape[diff[0]]) != (rows, 2 * rows):
-      raise ValueError(f"cannot tell the row axis of a decoding-state array: shape {a.shape} "
-                       f"for {rows} rows, {b.shape} for {2 * rows}")
+      raise ValueError(
+        f"cannot tell the row axis of a decoding-state array: shape {a.shape} "
+        f"for {rows} rows, {b.shape} for {2 * rows}"
+      )
     return diff[0]
 
   return jax.tree.map(axis, one, two)
@@ -215,8 +237,9 @@ def _reorder_rows(state, axes, index):
   return jax.tree.map(take, state, axes, is_leaf=lambda x: x is None)
 
 
-def beam_search(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTokens,
-                config: DecodingConfig) -> DecodeOutput:
+def beam_search(
+  step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: SpecialTokens, config: DecodingConfig
+) -> DecodeOutput:
   """Beam search with `config.num_beams` beams; returns the best finished hypothesis per row."""
   b, k, length = batch_size, config.num_beams, config.max_length
   rows = b * k
@@ -252,8 +275,9 @@ def beam_search(step_fn: StepFn, init_fn: InitFn, batch_size: int, tokens: Speci
     gen_len = i + 1  # generated tokens, this one included
 
     # Finished: EOS candidates ranked within the top k; rows already done keep their set.
-    new_scores = jnp.where(is_eos & (jnp.arange(2 * k) < k) & ~done[:, None],
-                           norm(top_logp, gen_len), _NEG_INF)
+    new_scores = jnp.where(
+      is_eos & (jnp.arange(2 * k) < k) & ~done[:, None], norm(top_logp, gen_len), _NEG_INF
+    )
     fin_scores, fin_seqs = _top_k_merge(fin_scores, fin_seqs, new_scores, top_seqs, k)
 
     # Live: the best k candidates that did not end.
@@ -298,8 +322,13 @@ def make_model_step(model) -> StepFn:
   return lambda cache, token_ids, position: model.decode_step(cache, token_ids, position)
 
 
-def generate_tokens(model, pixel_values: jax.Array, tokens: SpecialTokens,
-                    config: DecodingConfig, rng: jax.Array | None = None) -> DecodeOutput:
+def generate_tokens(
+  model,
+  pixel_values: jax.Array,
+  tokens: SpecialTokens,
+  config: DecodingConfig,
+  rng: jax.Array | None = None,
+) -> DecodeOutput:
   """Images (B, S, S, 3) normalised -> decoded token ids (traceable; jit the caller)."""
   batch = pixel_values.shape[0]
   image_tokens = model.image_tokens(pixel_values)
@@ -311,8 +340,13 @@ def generate_tokens(model, pixel_values: jax.Array, tokens: SpecialTokens,
   return decode(make_model_step(model), init_fn, batch, tokens, config, rng)
 
 
-def generate_tokens_uncached(model, pixel_values: jax.Array, tokens: SpecialTokens,
-                             config: DecodingConfig, rng: jax.Array | None = None) -> DecodeOutput:
+def generate_tokens_uncached(
+  model,
+  pixel_values: jax.Array,
+  tokens: SpecialTokens,
+  config: DecodingConfig,
+  rng: jax.Array | None = None,
+) -> DecodeOutput:
   """As `generate_tokens`, recomputing the whole prefix with `lm_logits` at every step.
 
   The reference the cached decoder must equal token for token; its cost grows with the square
@@ -356,25 +390,29 @@ class ReportGenerator:
   def __init__(self, graphdef, tokenizer, dec_token_id: int):
     self.graphdef = graphdef
     self.tokenizer = tokenizer
-    self.special = SpecialTokens(bos=int(dec_token_id), eos=int(tokenizer.sep_token_id),
-                                 pad=int(tokenizer.pad_token_id))
+    self.special = SpecialTokens(
+      bos=int(dec_token_id), eos=int(tokenizer.sep_token_id), pad=int(tokenizer.pad_token_id)
+    )
 
-  def tokens(self, state, pixel_values, config: DecodingConfig | None = None,
-             rng: jax.Array | None = None) -> DecodeOutput:
+  def tokens(
+    self, state, pixel_values, config: DecodingConfig | None = None, rng: jax.Array | None = None
+  ) -> DecodeOutput:
     """(B, S, S, 3) normalised images -> decoded ids (B, max_length) and scores (B,)."""
     config = config or DecodingConfig()
     fn = inference.model_fns(self.graphdef).report_tokens(self.special, config)
     rng = jax.random.key(0) if rng is None else rng
     return fn(state, jnp.asarray(pixel_values, jnp.float32), rng)
 
-  def __call__(self, state, pixel_values, config: DecodingConfig | None = None,
-               rng: jax.Array | None = None) -> list[str]:
+  def __call__(
+    self, state, pixel_values, config: DecodingConfig | None = None, rng: jax.Array | None = None
+  ) -> list[str]:
     out = self.tokens(state, pixel_values, config, rng)
     return tokens_to_text(np.asarray(out.tokens), self.tokenizer, self.special.eos)
 
 
-def measure_decoding_speed(generate_fn, model_state, pixel_values, config: DecodingConfig,
-                           repeats: int = 5) -> dict[str, float]:
+def measure_decoding_speed(
+  generate_fn, model_state, pixel_values, config: DecodingConfig, repeats: int = 5
+) -> dict[str, float]:
   """Generated tokens per second of a `ModelFns.report_tokens` function (compile excluded).
 
   Use `min_length == max_length` in `config` so every row decodes the full length and the
@@ -390,5 +428,9 @@ def measure_decoding_speed(generate_fn, model_state, pixel_values, config: Decod
     times.append(time.perf_counter() - start)
   seconds = float(np.min(times))
   generated = pixel_values.shape[0] * (config.max_length - 1)
-  return {"seconds": seconds, "tokens_per_s": generated / seconds,
-          "max_length": config.max_length, "num_beams": config.rows_per_example}
+  return {
+    "seconds": seconds,
+    "tokens_per_s": generated / seconds,
+    "max_length": config.max_length,
+    "num_beams": config.rows_per_example,
+  }

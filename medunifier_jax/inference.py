@@ -78,8 +78,11 @@ def reconstruct(m, pixel_values, input_ids, attention_mask) -> dict[str, jax.Arr
   """The evaluation-mode TIG pass (running BatchNorm statistics): `recon` (B, S, S, 3) clipped
   to [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom` (B, g, g) int32."""
   out, _ = _tig_pass(m, pixel_values, input_ids, attention_mask)
-  return {"recon": jnp.clip(out.recon, 0.0, 1.0), "codes_top": out.codes_top,
-          "codes_bottom": out.codes_bottom}
+  return {
+    "recon": jnp.clip(out.recon, 0.0, 1.0),
+    "codes_top": out.codes_top,
+    "codes_bottom": out.codes_bottom,
+  }
 
 
 def codes_and_text(m, pixel_values, input_ids, attention_mask):
@@ -143,18 +146,41 @@ def model_fns(graphdef: nnx.GraphDef) -> ModelFns:
 # -- text to image -----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2),
-                   static_argnames=("steps", "guided", "null_condition"))
-def generate_images(mu_def, mu_state, prior_def, prior_state, input_ids, attention_mask, keys,
-                    guidance, temperature, choice_temperature, *, steps, guided,
-                    null_condition=False):
+@functools.partial(
+  jax.jit, static_argnums=(0, 2), static_argnames=("steps", "guided", "null_condition")
+)
+def generate_images(
+  mu_def,
+  mu_state,
+  prior_def,
+  prior_state,
+  input_ids,
+  attention_mask,
+  keys,
+  guidance,
+  temperature,
+  choice_temperature,
+  *,
+  steps,
+  guided,
+  null_condition=False,
+):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g) (`prior.sample.generate_fn`). Graph definitions are static: one
   compilation per architecture pair, steps and input shapes, shared by every checkpoint, seed,
   guidance weight and temperature."""
   from medunifier_jax.prior import sample
 
-  return sample.generate_fn(nnx.merge(mu_def, mu_state), nnx.merge(prior_def, prior_state),
-                            input_ids, attention_mask, keys, guidance, temperature,
-                            choice_temperature, steps=steps, guided=guided,
-                            null_condition=null_condition)
+  return sample.generate_fn(
+    nnx.merge(mu_def, mu_state),
+    nnx.merge(prior_def, prior_state),
+    input_ids,
+    attention_mask,
+    keys,
+    guidance,
+    temperature,
+    choice_temperature,
+    steps=steps,
+    guided=guided,
+    null_condition=null_condition,
+  )

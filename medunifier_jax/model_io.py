@@ -32,8 +32,9 @@ def is_prior(config: ml_collections.ConfigDict) -> bool:
   return config.get("task") == "prior"
 
 
-def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None,
-          inference: bool = False) -> nnx.Module:
+def build(
+  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None, inference: bool = False
+) -> nnx.Module:
   """The model of the run config `config`, initialised from `config.seed`.
 
   Args:
@@ -50,8 +51,9 @@ def build(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None,
   if is_prior(config):
     from medunifier_jax.prior.model import ConditionedPrior
 
-    return ConditionedPrior(config, rngs=rngs, dtype=dtype, remat=remat,
-                            with_text_encoder=False if inference else None)
+    return ConditionedPrior(
+      config, rngs=rngs, dtype=dtype, remat=remat, with_text_encoder=False if inference else None
+    )
   from medunifier_jax.models.medunifier import MedUnifier
 
   return MedUnifier(config.model, rngs=rngs, dtype=dtype, remat=remat)
@@ -71,8 +73,9 @@ def with_compute_dtype(config: ml_collections.ConfigDict, dtype: str | None):
   return config
 
 
-def build_with_weights(config: ml_collections.ConfigDict,
-                       fill: Callable[[nnx.Module], Any]) -> tuple[nnx.Module, Any]:
+def build_with_weights(
+  config: ml_collections.ConfigDict, fill: Callable[[nnx.Module], Any]
+) -> tuple[nnx.Module, Any]:
   """`build(config)` with `fill`'s weights, initialising only the others.
 
   The model is first built abstractly (nothing allocated); `fill(module)` writes the imported
@@ -86,9 +89,9 @@ def build_with_weights(config: ml_collections.ConfigDict,
   module = build_abstract(config)
   report = fill(module)
   pending = {
-      path: var
-      for path, var in nnx.iter_graph(module)
-      if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.ShapeDtypeStruct)
+    path: var
+    for path, var in nnx.iter_graph(module)
+    if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.ShapeDtypeStruct)
   }
   if pending:
     wanted = set(pending)
@@ -125,8 +128,9 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return config_lib.derive(ckpt.load_config(workdir))
 
 
-def restore(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-            compute_dtype: str | None = None) -> Restored:
+def restore(
+  workdir: str, config: ml_collections.ConfigDict | None = None, *, compute_dtype: str | None = None
+) -> Restored:
   """The model of a training workdir, from its newest readable checkpoint.
 
   Only the model's variables are read (no optimizer state; for a prior, not the frozen text
@@ -143,12 +147,12 @@ def restore(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   """
   from medunifier_jax.training import checkpoint as ckpt
 
-  config = with_compute_dtype(config if config is not None else load_config(workdir),
-                              compute_dtype)
+  config = with_compute_dtype(config if config is not None else load_config(workdir), compute_dtype)
   module = build_abstract(config, inference=True)  # every variable comes from the checkpoint
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(module))
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.state(module)
+  )
   state, step = ckpt.restore_model_state(workdir, abstract)
   nnx.update(module, state)
   return Restored(module, config, os.fspath(workdir), int(step))

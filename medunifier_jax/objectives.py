@@ -31,9 +31,20 @@ from medunifier_jax.models.vqvae import tig_loss
 
 OBJECTIVES = ("itc", "itm", "itg", "tig")
 METRIC_KEYS = (
-    "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "tig_mse", "vq_loss_top",
-    "vq_loss_bottom", "vq_perplexity_top", "vq_perplexity_bottom", "vq_usage_top",
-    "vq_usage_bottom", "temperature", "duplicate_fraction",
+  "loss",
+  "loss_itc",
+  "loss_itm",
+  "loss_itg",
+  "loss_tig",
+  "tig_mse",
+  "vq_loss_top",
+  "vq_loss_bottom",
+  "vq_perplexity_top",
+  "vq_perplexity_bottom",
+  "vq_usage_top",
+  "vq_usage_bottom",
+  "temperature",
+  "duplicate_fraction",
 )
 # Stands in for -inf in masked logits: exp() of it is 0, yet 0 * it is 0 (no NaN) in the
 # cross-entropy and its gradient. ITC logits are bounded by 1 / temperature_min.
@@ -41,7 +52,7 @@ _MASKED_LOGIT = -1e9
 
 
 def smoothed_cross_entropy(
-    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
 ) -> jax.Array:
   """Per-example CE of logits (..., C) against integer labels (...), float32 (...)."""
   logits = logits.astype(jnp.float32)
@@ -75,7 +86,7 @@ def other_duplicates(duplicates: jax.Array) -> jax.Array:
 
 
 def masked_smoothed_cross_entropy(
-    logits: jax.Array, labels: jax.Array, exclude: jax.Array, label_smoothing: float = 0.0
+  logits: jax.Array, labels: jax.Array, exclude: jax.Array, label_smoothing: float = 0.0
 ) -> jax.Array:
   """`smoothed_cross_entropy` over the classes not in `exclude` only.
 
@@ -94,12 +105,12 @@ def masked_smoothed_cross_entropy(
 
 
 def itc_loss(
-    image_embeds: jax.Array,
-    text_embeds: jax.Array,
-    temperature: jax.Array,
-    label_smoothing: float = 0.1,
-    *,
-    duplicates: jax.Array | None = None,
+  image_embeds: jax.Array,
+  text_embeds: jax.Array,
+  temperature: jax.Array,
+  label_smoothing: float = 0.1,
+  *,
+  duplicates: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Symmetric contrastive loss; pair i is (image i, text i).
 
@@ -130,7 +141,7 @@ def itc_loss(
 
 
 def sample_hard_negatives(
-    logits_i2t: jax.Array, rng: jax.Array, duplicates: jax.Array | None = None
+  logits_i2t: jax.Array, rng: jax.Array, duplicates: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """One hard negative per text and per image, drawn from the softmax of the ITC logits.
 
@@ -165,16 +176,16 @@ def sample_hard_negatives(
 
 
 def itm_loss(
-    model,
-    image_tokens: jax.Array,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    logits_i2t: jax.Array,
-    rng: jax.Array,
-    *,
-    image_kvs=None,
-    rngs: nnx.Rngs | None = None,
-    duplicates: jax.Array | None = None,
+  model,
+  image_tokens: jax.Array,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  logits_i2t: jax.Array,
+  rng: jax.Array,
+  *,
+  image_kvs=None,
+  rngs: nnx.Rngs | None = None,
+  duplicates: jax.Array | None = None,
 ) -> jax.Array:
   """Matching loss on 3B pairs: (image i, text i) match; (hard negative image, text j) and
   (image i, hard negative text) do not. Two-way CE on the query-averaged ITM logits.
@@ -198,8 +209,9 @@ def itm_loss(
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
   mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-  logits = model.itm_logits(None, ids, mask, image_kvs=gather_kvs(image_kvs, image_index),
-                            rngs=rngs)
+  logits = model.itm_logits(
+    None, ids, mask, image_kvs=gather_kvs(image_kvs, image_index), rngs=rngs
+  )
   ce = smoothed_cross_entropy(logits, labels)
   if duplicates is None:
     return ce.mean()
@@ -210,11 +222,11 @@ def itm_loss(
 
 
 def itg_loss(
-    lm_logits: jax.Array,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    label_smoothing: float = 0.1,
-    num_classes: int | None = None,
+  lm_logits: jax.Array,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  label_smoothing: float = 0.1,
+  num_classes: int | None = None,
 ) -> jax.Array:
   """Next-token CE: lm_logits[:, t] predicts input_ids[:, t + 1]; padding targets are ignored.
 
@@ -245,14 +257,14 @@ def _weights(weights: Mapping[str, float]) -> dict[str, float]:
 
 
 def compute_losses(
-    model,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array,
-    *,
-    weights: Mapping[str, float],
-    label_smoothing: float = 0.1,
-    train: bool = True,
-    duplicate_aware: bool = True,
+  model,
+  batch: Mapping[str, jax.Array],
+  rng: jax.Array,
+  *,
+  weights: Mapping[str, float],
+  label_smoothing: float = 0.1,
+  train: bool = True,
+  duplicate_aware: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """All objectives in one pass, sharing the ViT pass, the image-mode queries and the text pass.
 
@@ -284,29 +296,42 @@ def compute_losses(
   if on["itc"] or on["itm"] or on["itg"] or on["tig"]:
     # The image tokens' cross-attention projections, shared by the image and matching passes.
     image_kvs = model.cross_kvs(image_tokens)
-    queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs,
-                                                     rngs=rngs)
+    queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs, rngs=rngs)
   if on["itc"] or on["itm"] or on["tig"]:
     text_hidden = model.text_hidden(ids, mask, rngs=rngs)
 
   if on["itc"] or on["itm"]:
     same_text = duplicate_texts(ids)
     metrics["duplicate_fraction"] = jnp.mean(
-        jnp.any(other_duplicates(same_text), axis=-1).astype(jnp.float32))
+      jnp.any(other_duplicates(same_text), axis=-1).astype(jnp.float32)
+    )
     duplicates = same_text if duplicate_aware else None
     loss, logits_i2t = itc_loss(
-        model.image_embeddings(queries), model.text_embeddings(text_hidden),
-        model.temperature(), label_smoothing, duplicates=duplicates,
+      model.image_embeddings(queries),
+      model.text_embeddings(text_hidden),
+      model.temperature(),
+      label_smoothing,
+      duplicates=duplicates,
     )
     if on["itc"]:
       losses["itc"] = loss
     if on["itm"]:
-      losses["itm"] = itm_loss(model, image_tokens, ids, mask, logits_i2t, key_itm,
-                               image_kvs=image_kvs, rngs=rngs, duplicates=duplicates)
+      losses["itm"] = itm_loss(
+        model,
+        image_tokens,
+        ids,
+        mask,
+        logits_i2t,
+        key_itm,
+        image_kvs=image_kvs,
+        rngs=rngs,
+        duplicates=duplicates,
+      )
   if on["itg"]:
     lm_logits = model.lm_logits_from_query_kv(query_kvs, ids, mask, rngs=rngs)
-    losses["itg"] = itg_loss(lm_logits, ids, mask, label_smoothing,
-                             num_classes=model.num_text_classes)
+    losses["itg"] = itg_loss(
+      lm_logits, ids, mask, label_smoothing, num_classes=model.num_text_classes
+    )
   if on["tig"]:
     out = model.vqvae(queries, image_tokens[:, 1:], text_hidden[:, 0], train=train, rngs=rngs)
     losses["tig"], tig_metrics = tig_loss(out, batch["target_image"])

@@ -31,19 +31,24 @@ from medunifier_jax import prediction
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory with a checkpoint.")
 _IMAGES = flags.DEFINE_multi_string(
-    "images", None, "Image files (DICOM, PNG, JPEG): --images a.png b.dcm ...")
+  "images", None, "Image files (DICOM, PNG, JPEG): --images a.png b.dcm ..."
+)
 _TEXTS = flags.DEFINE_multi_string(
-    "texts", None, "Texts to score against every image (similarity and matching "
-    "probability): --texts \"no acute findings\" \"pleural effusion\" ...")
+  "texts",
+  None,
+  "Texts to score against every image (similarity and matching "
+  'probability): --texts "no acute findings" "pleural effusion" ...',
+)
 _JSON = flags.DEFINE_string(
-    "json", None, "Also write the predictions as JSON to this file; without it nothing is "
-    "written.")
-_METHOD = flags.DEFINE_enum("method", "beam", ["beam", "greedy", "nucleus"],
-                            "Report decoding method.")
+  "json", None, "Also write the predictions as JSON to this file; without it nothing is written."
+)
+_METHOD = flags.DEFINE_enum(
+  "method", "beam", ["beam", "greedy", "nucleus"], "Report decoding method."
+)
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", 3, "Beams of beam search.")
 _MAX_LENGTH = flags.DEFINE_integer(
-    "max_length", None, "Longest report in tokens; default: the model's text length, at "
-    "most 95.")
+  "max_length", None, "Longest report in tokens; default: the model's text length, at most 95."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per model call.")
 flags.mark_flags_as_required(["workdir", "images"])
 
@@ -60,8 +65,9 @@ def _workdir(path: str) -> str:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}; put several images or texts "
-                         "after one --images / --texts")
+    raise app.UsageError(
+      f"unexpected arguments: {argv[1:]}; put several images or texts after one --images / --texts"
+    )
   if not flags.FLAGS["verbosity"].present:
     # Checkpoint-restore INFO lines would bury the table; --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
@@ -79,17 +85,24 @@ def main(argv: list[str]) -> None:
 
     model = api.load(workdir)
     if model.tokenizer is None:
-      raise ValueError(f"{workdir} holds no tokenizer (tokenizer/ or config.data.tokenizer_dir);"
-                       " reports cannot be generated")
-    predictions = prediction.predict(model, images, _TEXTS.value or (),
-                                     batch_size=_BATCH_SIZE.value, **decoding)
+      raise ValueError(
+        f"{workdir} holds no tokenizer (tokenizer/ or config.data.tokenizer_dir);"
+        " reports cannot be generated"
+      )
+    predictions = prediction.predict(
+      model, images, _TEXTS.value or (), batch_size=_BATCH_SIZE.value, **decoding
+    )
   except (FileNotFoundError, ValueError) as e:
     # Missing files, a workdir without a checkpoint, unreadable images: one line, no traceback.
     raise SystemExit(f"predict: {e}") from None
   print(prediction.format_table(predictions))
   if json_path:
-    content = {"workdir": workdir, "texts": list(_TEXTS.value or ()), "decoding": decoding,
-               "predictions": predictions}
+    content = {
+      "workdir": workdir,
+      "texts": list(_TEXTS.value or ()),
+      "decoding": decoding,
+      "predictions": predictions,
+    }
     with open(json_path, "w", encoding="utf-8") as f:
       json.dump(content, f, indent=2)
     print(f"wrote {json_path}", file=sys.stderr)

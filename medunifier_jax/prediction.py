@@ -43,8 +43,9 @@ def resolve_images(paths: Sequence[str]) -> list[str]:
   missing = [p for p in resolved if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(
-        f"{len(missing)} of {len(resolved)} image files do not exist: {', '.join(missing)}; "
-        "check the paths passed to --images")
+      f"{len(missing)} of {len(resolved)} image files do not exist: {', '.join(missing)}; "
+      "check the paths passed to --images"
+    )
   return resolved
 
 
@@ -57,8 +58,12 @@ def _softmax_match(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(
-    model: Any, images: Sequence[Any], texts: Sequence[str] = (), *, batch_size: int = 8,
-    **decoding: Any,
+  model: Any,
+  images: Sequence[Any],
+  texts: Sequence[str] = (),
+  *,
+  batch_size: int = 8,
+  **decoding: Any,
 ) -> list[dict[str, Any]]:
   """Reports and, per text, similarity and matching probability for each image.
 
@@ -100,9 +105,12 @@ def predict(
       image = chunk[i]
       name = os.fspath(image) if isinstance(image, str | os.PathLike) else f"images[{start + i}]"
       scores = [
-          {"text": text, "similarity": float(similarity[i, j]),
-           "match_probability": float(match[i, j])}
-          for j, text in enumerate(texts)
+        {
+          "text": text,
+          "similarity": float(similarity[i, j]),
+          "match_probability": float(match[i, j]),
+        }
+        for j, text in enumerate(texts)
       ]
       results.append({"image": name, "report": reports[i], "texts": scores})
   return results

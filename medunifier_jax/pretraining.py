@@ -35,12 +35,12 @@ def model_fn(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
 def loss_fn(config: ml_collections.ConfigDict) -> Callable:
   """`objectives.compute_losses` with the config's objective weights and label smoothing."""
   return functools.partial(
-      objectives.compute_losses,
-      weights={k: float(v) for k, v in config.loss_weights.items()},
-      label_smoothing=float(config.label_smoothing),
-      train=True,
-      # A config without the key predates the option: it keeps the behaviour it was run with.
-      duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
+    objectives.compute_losses,
+    weights={k: float(v) for k, v in config.loss_weights.items()},
+    label_smoothing=float(config.label_smoothing),
+    train=True,
+    # A config without the key predates the option: it keeps the behaviour it was run with.
+    duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
   )
 
 
@@ -63,20 +63,22 @@ def eval_fn(config: ml_collections.ConfigDict, workdir: str):
   return registry.make_eval_fn(config, workdir)
 
 
-def batch_shapes(config: ml_collections.ConfigDict, global_batch: int
-                 ) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(
+  config: ml_collections.ConfigDict, global_batch: int
+) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one training batch of `global_batch` pairs (ahead-of-time lowering)."""
   s, t = int(config.model.vit.image_size), int(config.model.max_text_len)
   return {
-      "image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
-      "target_image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
-      "input_ids": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
-      "attention_mask": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
+    "image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
+    "target_image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
+    "input_ids": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
+    "attention_mask": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
   }
 
 
-def random_batch(config: ml_collections.ConfigDict, seed: int = 0,
-                 global_batch: int | None = None) -> dict[str, np.ndarray]:
+def random_batch(
+  config: ml_collections.ConfigDict, seed: int = 0, global_batch: int | None = None
+) -> dict[str, np.ndarray]:
   """A synthetic batch with the training batch's shapes (benchmarks and tests), host numpy."""
   rs = np.random.RandomState(seed)
   b = int(global_batch or config.batch_size)
@@ -91,10 +93,10 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0,
   ids[:, 0] = int(qf.cls_token_id)
   ids = np.where(mask == 1, ids, int(qf.pad_token_id)).astype(np.int32)
   return {
-      "image": ((target - mean) / std).astype(np.float32),
-      "target_image": target,
-      "input_ids": ids,
-      "attention_mask": mask,
+    "image": ((target - mean) / std).astype(np.float32),
+    "target_image": target,
+    "input_ids": ids,
+    "attention_mask": mask,
   }
 
 
@@ -126,8 +128,11 @@ def init_fn(config: ml_collections.ConfigDict):
   def write(model: nnx.Module, log: Callable[[str], None], workdir: str | None) -> str:
     report = init_sources.import_sources(model, config.model, sources)
     trained = nnx.filterlib.to_predicate(optimizer.trainable_filter(config.model))
-    frozen = [path_str(path) for path, var in nnx.iter_graph(model)
-              if isinstance(var, nnx.Param) and not trained(path, var)]
+    frozen = [
+      path_str(path)
+      for path, var in nnx.iter_graph(model)
+      if isinstance(var, nnx.Param) and not trained(path, var)
+    ]
     init_sources.check_frozen_loaded(report, frozen, sources)
     for line in report.summary():
       log(line)
@@ -142,17 +147,24 @@ def init_fn(config: ml_collections.ConfigDict):
 
 def task(config: ml_collections.ConfigDict) -> Task:
   """The pre-training task of `config` (configs/pretrain.py)."""
-  return Task(model_fn=model_fn, loss_fn=loss_fn(config), batch_keys=BATCH_KEYS,
-              abstract_batch=batch_shapes, data_fn=data_fn, eval_fn=eval_fn,
-              init_fn=init_fn(config), preflight=preflight)
+  return Task(
+    model_fn=model_fn,
+    loss_fn=loss_fn(config),
+    batch_keys=BATCH_KEYS,
+    abstract_batch=batch_shapes,
+    data_fn=data_fn,
+    eval_fn=eval_fn,
+    init_fn=init_fn(config),
+    preflight=preflight,
+  )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
-          **overrides: Any) -> dict[str, Any]:
+def train(
+  config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True, **overrides: Any
+) -> dict[str, Any]:
   """Pre-trains in `workdir` (resuming from its newest readable checkpoint); `overrides`
   replace fields of the task (e.g. `data_fn`, `eval_fn` in tests). Paths in `config` and the
   workdir are made absolute first."""
   workdir = paths.resolve(workdir)  # orbax needs absolute local paths
   paths.resolve_config(config)
-  return loop.train(config, workdir, task(config).replace(**overrides),
-                    show_progress=show_progress)
+  return loop.train(config, workdir, task(config).replace(**overrides), show_progress=show_progress)

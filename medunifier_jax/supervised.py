@@ -37,8 +37,9 @@ class SupervisedEncoder(nnx.Module):
     return self.head(self.vit(images).mean(axis=1))
 
 
-def update_step(loss_fn: Callable[..., jax.Array], wrt: nnx.filterlib.Filter = nnx.Param
-                ) -> Callable[..., jax.Array]:
+def update_step(
+  loss_fn: Callable[..., jax.Array], wrt: nnx.filterlib.Filter = nnx.Param
+) -> Callable[..., jax.Array]:
   """One optimizer update, the training routine every nnx.Optimizer user here shares.
 
   Args:
@@ -73,8 +74,9 @@ train_step = nnx.jit(update_step(finding_loss))
 def new_encoder(config) -> tuple[SupervisedEncoder, nnx.Optimizer]:
   """A fresh `SupervisedEncoder` over the findings (seeded by config.seed) and its optimizer:
   the configuration's (`training.optimizer.make_tx`: rate, warm-up, decay, clipping)."""
-  model = SupervisedEncoder(config.model.vit, findings_lib.NUM_FINDINGS,
-                            rngs=nnx.Rngs(int(config.seed)))
+  model = SupervisedEncoder(
+    config.model.vit, findings_lib.NUM_FINDINGS, rngs=nnx.Rngs(int(config.seed))
+  )
   return model, nnx.Optimizer(model, optimizer_lib.make_tx(config), wrt=nnx.Param)
 
 
@@ -100,8 +102,12 @@ def run(config, workdir: str, eval_every: int = 100, log=print) -> dict[str, flo
   os.makedirs(workdir, exist_ok=True)
   tokenizer = pipeline.build_tokenizer(config, os.path.join(workdir, "tokenizer"))
   val_source = registry.get_source(config.data.name, "validation", config.data)
-  val = [b for b in pipeline.eval_dataset(config, tokenizer, source=val_source,
-                                          shard_index=0, shard_count=1)]
+  val = [
+    b
+    for b in pipeline.eval_dataset(
+      config, tokenizer, source=val_source, shard_index=0, shard_count=1
+    )
+  ]
   if "labels" not in val[0]:
     raise ValueError(f"data set {config.data.name!r} has no finding labels to supervise with")
   val_labels = np.concatenate([b["labels"][b["mask"]] for b in val])
@@ -117,14 +123,23 @@ def run(config, workdir: str, eval_every: int = 100, log=print) -> dict[str, flo
   start, aucs = time.perf_counter(), {}
   for step in range(1, int(config.num_steps) + 1):
     batch = next(batches)
-    loss = train_step(model, optimizer, jnp.asarray(batch["image"]),
-                      jnp.asarray(batch["labels"]))
+    loss = train_step(model, optimizer, jnp.asarray(batch["image"]), jnp.asarray(batch["labels"]))
     if step % eval_every == 0 or step == config.num_steps:
       aucs = evaluate()
-      log(f"step {step}: loss {float(loss):.4f}, validation AUC mean "
-          f"{np.mean(list(aucs.values())):.3f} ({time.perf_counter() - start:.0f} s)\n  "
-          + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
+      log(
+        f"step {step}: loss {float(loss):.4f}, validation AUC mean "
+        f"{np.mean(list(aucs.values())):.3f} ({time.perf_counter() - start:.0f} s)\n  "
+        + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())
+      )
   with open(os.path.join(workdir, "supervised.json"), "w") as f:
-    json.dump({"steps": int(config.num_steps), "data": config.data.name,
-               "validation_examples": int(len(val_labels)), "auc": aucs}, f, indent=1)
+    json.dump(
+      {
+        "steps": int(config.num_steps),
+        "data": config.data.name,
+        "validation_examples": int(len(val_labels)),
+        "auc": aucs,
+      },
+      f,
+      indent=1,
+    )
   return aucs

@@ -20,8 +20,9 @@ from ml_collections import config_flags
 
 from medunifier_jax import supervised
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:demo",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "e.g. configs/pretrain.py:demo", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the tokenizer and results go.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Steps between validation AUCs.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -16,8 +16,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with an optional variant, e.g. configs/pretrain.py:tiny.",
-    lock_config=True,
+  "config",
+  None,
+  "Config file with an optional variant, e.g. configs/pretrain.py:tiny.",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -28,10 +30,10 @@ def _is_multi_process() -> bool:
   Open MPI, or an explicit JAX coordinator)."""
   env = os.environ
   return (
-      "," in env.get("TPU_WORKER_HOSTNAMES", "")
-      or int(env.get("SLURM_NTASKS", "1")) > 1
-      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-      or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+    "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+    or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    or bool(env.get("JAX_COORDINATOR_ADDRESS"))
   )
 
 
@@ -45,11 +47,14 @@ def _explicit_coordinator() -> dict:
   missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
   if missing:
     raise app.UsageError(
-        f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set JAX_NUM_PROCESSES "
-        "to the number of processes and JAX_PROCESS_ID to this process's index (0, 1, ...)")
-  return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-              num_processes=int(env["JAX_NUM_PROCESSES"]),
-              process_id=int(env["JAX_PROCESS_ID"]))
+      f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set JAX_NUM_PROCESSES "
+      "to the number of processes and JAX_PROCESS_ID to this process's index (0, 1, ...)"
+    )
+  return dict(
+    coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+    num_processes=int(env["JAX_NUM_PROCESSES"]),
+    process_id=int(env["JAX_PROCESS_ID"]),
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -65,8 +70,9 @@ def main(argv: list[str]) -> None:
     # JAX detects TPU metadata, SLURM and Open MPI itself; an explicit coordinator comes with
     # the process count and id (`_explicit_coordinator`).
     jax.distributed.initialize(**_explicit_coordinator())
-  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
+  logging.info(
+    "process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count()
+  )
   config = _CONFIG.value
   if config.get("task", "pretrain") == "prior":
     # configs/prior.py: the image prior over a trained MedUnifier's codes, same engine.

@@ -11,8 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_command(workdir: Path, overrides: tuple[str, ...], variant: str = "tiny") -> list[str]:
-  return [sys.executable, "-m", "medunifier_jax.train", "--config",
-          f"{ROOT}/configs/pretrain.py:{variant}", "--workdir", str(workdir), *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "medunifier_jax.train",
+    "--config",
+    f"{ROOT}/configs/pretrain.py:{variant}",
+    "--workdir",
+    str(workdir),
+    *overrides,
+  ]
 
 
 # LLVM's backend optimisations off roughly halves XLA's CPU compile time, which dominates these
@@ -24,9 +32,13 @@ def cached_env(cache: Path, **extra: str) -> dict[str, str]:
   """This process's environment, with JAX's persistent compilation cache in `cache` (every
   program cached, however quick to compile), fast compilation and the project importable.
   `extra` replaces variables; XLA_FLAGS given there get FAST_COMPILE added."""
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONPATH=str(ROOT))
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    PYTHONPATH=str(ROOT),
+  )
   env.update(extra)
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
   return env

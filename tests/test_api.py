@@ -5,7 +5,6 @@ in the tiny variant's geometry, saved by transformers' `save_pretrained`; every 
 against transformers' PyTorch code (fp32, CPU), then the API's own behaviour and errors.
 """
 
-
 import chex
 import jax
 import numpy as np
@@ -27,17 +26,26 @@ def config(variant: str):
 def blip2(tmp_path_factory):
   torch.manual_seed(0)
   hf_config = transformers.Blip2Config(
-      vision_config=dict(
-          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-          image_size=48, patch_size=6,
-      ),
-      qformer_config=dict(
-          hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-          vocab_size=128, max_position_embeddings=32, use_qformer_text_input=True,
-          cross_attention_frequency=2,
-      ),
-      num_query_tokens=8,
-      image_text_hidden_size=16,
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      image_size=48,
+      patch_size=6,
+    ),
+    qformer_config=dict(
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=64,
+      vocab_size=128,
+      max_position_embeddings=32,
+      use_qformer_text_input=True,
+      cross_attention_frequency=2,
+    ),
+    num_query_tokens=8,
+    image_text_hidden_size=16,
   )
   model = transformers.Blip2ForImageTextRetrieval(hf_config).eval()
   # transformers initialises the ViT with std 1e-10 and the queries with zeros: draw every
@@ -63,18 +71,18 @@ def blip2(tmp_path_factory):
   with torch.no_grad():
     tokens = model.vision_model(tp).last_hidden_state
     queries = model.qformer(
-        query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=tokens
+      query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=tokens
     ).last_hidden_state
     itc = model(tp, tids, tmask, use_image_text_matching_head=False)
     itm = model(tp, tids[:2], tmask[:2], use_image_text_matching_head=True)
   reference = dict(
-      image_tokens=tokens.numpy(),  # Blip2VisionModel, after post_layernorm
-      queries=queries.numpy(),
-      text=itc.text_model_output.last_hidden_state.numpy(),
-      image_embeds=itc.image_embeds.numpy(),  # normalised vision_projection: (2, 8, 16)
-      text_embeds=itc.text_embeds.numpy(),  # normalised text_projection of [CLS]: (3, 16)
-      itc=itc.logits_per_image.numpy(),  # cosine, max over queries, no temperature: (2, 3)
-      itm=itm.logits_per_image.numpy(),  # query-averaged ITM logits of 2 pairs: (2, 2)
+    image_tokens=tokens.numpy(),  # Blip2VisionModel, after post_layernorm
+    queries=queries.numpy(),
+    text=itc.text_model_output.last_hidden_state.numpy(),
+    image_embeds=itc.image_embeds.numpy(),  # normalised vision_projection: (2, 8, 16)
+    text_embeds=itc.text_embeds.numpy(),  # normalised text_projection of [CLS]: (3, 16)
+    itc=itc.logits_per_image.numpy(),  # cosine, max over queries, no temperature: (2, 3)
+    itm=itm.logits_per_image.numpy(),  # query-averaged ITM logits of 2 pairs: (2, 2)
   )
   return dict(folder=folder, pixels=pixels, ids=ids, mask=mask, ref=reference)
 
@@ -103,7 +111,7 @@ def test_encoders_match(model, blip2):
   assert_close(model.encode_text(blip2["ids"], blip2["mask"]), ref["text"], "text states")
   assert_close(model.image_embeddings(blip2["pixels"]), ref["image_embeds"], "image embeddings")
   assert_close(
-      model.text_embeddings(blip2["ids"], blip2["mask"]), ref["text_embeds"], "text embeddings"
+    model.text_embeddings(blip2["ids"], blip2["mask"]), ref["text_embeds"], "text embeddings"
   )
 
 
@@ -126,7 +134,7 @@ def test_similarity_is_max_over_queries_of_embedding_cosines(model, blip2):
   np.testing.assert_allclose(np.linalg.norm(text, axis=-1), 1.0, atol=1e-5)
   by_hand = np.einsum("iqe,ne->iqn", image, text).max(axis=1)
   np.testing.assert_allclose(
-      model.similarity(blip2["pixels"], blip2["ids"], blip2["mask"]), by_hand, atol=1e-6
+    model.similarity(blip2["pixels"], blip2["ids"], blip2["mask"]), by_hand, atol=1e-6
   )
 
 
@@ -238,7 +246,7 @@ def test_load_workdir_restores_the_saved_weights(model, blip2, tmp_path):
   manager.close()
   restored = api.load(str(tmp_path))
   np.testing.assert_array_equal(
-      restored.image_embeddings(blip2["pixels"]), model.image_embeddings(blip2["pixels"])
+    restored.image_embeddings(blip2["pixels"]), model.image_embeddings(blip2["pixels"])
   )
 
 

@@ -152,8 +152,22 @@ def make_mimic_tree(root: Path) -> dict[str, str]:
     for v, view in enumerate(views):
       dicom = f"{k:08x}-{v:08x}-0000abcd-1234ef56-9abc0def"
       split_rows.append([dicom, study, subject, split])
-      meta_rows.append([dicom, subject, study, "CHEST (PA AND LAT)", view, 48, 40,
-                        21800506, 213014.531, "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+      meta_rows.append(
+        [
+          dicom,
+          subject,
+          study,
+          "CHEST (PA AND LAT)",
+          view,
+          48,
+          40,
+          21800506,
+          213014.531,
+          "CHEST (PA AND LAT)",
+          "postero-anterior",
+          "Erect",
+        ]
+      )
       if view != "LATERAL":
         frontal[study] = dicom
       if defect != "missing image":
@@ -171,8 +185,11 @@ def make_mimic_tree(root: Path) -> dict[str, str]:
     if defect == "empty report":
       report.write_text(" EXAMINATION:  CHEST (PA AND LAT)\n\n INDICATION:  ___\n")
     else:
-      report.write_text(MIMIC_REPORT.format(finding=f"{first.lower()} in study {study}",
-                                            impression=f"{first}. No pneumothorax."))
+      report.write_text(
+        MIMIC_REPORT.format(
+          finding=f"{first.lower()} in study {study}", impression=f"{first}. No pneumothorax."
+        )
+      )
   write_csv(root / mimic_cxr.SPLIT_CSV, MIMIC_SPLIT, split_rows, gz=True)
   write_csv(root / mimic_cxr.METADATA_CSV, MIMIC_METADATA, meta_rows, gz=True)
   write_csv(root / mimic_cxr.CHEXPERT_CSV, MIMIC_CHEXPERT, label_rows, gz=True)
@@ -221,8 +238,9 @@ def make_rsna_tree(root: Path) -> None:
     path = root / "stage_2_train_images" / f"{patient}.dcm"
     if defect != "missing":
       write_dicom(path, None if defect else radiograph(200 + k, (40, 40)), jpeg=True)
-  write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height",
-                                                "Target"], rows)
+  write_csv(
+    root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows
+  )
 
 
 def make_siim_tree(root: Path) -> dict[str, int]:
@@ -248,9 +266,11 @@ def make_siim_tree(root: Path) -> dict[str, int]:
 
 def make_covidx_tree(root: Path) -> None:
   lines = {
-    "train": [("419639-003251", "MIDRC-RICORD-1C-419639-003251-46647-0.png", "positive", "ricord"),
-              ("8cbbd9a9", "8cbbd9a9-a4e4-4a64-8c9d-7d7e8ed2e6c1.png", "negative", "rsna"),
-              ("1", "case 1 (frontal).jpg", "negative", "cohen")],
+    "train": [
+      ("419639-003251", "MIDRC-RICORD-1C-419639-003251-46647-0.png", "positive", "ricord"),
+      ("8cbbd9a9", "8cbbd9a9-a4e4-4a64-8c9d-7d7e8ed2e6c1.png", "negative", "rsna"),
+      ("1", "case 1 (frontal).jpg", "negative", "cohen"),
+    ],
     "val": [("A0001", "A0001.jpeg", "positive", "sirm")],
     "test": [("b1", "b1.png", "negative", "rsna"), ("b2", "b2-missing.png", "positive", "bimcv")],
   }
@@ -288,8 +308,9 @@ def data_config(name: str, data_dir: Path, **kw) -> ml_collections.ConfigDict:
 
 def read_back(config, tokenizer, split: str) -> list[dict]:
   """Every example of a split through the grain evaluation pipeline, as one list of batches."""
-  batches = list(pipeline.eval_dataset(config, tokenizer, split=split, shard_index=0,
-                                       shard_count=1))
+  batches = list(
+    pipeline.eval_dataset(config, tokenizer, split=split, shard_index=0, shard_count=1)
+  )
   for batch in batches:
     s = config.data.image_size
     assert batch["image"].shape == (2, s, s, 3) and batch["target_image"].max() <= 1.0
@@ -324,8 +345,10 @@ def test_mimic_cxr(tmp_path, data_dir, tokenizer):
   assert set(records) == {"50000001", "50000002", "50000007"}
   r = records["50000002"]
   assert r["image"].shape == (SIZE, SIZE) and r["image"].dtype == np.uint8
-  assert r["findings"] == "There is cardiomegaly in study 50000002. The cardiomediastinal " \
-                          "silhouette is normal."
+  assert (
+    r["findings"] == "There is cardiomegaly in study 50000002. The cardiomediastinal "
+    "silhouette is normal."
+  )
   assert r["impression"] == "Cardiomegaly. No pneumothorax."
   assert r["report"].startswith("There is cardiomegaly in study 50000002.")
   assert findings_lib.names_from_labels(r["labels"]) == ("Cardiomegaly",)
@@ -355,11 +378,17 @@ def test_mimic_5x200(tmp_path, data_dir, tokenizer):
   # One study per class; Edema's image is truncated and Pleural Effusion's report is empty.
   assert summary.examples == {"test": 3}
   assert {s.reason.split(" (")[0] for s in summary.skipped} == {
-    "corrupt or truncated image", "empty report: no FINDINGS or IMPRESSION text"}
+    "corrupt or truncated image",
+    "empty report: no FINDINGS or IMPRESSION text",
+  }
   manifest = list(csv.DictReader(open(summary.data_path / "manifest.csv")))
   assert [(m["study_id"], m["class_name"]) for m in manifest] == [
-    ("50000001", "Atelectasis"), ("50000002", "Cardiomegaly"), ("50000003", "Consolidation"),
-    ("50000004", "Edema"), ("50000005", "Pleural Effusion")]  # 50000007 is uncertain on Edema
+    ("50000001", "Atelectasis"),
+    ("50000002", "Cardiomegaly"),
+    ("50000003", "Consolidation"),
+    ("50000004", "Edema"),
+    ("50000005", "Pleural Effusion"),
+  ]  # 50000007 is uncertain on Edema
   config = data_config("mimic_5x200", data_dir)
   source = registry.get_source("mimic_5x200", "test", config.data)
   assert source.class_names == findings_lib.CLASSES_5X200
@@ -371,8 +400,9 @@ def test_mimic_5x200(tmp_path, data_dir, tokenizer):
 def test_chexpert_5x200(tmp_path, data_dir):
   make_chexpert_tree(tmp_path)
   a = prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, seed=0)
-  b = prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, seed=0,
-              class_set="gloria")
+  b = prepare(
+    "chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, seed=0, class_set="gloria"
+  )
   assert not b.built and a.config == "gloria_32px_n1" and a.examples == {"test": 5}
   manifest = list(csv.DictReader(open(a.data_path / "manifest.csv")))
   assert [m["class_name"] for m in manifest] == list(findings_lib.CLASSES_5X200)
@@ -384,8 +414,9 @@ def test_chexpert_5x200(tmp_path, data_dir):
   assert all(h["study_id"] == f"{h['subject_id']}/study1" for h in held)
   assert "held out: 5 studies of 5 patients (held_out.csv)" in a.notes
   with pytest.raises(ValueError, match="only 0 candidate images for 'Pneumonia'"):
-    prepare("chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1,
-            class_set="pneumonia")
+    prepare(
+      "chexpert_5x200", tmp_path, data_dir, image_size=SIZE, per_class=1, class_set="pneumonia"
+    )
 
 
 def test_rsna_pneumonia(tmp_path, data_dir, tokenizer):
@@ -398,7 +429,8 @@ def test_rsna_pneumonia(tmp_path, data_dir, tokenizer):
   assert sum(summary.examples.values()) == 5
   manifest = list(csv.DictReader(open(summary.data_path / "manifest.csv")))
   assert {m["patientId"]: int(m["label"]) for m in manifest} == {
-    p: int(boxes > 0) for p, boxes, _ in RSNA}
+    p: int(boxes > 0) for p, boxes, _ in RSNA
+  }
   config = data_config("rsna_pneumonia", data_dir)
   labels = {}
   for split in ("train", "val", "test"):
@@ -412,7 +444,7 @@ def test_rsna_pneumonia(tmp_path, data_dir, tokenizer):
 def test_siim_pneumothorax(tmp_path, data_dir):
   labels = make_siim_tree(tmp_path)
   summary = prepare("siim_pneumothorax", tmp_path, data_dir, image_size=SIZE)
-  (name, reason), = skipped_files(summary).items()
+  ((name, reason),) = skipped_files(summary).items()
   assert name.endswith(".1005.1517875005.5.dcm") and reason.startswith("not a readable DICOM")
   assert summary.examples == {"test": 2, "train": 15, "validation": 2}  # 20 -> 18 + 2 -> 16 + 2
   # The split seed is the paper's code's, 5, and the plain configuration name means it.
@@ -452,8 +484,17 @@ def test_wrong_header_stops_with_file_and_columns(tmp_path, data_dir, capsys):
   make_rsna_tree(tmp_path)
   labels = tmp_path / "stage_2_train_labels.csv"
   labels.write_text(labels.read_text().replace("patientId", "PatientID", 1))
-  code = run_command(["rsna_pneumonia", "--manual-dir", str(tmp_path), "--data-dir",
-               str(tmp_path / "out"), "--image-size", str(SIZE)])
+  code = run_command(
+    [
+      "rsna_pneumonia",
+      "--manual-dir",
+      str(tmp_path),
+      "--data-dir",
+      str(tmp_path / "out"),
+      "--image-size",
+      str(SIZE),
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 2 and str(labels) in err
   assert "expected columns ['patientId', 'x', 'y', 'width', 'height', 'Target']" in err
@@ -528,8 +569,15 @@ def test_eval_paper_rows_name_registered_sets_and_evaluators():
 
 def test_command_line_prints_summary_and_reuses(tmp_path, capsys):
   make_rsna_tree(tmp_path / "manual")
-  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
-          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  argv = [
+    "rsna_pneumonia",
+    "--manual-dir",
+    str(tmp_path / "manual"),
+    "--data-dir",
+    str(tmp_path / "out"),
+    "--image-size",
+    str(SIZE),
+  ]
   assert run_command(argv) == 0
   first = capsys.readouterr().out
   assert "rsna_pneumonia/32px: prepared" in first and "skipped: 2 files" in first
@@ -537,7 +585,7 @@ def test_command_line_prints_summary_and_reuses(tmp_path, capsys):
   assert run_command(argv) == 0
   second = capsys.readouterr().out
   assert "already prepared, reused" in second
-  block = lambda out: out[out.index("  test:"):]  # noqa: E731  (TFDS prints lines before)
+  block = lambda out: out[out.index("  test:") :]  # noqa: E731  (TFDS prints lines before)
   assert block(second) == block(first)  # same counts and skips
 
 
@@ -554,13 +602,19 @@ def test_jpeg_draft_decoding_matches_full_decoding(tmp_path):
 @pytest.mark.parametrize(
   "text, expected",
   [
-    (MIMIC_REPORT.format(finding="a small effusion", impression="Effusion."),
-     ("There is a small effusion. The cardiomediastinal silhouette is normal.", "Effusion.")),
+    (
+      MIMIC_REPORT.format(finding="a small effusion", impression="Effusion."),
+      ("There is a small effusion. The cardiomediastinal silhouette is normal.", "Effusion."),
+    ),
     # A combined section, and a time of day (not a header: it is not at a line start).
-    (" WET READ: ___ 8:27 PM\n FINDINGS AND IMPRESSION:  No change since 10:30.\n",
-     ("No change since 10:30.", "")),
-    (" FINDINGS: Clear lungs.\n\n IMPRESSION: Normal.\n NOTIFICATION: Dr. ___ was told.\n",
-     ("Clear lungs.", "Normal.")),
+    (
+      " WET READ: ___ 8:27 PM\n FINDINGS AND IMPRESSION:  No change since 10:30.\n",
+      ("No change since 10:30.", ""),
+    ),
+    (
+      " FINDINGS: Clear lungs.\n\n IMPRESSION: Normal.\n NOTIFICATION: Dr. ___ was told.\n",
+      ("Clear lungs.", "Normal."),
+    ),
     (" EXAMINATION: CHEST\n INDICATION: cough\n", ("", "")),
     ("Portable chest radiograph without headers.\n", ("", "")),
   ],
@@ -585,10 +639,18 @@ def test_short_or_long_csv_row_is_skipped_with_file_and_line(tmp_path, capsys):
   make_rsna_tree(tmp_path / "manual")
   labels = tmp_path / "manual" / "stage_2_train_labels.csv"
   # Line 3 (the second patient's only row) loses its last fields; line 2 gains one.
-  _edit_lines(labels, lambda lines: [lines[0], lines[1] + ",extra", lines[2].rsplit(",", 3)[0],
-                                     *lines[3:]])
-  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
-          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  _edit_lines(
+    labels, lambda lines: [lines[0], lines[1] + ",extra", lines[2].rsplit(",", 3)[0], *lines[3:]]
+  )
+  argv = [
+    "rsna_pneumonia",
+    "--manual-dir",
+    str(tmp_path / "manual"),
+    "--data-dir",
+    str(tmp_path / "out"),
+    "--image-size",
+    str(SIZE),
+  ]
   assert run_command(argv) == 0
   out = capsys.readouterr().out
   assert "CSV row with fewer fields than the header: fix or delete the line" in out
@@ -596,8 +658,10 @@ def test_short_or_long_csv_row_is_skipped_with_file_and_line(tmp_path, capsys):
   assert "[all] stage_2_train_labels.csv:3" in out and "[all] stage_2_train_labels.csv:2" in out
   data_path = tmp_path / "out" / "rsna_pneumonia" / "32px" / "1.0.0"
   skipped = list(csv.DictReader(open(data_path / common.SKIPPED_FILE)))
-  assert {r["file"] for r in skipped} >= {"stage_2_train_labels.csv:2",
-                                          "stage_2_train_labels.csv:3"}
+  assert {r["file"] for r in skipped} >= {
+    "stage_2_train_labels.csv:2",
+    "stage_2_train_labels.csv:3",
+  }
   manifest = {m["patientId"] for m in csv.DictReader(open(data_path / "manifest.csv"))}
   assert RSNA[0][0] not in manifest and RSNA[1][0] not in manifest  # never half-read
   # Outside a builder (no one to list the skip), the same row stops the read.
@@ -608,10 +672,13 @@ def test_short_or_long_csv_row_is_skipped_with_file_and_line(tmp_path, capsys):
 def test_damaged_mimic_label_row_skips_its_study(tmp_path):
   frontal = make_mimic_tree(tmp_path / "manual")
   # Study 50000002's CheXpert row (line 3) is cut: its image is left out, not given blank labels.
-  _edit_lines(tmp_path / "manual" / mimic_cxr.CHEXPERT_CSV,
-              lambda lines: [*lines[:2], lines[2][:30], *lines[3:]])
-  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE,
-                    held_out="none")
+  _edit_lines(
+    tmp_path / "manual" / mimic_cxr.CHEXPERT_CSV,
+    lambda lines: [*lines[:2], lines[2][:30], *lines[3:]],
+  )
+  summary = prepare(
+    "mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE, held_out="none"
+  )
   reasons = {s.file: s.reason for s in summary.skipped}
   assert reasons[f"{mimic_cxr.CHEXPERT_CSV}:3"].startswith("CSV row with fewer fields")
   image = f"files/p10/p10000001/s50000002/{frontal['50000002']}.jpg"
@@ -626,9 +693,16 @@ def test_label_file_not_utf8_names_file_line_offset_and_fix(tmp_path, capsys):
   _edit_lines(labels, lambda lines: [*lines, *(f"f{k:07d},,,,,0" for k in range(3000))])
   data = labels.read_bytes()
   at = data.index(b"f0002000")
-  labels.write_bytes(data[:at] + b"caf\xe9" + data[at + 4:])  # Latin-1 e-acute on line 2010
-  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
-          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  labels.write_bytes(data[:at] + b"caf\xe9" + data[at + 4 :])  # Latin-1 e-acute on line 2010
+  argv = [
+    "rsna_pneumonia",
+    "--manual-dir",
+    str(tmp_path / "manual"),
+    "--data-dir",
+    str(tmp_path / "out"),
+    "--image-size",
+    str(SIZE),
+  ]
   assert run_command(argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err  # one message
@@ -638,8 +712,11 @@ def test_label_file_not_utf8_names_file_line_offset_and_fix(tmp_path, capsys):
   # A gzipped table: the offset counts decompressed bytes.
   gz = tmp_path / "table.csv.gz"
   gz.write_bytes(gzip.compress(b"a,b\n1,2\n3,\xe94\n"))
-  with pytest.raises(common.LayoutError, match=r"table\.csv\.gz: not UTF-8 text \(line 3, byte "
-                                                r"offset 10: byte 0xe9"):
+  with pytest.raises(
+    common.LayoutError,
+    match=r"table\.csv\.gz: not UTF-8 text \(line 3, byte "
+    r"offset 10: byte 0xe9",
+  ):
     common.read_csv(gz, ["a", "b"])
 
   # COVIDx's split lists are text files read whole.
@@ -648,20 +725,30 @@ def test_label_file_not_utf8_names_file_line_offset_and_fix(tmp_path, capsys):
   test_txt = tmp_path / "covidx" / "test.txt"
   test_txt.write_bytes(test_txt.read_bytes().replace(b"bimcv", b"bimc\xe9"))
   at = test_txt.read_bytes().index(b"\xe9")
-  with pytest.raises(common.LayoutError, match=rf"test\.txt: not UTF-8 text \(line 2, byte "
-                                                rf"offset {at}: byte 0xe9.*save it as UTF-8"):
+  with pytest.raises(
+    common.LayoutError,
+    match=rf"test\.txt: not UTF-8 text \(line 2, byte "
+    rf"offset {at}: byte 0xe9.*save it as UTF-8",
+  ):
     prepare("covidx", tmp_path / "covidx", tmp_path / "out", image_size=SIZE, class_set="binary")
 
 
 def test_empty_or_incomplete_manual_dir_is_named_before_tfds_runs(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
-  argv = lambda manual: ["rsna_pneumonia", "--manual-dir", str(manual),  # noqa: E731
-                         "--data-dir", str(tmp_path / "out")]
+  argv = lambda manual: [
+    "rsna_pneumonia",
+    "--manual-dir",
+    str(manual),  # noqa: E731
+    "--data-dir",
+    str(tmp_path / "out"),
+  ]
   assert run_command(argv(tmp_path / "empty")) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and "AssertionError" not in err
-  assert err.startswith(f"error: --manual-dir {tmp_path / 'empty'} is empty. rsna_pneumonia "
-                        "expects these files there (docs/DATASETS.md, section rsna_pneumonia)")
+  assert err.startswith(
+    f"error: --manual-dir {tmp_path / 'empty'} is empty. rsna_pneumonia "
+    "expects these files there (docs/DATASETS.md, section rsna_pneumonia)"
+  )
   assert "stage_2_train_labels.csv" in err and "stage_2_train_images/" in err
   assert run_command(argv(tmp_path / "absent")) == 2
   assert f"--manual-dir {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
@@ -678,19 +765,22 @@ def test_every_builder_lists_its_layout_for_an_empty_manual_dir(tmp_path, name):
   message = str(info.value)
   assert f"--manual-dir {tmp_path} is empty" in message and f"section {name}" in message
   assert BUILDERS[name].LAYOUT and all(
-    pattern in message for patterns, _ in BUILDERS[name].LAYOUT for pattern in patterns)
+    pattern in message for patterns, _ in BUILDERS[name].LAYOUT for pattern in patterns
+  )
 
 
 def test_non_utf8_report_is_skipped_with_its_reason(tmp_path):
   make_mimic_tree(tmp_path / "manual")
   report = tmp_path / "manual" / "files" / "p10" / "p10000000" / "s50000001.txt"
   report.write_bytes(report.read_bytes().replace(b"There is", b"Th\xe9re is"))
-  summary = prepare("mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE,
-                    held_out="none")
+  summary = prepare(
+    "mimic_cxr", tmp_path / "manual", tmp_path / "out", image_size=SIZE, held_out="none"
+  )
   reasons = {s.file: s.reason for s in summary.skipped}
   assert reasons["files/p10/p10000000/s50000001.txt"] == (
     "report is not UTF-8 text (line 10, byte offset 171: byte 0xe9 in b' Th\\xe9re is a'); "
-    "save it as UTF-8")
+    "save it as UTF-8"
+  )
   assert summary.examples["train"] == 2  # 50000001's image is left out, not stored with U+FFFD
 
 
@@ -706,8 +796,9 @@ def test_reports_are_stored_whole_and_cut_when_tokenised(tmp_path, tokenizer):
   source = registry.get_source("mimic_cxr", "train", config.data)
   index = next(i for i in range(len(source)) if source[i]["study_id"] == "50000002")
   stored = source[index]["report"]
-  assert stored == f"There is cardiomegaly {words}. The cardiomediastinal silhouette is normal. " \
-                   "Stable."
+  assert (
+    stored == f"There is cardiomegaly {words}. The cardiomediastinal silhouette is normal. Stable."
+  )
   assert len(stored.split(" ")) > text_lib.DEFAULT_MAX_WORDS
   # The pipeline cuts to config.data.max_words when it tokenises.
   config.data.max_words, config.data.max_text_len = 4, 16
@@ -726,10 +817,14 @@ def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, mon
   prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE, held_out="none")
   prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE)
   monkeypatch.setattr(text_lib, "CLEANING_VERSION", text_lib.CLEANING_VERSION + 1)
-  command = (f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {tmp_path / 'mimic'} "
-             f"--data-dir {out} --image-size {SIZE} --held-out none --overwrite")
-  version = f"report_cleaning.version: prepared with {text_lib.CLEANING_VERSION - 1}, now " \
-            f"{text_lib.CLEANING_VERSION}"
+  command = (
+    f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {tmp_path / 'mimic'} "
+    f"--data-dir {out} --image-size {SIZE} --held-out none --overwrite"
+  )
+  version = (
+    f"report_cleaning.version: prepared with {text_lib.CLEANING_VERSION - 1}, now "
+    f"{text_lib.CLEANING_VERSION}"
+  )
   with pytest.raises(common.StalePreparedError) as info:
     prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE, held_out="none")
   assert version in str(info.value) and str(info.value).endswith(f"Rebuild it with:\n  {command}")
@@ -743,20 +838,28 @@ def test_changed_cleaning_rule_is_refused_with_the_rebuild_command(tmp_path, mon
   assert run_command(command.split()[3:]) == 0
   assert "mimic_cxr/32px: prepared" in capsys.readouterr().out
   assert len(registry.get_source("mimic_cxr", "train", config.data)) == 3
-  assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE,
-                     held_out="none").built
+  assert not prepare("mimic_cxr", tmp_path / "mimic", out, image_size=SIZE, held_out="none").built
 
   # A set prepared before fingerprints were recorded is refused as well.
   (out / "rsna_pneumonia" / "32px" / "1.0.0" / common.FINGERPRINT_FILE).unlink()
-  with pytest.raises(common.StalePreparedError, match="has no fingerprint.json, so it was "
-                                                     "prepared by an earlier version"):
+  with pytest.raises(
+    common.StalePreparedError,
+    match="has no fingerprint.json, so it was prepared by an earlier version",
+  ):
     prepare("rsna_pneumonia", tmp_path / "rsna", out, image_size=SIZE)
 
 
 def test_failed_overwrite_keeps_the_prepared_copy(tmp_path, capsys):
   make_rsna_tree(tmp_path / "manual")
-  argv = ["rsna_pneumonia", "--manual-dir", str(tmp_path / "manual"), "--data-dir",
-          str(tmp_path / "out"), "--image-size", str(SIZE)]
+  argv = [
+    "rsna_pneumonia",
+    "--manual-dir",
+    str(tmp_path / "manual"),
+    "--data-dir",
+    str(tmp_path / "out"),
+    "--image-size",
+    str(SIZE),
+  ]
   assert run_command(argv) == 0
   labels = tmp_path / "manual" / "stage_2_train_labels.csv"
   labels.write_bytes(labels.read_bytes().replace(b"Target", b"Targ\xe9t"))

@@ -21,8 +21,9 @@ def parse_flags(*args: str) -> ml_collections.ConfigDict:
   """The config `train.py`'s `--config` flag yields for these command-line arguments."""
   argv = ["train", *args]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return values.config
 
@@ -31,9 +32,12 @@ def parse_flags(*args: str) -> ml_collections.ConfigDict:
 
 
 def test_command_line_override_moves_the_derived_fields():
-  config = parse_flags(f"--config={CONFIG_DIR / 'pretrain.py'}:tiny",
-                       "--config.model.vit.image_size=96", "--config.model.max_text_len=40",
-                       "--config.model.qformer.dec_token_id=600")
+  config = parse_flags(
+    f"--config={CONFIG_DIR / 'pretrain.py'}:tiny",
+    "--config.model.vit.image_size=96",
+    "--config.model.max_text_len=40",
+    "--config.model.qformer.dec_token_id=600",
+  )
   assert config.model.vit.image_size == config.data.image_size == 96
   assert config.model.max_text_len == config.data.max_text_len == 40
   assert config.data.tokenizer_vocab_size == 600
@@ -103,13 +107,20 @@ def test_a_wrong_geometry_has_one_message_wherever_it_is_found(tmp_path):
   m = bad.model
   direct = _message(lambda: config_lib.check_geometry(m))
   from_model = _message(lambda: MedUnifier(m, rngs=nnx.Rngs(0)))
-  from_vqvae = _message(lambda: vq.VQVAE(
-      m.vqvae, query_width=m.qformer.hidden_size, vision_width=m.vit.width,
-      text_width=m.qformer.hidden_size, image_size=m.vit.image_size, rngs=nnx.Rngs(0)))
+  from_vqvae = _message(
+    lambda: vq.VQVAE(
+      m.vqvae,
+      query_width=m.qformer.hidden_size,
+      vision_width=m.vit.width,
+      text_width=m.qformer.hidden_size,
+      image_size=m.vit.image_size,
+      rngs=nnx.Rngs(0),
+    )
+  )
   transformers.Blip2Config(
-      vision_config=dict(image_size=48, patch_size=6),
-      qformer_config=dict(use_qformer_text_input=True),
-      num_query_tokens=8,
+    vision_config=dict(image_size=48, patch_size=6),
+    qformer_config=dict(use_qformer_text_input=True),
+    num_query_tokens=8,
   ).save_pretrained(tmp_path)
   from_import = _message(lambda: hf_import.blip2_config(str(tmp_path), bad))
   assert direct == from_model == from_vqvae == from_import
@@ -117,12 +128,23 @@ def test_a_wrong_geometry_has_one_message_wherever_it_is_found(tmp_path):
 
 
 def test_every_broken_rule_is_listed_with_its_fix():
-  bad = _with(load_config("tiny"), **{"vit.patch_size": 5, "vqvae.query_grid": (2, 2),
-                                      "vqvae.latent_dim": 18, "max_text_len": 100})
+  bad = _with(
+    load_config("tiny"),
+    **{
+      "vit.patch_size": 5,
+      "vqvae.query_grid": (2, 2),
+      "vqvae.latent_dim": 18,
+      "max_text_len": 100,
+    },
+  )
   message = _message(lambda: config_lib.check_geometry(bad.model))
   assert message.startswith("the model's geometry does not fit together (4 problems")
-  for fix in ("not a multiple of model.vit.patch_size=5", "set model.vqvae.query_grid=(2, 4)",
-              "multiple of 4", "exceeds model.qformer.max_position_embeddings=64"):
+  for fix in (
+    "not a multiple of model.vit.patch_size=5",
+    "set model.vqvae.query_grid=(2, 4)",
+    "multiple of 4",
+    "exceeds model.qformer.max_position_embeddings=64",
+  ):
     assert fix in message
 
 
@@ -140,5 +162,8 @@ def test_every_prior_variant_fits_its_medunifier(variant):
   config_lib.check_geometry(medunifier.model)
   vqvae = medunifier.model.vqvae
   assert (prior.model.grid, prior.model.codebook_size, prior.model.text_width) == (
-      vqvae.grid, vqvae.codebook_size, medunifier.model.qformer.hidden_size)
+    vqvae.grid,
+    vqvae.codebook_size,
+    medunifier.model.qformer.hidden_size,
+  )
   assert prior.model.null_length <= medunifier.model.max_text_len

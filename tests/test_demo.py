@@ -27,15 +27,21 @@ NUM_STEPS = 300
 # The tiny model, 300 steps: with 8 pairs per batch, or with dropout at width 32, ITC and ITM
 # stay at chance for hundreds of steps; 32 pairs without dropout leave it within about 100.
 DEMO_ARGS = [
-    "--config=configs/pretrain.py:tiny", f"--config.num_steps={NUM_STEPS}",
-    f"--config.checkpoint_every={NUM_STEPS}", "--config.log_every=50", "--config.batch_size=32",
-    "--config.data.num_train=4096", "--config.model.qformer.hidden_dropout=0.0",
-    "--config.model.qformer.attention_dropout=0.0",
-    "--config.evals.finetune.label_fractions=(1.0,)", "--recon_images=32",
-    # Images from reports at the tiny size: 20 prior steps on the codes of 256 pairs, the null
-    # condition as the unconditional baseline, the tiny image_gen entry (8 images per set).
-    "--image_gen", "--prior_config=configs/prior.py:tiny",
-    "--prior_config.codes.max_examples=256",
+  "--config=configs/pretrain.py:tiny",
+  f"--config.num_steps={NUM_STEPS}",
+  f"--config.checkpoint_every={NUM_STEPS}",
+  "--config.log_every=50",
+  "--config.batch_size=32",
+  "--config.data.num_train=4096",
+  "--config.model.qformer.hidden_dropout=0.0",
+  "--config.model.qformer.attention_dropout=0.0",
+  "--config.evals.finetune.label_fractions=(1.0,)",
+  "--recon_images=32",
+  # Images from reports at the tiny size: 20 prior steps on the codes of 256 pairs, the null
+  # condition as the unconditional baseline, the tiny image_gen entry (8 images per set).
+  "--image_gen",
+  "--prior_config=configs/prior.py:tiny",
+  "--prior_config.codes.max_examples=256",
 ]
 
 
@@ -48,13 +54,21 @@ def run():
     pytest.skip(f"{venv} was not made by `make install`; run the suite with `make test`")
   relative = f"workdirs/test-demo-{uuid.uuid4().hex[:8]}"
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  command = ["make", "--no-print-directory", "demo", f"VENV={venv}", f"WORKDIR={relative}",
-             f"DEMO_ARGS={shlex.join(DEMO_ARGS)}"]
+  env["XLA_FLAGS"] = " ".join(
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  )
+  command = [
+    "make",
+    "--no-print-directory",
+    "demo",
+    f"VENV={venv}",
+    f"WORKDIR={relative}",
+    f"DEMO_ARGS={shlex.join(DEMO_ARGS)}",
+  ]
   try:
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     workdir = ROOT / relative
     results = json.loads((workdir / "eval" / "results.json").read_text())["results"]

@@ -52,8 +52,13 @@ def config():
   e = c.evals
   e.zero_shot.prompts = "paper"  # the phantom variants' default is the project vocabulary
   with c.unlocked():
-    e.zero_shot_itm = dict(e.zero_shot.to_dict(), task="zero_shot", itm_rescore=True,
-                           datasets=("phantom_pneumonia",), itm_batch_size=16)
+    e.zero_shot_itm = dict(
+      e.zero_shot.to_dict(),
+      task="zero_shot",
+      itm_rescore=True,
+      datasets=("phantom_pneumonia",),
+      itm_batch_size=16,
+    )
   e.retrieval.update(itm_rerank_k=3, itm_batch_size=16)
   e.finetune.datasets = ("phantom_pneumothorax", "phantom_covidx")
   e.report_gen.update(datasets=("phantom_5x200",), meteor=False)
@@ -80,8 +85,14 @@ def evaluators(config, tokenizer):
 def run(config, tokenizer, model, evaluators, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("workdir"))
   lines = []
-  results = evaluation.evaluate(config, workdir, model=nnx.merge(*model), tokenizer=tokenizer,
-                              evaluators=evaluators, log=lines.append)
+  results = evaluation.evaluate(
+    config,
+    workdir,
+    model=nnx.merge(*model),
+    tokenizer=tokenizer,
+    evaluators=evaluators,
+    log=lines.append,
+  )
   return workdir, results, "\n".join(lines)
 
 
@@ -109,8 +120,11 @@ def test_zero_shot_uses_the_paper_prompts_and_raw_scores(run, evaluators):
   assert all(len(p) == 15 for p in out["prompts"].values())
   # Softmax over the pooled raw similarities (cosines, no temperature: within [-1, 1]).
   assert np.abs(out["class_scores"]).max() <= 1.0 + 1e-5
-  np.testing.assert_allclose(out["probs"], np.exp(out["class_scores"]) / np.exp(
-      out["class_scores"]).sum(axis=1, keepdims=True), rtol=1e-5)
+  np.testing.assert_allclose(
+    out["probs"],
+    np.exp(out["class_scores"]) / np.exp(out["class_scores"]).sum(axis=1, keepdims=True),
+    rtol=1e-5,
+  )
   assert len(evaluators["zero_shot_itm"].outputs["phantom_pneumonia"]["prompts"]["Normal"]) == 10
 
 
@@ -167,7 +181,8 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   generate = lambda state, pixels, rng: generator.tokens(state, pixels, decoding, rng)
   cached = generate(state, pixels, jax.random.key(0))
   full = inference.model_fns(graphdef).report_tokens(special, decoding, cached=False)(
-      state, pixels, jax.random.key(0))
+    state, pixels, jax.random.key(0)
+  )
   np.testing.assert_array_equal(cached.tokens, full.tokens)
   np.testing.assert_allclose(cached.scores, full.scores, rtol=1e-4, atol=1e-4)
 
@@ -177,15 +192,15 @@ def test_cached_beam_search_equals_uncached(run, evaluators, model):
   permuted = np.asarray(generate(state, pixels[order], jax.random.key(0)).tokens)
   np.testing.assert_array_equal(permuted, tokens[order])
   assert len({tuple(r) for r in tokens.tolist()}) > 1, "images should yield different reports"
-  compiled = inference.compiled(inference.report_tokens, special=special, decoding=decoding,
-                                cached=True)
+  compiled = inference.compiled(
+    inference.report_tokens, special=special, decoding=decoding, cached=True
+  )
   assert compiled._cache_size() == 1
   texts = generator(state, pixels, decoding)
   assert len(texts) == batch and all(isinstance(t, str) for t in texts)
 
 
-def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp_path,
-                                                  monkeypatch):
+def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp_path, monkeypatch):
   from medunifier_jax.data import pipeline
 
   c = ml_collections.ConfigDict(config.to_dict())
@@ -195,18 +210,27 @@ def test_periodic_evaluation_for_the_training_loop(config, tokenizer, model, tmp
   monkeypatch.setattr(pipeline, "build_tokenizer", lambda config, cache_dir: tokenizer)
   eval_fn = make_eval_fn(c, str(tmp_path))
   flat = eval_fn(nnx.merge(*model), 7)  # the training loop passes the merged module
-  assert set(flat) == {f"zero_shot/phantom_pneumonia/{m}" for m in
-                       ("accuracy", "f1_macro", "auc", "sensitivity", "specificity", "ppv", "npv")}
+  assert set(flat) == {
+    f"zero_shot/phantom_pneumonia/{m}"
+    for m in ("accuracy", "f1_macro", "auc", "sensitivity", "specificity", "ppv", "npv")
+  }
   with open(tmp_path / "eval" / "results.json") as f:
     saved = json.load(f)
   assert saved["meta"]["step"] == 7 and list(saved["results"]) == ["zero_shot"]
 
 
 def test_registry_names_and_errors(config, tokenizer):
-  assert set(EVALUATORS) == {"zero_shot", "retrieval", "finetune", "report_gen", "image_gen",
-                             "reconstruction"}
+  assert set(EVALUATORS) == {
+    "zero_shot",
+    "retrieval",
+    "finetune",
+    "report_gen",
+    "image_gen",
+    "reconstruction",
+  }
   with pytest.raises(KeyError, match="known evaluators: zero_shot, retrieval"):
     from medunifier_jax.evaluators import get_evaluator_class
+
     get_evaluator_class("segmentation")
   with pytest.raises(KeyError, match="configured: "):
     build_evaluators(config, tokenizer, ["captioning"])
@@ -229,7 +253,8 @@ def test_api_generate_reports_and_reconstruct(config, tokenizer, model):
   reports = handle.generate_reports(pixels, **settings)
   assert isinstance(reports, list) and len(reports) == 2 and all(reports)
   direct = generation.ReportGenerator(graphdef, tokenizer, config.model.qformer.dec_token_id)(
-      state, pixels, generation.DecodingConfig(**settings))
+    state, pixels, generation.DecodingConfig(**settings)
+  )
   assert reports == direct
   # One image decodes the same alone as in a batch.
   assert handle.generate_reports(pixels[:1], **settings) == reports[:1]

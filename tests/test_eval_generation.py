@@ -19,6 +19,7 @@ def markov_step(table):
   The state holds each row's previous token, so a beam search that reorders rows wrongly
   reads the wrong history and scores sequences differently from the brute force below.
   """
+
   def step(state, token_ids, position):
     del position
     return table[state["prev"], token_ids], {"prev": token_ids, "shared": state["shared"]}
@@ -49,7 +50,7 @@ def brute_force(table, max_length, min_length, length_penalty):
       ended = body[-1] == EOS
       if not ended and n < max_length - 1:
         continue  # unfinished and not at the length limit: not a complete hypothesis
-      score = total / n ** length_penalty
+      score = total / n**length_penalty
       if score > best[0]:
         best = (score, seq)
   return best
@@ -58,17 +59,23 @@ def brute_force(table, max_length, min_length, length_penalty):
 @pytest.mark.parametrize("max_length, min_length, length_penalty", [(5, 3, 0.0), (5, 2, 1.0)])
 def test_beam_search_finds_the_best_sequence(max_length, min_length, length_penalty):
   vocab = 5
-  table = jnp.asarray(np.random.default_rng(max_length * 10 + min_length).normal(
-      size=(vocab, vocab, vocab)) * 2.0, jnp.float32)
+  table = jnp.asarray(
+    np.random.default_rng(max_length * 10 + min_length).normal(size=(vocab, vocab, vocab)) * 2.0,
+    jnp.float32,
+  )
   step, init = markov_step(table)
   # Enough beams to keep every prefix alive: beam search becomes exhaustive.
-  config = gen.DecodingConfig(num_beams=vocab ** (max_length - 1), max_length=max_length,
-                              min_length=min_length, length_penalty=length_penalty,
-                              early_stopping=True)
+  config = gen.DecodingConfig(
+    num_beams=vocab ** (max_length - 1),
+    max_length=max_length,
+    min_length=min_length,
+    length_penalty=length_penalty,
+    early_stopping=True,
+  )
   out = jax.jit(lambda: gen.beam_search(step, init, 1, TOKENS, config))()
   score, seq = brute_force(table, max_length, min_length, length_penalty)
   got = [int(t) for t in out.tokens[0]]
-  assert got[:len(seq)] == seq and all(t == PAD for t in got[len(seq):])
+  assert got[: len(seq)] == seq and all(t == PAD for t in got[len(seq) :])
   assert float(out.scores[0]) == pytest.approx(score, abs=1e-4)
 
 
@@ -85,8 +92,9 @@ def test_beam_search_beats_greedy_on_a_hand_built_table():
   init = lambda rows: jnp.zeros((rows,))
   config = gen.DecodingConfig(num_beams=2, max_length=6, min_length=0, length_penalty=0.0)
   beam = gen.beam_search(step, init, 1, TOKENS, config)
-  greedy = gen.sample(step, init, 1, TOKENS, gen.DecodingConfig(method="greedy", max_length=6,
-                                                                min_length=0))
+  greedy = gen.sample(
+    step, init, 1, TOKENS, gen.DecodingConfig(method="greedy", max_length=6, min_length=0)
+  )
   assert beam.tokens[0, :3].tolist() == [BOS, b, EOS]
   assert float(beam.scores[0]) == pytest.approx(np.log(0.4 * 0.9), abs=1e-4)
   assert greedy.tokens[0, :3].tolist() == [BOS, a, EOS]
@@ -103,10 +111,16 @@ def test_one_beam_is_greedy(length_penalty):
     return tables[row, state, token_ids], token_ids
 
   init = lambda rows: jnp.full((rows,), PAD, jnp.int32)
-  beam = gen.beam_search(step, init, 8, TOKENS, gen.DecodingConfig(
-      num_beams=1, max_length=9, min_length=3, length_penalty=length_penalty))
-  greedy = gen.sample(step, init, 8, TOKENS, gen.DecodingConfig(
-      method="greedy", max_length=9, min_length=3))
+  beam = gen.beam_search(
+    step,
+    init,
+    8,
+    TOKENS,
+    gen.DecodingConfig(num_beams=1, max_length=9, min_length=3, length_penalty=length_penalty),
+  )
+  greedy = gen.sample(
+    step, init, 8, TOKENS, gen.DecodingConfig(method="greedy", max_length=9, min_length=3)
+  )
   np.testing.assert_array_equal(beam.tokens, greedy.tokens)
   assert len({tuple(r) for r in np.asarray(greedy.tokens).tolist()}) > 1
 
@@ -117,8 +131,9 @@ def test_min_length_and_padding_after_eos():
   step = lambda state, tok, pos: (table[tok], state)
   init = lambda rows: jnp.zeros((rows,))
   for method in ("greedy", "beam"):
-    out = gen.decode(step, init, 2, TOKENS, gen.DecodingConfig(method=method, max_length=8,
-                                                               min_length=4))
+    out = gen.decode(
+      step, init, 2, TOKENS, gen.DecodingConfig(method=method, max_length=8, min_length=4)
+    )
     row = out.tokens[0].tolist()
     assert row[0] == BOS and EOS not in row[1:4] and row[4] == EOS
     assert row[5:] == [PAD] * 3

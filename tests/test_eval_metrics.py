@@ -50,25 +50,29 @@ def test_undefined_metrics_are_nan_and_bad_shapes_raise():
 
 
 # Three queries over four items. Ties: q0 items 2 and 3 (0.5), q2 all items.
-SCORES = np.array([[0.9, 0.1, 0.5, 0.5],
-                   [0.2, 0.8, 0.3, 0.1],
-                   [0.4, 0.4, 0.4, 0.4]])
+SCORES = np.array([[0.9, 0.1, 0.5, 0.5], [0.2, 0.8, 0.3, 0.1], [0.4, 0.4, 0.4, 0.4]])
 TARGETS = np.array([2, 1, 3])
-RELEVANT = np.array([[1, 0, 1, 0],   # q0: ranking 0 2 3 1 -> relevance 1 1 0 0
-                     [0, 0, 0, 0],   # q1: nothing relevant
-                     [0, 0, 0, 1]],  # q2: ranking 0 1 2 3 -> relevance 0 0 0 1
-                    bool)
+RELEVANT = np.array(
+  [
+    [1, 0, 1, 0],  # q0: ranking 0 2 3 1 -> relevance 1 1 0 0
+    [0, 0, 0, 0],  # q1: nothing relevant
+    [0, 0, 0, 1],
+  ],  # q2: ranking 0 1 2 3 -> relevance 0 0 0 1
+  bool,
+)
 
 
 def test_ranking_breaks_ties_by_index():
-  np.testing.assert_array_equal(metrics.rank_items(SCORES),
-                                [[0, 2, 3, 1], [1, 2, 0, 3], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(
+    metrics.rank_items(SCORES), [[0, 2, 3, 1], [1, 2, 0, 3], [0, 1, 2, 3]]
+  )
 
 
 def test_recall_at_k_by_hand():
   # Target ranks: q0 2nd, q1 1st, q2 4th.
   assert metrics.recall_at_k(SCORES, TARGETS, (1, 2, 4)) == pytest.approx(
-      {1: 1 / 3, 2: 2 / 3, 4: 1.0})
+    {1: 1 / 3, 2: 2 / 3, 4: 1.0}
+  )
 
 
 def test_both_precision_definitions_by_hand():
@@ -81,8 +85,7 @@ def test_both_precision_definitions_by_hand():
 
 def test_retrieval_metrics_names_the_definitions_apart():
   out = metrics.retrieval_metrics(SCORES, TARGETS, RELEVANT, (1, 4), prefix="i2t_")
-  assert set(out) == {"i2t_R@1", "i2t_R@4", "i2t_P@1", "i2t_P@4", "i2t_plain_P@1",
-                      "i2t_plain_P@4"}
+  assert set(out) == {"i2t_R@1", "i2t_R@4", "i2t_P@1", "i2t_P@4", "i2t_plain_P@1", "i2t_plain_P@4"}
   assert out["i2t_P@4"] == pytest.approx(1.25 / 3) and out["i2t_plain_P@4"] == pytest.approx(0.25)
 
 
@@ -92,8 +95,9 @@ def test_similarity_matrix_is_the_max_over_queries_in_any_chunking():
   txt = rng.normal(size=(4, 5)).astype(np.float32)
   expected = np.einsum("nqe,me->nmq", img, txt).max(-1)
   for chunk in (1, 3, 7, 100):
-    np.testing.assert_allclose(common.similarity_matrix(img, txt, chunk=chunk), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      common.similarity_matrix(img, txt, chunk=chunk), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_multilabel_prf_by_hand():
@@ -127,8 +131,12 @@ def test_prompts_are_seeded_distinct_and_independent_of_other_classes():
 def test_every_phantom_class_has_prompts():
   from medunifier_jax.data import findings
 
-  for names in (findings.CLASSES_5X200, findings.CLASSES_PNEUMONIA,
-                findings.CLASSES_PNEUMOTHORAX, findings.CLASSES_COVIDX):
+  for names in (
+    findings.CLASSES_5X200,
+    findings.CLASSES_PNEUMONIA,
+    findings.CLASSES_PNEUMOTHORAX,
+    findings.CLASSES_COVIDX,
+  ):
     assert all(prompts.canonical_class(n) for n in names)
 
 

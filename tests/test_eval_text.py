@@ -14,31 +14,38 @@ def rules():
   return labeler.RuleLabeler()
 
 
-@pytest.mark.parametrize("sentence, expected", [
+@pytest.mark.parametrize(
+  "sentence, expected",
+  [
     ("No pleural effusion.", {"pleural effusion": False}),
     ("Without evidence of pneumothorax.", {"pneumothorax": False}),
     ("The effusion has resolved.", {"pleural effusion": False}),
     ("Previously seen nodule is no longer seen.", {"nodule": False}),
-    ("There is no focal consolidation, pleural effusion or pneumothorax.",
-     {"consolidation": False, "pleural effusion": False, "pneumothorax": False}),
-    ("No pneumothorax, but there is a small left pleural effusion.",
-     {"pneumothorax": False, "pleural effusion": True}),
-    ("Small right pleural effusion blunting the costophrenic angle.",
-     {"pleural effusion": True}),
+    (
+      "There is no focal consolidation, pleural effusion or pneumothorax.",
+      {"consolidation": False, "pleural effusion": False, "pneumothorax": False},
+    ),
+    (
+      "No pneumothorax, but there is a small left pleural effusion.",
+      {"pneumothorax": False, "pleural effusion": True},
+    ),
+    ("Small right pleural effusion blunting the costophrenic angle.", {"pleural effusion": True}),
     ("The heart is mildly enlarged.", {"cardiomegaly": True}),
     ("Moderate cardiomegaly.", {"cardiomegaly": True}),
     ("Resolution of pulmonary edema.", {"edema": False}),
     ("Streaky right lower lobe opacities, likely atelectasis.", {"atelectasis": True}),
     ("Pneumothorax cannot be excluded.", {"pneumothorax": True}),  # hedged: positive (U-ones)
     ("Heart size is normal.", {}),
-])
+  ],
+)
 def test_negation_and_affirmation(rules, sentence, expected):
   assert rules.sentence_findings(sentence) == expected
 
 
 def test_report_vector_and_no_finding(rules):
-  out = rules(["Moderate cardiomegaly. No pleural effusion.",
-               "The lungs are clear. No pneumothorax.", ""])
+  out = rules(
+    ["Moderate cardiomegaly. No pleural effusion.", "The lungs are clear. No pneumothorax.", ""]
+  )
   names = rules.findings
   assert out.shape == (3, len(names))
   assert dict(zip(names, out[0]))["cardiomegaly"] == 1
@@ -49,7 +56,8 @@ def test_report_vector_and_no_finding(rules):
   other = rules(["Calcified granuloma in the left base.", "No focal opacity."])
   assert other[0].tolist() == [0] * len(names) and other[1, -1] == 1
   assert labeler.RuleLabeler(uncertain_positive=False).sentence_findings(
-      "Possible left lower lobe atelectasis.") == {"atelectasis": False}
+    "Possible left lower lobe atelectasis."
+  ) == {"atelectasis": False}
   with pytest.raises(TypeError, match="sequence of reports"):
     rules("No effusion.")
   assert isinstance(labeler.get_labeler("rule"), labeler.RuleLabeler)
@@ -63,8 +71,15 @@ def test_labeler_reads_the_labels_of_templated_phantom_reports(rules):
   from medunifier_jax.data import phantoms, reports
 
   rng = np.random.default_rng(0)
-  names = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",
-           "Pneumothorax", "Nodule"]
+  names = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Nodule",
+  ]
   cols = [rules.findings.index(n.lower()) for n in names]
   agree = total = 0
   for i in range(150):

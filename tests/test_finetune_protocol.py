@@ -21,8 +21,14 @@ DATASET = "phantom_pneumothorax"
 def config():
   c = get_config("tiny")
   c.data.cls_num_train, c.data.cls_num_val, c.data.cls_num_test = 12, 8, 8
-  c.evals.finetune.update(datasets=(DATASET,), label_fractions=(0.5, 1.0), epochs=1,
-                          batch_size=4, feature_batch_size=8, hidden_dim=16)
+  c.evals.finetune.update(
+    datasets=(DATASET,),
+    label_fractions=(0.5, 1.0),
+    epochs=1,
+    batch_size=4,
+    feature_batch_size=8,
+    hidden_dim=16,
+  )
   return c
 
 
@@ -35,8 +41,6 @@ def tokenizer(config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(config):
   return random_model(config.model)
-
-
 
 
 def evaluator(config, tokenizer, **settings):
@@ -57,10 +61,12 @@ def paper(config, tokenizer, model):
   graphdef, state = model
   before = flat(state)
   ev = evaluator(config, tokenizer, protocol="paper", learning_rate=1e-3, end_learning_rate=1e-4)
-  sources = {r: data_registry.get_source(DATASET, r, config.data)
-             for r in ("train", "validation", "test")}
-  fit = ev.fit_end_to_end(graphdef, state, sources["train"], sources["validation"],
-                          sources["test"], num_classes=2)
+  sources = {
+    r: data_registry.get_source(DATASET, r, config.data) for r in ("train", "validation", "test")
+  }
+  fit = ev.fit_end_to_end(
+    graphdef, state, sources["train"], sources["validation"], sources["test"], num_classes=2
+  )
   results = dict(ev.run(nnx.merge(*model)))  # evaluators take a module
   return ev, fit, before, results
 
@@ -70,8 +76,9 @@ def test_paper_protocol_trains_the_qformer_not_the_vit(paper, model):
   trained = flat(fit.params)
   assert trained and not any("vit" in path for path in trained)
   assert any("head" in path for path in trained)
-  changed = [p for p, v in trained.items() if p[0] == "model"
-             and not np.array_equal(v, before[p[1:]])]
+  changed = [
+    p for p, v in trained.items() if p[0] == "model" and not np.array_equal(v, before[p[1:]])
+  ]
   assert any("qformer" in p for p in changed) and any("query_tokens" in p for p in changed)
   # The caller's state is intact (the step donated a copy); its ViT is what the classifier ran.
   after = flat(model[1])
@@ -108,8 +115,9 @@ def test_heads_and_settings():
   assert head.hidden.in_features == 6
   flat_head = finetune.ClassifierHead(4, 6, 5, 1, rngs=nnx.Rngs(0))
   assert flat_head.hidden.in_features == 24  # Q*H, the authors' flattening
-  cfg = ml_collections.ConfigDict(dict(learning_rate=1e-5, end_learning_rate=1e-8,
-                                       schedule="cosine"))
+  cfg = ml_collections.ConfigDict(
+    dict(learning_rate=1e-5, end_learning_rate=1e-8, schedule="cosine")
+  )
   rates = [finetune.learning_rate_at(cfg, s, 10) for s in (0, 5, 10)]
   assert rates == pytest.approx([1e-5, (1e-5 + 1e-8) / 2, 1e-8])
   with pytest.raises(ValueError, match="protocol"):

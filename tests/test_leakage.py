@@ -53,8 +53,22 @@ def make_patient_tree(root: Path) -> list[dict]:
       for v, view in enumerate(views):
         dicom = f"{k:08x}-{n:08x}-{v:08x}-0000abcd-9abc0def"
         split_rows.append([dicom, study, subject, split])
-        meta_rows.append([dicom, subject, study, "CHEST (PA AND LAT)", view, 48, 40, 21800506,
-                          213014.531, "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+        meta_rows.append(
+          [
+            dicom,
+            subject,
+            study,
+            "CHEST (PA AND LAT)",
+            view,
+            48,
+            40,
+            21800506,
+            213014.531,
+            "CHEST (PA AND LAT)",
+            "postero-anterior",
+            "Erect",
+          ]
+        )
         write_image(study_dir / f"{dicom}.jpg", radiograph(20 * k + 2 * n + v))
         if view != "LATERAL":
           frontal.append(dict(subject=subject, study=study, dicom=dicom, split=split))
@@ -62,8 +76,9 @@ def make_patient_tree(root: Path) -> list[dict]:
       finding = "No Finding" if n == 2 else CLASSES[k % 5] if k < 10 else "Lung Opacity"
       labels[finding] = "1.0"
       label_rows.append([subject, study, *labels.values()])
-      study_dir.parent.joinpath(f"s{study}.txt").write_text(MIMIC_REPORT.format(
-        finding=f"{finding.lower()} in study {study}", impression=f"{finding}."))
+      study_dir.parent.joinpath(f"s{study}.txt").write_text(
+        MIMIC_REPORT.format(finding=f"{finding.lower()} in study {study}", impression=f"{finding}.")
+      )
   write_csv(root / mimic_cxr.SPLIT_CSV, MIMIC_SPLIT, split_rows, gz=True)
   write_csv(root / mimic_cxr.METADATA_CSV, MIMIC_METADATA, meta_rows, gz=True)
   write_csv(root / mimic_cxr.CHEXPERT_CSV, MIMIC_CHEXPERT, label_rows, gz=True)
@@ -101,8 +116,11 @@ def test_mimic_cxr_leaves_out_every_study_of_the_5x200_patients(tmp_path, capsys
   code, text, err = run(capsys, "mimic_cxr", *common_args)
   assert code == 0, err
   assert "held out: mimic_5x200/gloria_32px_n1 (5 studies of 5 patients)" in text
-  match = re.search(r"excluded: (\d+) studies \((\d+) images\) of those patients from train and "
-                    r"validation \(excluded\.csv\); test is kept whole", text)
+  match = re.search(
+    r"excluded: (\d+) studies \((\d+) images\) of those patients from train and "
+    r"validation \(excluded\.csv\); test is kept whole",
+    text,
+  )
   assert match, text
 
   # Read both prepared sets back as training and evaluation do.
@@ -150,12 +168,22 @@ def test_mimic_cxr_leaves_out_every_study_of_the_5x200_patients(tmp_path, capsys
 def test_mimic_cxr_without_a_held_out_set_stops_and_says_how_to_go_on(tmp_path, capsys):
   make_patient_tree(tmp_path / "mimic")
   manual = tmp_path / "mimic"
-  code, _, err = run(capsys, "mimic_cxr", "--manual-dir", manual, "--data-dir",
-                     tmp_path / "tfds", "--image-size", SIZE)
+  code, _, err = run(
+    capsys,
+    "mimic_cxr",
+    "--manual-dir",
+    manual,
+    "--data-dir",
+    tmp_path / "tfds",
+    "--image-size",
+    SIZE,
+  )
   assert code == 2 and "Traceback" not in err
   assert f"no prepared mimic_5x200 under --data-dir {tmp_path / 'tfds'}" in err
-  assert (f"python -m medunifier_jax.data.prepare mimic_5x200 --manual-dir {manual} --data-dir "
-          f"{tmp_path / 'tfds'} --image-size {SIZE} --class-set gloria\n") in err
+  assert (
+    f"python -m medunifier_jax.data.prepare mimic_5x200 --manual-dir {manual} --data-dir "
+    f"{tmp_path / 'tfds'} --image-size {SIZE} --class-set gloria\n"
+  ) in err
   assert "--held-out PATH" in err and "--held-out none" in err
   assert not (tmp_path / "tfds" / "mimic_cxr").exists()
 
@@ -180,9 +208,12 @@ def test_mimic_cxr_without_a_held_out_set_stops_and_says_how_to_go_on(tmp_path, 
 
   # A 5x200 set prepared before held_out.csv existed: rebuilt first, with its own command.
   (folder / held_out.HELD_OUT_FILE).unlink()
-  with pytest.raises(held_out.HeldOutError, match=r"has no held_out\.csv .* Rebuild it first:\n  "
-                     r"python -m medunifier_jax.data.prepare mimic_5x200 .* --per-class 1 "
-                     r"--overwrite$"):
+  with pytest.raises(
+    held_out.HeldOutError,
+    match=r"has no held_out\.csv .* Rebuild it first:\n  "
+    r"python -m medunifier_jax.data.prepare mimic_5x200 .* --per-class 1 "
+    r"--overwrite$",
+  ):
     prepare("mimic_cxr", manual, tmp_path / "eval", image_size=SIZE)
 
 
@@ -193,8 +224,10 @@ def test_a_5x200_set_prepared_later_is_caught(tmp_path, capsys):
   prepare("mimic_cxr", manual, out, image_size=SIZE)
   prepare("mimic_5x200", manual, out, image_size=SIZE, per_class=2)  # all ten patients
   # Training reads it: refused, with the command that rebuilds it.
-  command = (f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {manual} --data-dir "
-             f"{out} --image-size {SIZE} --overwrite")
+  command = (
+    f"python -m medunifier_jax.data.prepare mimic_cxr --manual-dir {manual} --data-dir "
+    f"{out} --image-size {SIZE} --overwrite"
+  )
   with pytest.raises(common.StalePreparedError) as info:
     registry.get_source("mimic_cxr", "train", data_config("mimic_cxr", out).data)
   assert "does not hold out the patients of mimic_5x200/gloria_32px_n2" in str(info.value)
@@ -237,15 +270,16 @@ def test_mimic_cxr_reads_the_layouts_users_have(tmp_path, layout):
   frontal = make_mimic_tree(manual)
   if layout == "zip":  # packed, as downloaded
     _pack_reports(manual)
-    where, empty = "mimic-cxr-reports.zip (read without unpacking)", \
-      "mimic-cxr-reports.zip/mimic-cxr-reports/files/p10/p10000004/s50000005.txt"
+    where, empty = (
+      "mimic-cxr-reports.zip (read without unpacking)",
+      "mimic-cxr-reports.zip/mimic-cxr-reports/files/p10/p10000004/s50000005.txt",
+    )
   elif layout == "unzipped":  # the archive unzipped where it lies: mimic-cxr-reports/files/...
     for report in sorted((manual / "files").glob("p*/p*/s*.txt")):
       target = manual / "mimic-cxr-reports" / report.relative_to(manual)
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(report, target)
-    where, empty = "mimic-cxr-reports/files/", \
-      "mimic-cxr-reports/files/p10/p10000004/s50000005.txt"
+    where, empty = "mimic-cxr-reports/files/", "mimic-cxr-reports/files/p10/p10000004/s50000005.txt"
   else:  # label tables gunzipped, reports next to the images
     _gunzip_tables(manual)
     where, empty = "files/ next to the image folders", "files/p10/p10000004/s50000005.txt"
@@ -256,7 +290,8 @@ def test_mimic_cxr_reads_the_layouts_users_have(tmp_path, layout):
   assert reasons[empty] == "empty report: no FINDINGS or IMPRESSION text"
   train = {r["study_id"]: r for r in records("mimic_cxr", tmp_path / "out", "train")}
   assert train["50000002"]["findings"] == (
-    "There is cardiomegaly in study 50000002. The cardiomediastinal silhouette is normal.")
+    "There is cardiomegaly in study 50000002. The cardiomediastinal silhouette is normal."
+  )
   assert train["50000002"]["id"] == frontal["50000002"]
 
 
@@ -269,7 +304,8 @@ def test_non_utf8_report_inside_the_zip_is_skipped_with_its_reason(tmp_path):
   summary = prepare("mimic_cxr", manual, tmp_path / "out", image_size=SIZE, held_out="none")
   reasons = {s.file: s.reason for s in summary.skipped}
   assert reasons["mimic-cxr-reports.zip/files/p10/p10000001/s50000002.txt"].startswith(
-    "report is not UTF-8 text (line 10, byte offset")
+    "report is not UTF-8 text (line 10, byte offset"
+  )
   assert summary.examples["train"] == 2
 
 
@@ -277,13 +313,25 @@ def test_every_study_skipped_names_where_reports_and_images_were_looked_for(tmp_
   manual = tmp_path / "manual"
   frontal = make_mimic_tree(manual)
   _pack_reports(manual, keep_files=False)  # mimic-cxr-reports/p10/...: no report found
-  code, _, err = run(capsys, "mimic_cxr", "--manual-dir", manual, "--data-dir", tmp_path / "out",
-                     "--image-size", SIZE, "--held-out", "none")
+  code, _, err = run(
+    capsys,
+    "mimic_cxr",
+    "--manual-dir",
+    manual,
+    "--data-dir",
+    tmp_path / "out",
+    "--image-size",
+    SIZE,
+    "--held-out",
+    "none",
+  )
   assert code == 2 and "Traceback" not in err
   assert "has no usable example" in err and "report file missing" in err
   zip_path = manual / mimic_cxr.REPORTS_ZIP
-  assert (f"reports were looked for inside {zip_path} as [FOLDER/]files/pNN/pNNNNNNNN/"
-          "sNNNNNNNN.txt (it holds 0 such files; e.g. files/p10/p10000000/s50000001.txt)") in err
+  assert (
+    f"reports were looked for inside {zip_path} as [FOLDER/]files/pNN/pNNNNNNNN/"
+    "sNNNNNNNN.txt (it holds 0 such files; e.g. files/p10/p10000000/s50000001.txt)"
+  ) in err
   assert f"images under {manual / 'files'} as files/pNN/pNNNNNNNN/sNNNNNNNN/DICOM_ID.jpg" in err
   first = min(frontal.values())  # the first image of the split, in dicom_id order
   assert first in err
@@ -293,8 +341,18 @@ def test_every_study_skipped_names_where_reports_and_images_were_looked_for(tmp_
   (manual / "files" / "p10" / "p10000000" / "s50000001").mkdir(parents=True)
   (manual / "files" / "p10" / "p10000000" / "s50000001" / "stray.jpg").write_bytes(b"")
   _pack_reports_from_strings(manual)
-  code, _, err = run(capsys, "mimic_cxr", "--manual-dir", manual, "--data-dir", tmp_path / "out",
-                     "--image-size", SIZE, "--held-out", "none")
+  code, _, err = run(
+    capsys,
+    "mimic_cxr",
+    "--manual-dir",
+    manual,
+    "--data-dir",
+    tmp_path / "out",
+    "--image-size",
+    SIZE,
+    "--held-out",
+    "none",
+  )
   assert code == 2 and "image file missing" in err
   assert f"images under {manual / 'files'}" in err
 
@@ -305,5 +363,7 @@ def _pack_reports_from_strings(root: Path) -> None:
   with zipfile.ZipFile(root / mimic_cxr.REPORTS_ZIP, "w") as archive:
     for k in range(8):
       study = f"5000000{k + 1}"
-      archive.writestr(f"mimic-cxr-reports/files/p10/p1000000{k}/s{study}.txt",
-                       MIMIC_REPORT.format(finding="clear lungs", impression="Normal."))
+      archive.writestr(
+        f"mimic-cxr-reports/files/p10/p1000000{k}/s{study}.txt",
+        MIMIC_REPORT.format(finding="clear lungs", impression="Normal."),
+      )

@@ -20,8 +20,9 @@ def test_evaluate_random_init_builds_the_model_training_starts_from():
   config = load_config("tiny")
   mesh = mesh_lib.make_mesh([("data", 1), ("model", 1)], devices=jax.devices()[:1])
   _, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
-  trained = nnx.to_pure_dict(jax.device_get(
-      state_lib.init_train_state(config, shardings, pretraining.model_fn))["model"])
+  trained = nnx.to_pure_dict(
+    jax.device_get(state_lib.init_train_state(config, shardings, pretraining.model_fn))["model"]
+  )
   module, _, how = evaluation.load_model(config, "unused", random_init=True)
   evaluated = nnx.to_pure_dict(nnx.state(module))
   assert "random initialisation" in how
@@ -33,12 +34,24 @@ def test_evaluate_random_init_builds_the_model_training_starts_from():
   # The abstract build (what restores and imports fill) has the same tree and shapes.
   abstract = nnx.to_pure_dict(nnx.state(model_io.build_abstract(config)))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), evaluated)
+    lambda x: (x.shape, x.dtype), evaluated
+  )
 
 
 # Packages the engine may not import: it knows a model only through its Task.
-ABOVE = ("evaluators", "weights", "data", "api", "report", "models", "objectives", "prior",
-         "pretraining", "model_io", "inference")
+ABOVE = (
+  "evaluators",
+  "weights",
+  "data",
+  "api",
+  "report",
+  "models",
+  "objectives",
+  "prior",
+  "pretraining",
+  "model_io",
+  "inference",
+)
 
 
 def test_the_training_engine_imports_nothing_above_itself():

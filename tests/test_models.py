@@ -115,7 +115,7 @@ def test_cached_query_kv_path_equals_joint_generation_pass(model, tokens, inputs
     return m.lm_logits_from_query_kv(kvs, i, a)
 
   np.testing.assert_allclose(
-      reuse(model, tokens, ids, mask), _lm_logits(model, tokens, ids, mask), atol=1e-5
+    reuse(model, tokens, ids, mask), _lm_logits(model, tokens, ids, mask), atol=1e-5
   )
 
 
@@ -130,15 +130,20 @@ def test_gathered_cross_kvs_equal_projecting_gathered_tokens(model, tokens, inpu
   @nnx.jit
   def shared(m, t, i, a):
     kvs = m.cross_kvs(t)
-    return (m.itm_logits(None, i, a, image_kvs=gather_kvs(kvs, index)),
-            m.image_queries_with_kv(t, image_kvs=kvs)[0])
+    return (
+      m.itm_logits(None, i, a, image_kvs=gather_kvs(kvs, index)),
+      m.image_queries_with_kv(t, image_kvs=kvs)[0],
+    )
 
   @nnx.jit
   def separate(m, t, i, a):
     return m.itm_logits(t[index], i, a), m.image_queries(t)
 
-  for got, want in zip(shared(model, tokens, pair_ids, pair_mask),
-                       separate(model, tokens, pair_ids, pair_mask), strict=True):
+  for got, want in zip(
+    shared(model, tokens, pair_ids, pair_mask),
+    separate(model, tokens, pair_ids, pair_mask),
+    strict=True,
+  ):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -173,12 +178,16 @@ def unpadded_twin(model, cfg):
 
 @nnx.jit
 def _itg(model, images, ids, mask):
-  return compute_losses(model, {"image": images, "input_ids": ids, "attention_mask": mask},
-                        jax.random.key(0), weights={"itg": 1.0}, train=False)[1]["loss_itg"]
+  return compute_losses(
+    model,
+    {"image": images, "input_ids": ids, "attention_mask": mask},
+    jax.random.key(0),
+    weights={"itg": 1.0},
+    train=False,
+  )[1]["loss_itg"]
 
 
-def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, tokens, inputs,
-                                                                         cfg):
+def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, tokens, inputs, cfg):
   images, ids, mask = inputs
   qf = cfg.model.qformer
   real = qf.dec_token_id + 1
@@ -193,17 +202,20 @@ def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, t
   logits = _lm_logits(padded, tokens, ids, mask)
   assert logits.shape[-1] == qf.vocab_size
   assert bool(jnp.all(logits[..., real:] == PADDING_LOGIT))
-  np.testing.assert_allclose(logits[..., :real], _lm_logits(twin, tokens, ids, mask),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    logits[..., :real], _lm_logits(twin, tokens, ids, mask), rtol=1e-6, atol=1e-6
+  )
   # The head before the mask prefers the padding rows: the mask is what keeps them out.
-  hidden = nnx.jit(lambda m, t, i, a: m.qformer.generate_text(
-      m.image_queries_with_kv(t)[1], i, a))(padded, tokens, ids, mask)
+  hidden = nnx.jit(lambda m, t, i, a: m.qformer.generate_text(m.image_queries_with_kv(t)[1], i, a))(
+    padded, tokens, ids, mask
+  )
   raw = padded.qformer.lm_head(hidden, padded.qformer.embeddings.word_embeddings)
   assert bool(jnp.all(jnp.argmax(raw, -1) >= real))
   # The cached decoder's step passes through the same mask.
   cache = nnx.jit(lambda m, t: m.init_decode_cache(t, B, 4))(padded, tokens)
   step, _ = nnx.jit(lambda m, c, tok: m.decode_step(c, tok, 0))(
-      padded, cache, jnp.full((B,), qf.dec_token_id, jnp.int32))
+    padded, cache, jnp.full((B,), qf.dec_token_id, jnp.int32)
+  )
   assert bool(jnp.all(step[:, real:] == PADDING_LOGIT))
 
   # Greedy and beam decoding never emit a padding id, and decode as the unpadded model does.
@@ -221,7 +233,8 @@ def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, t
   assert padded_itg < 2 * np.log(real)  # the 50.0 padding biases do not reach the loss
   # And the padding rows get no gradient (the LM head is tied to the word embeddings).
   grads = nnx.jit(lambda m, x, i, a: nnx.grad(lambda m: _itg(m, x, i, a))(m))(
-      padded, images, ids, mask)["qformer"]
+    padded, images, ids, mask
+  )["qformer"]
   assert not bool(jnp.any(grads["embeddings"]["word_embeddings"]["embedding"][...][real:]))
   assert not bool(jnp.any(grads["lm_head"]["bias"][...][real:]))
   assert bool(jnp.any(grads["lm_head"]["bias"][...][:real]))
@@ -269,14 +282,14 @@ def test_wrong_image_size_is_a_clear_error(model, cfg):
 
 
 @pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda m: setattr(m.vqvae, "grid", 6), "vqvae.grid"),
-        (lambda m: setattr(m.vqvae, "query_grid", (2, 2)), "num_queries"),
-        (lambda m: setattr(m.vqvae, "decoder_channels", (16,)), "decoder_channels"),
-        (lambda m: setattr(m.vit, "patch_size", 5), "patch_size"),
-        (lambda m: setattr(m, "max_text_len", 100), "max_position_embeddings"),
-    ],
+  "edit, message",
+  [
+    (lambda m: setattr(m.vqvae, "grid", 6), "vqvae.grid"),
+    (lambda m: setattr(m.vqvae, "query_grid", (2, 2)), "num_queries"),
+    (lambda m: setattr(m.vqvae, "decoder_channels", (16,)), "decoder_channels"),
+    (lambda m: setattr(m.vit, "patch_size", 5), "patch_size"),
+    (lambda m: setattr(m, "max_text_len", 100), "max_position_embeddings"),
+  ],
 )
 def test_geometry_is_checked_at_construction(cfg, edit, message):
   bad = cfg.model.copy_and_resolve_references()
@@ -293,10 +306,10 @@ def test_bfloat16_compute_keeps_float32_params(cfg):
   assert param_dtypes == {jnp.dtype("float32")}
   s = cfg.model.vit.image_size
   batch = {
-      "image": jax.ShapeDtypeStruct((4, s, s, 3), jnp.float32),
-      "target_image": jax.ShapeDtypeStruct((4, s, s, 3), jnp.float32),
-      "input_ids": jax.ShapeDtypeStruct((4, T), jnp.int32),
-      "attention_mask": jax.ShapeDtypeStruct((4, T), jnp.int32),
+    "image": jax.ShapeDtypeStruct((4, s, s, 3), jnp.float32),
+    "target_image": jax.ShapeDtypeStruct((4, s, s, 3), jnp.float32),
+    "input_ids": jax.ShapeDtypeStruct((4, T), jnp.int32),
+    "attention_mask": jax.ShapeDtypeStruct((4, T), jnp.int32),
   }
 
   def run(state, batch):
@@ -361,15 +374,19 @@ def test_paper_config_builds_abstractly_with_the_expected_size():
   params = nnx.state(abstract, nnx.Param)
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   counted = {
-      "vit": size(params["vit"]),
-      "ln_vision": size(params["ln_vision"]),
-      "qformer": size(params["qformer"]),
-      "heads": sum(size(params[k]) for k in
-                   ("query_tokens", "vision_proj", "text_proj", "itm_head", "temp")),
-      "vqvae": size(params["vqvae"]),
+    "vit": size(params["vit"]),
+    "ln_vision": size(params["ln_vision"]),
+    "qformer": size(params["qformer"]),
+    "heads": sum(
+      size(params[k]) for k in ("query_tokens", "vision_proj", "text_proj", "itm_head", "temp")
+    ),
+    "vqvae": size(params["vqvae"]),
   }
-  print("paper parameter counts:", {k: f"{v:,}" for k, v in counted.items()},
-        f"total {sum(counted.values()):,}")
+  print(
+    "paper parameter counts:",
+    {k: f"{v:,}" for k, v in counted.items()},
+    f"total {sum(counted.values()):,}",
+  )
   assert counted == paper_parameter_counts(paper.model)
   assert sum(counted.values()) == size(params)
 
@@ -384,9 +401,11 @@ def test_paper_config_builds_abstractly_with_the_expected_size():
     return nnx.merge(graphdef, state)(queries, patches, text_cls, train=False).recon
 
   recon = jax.eval_shape(
-      reconstruct, state, jax.ShapeDtypeStruct((b, m.qformer.num_queries, h), jnp.float32),
-      jax.ShapeDtypeStruct((b, grid_tokens, m.vit.width), jnp.float32),
-      jax.ShapeDtypeStruct((b, h), jnp.float32),
+    reconstruct,
+    state,
+    jax.ShapeDtypeStruct((b, m.qformer.num_queries, h), jnp.float32),
+    jax.ShapeDtypeStruct((b, grid_tokens, m.vit.width), jnp.float32),
+    jax.ShapeDtypeStruct((b, h), jnp.float32),
   )
   assert recon.shape == (2, 224, 224, 3)
 

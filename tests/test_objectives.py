@@ -48,8 +48,12 @@ def test_itg_equals_hand_computation_and_ignores_padding():
   logits = rng.normal(size=(b, t, v)).astype(np.float32)
   ids = rng.integers(0, v, size=(b, t))
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-  terms = [_smoothed_ce(logits[r, c], ids[r, c + 1], s)
-           for r in range(b) for c in range(t - 1) if mask[r, c + 1]]
+  terms = [
+    _smoothed_ce(logits[r, c], ids[r, c + 1], s)
+    for r in range(b)
+    for c in range(t - 1)
+    if mask[r, c + 1]
+  ]
   loss = obj.itg_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), s)
   np.testing.assert_allclose(float(loss), np.mean(terms), rtol=1e-5)
   # Predictions of padding targets and the padding ids themselves do not count.
@@ -72,8 +76,7 @@ def test_itg_over_a_padded_vocabulary_smooths_over_the_real_classes_only():
   got = obj.itg_loss(padded, jnp.asarray(ids), jnp.asarray(mask), s, num_classes=real)
   np.testing.assert_allclose(float(got), float(plain), rtol=1e-6)
   # num_classes equal to the width is the plain loss, to the bit.
-  same = obj.itg_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), s,
-                      num_classes=real)
+  same = obj.itg_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), s, num_classes=real)
   assert float(same) == float(plain)
 
 
@@ -159,8 +162,12 @@ def blob_batch(cfg):
   """Four smooth, globally different images and distinct token sequences, some padded."""
   s, t, b = cfg.model.vit.image_size, 12, 4
   yy, xx = np.mgrid[0:s, 0:s] / s
-  patterns = [yy, xx, (np.sin(6 * xx) * np.sin(6 * yy) + 1) / 2,
-              np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.05)]
+  patterns = [
+    yy,
+    xx,
+    (np.sin(6 * xx) * np.sin(6 * yy) + 1) / 2,
+    np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.05),
+  ]
   colours = np.array([[0.9, 0.3, 0.1], [0.2, 0.8, 0.3], [0.3, 0.3, 0.9], [0.8, 0.8, 0.8]])
   target = np.stack([p[..., None] * c for p, c in zip(patterns, colours)]).astype(np.float32)
   # Real token ids only ([DEC] and the vocabulary's padding rows above it are never fed).
@@ -169,10 +176,10 @@ def blob_batch(cfg):
   mask = np.ones((b, t), np.int32)
   mask[1, 9:] = mask[3, 7:] = 0
   return {
-      "image": jnp.asarray((target - 0.5) / 0.25),
-      "target_image": jnp.asarray(target),
-      "input_ids": jnp.asarray(ids, jnp.int32),
-      "attention_mask": jnp.asarray(mask),
+    "image": jnp.asarray((target - 0.5) / 0.25),
+    "target_image": jnp.asarray(target),
+    "input_ids": jnp.asarray(ids, jnp.int32),
+    "attention_mask": jnp.asarray(mask),
   }
 
 
@@ -233,8 +240,9 @@ def test_duplicate_texts_leave_the_itc_softmax():
   ids = jnp.asarray([[2, 7, 9, 0], [2, 8, 0, 0], [2, 7, 9, 0], [2, 5, 6, 3]], jnp.int32)
   dups = np.asarray(obj.duplicate_texts(ids))
   assert dups.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
-  loss, logits = obj.itc_loss(jnp.asarray(images), jnp.asarray(texts), jnp.float32(temp), s,
-                              duplicates=jnp.asarray(dups))
+  loss, logits = obj.itc_loss(
+    jnp.asarray(images), jnp.asarray(texts), jnp.float32(temp), s, duplicates=jnp.asarray(dups)
+  )
   logits = np.asarray(logits, np.float64)
   keep = ~(dups & ~np.eye(b, dtype=bool))
   i2t = np.mean([_hand_masked_ce(logits[i], i, keep[i], s) for i in range(b)])
@@ -246,8 +254,9 @@ def test_duplicate_texts_leave_the_itc_softmax():
   labels, excluded = jnp.arange(b), jnp.asarray(~keep)
   moved = jnp.asarray(logits, jnp.float32) + jnp.where(excluded, 50.0, 0.0)
   np.testing.assert_array_equal(
-      obj.masked_smoothed_cross_entropy(moved, labels, excluded, s),
-      obj.masked_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), labels, excluded, s))
+    obj.masked_smoothed_cross_entropy(moved, labels, excluded, s),
+    obj.masked_smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), labels, excluded, s),
+  )
 
 
 def test_duplicates_are_never_drawn_as_itm_negatives():
@@ -265,11 +274,11 @@ def test_duplicates_are_never_drawn_as_itm_negatives():
   # The stand-in model says "match" when the image's value equals the text's first id: a
   # duplicate drawn as a negative would be a mislabelled pair and raise the loss.
   images = jnp.asarray([7, 7, 7, 3, 4], jnp.float32)[:, None, None] * jnp.ones((1, 2, 2))
-  loss = obj.itm_loss(_PairChecker(), images, ids, jnp.ones_like(ids), logits,
-                      jax.random.key(2), duplicates=dups)
+  loss = obj.itm_loss(
+    _PairChecker(), images, ids, jnp.ones_like(ids), logits, jax.random.key(2), duplicates=dups
+  )
   np.testing.assert_allclose(float(loss), math.log1p(math.exp(-2.0)), rtol=1e-5)
-  naive = obj.itm_loss(_PairChecker(), images, ids, jnp.ones_like(ids), logits,
-                       jax.random.key(2))
+  naive = obj.itm_loss(_PairChecker(), images, ids, jnp.ones_like(ids), logits, jax.random.key(2))
   assert float(naive) > float(loss) + 0.1
 
   # A batch of one text: no row has a negative left. No NaN: the positives alone count.
@@ -277,8 +286,15 @@ def test_duplicates_are_never_drawn_as_itm_negatives():
   dups = obj.duplicate_texts(same)
   neg_image, neg_text = obj.sample_hard_negatives(jnp.zeros((3, 3)), jax.random.key(3), dups)
   assert np.asarray(neg_image).tolist() == np.asarray(neg_text).tolist() == [-1, -1, -1]
-  loss = obj.itm_loss(_PairChecker(), images[:3], same, jnp.ones_like(same), jnp.zeros((3, 3)),
-                      jax.random.key(3), duplicates=dups)
+  loss = obj.itm_loss(
+    _PairChecker(),
+    images[:3],
+    same,
+    jnp.ones_like(same),
+    jnp.zeros((3, 3)),
+    jax.random.key(3),
+    duplicates=dups,
+  )
   np.testing.assert_allclose(float(loss), math.log1p(math.exp(-2.0)), rtol=1e-5)
 
 
@@ -295,8 +311,9 @@ def test_without_duplicates_the_losses_are_exactly_the_plain_ones():
   grad = lambda d: jax.grad(lambda t: obj.itc_loss(images, t, 0.07, 0.1, duplicates=d)[0])(texts)
   np.testing.assert_array_equal(grad(dups), grad(None))
   pixels = jnp.arange(b, dtype=jnp.float32)[:, None, None] * jnp.ones((1, 2, 2))
-  itm = lambda d: obj.itm_loss(_PairChecker(), pixels, ids, jnp.ones_like(ids), logits,
-                               jax.random.key(4), duplicates=d)
+  itm = lambda d: obj.itm_loss(
+    _PairChecker(), pixels, ids, jnp.ones_like(ids), logits, jax.random.key(4), duplicates=d
+  )
   assert float(itm(dups)) == float(itm(None))
 
 
@@ -334,16 +351,20 @@ def test_compute_losses_with_and_without_the_option(model, batch):
   def both(m, batch, rng):
     out = {}
     for aware in (True, False):
-      _, out[aware] = obj.compute_losses(m, batch, rng, weights={"itc": 1.0, "itm": 1.0},
-                                         train=False, duplicate_aware=aware)
+      _, out[aware] = obj.compute_losses(
+        m, batch, rng, weights={"itc": 1.0, "itm": 1.0}, train=False, duplicate_aware=aware
+      )
     return out
 
   out = both(model, batch, _key(5))
   for name in ("loss_itc", "loss_itm", "loss"):
     assert float(out[True][name]) == float(out[False][name]), name
   assert float(out[True]["duplicate_fraction"]) == 0.0
-  repeated = dict(batch, input_ids=batch["input_ids"].at[2].set(batch["input_ids"][0]),
-                  attention_mask=batch["attention_mask"].at[2].set(batch["attention_mask"][0]))
+  repeated = dict(
+    batch,
+    input_ids=batch["input_ids"].at[2].set(batch["input_ids"][0]),
+    attention_mask=batch["attention_mask"].at[2].set(batch["attention_mask"][0]),
+  )
   out = both(model, repeated, _key(5))
   assert float(out[True]["duplicate_fraction"]) == 0.5
   assert float(out[True]["loss_itc"]) != float(out[False]["loss_itc"])
@@ -360,8 +381,10 @@ def test_temperature_outside_its_bounds_keeps_its_gradient(model):
   try:
     model.temp.set_value(jnp.float32(2.0))  # above temperature_max = 0.5
     assert float(model.temperature()) == 0.5  # used at its bound, as BLIP-2 clamps first
-    grads = nnx.grad(lambda m: obj.itc_loss(images, texts, m.temperature(), 0.1)[0],
-                     argnums=nnx.DiffState(0, nnx.PathContains("temp")))(model)
+    grads = nnx.grad(
+      lambda m: obj.itc_loss(images, texts, m.temperature(), 0.1)[0],
+      argnums=nnx.DiffState(0, nnx.PathContains("temp")),
+    )(model)
     # A plain clip would give exactly 0 here, and the temperature could never come back.
     assert float(grads["temp"].get_value()) != 0.0
     model.constrain_parameters()  # what the training step does after each update

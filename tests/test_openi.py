@@ -95,9 +95,18 @@ def test_mesh_term_mapping(term, expected):
 
 @pytest.mark.parametrize(
   "term",
-  ["normal", "No Indexing", "Thoracic Vertebrae/degenerative", "Costophrenic Angle/left/blunted",
-   "Opacity/lung/bilateral/interstitial/diffuse", "Density/ribs/left/anterior", "Mass/breast/large",
-   "Implanted Medical Device/humerus/right", "Cardiac Shadow/obscured", "Lung/hypoinflation"],
+  [
+    "normal",
+    "No Indexing",
+    "Thoracic Vertebrae/degenerative",
+    "Costophrenic Angle/left/blunted",
+    "Opacity/lung/bilateral/interstitial/diffuse",
+    "Density/ribs/left/anterior",
+    "Mass/breast/large",
+    "Implanted Medical Device/humerus/right",
+    "Cardiac Shadow/obscured",
+    "Lung/hypoinflation",
+  ],
 )
 def test_ignored_terms(term):
   assert openi.map_mesh_term(term) is None

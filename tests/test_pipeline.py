@@ -28,16 +28,21 @@ class ListSource:
     self.labels = rng.integers(0, 2, (n, F)).astype(np.float32)
     sizes = ("small", "moderate", "large")
     self.reports = [
-        f"Case {i}: {sizes[i % 3]} right pleural effusion (XXXX, XXXX). Heart size normal."
-        for i in range(n)
+      f"Case {i}: {sizes[i % 3]} right pleural effusion (XXXX, XXXX). Heart size normal."
+      for i in range(n)
     ]
 
   def __len__(self):
     return len(self.reports)
 
   def __getitem__(self, i):
-    return {"image": self.images[i], "report": self.reports[i], "labels": self.labels[i],
-            "label": i % 3, "id": f"case-{i}"}
+    return {
+      "image": self.images[i],
+      "report": self.reports[i],
+      "labels": self.labels[i],
+      "label": i % 3,
+      "id": f"case-{i}",
+    }
 
 
 def _config(batch_size=8, **data):
@@ -67,10 +72,18 @@ def _assert_same(batches_a, batches_b):
 
 def test_batch_values_follow_the_source(tokenizer):
   c, src = _config(), ListSource(40)
-  (batch,) = _take(iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0,
-                                               shard_count=1)), 1)
-  assert sorted(batch) == ["attention_mask", "image", "index", "input_ids", "label", "labels",
-                           "target_image"]
+  (batch,) = _take(
+    iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0, shard_count=1)), 1
+  )
+  assert sorted(batch) == [
+    "attention_mask",
+    "image",
+    "index",
+    "input_ids",
+    "label",
+    "labels",
+    "target_image",
+  ]
   assert batch["image"].shape == batch["target_image"].shape == (8, 48, 48, 3)
   assert batch["input_ids"].shape == (8, 24) and batch["input_ids"].dtype == np.int32
   mean, std = np.array(c.data.image_mean), np.array(c.data.image_std)
@@ -78,8 +91,9 @@ def test_batch_values_follow_the_source(tokenizer):
     resized = Image.fromarray(src.images[i]).resize((48, 48), Image.Resampling.BICUBIC)
     unit = np.asarray(resized, np.float32) / 255.0
     np.testing.assert_allclose(batch["target_image"][row], np.stack([unit] * 3, -1), atol=1e-6)
-    np.testing.assert_allclose(batch["image"][row], (np.stack([unit] * 3, -1) - mean) / std,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      batch["image"][row], (np.stack([unit] * 3, -1) - mean) / std, atol=1e-5
+    )
     np.testing.assert_array_equal(batch["labels"][row], src.labels[i])
     assert batch["label"][row] == i % 3
     ids = batch["input_ids"][row][batch["attention_mask"][row] == 1]
@@ -91,8 +105,11 @@ def test_batch_values_follow_the_source(tokenizer):
 
 def test_same_seed_same_batches_and_each_epoch_is_a_new_permutation(tokenizer):
   src = ListSource(40)
-  make = lambda seed: iter(pipeline.train_dataset(
-      _config(shuffle_seed=seed), tokenizer, source=src, shard_index=0, shard_count=1))
+  make = lambda seed: iter(
+    pipeline.train_dataset(
+      _config(shuffle_seed=seed), tokenizer, source=src, shard_index=0, shard_count=1
+    )
+  )
   first, again, other = _take(make(0), 10), _take(make(0), 10), _take(make(1), 10)
   _assert_same(first, again)
   order = np.concatenate([b["index"] for b in first])
@@ -106,8 +123,9 @@ def test_restored_state_replays_the_following_batches(tokenizer, tmp_path):
   import orbax.checkpoint as ocp
 
   c, src = _config(), ListSource(40)
-  make = lambda: iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0,
-                                             shard_count=1))
+  make = lambda: iter(
+    pipeline.train_dataset(c, tokenizer, source=src, shard_index=0, shard_count=1)
+  )
   it = make()
   _take(it, 3)  # mid-epoch (5 batches per epoch); the next 4 cross into epoch 2
   state = it.get_state()
@@ -128,19 +146,25 @@ def test_hosts_see_disjoint_examples_covering_the_data(tokenizer, hosts):
   c, src = _config(), ListSource(40)
   seen = []
   for h in range(hosts):
-    ds = pipeline.train_dataset(c, tokenizer, source=src, shard_index=h, shard_count=hosts,
-                                num_epochs=1)
+    ds = pipeline.train_dataset(
+      c, tokenizer, source=src, shard_index=h, shard_count=hosts, num_epochs=1
+    )
     batches = list(ds)
     assert len(batches) == 5 and all(len(b["index"]) == 8 // hosts for b in batches)
     seen.append(np.concatenate([b["index"] for b in batches]))
   everything = np.concatenate(seen)
   assert len(everything) == len(set(everything.tolist())) == 40
   # The shards interleave a global permutation rather than cutting the data in blocks.
-  assert not all(np.array_equal(np.sort(s), np.arange(h * len(s), (h + 1) * len(s)))
-                 for h, s in enumerate(seen))
+  assert not all(
+    np.array_equal(np.sort(s), np.arange(h * len(s), (h + 1) * len(s))) for h, s in enumerate(seen)
+  )
   # Global batch k (the hosts' k-th batches in host order) is batch k of a one-host run, in order.
-  one_host = [b["index"] for b in pipeline.train_dataset(
-      c, tokenizer, source=src, shard_index=0, shard_count=1, num_epochs=1)]
+  one_host = [
+    b["index"]
+    for b in pipeline.train_dataset(
+      c, tokenizer, source=src, shard_index=0, shard_count=1, num_epochs=1
+    )
+  ]
   per_host = [np.split(s, 5) for s in seen]
   for k, want in enumerate(one_host):
     np.testing.assert_array_equal(np.concatenate([p[k] for p in per_host]), want)
@@ -150,13 +174,12 @@ def test_eval_batches_pad_with_a_mask_and_cover_every_example_once(tokenizer):
   c, src = _config(), ListSource(37)
   seen, counts = [], set()
   for h in range(4):
-    batches = list(pipeline.eval_dataset(c, tokenizer, source=src, shard_index=h,
-                                         shard_count=4))
+    batches = list(pipeline.eval_dataset(c, tokenizer, source=src, shard_index=h, shard_count=4))
     counts.add(len(batches))
     assert all(b["mask"].dtype == np.bool_ and b["index"].shape == (2,) for b in batches)
     index = np.concatenate([b["index"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
-    assert mask[: mask.sum()].all() and not mask[mask.sum():].any()  # padding at the end
+    assert mask[: mask.sum()].all() and not mask[mask.sum() :].any()  # padding at the end
     np.testing.assert_array_equal(index[mask], np.arange(h, 37, 4))  # in order, no shuffle
     seen.append(index[mask])
   assert counts == {5}  # ceil(ceil(37 / 4) / 2): every host takes part in every step
@@ -166,8 +189,9 @@ def test_eval_batches_pad_with_a_mask_and_cover_every_example_once(tokenizer):
 def test_global_batch_shards_over_the_data_axis(tokenizer):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-  ds = pipeline.eval_dataset(_config(), tokenizer, source=ListSource(8), shard_index=0,
-                             shard_count=1)
+  ds = pipeline.eval_dataset(
+    _config(), tokenizer, source=ListSource(8), shard_index=0, shard_count=1
+  )
   (host,) = list(ds)
   arrays = sharding_lib.global_batch(host, mesh)
   assert arrays.keys() == host.keys()
@@ -189,16 +213,16 @@ def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer, monkeypatch)
   with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
     pipeline.train_dataset(_config(), tokenizer, source=src, shard_index=0, shard_count=3)
   with pytest.raises(ValueError, match="fewer than one host batch"):
-    pipeline.train_dataset(_config(batch_size=32), tokenizer, source=ListSource(20),
-                           shard_index=0, shard_count=1)
+    pipeline.train_dataset(
+      _config(batch_size=32), tokenizer, source=ListSource(20), shard_index=0, shard_count=1
+    )
   processor = pipeline.ExampleProcessor.from_config(src, tokenizer, _config().data)
   src.images = src.images[:, :, :, None].repeat(2, axis=-1)  # (H, W, 2): not an image
   with pytest.raises(ValueError, match="record case-0: expected a grayscale"):
     processor(0)
   monkeypatch.setattr(registry, "SOURCE_MODULES", ())  # no need to import the real sets here
   with pytest.raises(registry.UnknownDataSetError, match="known data sets"):
-    pipeline.train_dataset(_config(name="no_such_set"), tokenizer, shard_index=0,
-                           shard_count=1)
+    pipeline.train_dataset(_config(name="no_such_set"), tokenizer, shard_index=0, shard_count=1)
 
 
 def test_stored_image_formats_give_the_same_example(tokenizer):
@@ -209,12 +233,9 @@ def test_stored_image_formats_give_the_same_example(tokenizer):
   Image.fromarray(record["image"]).save(png, format="PNG")
   gray = record["image"]
   for stored in (png.getvalue(), gray[:, :, None], np.stack([gray] * 3, -1)):
-    processor = pipeline.ExampleProcessor.from_config([dict(record, image=stored)], tokenizer,
-                                                      data)
-    np.testing.assert_allclose(processor(0)["target_image"], reference["target_image"],
-                               atol=1e-6)
-  bad = pipeline.ExampleProcessor.from_config([dict(record, image=b"not a png")], tokenizer,
-                                              data)
+    processor = pipeline.ExampleProcessor.from_config([dict(record, image=stored)], tokenizer, data)
+    np.testing.assert_allclose(processor(0)["target_image"], reference["target_image"], atol=1e-6)
+  bad = pipeline.ExampleProcessor.from_config([dict(record, image=b"not a png")], tokenizer, data)
   with pytest.raises(ValueError, match="record case-1: image bytes cannot be decoded"):
     bad(0)
 
@@ -242,8 +263,9 @@ def test_phantom_openi_source_through_the_registry(tokenizer):
   c = _config()
   src = registry.get_source("phantom_openi", "train", c.data)
   assert len(src) == c.data.num_train
-  batches = _take(iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0,
-                                              shard_count=1)), 2)
+  batches = _take(
+    iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0, shard_count=1)), 2
+  )
   for b in batches:
     assert np.isfinite(b["image"]).all() and 0 <= b["target_image"].min()
     assert b["target_image"].max() <= 1 and b["target_image"].std() > 0.05
@@ -253,8 +275,11 @@ def test_phantom_openi_source_through_the_registry(tokenizer):
 def test_worker_processes_give_the_same_batches(tokenizer):
   # Batch k is a function of k alone, so worker processes change speed, not content.
   src = ListSource(40)
-  make = lambda workers: iter(pipeline.train_dataset(
-      _config(worker_count=workers), tokenizer, source=src, shard_index=0, shard_count=1))
+  make = lambda workers: iter(
+    pipeline.train_dataset(
+      _config(worker_count=workers), tokenizer, source=src, shard_index=0, shard_count=1
+    )
+  )
   expected = _take(make(0), 4)
   it = make(2)
   try:

@@ -88,8 +88,9 @@ def test_predict_reports_similarities_and_match_probabilities(model, image_paths
 
   # Matching probability: softmax of the row-aligned ITM logits, column 1 (match).
   n, m = len(image_paths), len(TEXTS)
-  logits = model.itm_logits(np.repeat(pixels, m, axis=0), np.tile(ids, (n, 1)),
-                            np.tile(mask, (n, 1))).astype(np.float64)
+  logits = model.itm_logits(
+    np.repeat(pixels, m, axis=0), np.tile(ids, (n, 1)), np.tile(mask, (n, 1))
+  ).astype(np.float64)
   expected = (np.exp(logits[:, 1]) / np.exp(logits).sum(-1)).reshape(n, m)
   prob = np.array([[t["match_probability"] for t in p["texts"]] for p in out])
   assert ((prob >= 0) & (prob <= 1)).all()
@@ -108,11 +109,30 @@ def test_predict_without_texts_gives_reports_only(model, image_paths):
 
 
 def test_list_flags_take_the_following_values():
-  argv = ["predict", "--workdir", "w", "--images", "a.png", "b.dcm", "--texts", "no acute",
-          "effusion, small", "--json=out.json", "--images=c.jpg"]
+  argv = [
+    "predict",
+    "--workdir",
+    "w",
+    "--images",
+    "a.png",
+    "b.dcm",
+    "--texts",
+    "no acute",
+    "effusion, small",
+    "--json=out.json",
+    "--images=c.jpg",
+  ]
   assert prediction.expand_list_flags(argv) == [
-      "predict", "--workdir", "w", "--images=a.png", "--images=b.dcm", "--texts=no acute",
-      "--texts=effusion, small", "--json=out.json", "--images=c.jpg"]
+    "predict",
+    "--workdir",
+    "w",
+    "--images=a.png",
+    "--images=b.dcm",
+    "--texts=no acute",
+    "--texts=effusion, small",
+    "--json=out.json",
+    "--images=c.jpg",
+  ]
 
 
 def test_missing_images_are_named(tmp_path, monkeypatch):
@@ -120,15 +140,23 @@ def test_missing_images_are_named(tmp_path, monkeypatch):
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(present)
   monkeypatch.chdir(tmp_path)  # relative paths resolve against the current directory
   assert prediction.resolve_images(["present.png"]) == [str(present)]
-  with pytest.raises(FileNotFoundError, match=f"1 of 2 image files do not exist: "
-                     f"{tmp_path / 'absent.png'}; check the paths"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=f"1 of 2 image files do not exist: {tmp_path / 'absent.png'}; check the paths",
+  ):
     prediction.resolve_images(["present.png", "absent.png"])
 
 
 def _run_cli(cwd, *args):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "medunifier_jax.predict", *args], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "medunifier_jax.predict", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_command_errors_are_one_line(tmp_path):

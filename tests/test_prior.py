@@ -72,23 +72,32 @@ def synthetic(tmp_path_factory):
   label = np.arange(EXAMPLES) % CLASSES
   mask = (np.arange(t)[None, :] < 6 + label[:, None]).astype(np.int8)
   arrays = {
-      "index": np.arange(EXAMPLES, dtype=np.int32),
-      "codes_top": top[label].astype(np.int16),
-      "codes_bottom": bottom[label].astype(np.int16),
-      "input_ids": np.where(mask, 5 + label[:, None], 0).astype(np.int32),
-      "attention_mask": mask,
-      "text_states": states[label] * mask[..., None],
+    "index": np.arange(EXAMPLES, dtype=np.int32),
+    "codes_top": top[label].astype(np.int16),
+    "codes_bottom": bottom[label].astype(np.int16),
+    "input_ids": np.where(mask, 5 + label[:, None], 0).astype(np.int32),
+    "attention_mask": mask,
+    "text_states": states[label] * mask[..., None],
   }
   folder = tmp_path_factory.mktemp("codes")
-  codes_lib.write_cache(folder, arrays, {"grid": g, "codebook_size": k,
-                                         "cache_text_states": True}, shard_size=24)
+  codes_lib.write_cache(
+    folder, arrays, {"grid": g, "codebook_size": k, "cache_text_states": True}, shard_size=24
+  )
   return {"dir": str(folder), "arrays": arrays, "top": top, "bottom": bottom}
 
 
 def synthetic_config(codes_dir, **overrides):
-  return prior_config(**{"codes.dir": codes_dir, "num_steps": NUM_STEPS, "log_every": 1,
-                         "checkpoint_every": HALF, "warmup_steps": 10, "learning_rate": 1e-2,
-                         **overrides})
+  return prior_config(
+    **{
+      "codes.dir": codes_dir,
+      "num_steps": NUM_STEPS,
+      "log_every": 1,
+      "checkpoint_every": HALF,
+      "warmup_steps": 10,
+      "learning_rate": 1e-2,
+      **overrides,
+    }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +119,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, synthetic, reference)
   # The run stopped after HALF steps: the reference's config and its checkpoint of step HALF
   # (state, base key and the data iterator's position), nothing of the later steps.
   shutil.copy(os.path.join(reference, "config.json"), tmp_path)
-  shutil.copytree(os.path.join(reference, "checkpoints", str(HALF)),
-                  tmp_path / "checkpoints" / str(HALF))
-  resumed = train_lib.train_prior(synthetic_config(synthetic["dir"]), str(tmp_path),
-                                  show_progress=False)
+  shutil.copytree(
+    os.path.join(reference, "checkpoints", str(HALF)), tmp_path / "checkpoints" / str(HALF)
+  )
+  resumed = train_lib.train_prior(
+    synthetic_config(synthetic["dir"]), str(tmp_path), show_progress=False
+  )
   assert resumed["start"] == f"resumed from step {HALF}" and resumed["step"] == NUM_STEPS
   want, got = records(reference), records(tmp_path)
   assert sorted(got) == list(range(HALF + 1, NUM_STEPS + 1))
@@ -134,9 +145,16 @@ def trained(reference, synthetic):
 
   def draw(seed, guidance):
     keys = sample_lib.row_keys(seed, len(rows))
-    return np.asarray(sample(prior.module, jnp.asarray(a["text_states"][rows]),
-                             jnp.asarray(a["attention_mask"][rows]), keys, steps=8,
-                             guidance=guidance))
+    return np.asarray(
+      sample(
+        prior.module,
+        jnp.asarray(a["text_states"][rows]),
+        jnp.asarray(a["attention_mask"][rows]),
+        keys,
+        steps=8,
+        guidance=guidance,
+      )
+    )
 
   return prior, draw
 
@@ -179,8 +197,12 @@ def test_unconditional_prior_ignores_the_text():
   mask = jnp.ones((2, 24), jnp.int32)
   texts = [jnp.asarray(rng.normal(size=(2, 24, 32)), jnp.float32) for _ in range(2)]
   codes = tokens % 32
-  batch = {"codes_top": codes[:, :16].reshape(2, 4, 4), "attention_mask": mask,
-           "codes_bottom": codes[:, 16:].reshape(2, 8, 8), "text_states": texts[0]}
+  batch = {
+    "codes_top": codes[:, :16].reshape(2, 4, 4),
+    "attention_mask": mask,
+    "codes_bottom": codes[:, 16:].reshape(2, 8, 8),
+    "text_states": texts[0],
+  }
 
   @jax.jit
   def run(state):
@@ -231,8 +253,7 @@ def drawn_weights(config):
 def save_medunifier(workdir, config, module, step: int) -> None:
   ckpt.save_config(workdir, config)
   manager = ckpt.make_manager(workdir, config)
-  ckpt.save(manager, step, nnx.State({"model": nnx.state(module)}), jax.random.key(0),
-            force=True)
+  ckpt.save(manager, step, nnx.State({"model": nnx.state(module)}), jax.random.key(0), force=True)
   manager.wait_until_finished()
   manager.close()
 
@@ -247,8 +268,9 @@ def medunifier(tmp_path_factory):
   return workdir
 
 
-EXTRACT = dict(cache_text_states=True, shard_size=16, batch_size=16, max_examples=40,
-               show_progress=False)
+EXTRACT = dict(
+  cache_text_states=True, shard_size=16, batch_size=16, max_examples=40, show_progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +285,24 @@ def test_extraction_writes_each_example_in_source_order(extracted):
   folder, index, model = extracted
   assert index["complete"] and index["medunifier_step"] == 3 and index["num_examples"] == 40
   assert sorted(p for p in os.listdir(folder) if p.endswith(".npz")) == [
-      codes_lib.shard_name(i) for i in range(3)]
+    codes_lib.shard_name(i) for i in range(3)
+  ]
   cached = codes_lib.CodeSource(folder).take(np.arange(40))
   np.testing.assert_array_equal(cached["index"], np.arange(40))
   # Examples read as pre-training reads them, encoded in another batch composition (the one
   # compiled shape of 16): the same codes, tokens and text states.
   cfg = model.config
   read = pipeline.ExampleProcessor.from_config(
-      registry.get_source(cfg.data.name, "train", cfg.data), model.tokenizer, cfg.data)
+    registry.get_source(cfg.data.name, "train", cfg.data), model.tokenizer, cfg.data
+  )
   rows = [39, 17, 0, 33, 5, 16, 15, 31, 32, 1, 2, 3, 4, 6, 7, 8]
   examples = [read(i) for i in rows]
   stack = lambda key: np.stack([e[key] for e in examples])
-  top, bottom, states = jax.device_get(model.fns.codes_and_text(
-      model.state, stack("image"), stack("input_ids"), stack("attention_mask")))
+  top, bottom, states = jax.device_get(
+    model.fns.codes_and_text(
+      model.state, stack("image"), stack("input_ids"), stack("attention_mask")
+    )
+  )
   np.testing.assert_array_equal(cached["codes_top"][rows], top)
   np.testing.assert_array_equal(cached["codes_bottom"][rows], bottom)
   np.testing.assert_array_equal(cached["input_ids"][rows], stack("input_ids"))
@@ -315,10 +342,18 @@ def with_prior(medunifier, extracted):
   """A prior trained 2 steps on the MedUnifier's codes, text states computed each step by
   the frozen Q-Former; then `api.load` of the MedUnifier (which attaches WORKDIR/prior)."""
   # The cache extracted above (its text states unused here): nothing is encoded again.
-  config = prior_config(**{"medunifier_workdir": medunifier, "num_steps": 2,
-                           "codes.cache_text_states": False, "codes.dir": extracted[0],
-                           "codes.shard_size": 16, "codes.batch_size": 16,
-                           "codes.max_examples": 40, "checkpoint_every": 2})
+  config = prior_config(
+    **{
+      "medunifier_workdir": medunifier,
+      "num_steps": 2,
+      "codes.cache_text_states": False,
+      "codes.dir": extracted[0],
+      "codes.shard_size": 16,
+      "codes.batch_size": 16,
+      "codes.max_examples": 40,
+      "checkpoint_every": 2,
+    }
+  )
   result = train_lib.train_prior(config, os.path.join(medunifier, "prior"), show_progress=False)
   return result, api.load(medunifier)
 
@@ -331,8 +366,11 @@ def test_prior_trains_with_the_frozen_text_encoder(with_prior, medunifier):
   assert saved["medunifier_step"] == 3 and saved["model"]["codebook_size"] == 32
   # The frozen encoder is the MedUnifier's Q-Former, untouched by the two updates.
   config = ckpt.load_config(os.path.join(medunifier, "prior"))
-  abstract = nnx.state(nnx.eval_shape(lambda: model_lib.ConditionedPrior(
-      config, rngs=nnx.Rngs(0), with_text_encoder=True)))
+  abstract = nnx.state(
+    nnx.eval_shape(
+      lambda: model_lib.ConditionedPrior(config, rngs=nnx.Rngs(0), with_text_encoder=True)
+    )
+  )
   state, _ = ckpt.restore_model_state(os.path.join(medunifier, "prior"), abstract)
   want = nnx.to_pure_dict(nnx.state(model.module.qformer))
   got = nnx.to_pure_dict(state)["text_encoder"]
@@ -346,8 +384,9 @@ def test_generate_images_shape_range_and_seed(with_prior):
   images = model.generate_images(texts, num_per_text=2, steps=4, seed=0)
   assert images.shape == (4, 48, 48, 3) and images.dtype == np.float32
   assert images.min() >= 0.0 and images.max() <= 1.0
-  np.testing.assert_array_equal(images, model.generate_images(texts, num_per_text=2, steps=4,
-                                                               seed=0))
+  np.testing.assert_array_equal(
+    images, model.generate_images(texts, num_per_text=2, steps=4, seed=0)
+  )
 
 
 def test_generate_writes_pngs_and_a_grid(with_prior, tmp_path):
@@ -355,7 +394,8 @@ def test_generate_writes_pngs_and_a_grid(with_prior, tmp_path):
   prompts = ["small left effusion", "cardiomegaly"]  # the shapes of the test above: compiled
   written = export.generate(model, prompts, str(tmp_path), num=2, steps=4, seed=1)
   assert [os.path.basename(p) for p in written] == [
-      f"prompt{p}_sample{s}.png" for p in range(2) for s in range(2)] + ["grid.png"]
+    f"prompt{p}_sample{s}.png" for p in range(2) for s in range(2)
+  ] + ["grid.png"]
   assert Image.open(written[0]).size == (48, 48)
   assert Image.open(written[-1]).size == (2 + 2 * 50, 2 + 2 * 50)
   assert json.load(open(tmp_path / "prompts.json"))["prompts"] == prompts

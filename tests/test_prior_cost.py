@@ -11,8 +11,9 @@ def test_flops_per_image_count_every_prior_pass():
   guided = cost.sampling_flops(mu, prior, steps=12, guided=True)
   plain = cost.sampling_flops(mu, prior, steps=12, guided=False)
   assert all(guided[k] > 0 for k in ("text_encoder", "prior_pass", "decoder"))
-  assert guided["per_image"] == (guided["text_encoder"] + 24 * guided["prior_pass"]
-                                 + guided["decoder"])
+  assert guided["per_image"] == (
+    guided["text_encoder"] + 24 * guided["prior_pass"] + guided["decoder"]
+  )
   assert math.isclose(guided["per_image"] - plain["per_image"], 12 * plain["prior_pass"])
   g = int(mu.model.vqvae.grid)
   assert guided["code_positions"] == (g // 2) ** 2 + g * g

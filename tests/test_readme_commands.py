@@ -73,14 +73,16 @@ def scratch(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   # As a user's shell has it: one CPU device (the suite simulates eight for itself).
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_force_host_platform_device_count"))
+  flags = " ".join(
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  )
   return cached_env(tmp_path_factory.mktemp("xla_cache"), XLA_FLAGS=flags)
 
 
 def run(command: list[str], scratch, env) -> str:
-  done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True,
-                        timeout=900)
+  done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
   return done.stdout + done.stderr
 
@@ -121,17 +123,19 @@ def test_api_example_runs_as_written(trained, scratch, env):
   assert 'api.load("workdirs/demo")' in code
   code = code.replace("workdirs/demo", WORKDIR)
   # The example's last values, checked: every line above ran on the relative workdir.
-  code += ("\nimport numpy as np\n"
-           "assert pixels.shape == (2, model.image_size, model.image_size, 3)\n"
-           "assert np.isfinite(model.similarity(pixels, text['input_ids'], "
-           "text['attention_mask'])).all()\n"
-           "print('api example ok')\n")
+  code += (
+    "\nimport numpy as np\n"
+    "assert pixels.shape == (2, model.image_size, model.image_size, 3)\n"
+    "assert np.isfinite(model.similarity(pixels, text['input_ids'], "
+    "text['attention_mask'])).all()\n"
+    "print('api example ok')\n"
+  )
   assert "api example ok" in run([sys.executable, "-c", code], scratch, env)
 
 
 def test_predict_prints_and_writes_json(trained, scratch, env):
   command = with_flag(readme_command("predict"), "--workdir", WORKDIR)
-  images = command[command.index("--images") + 1:command.index("--texts")]
+  images = command[command.index("--images") + 1 : command.index("--texts")]
   assert images == ["a.png", "b.png"]
   out = run(command + ["--json", "out.json"], scratch, env)
   predictions = json.loads((scratch / "out.json").read_text())["predictions"]

@@ -47,9 +47,14 @@ def random_model(model_cfg, seed: int = 0) -> nnx.Module:
 def config():
   c = load_config("tiny")
   with c.unlocked():
-    c.evals.reconstruction = dict(datasets=("phantom_openi",), split="test",
-                                  num_images=NUM_IMAGES, batch_size=BATCH,
-                                  num_examples=EXAMPLES, periodic=False)
+    c.evals.reconstruction = dict(
+      datasets=("phantom_openi",),
+      split="test",
+      num_images=NUM_IMAGES,
+      batch_size=BATCH,
+      num_examples=EXAMPLES,
+      periodic=False,
+    )
   return c
 
 
@@ -57,12 +62,16 @@ def config():
 def run(config, tmp_path_factory):
   """The reconstruction entry evaluated as `python -m medunifier_jax.evaluate` does it."""
   corpus = list(data_registry.get_source("phantom_openi", "test", config.data).reports)
-  tokenizer = tokenizer_lib.get_tokenizer(config.data, corpus,
-                                          str(tmp_path_factory.mktemp("tok")))
+  tokenizer = tokenizer_lib.get_tokenizer(config.data, corpus, str(tmp_path_factory.mktemp("tok")))
   workdir = str(tmp_path_factory.mktemp("workdir"))
-  results = evaluation.evaluate(config, workdir, ["reconstruction"],
-                              model=random_model(config.model), tokenizer=tokenizer,
-                              log=lambda line: None)
+  results = evaluation.evaluate(
+    config,
+    workdir,
+    ["reconstruction"],
+    model=random_model(config.model),
+    tokenizer=tokenizer,
+    log=lambda line: None,
+  )
   return workdir, results
 
 
@@ -122,10 +131,22 @@ def test_report_from_eval_outputs_only(run, config):
 def test_report_renames_and_escapes(tmp_path, config):
   """An entry with another name runs the task; figures need the saved outputs; texts from the
   data are escaped in the page."""
-  payload = {"results": {"recon_val": {"phantom_openi": {
-      "psnr_db": 21.0, "usage_top": 0.5, "usage_bottom": 0.25, "perplexity_top": 3.0,
-      "perplexity_bottom": 2.0, "num_images": 4.0}}},
-      "protocol": {"recon_val": {"task": "reconstruction", "split": "validation"}}, "meta": {}}
+  payload = {
+    "results": {
+      "recon_val": {
+        "phantom_openi": {
+          "psnr_db": 21.0,
+          "usage_top": 0.5,
+          "usage_bottom": 0.25,
+          "perplexity_top": 3.0,
+          "perplexity_bottom": 2.0,
+          "num_images": 4.0,
+        }
+      }
+    },
+    "protocol": {"recon_val": {"task": "reconstruction", "split": "validation"}},
+    "meta": {},
+  }
   outputs = tmp_path / "eval" / "outputs"
   outputs.mkdir(parents=True)
   (tmp_path / "eval" / "results.json").write_text(json.dumps(payload))
@@ -133,10 +154,14 @@ def test_report_renames_and_escapes(tmp_path, config):
   build.write_report(config, str(tmp_path))
   md = (tmp_path / "report.md").read_text()
   assert "Mean PSNR 21.00 dB over 4 images" in md and "![code usage]" not in md
-  np.savez(outputs / "recon_val_phantom_openi.npz", counts_top=np.arange(4),
-           counts_bottom=np.ones(4, np.int64))
-  (outputs / "report_gen_x.json").write_text(json.dumps(
-      {"generated": ["<script>alert(1)</script>"], "references": ["a | b"]}))
+  np.savez(
+    outputs / "recon_val_phantom_openi.npz",
+    counts_top=np.arange(4),
+    counts_bottom=np.ones(4, np.int64),
+  )
+  (outputs / "report_gen_x.json").write_text(
+    json.dumps({"generated": ["<script>alert(1)</script>"], "references": ["a | b"]})
+  )
   build.write_report(config, str(tmp_path))
   md = (tmp_path / "report.md").read_text()
   assert "## Reconstructions: phantom_openi validation split" in md

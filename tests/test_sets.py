@@ -12,8 +12,13 @@ from configs import pretrain
 from medunifier_jax.data import findings as F
 from medunifier_jax.data import openi, registry, reports, sets
 
-SETS = ("phantom_openi", "phantom_5x200", "phantom_pneumonia", "phantom_pneumothorax",
-        "phantom_covidx")
+SETS = (
+  "phantom_openi",
+  "phantom_5x200",
+  "phantom_pneumonia",
+  "phantom_pneumothorax",
+  "phantom_covidx",
+)
 needs_archive = pytest.mark.skipif(
   importlib.util.find_spec("torchxrayvision") is None,
   reason="torchxrayvision (data only) not installed: pip install --no-deps torchxrayvision",

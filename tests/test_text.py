@@ -52,8 +52,12 @@ def test_clean_report_collapses_deidentification_runs():
 def test_stored_reports_cut_later_equal_reports_cleaned_once():
   # Builders store clean_report(raw, None) and the pipeline cleans again with max_words: the
   # same as cleaning the raw report once. Placeholders split by removed punctuation included.
-  for raw in (OPENI_COMPARISON, OPENI_ENUMERATED, "Comparison XXXX: XXXX; (XXXX) now XXXX ~ ok",
-              "  a:b  (c) " + " w" * 200):
+  for raw in (
+    OPENI_COMPARISON,
+    OPENI_ENUMERATED,
+    "Comparison XXXX: XXXX; (XXXX) now XXXX ~ ok",
+    "  a:b  (c) " + " w" * 200,
+  ):
     stored = text.clean_report(raw, max_words=None)
     assert text.clean_report(stored) == text.clean_report(raw)
     assert text.clean_report(stored, max_words=None) == stored
@@ -73,13 +77,13 @@ def test_clean_report_rejects_non_text():
 
 def test_split_sentences_on_enumerated_openi_impression():
   assert text.split_sentences(OPENI_ENUMERATED) == [
-      "The heart is again mildly enlarged.",
-      "Mediastinal contours are stable.",
-      "XXXX XXXX opacities compatible with atelectasis.",
-      "There are bilateral degenerative changes of the XXXX with probable chronic dislocation "
-      "of the left humerus.",
-      "Mild stable cardiomegaly and central vascular congestion.",
-      "Low lung volumes with elevated left hemidiaphragm and basilar subsegmental atelectasis.",
+    "The heart is again mildly enlarged.",
+    "Mediastinal contours are stable.",
+    "XXXX XXXX opacities compatible with atelectasis.",
+    "There are bilateral degenerative changes of the XXXX with probable chronic dislocation "
+    "of the left humerus.",
+    "Mild stable cardiomegaly and central vascular congestion.",
+    "Low lung volumes with elevated left hemidiaphragm and basilar subsegmental atelectasis.",
   ]
   assert text.split_sentences(OPENI_ENUMERATED, strip_enumeration=False)[4].startswith("1. ")
 
@@ -87,9 +91,9 @@ def test_split_sentences_on_enumerated_openi_impression():
 def test_split_sentences_keeps_abbreviations_and_decimals():
   raw = "Nodule measures 2.5 cm. Dr. Smith was called at 3 p.m. on XXXX. Lungs clear"
   assert text.split_sentences(raw) == [
-      "Nodule measures 2.5 cm.",
-      "Dr. Smith was called at 3 p.m. on XXXX.",
-      "Lungs clear",
+    "Nodule measures 2.5 cm.",
+    "Dr. Smith was called at 3 p.m. on XXXX.",
+    "Lungs clear",
   ]
   assert text.split_sentences("No acute disease. .") == ["No acute disease."]
   assert text.split_sentences(" \n ") == []

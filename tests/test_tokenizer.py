@@ -27,9 +27,7 @@ _WORDS = (
 
 def _corpus(n=300, seed=0):
   rng = random.Random(seed)
-  return [
-      " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(n)
-  ]
+  return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(n)]
 
 
 def _data_config(**overrides):
@@ -67,8 +65,13 @@ def test_trained_folder_has_bert_layout_and_special_order(trained):
     vocab = f.read().splitlines()
   assert len(vocab) == VOCAB and len(set(vocab)) == VOCAB
   assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-  assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id,
-          tok.mask_token_id] == [0, 1, 2, 3, 4]
+  assert [
+    tok.pad_token_id,
+    tok.unk_token_id,
+    tok.cls_token_id,
+    tok.sep_token_id,
+    tok.mask_token_id,
+  ] == [0, 1, 2, 3, 4]
   # [DEC] comes right after the vocabulary: the model's vocabulary is one larger.
   assert tok.bos_token == "[DEC]" and tok.bos_token_id == VOCAB == len(tok) - 1
   # Every report word is a single token (the corpus is small), so nothing maps to [UNK].
@@ -102,8 +105,11 @@ def test_round_trip_and_fixed_length(trained):
   # Decoding rejoins punctuation: "effusion ." (")" removed by cleaning) comes back "effusion.".
   unspaced = lambda s: re.sub(r"\s+([.,])", r"\1", s)
   assert unspaced(tok.decode(ids[0], skip_special_tokens=True)) == unspaced(cleaned.lower())
-  assert ids[1, :3].tolist() == [tok.cls_token_id, tok.convert_tokens_to_ids("heart"),
-                                 tok.sep_token_id]
+  assert ids[1, :3].tolist() == [
+    tok.cls_token_id,
+    tok.convert_tokens_to_ids("heart"),
+    tok.sep_token_id,
+  ]
   # Truncation keeps [SEP] as the last token.
   short = tok_lib.tokenize(tok, [cleaned], max_len=6)["input_ids"][0]
   assert short[-1] == tok.sep_token_id and (short[1:-1] == ids[0, 1:5]).all()
@@ -114,14 +120,19 @@ def test_training_is_deterministic_across_processes(tmp_path):
   corpus_file = tmp_path / "corpus.json"
   corpus_file.write_text(json.dumps(_corpus(seed=1)))
   code = (
-      "import json, sys; from medunifier_jax.data.tokenizer import train_vocabulary; "
-      "print(json.dumps(train_vocabulary(json.load(open(sys.argv[1])), 300)))"
+    "import json, sys; from medunifier_jax.data.tokenizer import train_vocabulary; "
+    "print(json.dumps(train_vocabulary(json.load(open(sys.argv[1])), 300)))"
   )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   outs = [
-      subprocess.run([sys.executable, "-c", code, str(corpus_file)], cwd=root, check=True,
-                     capture_output=True, text=True).stdout
-      for _ in range(2)
+    subprocess.run(
+      [sys.executable, "-c", code, str(corpus_file)],
+      cwd=root,
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
+    for _ in range(2)
   ]
   assert outs[0] == outs[1]
   assert json.loads(outs[0]) == tok_lib.train_vocabulary(_corpus(seed=1), 300)

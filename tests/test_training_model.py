@@ -63,17 +63,22 @@ def runs():
     # the function's code, which every mesh shares).
     chex.clear_trace_counter()
     fn = chex.assert_max_traces(
-        step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), n=1)
-    train_step = step_lib.jit_train_step(fn, shardings, mesh, config.sharding_rules,
-                                         compiler_options=COMPILER_OPTIONS)
+      step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), n=1
+    )
+    train_step = step_lib.jit_train_step(
+      fn, shardings, mesh, config.sharding_rules, compiler_options=COMPILER_OPTIONS
+    )
     rng, metrics = jax.random.key(config.seed), []
     for i in range(NUM_STEPS):
-      batch = loop.to_global(pretraining.random_batch(config, seed=i), mesh,
-                             config.sharding_rules)
+      batch = loop.to_global(pretraining.random_batch(config, seed=i), mesh, config.sharding_rules)
       state, m = train_step(state, batch, rng)
       metrics.append(jax.device_get(m))
-    out[shape] = (nnx.to_pure_dict(initial), jax.device_get(nnx.to_pure_dict(state)), metrics,
-                  train_step)
+    out[shape] = (
+      nnx.to_pure_dict(initial),
+      jax.device_get(nnx.to_pure_dict(state)),
+      metrics,
+      train_step,
+    )
   return out
 
 
@@ -99,8 +104,9 @@ def test_frozen_vit_is_bit_identical_and_has_no_optimizer_state(runs, shape):
   before, after, _, _ = runs[shape]
   chex.assert_trees_all_equal(after["model"]["vit"], before["model"]["vit"])
   # The Q-Former did train.
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                       after["model"]["qformer"], before["model"]["qformer"])
+  moved = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), after["model"]["qformer"], before["model"]["qformer"]
+  )
   assert any(jax.tree.leaves(moved))
   adam = after["optimizer"]["opt_state"][1][0]
   assert set(adam["mu"]) == set(after["model"]) - {"vit"}

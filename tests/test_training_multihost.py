@@ -13,8 +13,11 @@ from cli_runs import ROOT, cached_env, finished_checkpoints, records, train_comm
 from medunifier_jax import api
 
 NUM_STEPS = 4
-OVERRIDES = (f"--config.num_steps={NUM_STEPS}", "--config.checkpoint_every=2",
-             "--config.log_every=1")
+OVERRIDES = (
+  f"--config.num_steps={NUM_STEPS}",
+  "--config.checkpoint_every=2",
+  "--config.log_every=1",
+)
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig")
 
 
@@ -25,8 +28,12 @@ def _free_port() -> int:
 
 
 def _env(cache: Path, devices: int, **extra: str) -> dict:
-  return cached_env(cache, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  return cached_env(
+    cache,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **extra,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +42,34 @@ def runs(tmp_path_factory):
   two_hosts = tmp_path_factory.mktemp("two_processes")
   port = _free_port()
   procs = [
-      subprocess.Popen(
-          train_command(two_hosts, OVERRIDES), cwd=ROOT, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True,
-          env=_env(cache, 2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(i)))
-      for i in range(2)
+    subprocess.Popen(
+      train_command(two_hosts, OVERRIDES),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=_env(
+        cache,
+        2,
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+      ),
+    )
+    for i in range(2)
   ]
   # The one-process reference runs alongside (its program differs: nothing to share).
   one_host = tmp_path_factory.mktemp("one_process")
-  procs.append(subprocess.Popen(train_command(one_host, OVERRIDES), cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=_env(cache, 4)))
+  procs.append(
+    subprocess.Popen(
+      train_command(one_host, OVERRIDES),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=_env(cache, 4),
+    )
+  )
   outputs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-3000:]

@@ -22,10 +22,14 @@ from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
 
 NUM_STEPS, EVERY = 16, 4
-OVERRIDES = (f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}",
-             "--config.log_every=1", "--config.model.vit.frozen=True",
-             # A frozen random ViT on purpose (a shorter backward pass); without it the run refuses.
-             "--config.init_from.vision=random")
+OVERRIDES = (
+  f"--config.num_steps={NUM_STEPS}",
+  f"--config.checkpoint_every={EVERY}",
+  "--config.log_every=1",
+  "--config.model.vit.frozen=True",
+  # A frozen random ViT on purpose (a shorter backward pass); without it the run refuses.
+  "--config.init_from.vision=random",
+)
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate")
 
 
@@ -41,8 +45,9 @@ def command(workdir: Path) -> list[str]:
 
 
 def run_to_end(workdir: Path, env: dict) -> None:
-  done = subprocess.run(command(workdir), env=env, cwd=ROOT, capture_output=True, text=True,
-                        timeout=900)
+  done = subprocess.run(
+    command(workdir), env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+  )
   assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -60,13 +65,16 @@ def reference(reference_run):
 
 def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, env, reference):
   assert sorted(reference) == list(range(1, NUM_STEPS + 1))
-  proc = subprocess.Popen(command(tmp_path), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    command(tmp_path), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   try:
     deadline = time.time() + 900
     # Kill between checkpoints: after one is complete and at least one more step has run.
-    while not (finished_checkpoints(tmp_path)
-               and max(records(tmp_path), default=0) > finished_checkpoints(tmp_path)[-1]):
+    while not (
+      finished_checkpoints(tmp_path)
+      and max(records(tmp_path), default=0) > finished_checkpoints(tmp_path)[-1]
+    ):
       assert proc.poll() is None, "the run ended before it could be killed"
       assert time.time() < deadline
       time.sleep(0.02)
@@ -83,8 +91,9 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
   steps = manager.all_steps()
   assert steps and all(s % EVERY == 0 and s <= killed_at for s in steps)
-  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh),
-                                                  pretraining.model_fn)
+  _, abstract, _ = state_lib.abstract_train_state(
+    config, mesh_lib.make_mesh(config.mesh), pretraining.model_fn
+  )
   for step in steps:
     state, _ = ckpt.restore(manager, step, abstract)
     assert state_lib.step_of(state) == step
@@ -104,11 +113,10 @@ def test_sigkill_then_same_command_reproduces_the_uninterrupted_run(tmp_path, en
   final, _ = ckpt.restore(manager, NUM_STEPS, abstract)
   manager.close()
   chex.assert_trees_all_equal(
-      jax.device_get(nnx.to_pure_dict(nnx.state(model.module))),
-      jax.device_get(nnx.to_pure_dict(final["model"])),
+    jax.device_get(nnx.to_pure_dict(nnx.state(model.module))),
+    jax.device_get(nnx.to_pure_dict(final["model"])),
   )
   assert model.tokenizer is not None
-
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, reference):
@@ -117,8 +125,9 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, referen
   SIGKILL test's subject; a preemption checkpoint is written by the same code.)"""
   log = tmp_path / "output.txt"
   with open(log, "w") as out:
-    proc = subprocess.Popen(command(tmp_path), env=env, cwd=ROOT, stdout=out,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      command(tmp_path), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+    )
     try:
       deadline = time.time() + 900
       while not records(tmp_path):  # the signal handler is installed before the first step
@@ -142,15 +151,17 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, env, referen
   with config.unlocked():
     config.model.vit.frozen = True
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
-  _, abstract, _ = state_lib.abstract_train_state(config, mesh_lib.make_mesh(config.mesh),
-                                                  pretraining.model_fn)
+  _, abstract, _ = state_lib.abstract_train_state(
+    config, mesh_lib.make_mesh(config.mesh), pretraining.model_fn
+  )
   state, _ = ckpt.restore(manager, stopped_at, abstract)
   manager.close()
   assert state_lib.step_of(state) == stopped_at
 
 
 def test_unreadable_checkpoints_are_set_aside_and_the_run_resumes_from_a_good_one(
-    tmp_path, env, reference_run, reference):
+  tmp_path, env, reference_run, reference
+):
   """The newest checkpoint has truncated array files, the one before lost its `_METADATA`:
   the same command (here with a relative workdir) names both, moves them to
   broken_checkpoints/, resumes from the one before, and every step after it equals the
@@ -176,10 +187,11 @@ def test_unreadable_checkpoints_are_set_aside_and_the_run_resumes_from_a_good_on
   # The hundreds of late "Event loop is closed" reports of the failed reads are silenced.
   assert out.count("Event loop is closed") <= 2
   assert sorted(p.name for p in (tmp_path / "run/broken_checkpoints").iterdir()) == [
-      str(kept[1]), str(kept[2])]
+    str(kept[1]),
+    str(kept[2]),
+  ]
   resumed = records(tmp_path / "run")
   assert sorted(resumed) == list(range(kept[0] + 1, NUM_STEPS + 1))
   for step in resumed:
     for key in LOSSES:
       assert resumed[step][key] == reference[step][key], (step, key)
-

@@ -69,10 +69,18 @@ def synthetic_data(config, workdir=None):
     i += 1
 
 
-def train_toy(config, workdir, *, model_fn=toy_model_fn, loss_fn=toy_loss, data_fn=synthetic_data,
-              show_progress=False):
-  task = Task(model_fn=model_fn, loss_fn=loss_fn, batch_keys=pretraining.BATCH_KEYS,
-              data_fn=data_fn)
+def train_toy(
+  config,
+  workdir,
+  *,
+  model_fn=toy_model_fn,
+  loss_fn=toy_loss,
+  data_fn=synthetic_data,
+  show_progress=False,
+):
+  task = Task(
+    model_fn=model_fn, loss_fn=loss_fn, batch_keys=pretraining.BATCH_KEYS, data_fn=data_fn
+  )
   return loop.train(config, workdir, task, show_progress=show_progress)
 
 
@@ -86,13 +94,13 @@ def test_mesh_fills_in_minus_one():
 
 
 @pytest.mark.parametrize(
-    "axes, fix",
-    [
-        ([("data", 16), ("model", 1)], "asks for 16 devices but 8 are available"),
-        ([("data", -1), ("model", 3)], "does not divide the 8 devices"),
-        ([("data", -1), ("model", -1)], "at most one may be -1"),
-        ([("data", 0), ("model", -1)], "must be positive or -1"),
-    ],
+  "axes, fix",
+  [
+    ([("data", 16), ("model", 1)], "asks for 16 devices but 8 are available"),
+    ([("data", -1), ("model", 3)], "does not divide the 8 devices"),
+    ([("data", -1), ("model", -1)], "at most one may be -1"),
+    ([("data", 0), ("model", -1)], "must be positive or -1"),
+  ],
 )
 def test_mis_sized_mesh_says_what_to_change(axes, fix):
   with pytest.raises(ValueError, match=fix):
@@ -104,8 +112,11 @@ def test_batch_not_divisible_fails_before_training(tmp_path):
   calls = []
   with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the data-parallel"):
     train_toy(
-        config, str(tmp_path), model_fn=toy_model_fn, loss_fn=toy_loss,
-        data_fn=lambda c, w: calls.append(1),
+      config,
+      str(tmp_path),
+      model_fn=toy_model_fn,
+      loss_fn=toy_loss,
+      data_fn=lambda c, w: calls.append(1),
     )
   assert not calls and not (tmp_path / "checkpoints").exists()
 
@@ -121,10 +132,13 @@ def test_logical_rules_map_to_mesh_axes():
   assert spec(("vocab", "embed"), (512, 32)) == P("model", None)
   # Not divisible by the model axis (an unpadded 513-token vocabulary): an error naming the
   # logical axis, the rule, both sizes and the fixes, not a silent replication.
-  with pytest.raises(ValueError, match=r"logical axis 'vocab' has size 513, which its rule "
-                     r"\('vocab', 'model'\) .* mesh axis 'model' has size 4 .* pad the dimension "
-                     r"to a multiple of 4, e.g. 516 \(for the Q-Former's vocabulary: "
-                     r"model.qformer.vocab_size.*\), or map the logical axis to None"):
+  with pytest.raises(
+    ValueError,
+    match=r"logical axis 'vocab' has size 513, which its rule "
+    r"\('vocab', 'model'\) .* mesh axis 'model' has size 4 .* pad the dimension "
+    r"to a multiple of 4, e.g. 516 \(for the Q-Former's vocabulary: "
+    r"model.qformer.vocab_size.*\), or map the logical axis to None",
+  ):
     spec(("vocab", "embed"), (513, 32))
   # One mesh axis is used at most once per array, and a later dimension it would not divide
   # stays replicated rather than failing: that axis is taken.
@@ -149,8 +163,11 @@ def test_state_shardings_follow_the_rules():
 def test_an_unpadded_vocabulary_on_a_model_axis_fails_naming_the_weight():
   config = tiny(**{"model.qformer.vocab_size": 513}, mesh=[("data", 4), ("model", 2)])
   mesh = mesh_lib.make_mesh(config.mesh)
-  with pytest.raises(ValueError, match=r"^model/qformer/embeddings/word_embeddings/embedding "
-                     r"\(513, 32\): logical axis 'vocab' has size 513"):
+  with pytest.raises(
+    ValueError,
+    match=r"^model/qformer/embeddings/word_embeddings/embedding "
+    r"\(513, 32\): logical axis 'vocab' has size 513",
+  ):
     state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
 
 
@@ -244,8 +261,9 @@ def test_a_temperature_outside_its_bounds_comes_back_after_one_step():
     base, metrics = toy_loss(model, batch, rng)
     return base + 0.1 * model.temperature(), metrics
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, config, loss),
-                                       shardings, mesh, config.sharding_rules)
+  train_step = step_lib.jit_train_step(
+    step_lib.make_train_step(graphdef, config, loss), shardings, mesh, config.sharding_rules
+  )
   batch = loop.to_global(next(synthetic_data(config)), mesh, config.sharding_rules)
   state, _ = train_step(state, batch, jax.random.key(0))
   after = jax.device_get(nnx.to_pure_dict(state))
@@ -290,8 +308,13 @@ def test_checkpoint_of_another_model_size_names_the_differences_and_the_fix(tmp_
   mesh = mesh_lib.make_mesh(config.mesh)
   _, _, shardings = state_lib.abstract_train_state(config, mesh, toy_model_fn)
   manager = ckpt.make_manager(tmp_path, config)
-  assert ckpt.save(manager, 2, state_lib.init_train_state(config, shardings, toy_model_fn),
-                   jax.random.key(0), force=True)
+  assert ckpt.save(
+    manager,
+    2,
+    state_lib.init_train_state(config, shardings, toy_model_fn),
+    jax.random.key(0),
+    force=True,
+  )
   manager.wait_until_finished()
   vocab = config.model.qformer.vocab_size
   bigger = tiny(mesh=[("data", 8), ("model", 1)], **{"model.qformer.vocab_size": vocab + 8})
@@ -322,8 +345,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
       yield batch
 
   with pytest.raises(log_lib.NonFiniteLossError, match="non-finite loss at step 6"):
-    train_toy(config, str(tmp_path), model_fn=toy_model_fn,
-                            loss_fn=exploding_loss, data_fn=data_fn, show_progress=False)
+    train_toy(
+      config,
+      str(tmp_path),
+      model_fn=toy_model_fn,
+      loss_fn=exploding_loss,
+      data_fn=data_fn,
+      show_progress=False,
+    )
   manager = ckpt.make_manager(tmp_path, config, read_only=True)
   assert manager.all_steps() == [4]
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -332,8 +361,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.to_pure_dict(restored)))
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [4]
-  assert {"step", "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig",
-          "learning_rate"} <= set(records[0])
+  assert {"step", "loss", "loss_itc", "loss_itm", "loss_itg", "loss_tig", "learning_rate"} <= set(
+    records[0]
+  )
 
 
 # ------------------------------------------------------ relative paths, failed saves, fallback
@@ -343,9 +373,14 @@ def test_relative_workdir_trains_saves_and_resumes(tmp_path, monkeypatch):
   """A relative workdir is resolved where it enters (orbax refuses relative paths)."""
   monkeypatch.chdir(tmp_path)
   config = tiny(num_steps=4, checkpoint_every=2, log_every=100)
-  run = lambda: train_toy(config, "workdirs/rel", model_fn=toy_model_fn,
-                                        loss_fn=toy_loss, data_fn=synthetic_data,
-                                        show_progress=False)
+  run = lambda: train_toy(
+    config,
+    "workdirs/rel",
+    model_fn=toy_model_fn,
+    loss_fn=toy_loss,
+    data_fn=synthetic_data,
+    show_progress=False,
+  )
   assert run()["start"] == "fresh initialisation"
   assert sorted(int(p.name) for p in (tmp_path / "workdirs/rel/checkpoints").iterdir()) == [2, 4]
   with config.unlocked():
@@ -360,12 +395,19 @@ def test_failed_save_stops_the_run_at_once(tmp_path, monkeypatch):
   make_manager = ckpt.make_manager
   # A relative checkpoint path is one way to make every save fail (orbax refuses it).
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(loop.ckpt, "make_manager",
-                      lambda workdir, config: make_manager("unresolved", config))
+  monkeypatch.setattr(
+    loop.ckpt, "make_manager", lambda workdir, config: make_manager("unresolved", config)
+  )
   config = tiny(num_steps=40, checkpoint_every=2, log_every=1)
   with pytest.raises(ckpt.CheckpointSaveError, match="step 2") as err:
-    train_toy(config, str(tmp_path / "run"), model_fn=toy_model_fn,
-                            loss_fn=toy_loss, data_fn=synthetic_data, show_progress=False)
+    train_toy(
+      config,
+      str(tmp_path / "run"),
+      model_fn=toy_model_fn,
+      loss_fn=toy_loss,
+      data_fn=synthetic_data,
+      show_progress=False,
+    )
   assert "run the same command again" in str(err.value)
   records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
   # Stopped before the next save was due, not at the end of the run.

@@ -28,8 +28,12 @@ def _load_config(variant):
 
 def _widths(config):
   m = config.model
-  return dict(query_width=m.qformer.hidden_size, vision_width=m.vit.width,
-              text_width=m.qformer.hidden_size, image_size=m.vit.image_size)
+  return dict(
+    query_width=m.qformer.hidden_size,
+    vision_width=m.vit.width,
+    text_width=m.qformer.hidden_size,
+    image_size=m.vit.image_size,
+  )
 
 
 def _vq_cfg(config, **overrides):
@@ -43,8 +47,11 @@ def _inputs(config, batch, seed=0):
   m = config.model
   g = m.vqvae.grid
   rng = np.random.default_rng(seed)
-  shapes = [(batch, m.qformer.num_queries, m.qformer.hidden_size), (batch, g * g, m.vit.width),
-            (batch, m.qformer.hidden_size)]
+  shapes = [
+    (batch, m.qformer.num_queries, m.qformer.hidden_size),
+    (batch, g * g, m.vit.width),
+    (batch, m.qformer.hidden_size),
+  ]
   return [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
 
 
@@ -72,7 +79,8 @@ def tiny_model(tiny):
   """A tiny VQ-VAE built once (in one compiled program); tests that change it take clones."""
   # The RBG generator compiles much faster than threefry on CPU; the values do not matter here.
   build = lambda: vq.VQVAE(
-      _vq_cfg(tiny), **_widths(tiny), rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    _vq_cfg(tiny), **_widths(tiny), rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))
+  )
   return nnx.jit(build)()
 
 
@@ -131,7 +139,8 @@ def test_codebook_init_and_nearest_code_match_numpy():
   np.testing.assert_array_equal(np.asarray(out.codes), dist.argmin(-1).reshape(3, 5, 7))
   assert out.codes.dtype == jnp.int32
   np.testing.assert_allclose(
-      np.asarray(out.z_q), codebook[dist.argmin(-1)].reshape(z.shape), atol=1e-6)
+    np.asarray(out.z_q), codebook[dist.argmin(-1)].reshape(z.shape), atol=1e-6
+  )
   # Paper weights: commitment 1.0 + codebook 0.5; both terms have the same value.
   np.testing.assert_allclose(float(out.loss), 1.5 * dist.min(-1).mean() / 16, rtol=1e-5)
 
@@ -192,7 +201,8 @@ def test_ema_codebook_follows_the_assigned_means_without_gradients():
   np.testing.assert_array_equal(np.asarray(out.codes), np.asarray(out_eval.codes))
   # Only the commitment term: loss = mean((z_q - z)^2) with weight 1.
   np.testing.assert_allclose(
-      float(out.loss), ((init[np.asarray(out.codes)] - z) ** 2).mean(), rtol=1e-5)
+    float(out.loss), ((init[np.asarray(out.codes)] - z) ** 2).mean(), rtol=1e-5
+  )
 
   one_hot = np.eye(k)[np.asarray(out.codes)]
   count = decay * 1.0 + (1 - decay) * one_hot.sum(0)
@@ -248,7 +258,7 @@ def test_transposed_conv_doubles_like_pytorch():
   full = np.zeros((2, 2 * 5 + 2, 2 * 3 + 2, 2), np.float32)
   for i in range(5):
     for j in range(3):
-      full[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum("bc,cohw->bhwo", x[:, i, j], w)
+      full[:, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += np.einsum("bc,cohw->bhwo", x[:, i, j], w)
   expected = full[:, 1:-1, 1:-1] + b
 
   conv = vq._upsample_conv(3, 2, rngs=nnx.Rngs(0), dtype=None)
@@ -266,7 +276,7 @@ def _torch_transposed_conv(x, w, b):
   full = np.zeros((batch, 2 * height + 2, 2 * width + 2, w.shape[1]), np.float64)
   for i in range(height):
     for j in range(width):
-      full[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum("bc,cohw->bhwo", x[:, i, j], w)
+      full[:, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += np.einsum("bc,cohw->bhwo", x[:, i, j], w)
   return full[:, 1:-1, 1:-1] + b
 
 
@@ -295,8 +305,9 @@ def test_phase_decomposed_upsampling_equals_dilated_convolution(height, width, c
   # Same gradients w.r.t. input, kernel and bias under a non-trivial cotangent.
   cotangent = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
   g_conv, g_x = nnx.grad(lambda m, x: jnp.sum(m(x) * cotangent), argnums=(0, 1))(conv, x)
-  want = jax.grad(lambda *a: jnp.sum(_dilated_transposed_conv(*a) * cotangent),
-                  argnums=(0, 1, 2))(x, kernel, jnp.asarray(b))
+  want = jax.grad(lambda *a: jnp.sum(_dilated_transposed_conv(*a) * cotangent), argnums=(0, 1, 2))(
+    x, kernel, jnp.asarray(b)
+  )
   for got, expected in zip((g_x, g_conv["kernel"][...], g_conv["bias"][...]), want):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -379,8 +390,15 @@ def _check_count(model, config, ema=False):
   w, cfg = _widths(config), config.model.vqvae
   count = _count(nnx.state(model, nnx.Param))
   assert count == expected_params(
-      w["query_width"], w["vision_width"], w["text_width"], cfg.latent_dim, cfg.codebook_size,
-      cfg.num_res_layers, cfg.decoder_channels, ema=ema)
+    w["query_width"],
+    w["vision_width"],
+    w["text_width"],
+    cfg.latent_dim,
+    cfg.codebook_size,
+    cfg.num_res_layers,
+    cfg.decoder_channels,
+    ema=ema,
+  )
   return count
 
 
@@ -396,7 +414,8 @@ def test_parameter_count_matches_formula(variant, ema, request):
 def test_paper_config_builds_abstractly_in_bf16(paper):
   w = _widths(paper)
   model = nnx.eval_shape(
-      lambda: vq.VQVAE(_vq_cfg(paper), **w, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    lambda: vq.VQVAE(_vq_cfg(paper), **w, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  )
   print(f"paper VQ-VAE parameters: {_check_count(model, paper):,}")
   params = nnx.state(model, nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}

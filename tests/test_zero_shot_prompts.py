@@ -23,13 +23,21 @@ def raw():
 
 def test_vocabulary_sizes_follow_the_json(raw):
   # Combinations per class, counted from the file itself (repeats included).
-  counted = {(v, c["name"]): math.prod(len(c[s]) for s in prompts.SLOTS)
-             for v, vocab in raw["vocabularies"].items() for c in vocab["classes"]}
+  counted = {
+    (v, c["name"]): math.prod(len(c[s]) for s in prompts.SLOTS)
+    for v, vocab in raw["vocabularies"].items()
+    for c in vocab["classes"]
+  }
   assert counted == {
-      ("chexpert", "Atelectasis"): 3 * 7 * 10, ("chexpert", "Cardiomegaly"): 15,
-      ("chexpert", "Pneumonia"): 6 * 3 * 13, ("chexpert", "Edema"): 6 * 3,
-      ("chexpert", "Pleural Effusion"): 6 * 3 * 3, ("chexpert", "Consolidation"): 4 * 6 * 8,
-      ("rsna", "Pneumonia"): 14 * 3, ("rsna", "Normal"): 3 * 9}
+    ("chexpert", "Atelectasis"): 3 * 7 * 10,
+    ("chexpert", "Cardiomegaly"): 15,
+    ("chexpert", "Pneumonia"): 6 * 3 * 13,
+    ("chexpert", "Edema"): 6 * 3,
+    ("chexpert", "Pleural Effusion"): 6 * 3 * 3,
+    ("chexpert", "Consolidation"): 4 * 6 * 8,
+    ("rsna", "Pneumonia"): 14 * 3,
+    ("rsna", "Normal"): 3 * 9,
+  }
   for name, vocab in prompts.vocabularies().items():
     for cls in vocab.classes:
       assert cls.num_combinations == len(cls.combinations()) == counted[(name, cls.name)]
@@ -41,11 +49,16 @@ def test_vocabulary_sizes_follow_the_json(raw):
 def test_class_sets_are_the_files(raw):
   sets = prompts.class_sets()
   assert {n: (s.vocabulary, list(s.classes)) for n, s in sets.items()} == {
-      n: (s["vocabulary"], s["classes"]) for n, s in raw["class_sets"].items()}
+    n: (s["vocabulary"], s["classes"]) for n, s in raw["class_sets"].items()
+  }
   assert sorted(sets["pneumonia"].classes) == sorted(FIVE_BY_200)
   assert "Consolidation" in sets["gloria"].classes and "Pneumonia" not in sets["gloria"].classes
-  assert prompts.find_class_set(["Pleural_Effusion", "edema", "Pneumonia", "Cardiomegaly",
-                                 "Atelectasis"]) == "pneumonia"
+  assert (
+    prompts.find_class_set(
+      ["Pleural_Effusion", "edema", "Pneumonia", "Cardiomegaly", "Atelectasis"]
+    )
+    == "pneumonia"
+  )
   assert prompts.find_class_set(["Normal", "Pneumonia"]) == "rsna"
   assert prompts.find_class_set(["Atelectasis"]) is None
 
@@ -61,8 +74,9 @@ def test_prompts_are_joined_in_slot_order_with_single_spaces():
   assert effusion[0] == "bilateral pleural effusion left"
   assert all(t.split()[-1] in ("left", "right", "tiny") for t in effusion)
   assert all(t.endswith("pneumonia") for t in vocab["rsna"].find("Pneumonia").combinations())
-  assert "round mycoplasma at the mid lung zone" in vocab["chexpert"].find(
-      "Pneumonia").combinations()
+  assert (
+    "round mycoplasma at the mid lung zone" in vocab["chexpert"].find("Pneumonia").combinations()
+  )
 
 
 def test_sampler_is_seeded_and_draws_exactly_fifteen():
@@ -77,8 +91,10 @@ def test_sampler_is_seeded_and_draws_exactly_fifteen():
     assert all(count <= listed[t] for t, count in collections.Counter(texts).items())
   # A class's draw does not depend on which classes are asked for; the default count is 15.
   assert prompts.paper_class_prompts(["Edema"], 0, seed=1) == {"Edema": a["Edema"]}
-  assert prompts.paper_class_prompts(["pleural_effusion"], 15, seed=1)["pleural_effusion"] == (
-      a["Pleural Effusion"])
+  assert (
+    prompts.paper_class_prompts(["pleural_effusion"], 15, seed=1)["pleural_effusion"]
+    == (a["Pleural Effusion"])
+  )
 
 
 def test_seed_one_gives_the_authors_draw(raw):
@@ -91,7 +107,8 @@ def test_seed_one_gives_the_authors_draw(raw):
     drawn = rng.sample([f"{x} {y} {z}" for x, y, z in itertools.product(*slots)], 15)
     expected[c["name"]] = [" ".join(t.split()) for t in drawn]
   assert prompts.paper_class_prompts(FIVE_BY_200, 15, seed=1) == {
-      n: expected[n] for n in FIVE_BY_200}
+    n: expected[n] for n in FIVE_BY_200
+  }
 
 
 def test_classes_with_fewer_candidates_are_filled_evenly():
@@ -124,11 +141,11 @@ def test_class_set_check_and_vocabulary_choice():
 
 
 def test_class_scores_pool_raw_similarities_then_softmax():
-  sim = np.array([[0.9, 0.1, 0.3, 0.2, 0.0],
-                  [0.0, 0.2, 0.4, 0.8, 0.6]])  # 2 images x 5 prompts
+  sim = np.array([[0.9, 0.1, 0.3, 0.2, 0.0], [0.0, 0.2, 0.4, 0.8, 0.6]])  # 2 images x 5 prompts
   owner = np.array([0, 0, 1, 1, 1])  # class 0 owns 2 prompts, class 1 owns 3
-  np.testing.assert_allclose(zero_shot.pool_prompt_scores(sim, owner, 2, "max"),
-                             [[0.9, 0.3], [0.2, 0.8]])
+  np.testing.assert_allclose(
+    zero_shot.pool_prompt_scores(sim, owner, 2, "max"), [[0.9, 0.3], [0.2, 0.8]]
+  )
   mean = zero_shot.pool_prompt_scores(sim, owner, 2, "mean")
   np.testing.assert_allclose(mean, [[0.5, 0.5 / 3], [0.1, 0.6]])
   probs = zero_shot.class_probabilities(sim, owner, 2, "mean")
@@ -141,8 +158,11 @@ def test_class_scores_pool_raw_similarities_then_softmax():
 def test_setting_choice_names_the_setting_and_its_choices():
   cfg = {"prompt_pooling": "sum"}
   assert common.setting_choice(cfg, "zero_shot", "prompts", "paper", ("paper",)) == "paper"
-  with pytest.raises(ValueError, match=r"zero_shot\.prompt_pooling is 'sum'; choose one of "
-                                       r"\('max', 'mean'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"zero_shot\.prompt_pooling is 'sum'; choose one of "
+    r"\('max', 'mean'\)",
+  ):
     common.setting_choice(cfg, "zero_shot", "prompt_pooling", "max", zero_shot.POOLINGS)
 
 

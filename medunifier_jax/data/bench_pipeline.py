@@ -23,7 +23,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 20, "Batches to time (after the first).")
 _CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", None, "Where a trained vocabulary is cached (default: a temporary folder).")
+  "cache_dir", None, "Where a trained vocabulary is cached (default: a temporary folder)."
+)
 
 
 def benchmark(config, num_batches: int, cache_dir: str) -> dict:
@@ -48,16 +49,16 @@ def benchmark(config, num_batches: int, cache_dir: str) -> dict:
       it.close()
   batch = int(first["image"].shape[0])
   return {
-      "images_per_s": round(num_batches * batch / elapsed, 1),
-      "batch_size": batch,
-      "batches": num_batches,
-      "s_per_batch": round(elapsed / num_batches, 4),
-      "first_batch_s": round(first_s, 2),
-      "tokenizer_s": round(tokenizer_s, 2),
-      "data": config.data.name,
-      "image_size": int(first["image"].shape[1]),
-      "max_text_len": int(first["input_ids"].shape[1]),
-      "worker_count": int(config.data.worker_count),
+    "images_per_s": round(num_batches * batch / elapsed, 1),
+    "batch_size": batch,
+    "batches": num_batches,
+    "s_per_batch": round(elapsed / num_batches, 4),
+    "first_batch_s": round(first_s, 2),
+    "tokenizer_s": round(tokenizer_s, 2),
+    "data": config.data.name,
+    "image_size": int(first["image"].shape[1]),
+    "max_text_len": int(first["input_ids"].shape[1]),
+    "worker_count": int(config.data.worker_count),
   }
 
 

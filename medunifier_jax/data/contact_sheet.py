@@ -22,17 +22,26 @@ _START = flags.DEFINE_integer("start", 0, "First example index.")
 _SEED = flags.DEFINE_integer("seed", 0, "data.phantom_seed.")
 # Hyphenated as it always was: absl accepts hyphens in flag names.
 _TEMPLATED_FRACTION = flags.DEFINE_float(
-    "templated-fraction", None, "phantom_openi: share of templated reports (default: the "
-    "config default).")
+  "templated-fraction",
+  None,
+  "phantom_openi: share of templated reports (default: the config default).",
+)
 flags.mark_flag_as_required("out")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  ids = rendering.write_contact_sheet(_OUT.value, _SET.value, _SPLIT.value, _N.value,
-                                      _SIZE.value, _START.value, _SEED.value,
-                                      _TEMPLATED_FRACTION.value)
+  ids = rendering.write_contact_sheet(
+    _OUT.value,
+    _SET.value,
+    _SPLIT.value,
+    _N.value,
+    _SIZE.value,
+    _START.value,
+    _SEED.value,
+    _TEMPLATED_FRACTION.value,
+  )
   print(f"wrote {_OUT.value}: {len(ids)} phantoms of {_SET.value}/{_SPLIT.value}")
 
 

@@ -101,10 +101,10 @@ def is_dicom(source: str | os.PathLike | bytes) -> bool:
 
 
 def read_gray(
-    source: str | os.PathLike | bytes | bytearray | memoryview,
-    *,
-    name: str | None = None,
-    min_side: int | None = None,
+  source: str | os.PathLike | bytes | bytearray | memoryview,
+  *,
+  name: str | None = None,
+  min_side: int | None = None,
 ) -> np.ndarray:
   """A radiograph file (path) or encoded image (bytes) as uint8 (H, W) grayscale.
 
@@ -147,7 +147,7 @@ def read_gray(
 
 
 def read_dicom(
-    source: str | os.PathLike | bytes | bytearray | memoryview, *, name: str | None = None
+  source: str | os.PathLike | bytes | bytearray | memoryview, *, name: str | None = None
 ) -> np.ndarray:
   """A DICOM radiograph (path or bytes) as uint8 (H, W).
 
@@ -180,8 +180,9 @@ def read_dicom(
     raise ImageReadError(f"DICOM pixel data cannot be decoded ({e})", name) from None
   if pixels.ndim != 2:
     raise ImageReadError(
-        f"expected one grayscale frame, got pixels of shape {pixels.shape}", name,
-        "export a single grayscale frame",
+      f"expected one grayscale frame, got pixels of shape {pixels.shape}",
+      name,
+      "export a single grayscale frame",
     )
   if pixels.dtype == np.uint8 and "WindowCenter" not in ds and "RescaleSlope" not in ds:
     image = pixels
@@ -225,11 +226,14 @@ def array_to_gray(array: Any, name: str = "image") -> np.ndarray:
   image = np.asarray(array)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)) or (
-      min(image.shape[:2], default=0) == 0):
+  if (
+    image.ndim not in (2, 3)
+    or (image.ndim == 3 and image.shape[-1] not in (3, 4))
+    or (min(image.shape[:2], default=0) == 0)
+  ):
     raise ValueError(
-        f"{name}: expected a grayscale image (H, W) or (H, W, 1), or RGB (H, W, 3), got shape "
-        f"{image.shape} dtype {image.dtype}"
+      f"{name}: expected a grayscale image (H, W) or (H, W, 1), or RGB (H, W, 3), got shape "
+      f"{image.shape} dtype {image.dtype}"
     )
   if image.dtype == np.bool_:
     image = image.astype(np.uint8) * np.uint8(255)
@@ -320,7 +324,7 @@ def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def model_input(
-    images: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float]
+  images: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
   """Images -> float32 (B, size, size, 3), normalised: the ViT input.
 

@@ -55,8 +55,10 @@ class OpenIReport:
   @property
   def text(self) -> str:
     """The report as the model reads it: FINDINGS then IMPRESSION, empty sections left out."""
-    parts = [f"FINDINGS: {self.findings}" if self.findings else "",
-             f"IMPRESSION: {self.impression}" if self.impression else ""]
+    parts = [
+      f"FINDINGS: {self.findings}" if self.findings else "",
+      f"IMPRESSION: {self.impression}" if self.impression else "",
+    ]
     return "\n".join(p for p in parts if p)
 
 
@@ -108,8 +110,9 @@ def parse_report(data: bytes | str, name: str = "<report>") -> OpenIReport:
   except ET.ParseError as e:
     raise OpenIFormatError(f"{name}: malformed Open-i report XML ({e})") from None
   if root.tag != "eCitation":
-    raise OpenIFormatError(f"{name}: not an Open-i report (root element <{root.tag}>, "
-                           "expected <eCitation>)")
+    raise OpenIFormatError(
+      f"{name}: not an Open-i report (root element <{root.tag}>, expected <eCitation>)"
+    )
   sections = {a.get("Label", "").upper(): _text(a) for a in root.iter("AbstractText")}
   uid = root.find("uId")
   mesh = root.find("MeSH")
@@ -139,8 +142,10 @@ def load_reports(path: str | Path | None = None) -> OpenIReports:
   """
   path = Path(path) if path is not None else default_reports_path()
   if not path.is_file():
-    raise FileNotFoundError(f"Open-i report archive {path} not found; the default one ships with "
-                            f"torchxrayvision ({INSTALL_HINT})")
+    raise FileNotFoundError(
+      f"Open-i report archive {path} not found; the default one ships with "
+      f"torchxrayvision ({INSTALL_HINT})"
+    )
   stat = path.stat()  # a rewritten file is parsed again
   return _load_reports(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
@@ -150,8 +155,10 @@ def _load_reports(resolved: str, mtime_ns: int, size: int) -> OpenIReports:
   del mtime_ns, size  # cache key only
   path = Path(resolved)
   if not path.is_file():
-    raise FileNotFoundError(f"Open-i report archive {path} not found; the default one ships with "
-                            f"torchxrayvision ({INSTALL_HINT})")
+    raise FileNotFoundError(
+      f"Open-i report archive {path} not found; the default one ships with "
+      f"torchxrayvision ({INSTALL_HINT})"
+    )
   reports, skipped = [], []
   try:
     with tarfile.open(path) as tar:
@@ -161,8 +168,10 @@ def _load_reports(resolved: str, mtime_ns: int, size: int) -> OpenIReports:
         report = parse_report(tar.extractfile(member).read(), member.name)
         (reports if report.findings or report.impression else skipped).append(report)
   except (tarfile.TarError, EOFError, OSError) as e:
-    raise OpenIFormatError(f"{path}: cannot read the report archive ({e}); reinstall with: "
-                           f"{INSTALL_HINT} --force-reinstall") from None
+    raise OpenIFormatError(
+      f"{path}: cannot read the report archive ({e}); reinstall with: "
+      f"{INSTALL_HINT} --force-reinstall"
+    ) from None
   reports.sort(key=lambda r: _file_number(r.file))
   return OpenIReports(tuple(reports), tuple(sorted((r.file for r in skipped), key=_file_number)))
 
@@ -202,20 +211,53 @@ _DEVICE_KIND = {
 }
 _OPACITIES = ("Opacity", "Density", "Airspace Disease", "Infiltrate", "Consolidation")
 # Modifiers that put a lesion or device outside the lung fields we draw: such terms are ignored.
-NON_LUNG_SITES = frozenset({
-  "ribs", "thoracic vertebrae", "lumbar vertebrae", "cervical vertebrae", "spine", "clavicle",
-  "sternum", "breast", "mediastinum", "paratracheal", "heart", "mitral valve", "aortic valve",
-  "adipose tissue", "abdomen", "humerus", "shoulder", "pleura", "aorta", "trachea", "neck",
-})
+NON_LUNG_SITES = frozenset(
+  {
+    "ribs",
+    "thoracic vertebrae",
+    "lumbar vertebrae",
+    "cervical vertebrae",
+    "spine",
+    "clavicle",
+    "sternum",
+    "breast",
+    "mediastinum",
+    "paratracheal",
+    "heart",
+    "mitral valve",
+    "aortic valve",
+    "adipose tissue",
+    "abdomen",
+    "humerus",
+    "shoulder",
+    "pleura",
+    "aorta",
+    "trachea",
+    "neck",
+  }
+)
 _ZONE_WORDS = {
-  "base": "lower", "lower lobe": "lower", "retrocardiac": "lower", "costophrenic angle": "lower",
-  "middle lobe": "middle", "lingula": "middle", "hilum": "middle",
-  "upper lobe": "upper", "apex": "upper",
+  "base": "lower",
+  "lower lobe": "lower",
+  "retrocardiac": "lower",
+  "costophrenic angle": "lower",
+  "middle lobe": "middle",
+  "lingula": "middle",
+  "hilum": "middle",
+  "upper lobe": "upper",
+  "apex": "upper",
 }
 _SEVERITY_WORDS = {
-  "mild": "mild", "small": "mild", "borderline": "mild", "minimal": "mild", "trace": "mild",
+  "mild": "mild",
+  "small": "mild",
+  "borderline": "mild",
+  "minimal": "mild",
+  "trace": "mild",
   "moderate": "moderate",
-  "severe": "severe", "large": "severe", "extensive": "severe", "massive": "severe",
+  "severe": "severe",
+  "large": "severe",
+  "extensive": "severe",
+  "massive": "severe",
 }
 
 
@@ -237,8 +279,11 @@ def map_mesh_term(term: str) -> dict | None:
   if head in _OPACITIES:
     if "interstitial" in mods:
       return None  # interstitial patterns (fibrosis, chronic change) are not drawn
-    if head in ("Opacity", "Density") and mods - {"round"} and not mods & {
-        "lung", "retrocardiac", "pulmonary alveoli"}:
+    if (
+      head in ("Opacity", "Density")
+      and mods - {"round"}
+      and not mods & {"lung", "retrocardiac", "pulmonary alveoli"}
+    ):
       return None
     if "round" in mods:
       name = "Nodule"
@@ -287,8 +332,7 @@ def mesh_to_findings(terms: Iterable[str], rng: np.random.Generator) -> tuple[Fi
         zone = zone or ("lower" if name == "Atelectasis" else ZONES[int(rng.integers(3))])
     if name in ("Nodule", "Calcified Granuloma") and side == "bilateral" and m["count"] == 1:
       side = ("right", "left")[int(rng.integers(2))]
-    f = Finding(name, side=side, zone=zone, severity=severity, count=m["count"],
-                device=m["device"])
+    f = Finding(name, side=side, zone=zone, severity=severity, count=m["count"], device=m["device"])
     if f not in out:
       out.append(f)
   return tuple(out)

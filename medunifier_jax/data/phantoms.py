@@ -130,6 +130,7 @@ class Phantom:
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
   """Draws normal anatomy with realistic variation, small pose changes and exposure."""
+
   def u(lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
@@ -177,8 +178,11 @@ def sample_finding(name: str, rng: np.random.Generator) -> Finding:
   side = _pick(rng, ("right", "left", "right", "left", "bilateral"))
   if name in _ZONED:
     zone = "lower" if name == "Atelectasis" and rng.random() < 0.6 else _pick(rng, ZONES)
-    count = int(rng.integers(2, 4)) if name in ("Nodule", "Calcified Granuloma") and (
-      rng.random() < 0.25) else 1
+    count = (
+      int(rng.integers(2, 4))
+      if name in ("Nodule", "Calcified Granuloma") and (rng.random() < 0.25)
+      else 1
+    )
     if name in ("Nodule", "Calcified Granuloma") and count == 1 and side == "bilateral":
       side = _pick(rng, ("right", "left"))
     return Finding(name, side=side, zone=zone, severity=severity, count=count)
@@ -248,9 +252,9 @@ class _Canvas:
     self.size = size
     tex = _textures(size)
     oy, ox = (int(a.texture_offset[0] * size), int(a.texture_offset[1] * size))
-    self.fine = tex[0, oy:oy + size, ox:ox + size]
-    self.coarse = tex[1, oy:oy + size, ox:ox + size]
-    self.noise = tex[2, oy:oy + size, ox:ox + size]
+    self.fine = tex[0, oy : oy + size, ox : ox + size]
+    self.coarse = tex[1, oy : oy + size, ox : ox + size]
+    self.noise = tex[2, oy : oy + size, ox : ox + size]
     self.heart = self._heart(a.ctr)
     self.lung = {side: self._lung(side) for side in ("right", "left")}
 
@@ -282,8 +286,13 @@ class _Canvas:
 
   def lung_window(self, side: str) -> Window:
     a = self.a
-    return self.side_window(side, a.mediastinum - 0.02, a.thorax * 1.08 + 0.02, a.apex - 0.02,
-                            self.dome(side) + a.angle_depth + 0.02)
+    return self.side_window(
+      side,
+      a.mediastinum - 0.02,
+      a.thorax * 1.08 + 0.02,
+      a.apex - 0.02,
+      self.dome(side) + a.angle_depth + 0.02,
+    )
 
   def _lung(self, side: str) -> np.ndarray:
     a = self.a
@@ -309,8 +318,9 @@ class _Canvas:
     a = self.a
     width = ctr * 2.0 * a.thorax
     hy, hv = a.dome_right - 0.1, 0.36
-    w = self.window(a.heart_shift - 0.4 * width, a.heart_shift + 0.64 * width,
-                    hy - hv - 0.2, hy + hv + 0.2)
+    w = self.window(
+      a.heart_shift - 0.4 * width, a.heart_shift + 0.64 * width, hy - hv - 0.2, hy + hv + 0.2
+    )
     xr = self.x[w] - a.heart_shift
     yr = self.y[w] - hy - 0.25 * xr  # the long axis points down to the left (the apex)
     half = np.where(xr > 0, np.float32(0.62 * width), np.float32(0.38 * width))
@@ -466,7 +476,8 @@ def _draw(f: Finding, att: np.ndarray, cv: _Canvas, rng: np.random.Generator) ->
       for k in range(sev + 1):  # plate-like bands, more of them when worse
         yk = cy + (k - sev / 2) * 0.09
         band = (np.abs(yw - yk - tilt * (xw - cx)) < (0.028, 0.032, 0.036)[sev]) & (
-          np.abs(xw - cx) < half)
+          np.abs(xw - cx) < half
+        )
         att[w] += 0.3 * (band & cv.lung[side][w])
     return
   if f.name == "Edema":
@@ -484,7 +495,7 @@ def _draw(f: Finding, att: np.ndarray, cv: _Canvas, rng: np.random.Generator) ->
     for side in ("right", "left"):
       w = cv.lung_window(side)
       xs = cv.lateral(side, w)
-      periph = np.exp(-((xs - a.thorax + 0.06) / 0.24) ** 2) * np.clip((y[w] + 0.3) * 2, 0, 1)
+      periph = np.exp(-(((xs - a.thorax + 0.06) / 0.24) ** 2)) * np.clip((y[w] + 0.3) * 2, 0, 1)
       patch = np.clip(0.6 + 0.6 * cv.coarse[w], 0.0, 1.0)  # multifocal ground glass
       att[w] += dens * periph * patch * cv.lung[side][w]
     return

@@ -90,12 +90,12 @@ class ExampleProcessor:
   @classmethod
   def from_config(cls, source: Any, tokenizer: Any, data_config: Any) -> ExampleProcessor:
     return cls(
-        source=source,
-        encoder=tokenizer_lib.fixed_length_encoder(tokenizer, int(data_config.max_text_len)),
-        image_size=int(data_config.image_size),
-        image_mean=tuple(float(m) for m in data_config.image_mean),
-        image_std=tuple(float(s) for s in data_config.image_std),
-        max_words=data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS),
+      source=source,
+      encoder=tokenizer_lib.fixed_length_encoder(tokenizer, int(data_config.max_text_len)),
+      image_size=int(data_config.image_size),
+      image_mean=tuple(float(m) for m in data_config.image_mean),
+      image_std=tuple(float(s) for s in data_config.image_std),
+      max_words=data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS),
     )
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
@@ -108,11 +108,11 @@ class ExampleProcessor:
     report = text_lib.clean_report(record["report"], self.max_words)
     tokens = tokenizer_lib.encode(self.encoder, [report])
     example = {
-        "image": images.normalize(rgb, self.image_mean, self.image_std),
-        "target_image": rgb,
-        "input_ids": tokens["input_ids"][0],
-        "attention_mask": tokens["attention_mask"][0],
-        "index": np.int32(index),
+      "image": images.normalize(rgb, self.image_mean, self.image_std),
+      "target_image": rgb,
+      "input_ids": tokens["input_ids"][0],
+      "attention_mask": tokens["attention_mask"][0],
+      "index": np.int32(index),
     }
     if record.get("labels") is not None:
       example["labels"] = np.asarray(record["labels"], np.float32)
@@ -147,20 +147,20 @@ def host_batch_size(global_batch_size: int, shard_count: int) -> int:
   """The per-host batch: global / number of hosts (must divide)."""
   if global_batch_size % shard_count:
     raise ValueError(
-        f"the global batch size {global_batch_size} is not divisible by the {shard_count} "
-        f"hosts; set config.batch_size to a multiple of {shard_count}"
+      f"the global batch size {global_batch_size} is not divisible by the {shard_count} "
+      f"hosts; set config.batch_size to a multiple of {shard_count}"
     )
   return global_batch_size // shard_count
 
 
 def _host_inputs(
-    config: Any,
-    tokenizer: Any,
-    source: Any,
-    split: str,
-    shard_index: int | None,
-    shard_count: int | None,
-    batch_size: int | None = None,
+  config: Any,
+  tokenizer: Any,
+  source: Any,
+  split: str,
+  shard_index: int | None,
+  shard_count: int | None,
+  batch_size: int | None = None,
 ) -> tuple[Any, int, int, int]:
   """What every dataset settles first: the tokenizer checked against the model, the source
   (default: the registered one for `split`), this host's shard and its batch size.
@@ -177,10 +177,12 @@ def _host_inputs(
   return source, shard_index, shard_count, batch
 
 
-def _prefetched(ds: grain.MapDataset, worker_count: int, read_threads: int,
-                prefetch_batches: int) -> grain.IterDataset:
+def _prefetched(
+  ds: grain.MapDataset, worker_count: int, read_threads: int, prefetch_batches: int
+) -> grain.IterDataset:
   it = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+  )
   if worker_count > 0:
     from absl import flags
 
@@ -199,16 +201,16 @@ def _copy_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def train_dataset(
-    config: Any,
-    tokenizer: Any,
-    *,
-    source: Any = None,
-    split: str = "train",
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_epochs: int | None = None,
-    read_threads: int = DEFAULT_READ_THREADS,
-    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+  config: Any,
+  tokenizer: Any,
+  *,
+  source: Any = None,
+  split: str = "train",
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_epochs: int | None = None,
+  read_threads: int = DEFAULT_READ_THREADS,
+  prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
 ) -> grain.IterDataset:
   """Shuffled, sharded, repeated training batches of config.batch_size / shard_count examples.
 
@@ -222,13 +224,14 @@ def train_dataset(
     read_threads, prefetch_batches: thread prefetching per process (batches are elements).
   """
   source, shard_index, shard_count, batch = _host_inputs(
-      config, tokenizer, source, split, shard_index, shard_count)
+    config, tokenizer, source, split, shard_index, shard_count
+  )
   n = len(source)
   per_host = n // shard_count
   if per_host < batch:
     raise ValueError(
-        f"split {split!r} has {n} examples, {per_host} per host, fewer than one host batch of "
-        f"{batch}; lower config.batch_size or use a larger split"
+      f"split {split!r} has {n} examples, {per_host} per host, fewer than one host batch of "
+      f"{batch}; lower config.batch_size or use a larger split"
     )
   ds = grain.MapDataset.range(n).shuffle(seed=int(config.data.shuffle_seed))
   # Epoch e reads epoch e of the shuffle, cut to a multiple of the host count.
@@ -242,16 +245,16 @@ def train_dataset(
 
 
 def eval_dataset(
-    config: Any,
-    tokenizer: Any,
-    *,
-    source: Any = None,
-    split: str = "val",
-    batch_size: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    read_threads: int = DEFAULT_READ_THREADS,
-    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+  config: Any,
+  tokenizer: Any,
+  *,
+  source: Any = None,
+  split: str = "val",
+  batch_size: int | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  read_threads: int = DEFAULT_READ_THREADS,
+  prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
 ) -> grain.IterDataset:
   """Every example once, in order, in padded batches with a `mask` (see module docstring).
 
@@ -259,7 +262,8 @@ def eval_dataset(
   every global batch. `batch_size` is global (default config.batch_size).
   """
   source, shard_index, shard_count, batch = _host_inputs(
-      config, tokenizer, source, split, shard_index, shard_count, batch_size)
+    config, tokenizer, source, split, shard_index, shard_count, batch_size
+  )
   n = len(source)
   if n == 0:
     raise ValueError(f"split {split!r} of {config.data.name!r} is empty; nothing to evaluate")

@@ -40,7 +40,7 @@ class Summary:
   def format(self) -> str:
     lines = [
       f"{self.name}/{self.config}: {'prepared' if self.built else 'already prepared, reused'} "
-      f"at {self.data_path}",
+      f"at {self.data_path}"
     ]
     for split, n in self.examples.items():
       lines.append(f"  {split}: {n} examples")
@@ -198,11 +198,17 @@ class CommandFlags:
 
   def prepare_args(self) -> dict:
     """The parsed values as `prepare`'s keyword arguments (all but the name)."""
-    return dict(manual_dir=self.manual_dir.value, data_dir=self.data_dir.value,
-                image_size=self.image_size.value, class_set=self.class_set.value,
-                seed=self.seed.value, per_class=self.per_class.value,
-                held_out=self.held_out.value, num_threads=self.threads.value,
-                overwrite=self.overwrite.value)
+    return dict(
+      manual_dir=self.manual_dir.value,
+      data_dir=self.data_dir.value,
+      image_size=self.image_size.value,
+      class_set=self.class_set.value,
+      seed=self.seed.value,
+      per_class=self.per_class.value,
+      held_out=self.held_out.value,
+      num_threads=self.threads.value,
+      overwrite=self.overwrite.value,
+    )
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> CommandFlags:
@@ -214,27 +220,43 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> CommandFlags:
   """
   fv = dict(flag_values=flag_values)
   options = CommandFlags(
-    manual_dir=flags.DEFINE_string("manual-dir", None, "The downloaded files, as published.",
-                                   **fv),
+    manual_dir=flags.DEFINE_string("manual-dir", None, "The downloaded files, as published.", **fv),
     data_dir=flags.DEFINE_string("data-dir", None, "Where the prepared data set goes.", **fv),
     image_size=flags.DEFINE_integer("image-size", 224, "Stored image side (px).", **fv),
     class_set=flags.DEFINE_string(
-      "class-set", None, "chexpert_5x200/mimic_5x200: gloria | pneumonia; covidx: three_class "
-      "| binary.", **fv),
+      "class-set",
+      None,
+      "chexpert_5x200/mimic_5x200: gloria | pneumonia; covidx: three_class | binary.",
+      **fv,
+    ),
     seed=flags.DEFINE_integer(
-      "seed", None, "Sampling / split seed (default: the data set's, 5 for siim_pneumothorax "
-      "as the paper's code, else 0).", **fv),
-    per_class=flags.DEFINE_integer("per-class", common.DEFAULT_PER_CLASS,
-                                   "5x200 sets: images per class.", **fv),
+      "seed",
+      None,
+      "Sampling / split seed (default: the data set's, 5 for siim_pneumothorax "
+      "as the paper's code, else 0).",
+      **fv,
+    ),
+    per_class=flags.DEFINE_integer(
+      "per-class", common.DEFAULT_PER_CLASS, "5x200 sets: images per class.", **fv
+    ),
     held_out=flags.DEFINE_multi_string(
-      "held-out", None, "PATH|none. mimic_cxr: hold the patients of this MIMIC 5x200 set (a "
+      "held-out",
+      None,
+      "PATH|none. mimic_cxr: hold the patients of this MIMIC 5x200 set (a "
       "prepared mimic_5x200 folder or its held_out.csv) out of train and validation, besides "
       "those prepared under --data-dir, which are always held out; repeatable. 'none': hold "
-      "nothing out.", **fv),
-    threads=flags.DEFINE_integer("threads", None, "Image decoding threads (default: min(8, "
-                                 "CPUs)).", **fv),
-    overwrite=flags.DEFINE_bool("overwrite", False, "Rebuild even if prepared (needed when the "
-                                "prepared copy's fingerprint differs).", **fv),
+      "nothing out.",
+      **fv,
+    ),
+    threads=flags.DEFINE_integer(
+      "threads", None, "Image decoding threads (default: min(8, CPUs)).", **fv
+    ),
+    overwrite=flags.DEFINE_bool(
+      "overwrite",
+      False,
+      "Rebuild even if prepared (needed when the prepared copy's fingerprint differs).",
+      **fv,
+    ),
   )
   flags.mark_flags_as_required(["manual-dir", "data-dir"], **fv)
   return options
@@ -247,8 +269,11 @@ def run(args: Sequence[str], options: CommandFlags) -> int:
 
   if len(args) != 1 or args[0] not in BUILDERS:
     # The positional name is not an absl flag, so it is checked here.
-    print(f"error: give one data set name, one of {', '.join(sorted(BUILDERS))}; got "
-          f"{' '.join(args) or 'none'}", file=sys.stderr)
+    print(
+      f"error: give one data set name, one of {', '.join(sorted(BUILDERS))}; got "
+      f"{' '.join(args) or 'none'}",
+      file=sys.stderr,
+    )
     return 2
   logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS's notes on custom configurations
   try:

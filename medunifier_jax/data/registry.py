@@ -51,8 +51,8 @@ def register(name: str, factory: SourceFactory | None = None):
     old = _FACTORIES.get(name)
     if old is not None and _qualname(old) != _qualname(f):
       raise ValueError(
-          f"data set name {name!r} is already registered by {_qualname(old)}; "
-          f"choose another name for {_qualname(f)}"
+        f"data set name {name!r} is already registered by {_qualname(old)}; "
+        f"choose another name for {_qualname(f)}"
       )
     _FACTORIES[name] = f
     return f
@@ -86,7 +86,7 @@ def get_source(name: str, split: str, data_config: Any):
   if name not in _FACTORIES:
     known = ", ".join(sorted(_FACTORIES)) or "(none)"
     raise UnknownDataSetError(
-        f"unknown data set {name!r}; known data sets: {known}. Set config.data.name to one of "
-        "them, or register a source with medunifier_jax.data.registry.register."
+      f"unknown data set {name!r}; known data sets: {known}. Set config.data.name to one of "
+      "them, or register a source with medunifier_jax.data.registry.register."
     )
   return _FACTORIES[name](split, data_config)

@@ -65,8 +65,16 @@ def write_contact_sheet(
     report = e.report if len(e.report) <= report_chars else e.report[:report_chars] + "..."
     text = "\n".join(textwrap.wrap(_finding_line(e), 48)[:3])
     text += "\n\n" + "\n".join(textwrap.wrap(report.replace("\n", " "), 52)[:7])
-    ax.text(0.0, -0.02, text, transform=ax.transAxes, va="top", ha="left", fontsize=6.2,
-            family="monospace")
+    ax.text(
+      0.0,
+      -0.02,
+      text,
+      transform=ax.transAxes,
+      va="top",
+      ha="left",
+      fontsize=6.2,
+      family="monospace",
+    )
   fig.suptitle(f"{name} / {split}: {n} phantoms at {size} px", fontsize=11)
   fig.tight_layout(rect=(0, 0, 1, 0.98))
   fig.savefig(out, dpi=110)

@@ -17,14 +17,23 @@ import numpy as np
 from medunifier_jax.data.phantoms import Finding
 
 _SEVERITY = {
-  "default": {"mild": ("mild", "minimal", "slight"), "moderate": ("moderate",),
-              "severe": ("severe", "marked", "extensive")},
-  "size": {"mild": ("small", "small", "tiny"), "moderate": ("moderate", "moderate-sized"),
-           "severe": ("large", "large")},
+  "default": {
+    "mild": ("mild", "minimal", "slight"),
+    "moderate": ("moderate",),
+    "severe": ("severe", "marked", "extensive"),
+  },
+  "size": {
+    "mild": ("small", "small", "tiny"),
+    "moderate": ("moderate", "moderate-sized"),
+    "severe": ("large", "large"),
+  },
 }
 _ADVERB = {"mild": ("mildly",), "moderate": ("moderately",), "severe": ("markedly", "severely")}
-_NODULE_SIZE = {"mild": ("6 mm", "7 mm", "small"), "moderate": ("1 cm", "12 mm"),
-                "severe": ("2 cm", "large")}
+_NODULE_SIZE = {
+  "mild": ("6 mm", "7 mm", "small"),
+  "moderate": ("1 cm", "12 mm"),
+  "severe": ("2 cm", "large"),
+}
 
 _POSITIVE = {
   "Cardiomegaly": (
@@ -80,14 +89,22 @@ _POSITIVE = {
   ),
 }
 _DEVICE = {
-  "endotracheal tube": ("Endotracheal tube in standard position.",
-                        "The endotracheal tube tip is above the carina."),
-  "central venous catheter": ("Right subclavian central venous catheter with tip in the SVC.",
-                              "A right-sided central venous catheter terminates in the SVC."),
-  "pacemaker": ("Left chest wall pacemaker with lead in the right ventricle.",
-                "A left-sided pacemaker is in place."),
-  "ecg leads": ("ECG leads overlie the chest.",
-                "External monitoring leads project over the chest."),
+  "endotracheal tube": (
+    "Endotracheal tube in standard position.",
+    "The endotracheal tube tip is above the carina.",
+  ),
+  "central venous catheter": (
+    "Right subclavian central venous catheter with tip in the SVC.",
+    "A right-sided central venous catheter terminates in the SVC.",
+  ),
+  "pacemaker": (
+    "Left chest wall pacemaker with lead in the right ventricle.",
+    "A left-sided pacemaker is in place.",
+  ),
+  "ecg leads": (
+    "ECG leads overlie the chest.",
+    "External monitoring leads project over the chest.",
+  ),
 }
 _IMPRESSION = {
   "Cardiomegaly": ("{Sev} cardiomegaly.",),
@@ -104,24 +121,46 @@ _IMPRESSION = {
 }
 # Negations of absent findings (one finding per sentence, or two both absent).
 _NEGATIVE = {
-  "Pleural Effusion": ("No pleural effusion.", "There is no pleural effusion.",
-                       "No evidence of pleural effusion."),
+  "Pleural Effusion": (
+    "No pleural effusion.",
+    "There is no pleural effusion.",
+    "No evidence of pleural effusion.",
+  ),
   "Pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."),
   "Consolidation": ("No focal consolidation.", "There is no focal consolidation."),
   "Edema": ("No pulmonary edema.", "There is no pulmonary edema."),
-  "Cardiomegaly": ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
-                   "No cardiomegaly."),
+  "Cardiomegaly": (
+    "Heart size is normal.",
+    "The cardiac silhouette is within normal limits.",
+    "No cardiomegaly.",
+  ),
   "Pneumonia": ("No evidence of pneumonia.",),
   "Nodule": ("No suspicious pulmonary nodules.",),
   "Atelectasis": ("No atelectasis.",),
 }
 _NEGATIVE_PAIR = "No pleural effusion or pneumothorax."
-_CLEAR_LUNGS = ("The lungs are clear.", "Lungs are clear bilaterally.",
-                "The lungs are well expanded and clear.")
-_NORMAL_IMPRESSION = ("No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.",
-                      "Normal chest radiograph.", "No active disease.")
-_LUNG_FINDINGS = {"Atelectasis", "Consolidation", "Edema", "Pleural Effusion", "Pneumonia",
-                  "Pneumothorax", "Nodule", "Calcified Granuloma", "COVID-19"}
+_CLEAR_LUNGS = (
+  "The lungs are clear.",
+  "Lungs are clear bilaterally.",
+  "The lungs are well expanded and clear.",
+)
+_NORMAL_IMPRESSION = (
+  "No acute cardiopulmonary abnormality.",
+  "No acute cardiopulmonary process.",
+  "Normal chest radiograph.",
+  "No active disease.",
+)
+_LUNG_FINDINGS = {
+  "Atelectasis",
+  "Consolidation",
+  "Edema",
+  "Pleural Effusion",
+  "Pneumonia",
+  "Pneumothorax",
+  "Nodule",
+  "Calcified Granuloma",
+  "COVID-19",
+}
 
 
 class _Draws:

@@ -85,8 +85,12 @@ class Example:
   id: str
 
   def record(self) -> dict:
-    out = {"image": self.phantom.image, "report": self.report, "labels": self.phantom.labels,
-           "id": self.id}
+    out = {
+      "image": self.phantom.image,
+      "report": self.report,
+      "labels": self.phantom.labels,
+      "id": self.id,
+    }
     if self.label is not None:
       out["label"] = self.label
     return out
@@ -160,8 +164,13 @@ class PhantomOpenISource(PhantomSource):
   set_code = 1
 
   def __init__(self, split: str, data_config: Any):
-    super().__init__("phantom_openi", split, _cfg(data_config, "image_size"),
-                     _split_size(data_config, split), _cfg(data_config, "phantom_seed"))
+    super().__init__(
+      "phantom_openi",
+      split,
+      _cfg(data_config, "image_size"),
+      _split_size(data_config, split),
+      _cfg(data_config, "phantom_seed"),
+    )
     self.templated_fraction = float(_cfg(data_config, "templated_fraction"))
     if not 0.0 <= self.templated_fraction <= 1.0:
       raise ValueError(f"data.templated_fraction must be in [0, 1], got {self.templated_fraction}")
@@ -174,8 +183,9 @@ class PhantomOpenISource(PhantomSource):
   def openi_reports(self) -> tuple[openi.OpenIReport, ...]:
     """The Open-i reports of this split (parsed once per process)."""
     parsed = openi.load_reports(self.reports_path)
-    mine = tuple(r for r in parsed.reports
-                 if openi.report_split(r.file, self.split_seed) == self.report_split)
+    mine = tuple(
+      r for r in parsed.reports if openi.report_split(r.file, self.split_seed) == self.report_split
+    )
     if not mine:
       raise ValueError(f"no Open-i reports fall in split {self.split!r}")
     return mine
@@ -183,8 +193,9 @@ class PhantomOpenISource(PhantomSource):
   def _plan(self, i: int, rng: np.random.Generator) -> _Plan:
     if _is_marked(i, self.templated_fraction):
       found = phantoms.sample_findings(rng, self.normal_fraction)
-      return _Plan(found, reports.templated_report(found, rng), None,
-                   f"{self.name}/{self.split}/{i}:templated")
+      return _Plan(
+        found, reports.templated_report(found, rng), None, f"{self.name}/{self.split}/{i}:templated"
+      )
     j = i - _marked_before(i, self.templated_fraction)
     r = self.openi_reports[j % len(self.openi_reports)]
     found = openi.mesh_to_findings(r.mesh, rng)
@@ -195,8 +206,9 @@ class ClassSource(PhantomSource):
   """A classification set with templated reports; subclasses draw each class's findings."""
 
   def __init__(self, name: str, split: str, data_config: Any, length: int):
-    super().__init__(name, split, _cfg(data_config, "image_size"), length,
-                     _cfg(data_config, "phantom_seed"))
+    super().__init__(
+      name, split, _cfg(data_config, "image_size"), length, _cfg(data_config, "phantom_seed")
+    )
 
   def _draw(self, i: int, rng: np.random.Generator) -> tuple[int, tuple[Finding, ...]]:
     raise NotImplementedError
@@ -204,8 +216,12 @@ class ClassSource(PhantomSource):
   def _plan(self, i: int, rng: np.random.Generator) -> _Plan:
     label, found = self._draw(i, rng)
     found = tuple(sorted(found, key=lambda f: findings_lib.finding_index(f.name)))
-    return _Plan(found, reports.templated_report(found, rng), label,
-                 f"{self.name}/{self.split}/{i}:{self.class_names[label]}")
+    return _Plan(
+      found,
+      reports.templated_report(found, rng),
+      label,
+      f"{self.name}/{self.split}/{i}:{self.class_names[label]}",
+    )
 
 
 class FiveBy200Source(ClassSource):
@@ -235,7 +251,8 @@ class BinarySource(ClassSource):
     self.positive_fraction = float(_cfg(data_config, "cls_positive_fraction"))
     if not 0.0 <= self.positive_fraction <= 1.0:
       raise ValueError(
-        f"data.cls_positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        f"data.cls_positive_fraction must be in [0, 1], got {self.positive_fraction}"
+      )
 
   def _extra(self, rng: np.random.Generator, p: float) -> tuple[Finding, ...]:
     if rng.random() >= p:
@@ -254,8 +271,16 @@ class PneumoniaSource(BinarySource):
   set_code = 3
   class_names = findings_lib.CLASSES_PNEUMONIA
   target = "Pneumonia"
-  others = ("Atelectasis", "Cardiomegaly", "Pleural Effusion", "Nodule", "Calcified Granuloma",
-            "Support Devices", "Edema", "Pneumothorax")
+  others = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Pleural Effusion",
+    "Nodule",
+    "Calcified Granuloma",
+    "Support Devices",
+    "Edema",
+    "Pneumothorax",
+  )
 
   def __init__(self, split: str, data_config: Any):
     super().__init__("phantom_pneumonia", split, data_config)
@@ -267,8 +292,17 @@ class PneumothoraxSource(BinarySource):
   set_code = 4
   class_names = findings_lib.CLASSES_PNEUMOTHORAX
   target = "Pneumothorax"
-  others = ("Atelectasis", "Cardiomegaly", "Consolidation", "Pleural Effusion", "Pneumonia",
-            "Nodule", "Calcified Granuloma", "Support Devices", "Edema")
+  others = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Pleural Effusion",
+    "Pneumonia",
+    "Nodule",
+    "Calcified Granuloma",
+    "Support Devices",
+    "Edema",
+  )
 
   def __init__(self, split: str, data_config: Any):
     super().__init__("phantom_pneumothorax", split, data_config)
@@ -281,8 +315,9 @@ class CovidxSource(ClassSource):
   class_names = findings_lib.CLASSES_COVIDX
 
   def __init__(self, split: str, data_config: Any):
-    super().__init__("phantom_covidx", split, data_config,
-                     _split_size(data_config, split, "cls_num"))
+    super().__init__(
+      "phantom_covidx", split, data_config, _split_size(data_config, split, "cls_num")
+    )
 
   def _draw(self, i, rng):
     c = i % 3

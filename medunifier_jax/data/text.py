@@ -58,7 +58,7 @@ _HAS_WORD = re.compile(r"\w")
 
 
 def clean_report(
-    text: str, max_words: int | None = DEFAULT_MAX_WORDS, deid_token: str = DEID_TOKEN
+  text: str, max_words: int | None = DEFAULT_MAX_WORDS, deid_token: str = DEID_TOKEN
 ) -> str:
   """Cleans one report for the model input (DESIGN 2.1).
 
@@ -91,11 +91,11 @@ def cleaning_rule() -> dict[str, object]:
   so a data set prepared under another rule is detected instead of silently reused.
   """
   return {
-      "version": CLEANING_VERSION,
-      "punctuation": _PUNCTUATION.pattern,
-      "whitespace": _WHITESPACE.pattern,
-      "deid_run": _DEID_RUN.pattern,
-      "deid_token": DEID_TOKEN,
+    "version": CLEANING_VERSION,
+    "punctuation": _PUNCTUATION.pattern,
+    "whitespace": _WHITESPACE.pattern,
+    "deid_run": _DEID_RUN.pattern,
+    "deid_token": DEID_TOKEN,
   }
 
 

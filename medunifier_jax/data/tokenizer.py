@@ -71,14 +71,14 @@ def load_tokenizer(folder: str):
 def _check_folder(folder: str, shown_as: str, exists: bool) -> None:
   if not exists:
     raise FileNotFoundError(
-        f"tokenizer folder {shown_as} does not exist; set config.data.tokenizer_dir to a BERT "
-        "tokenizer folder (vocab.txt or tokenizer.json), or to '' to train one on the reports"
+      f"tokenizer folder {shown_as} does not exist; set config.data.tokenizer_dir to a BERT "
+      "tokenizer folder (vocab.txt or tokenizer.json), or to '' to train one on the reports"
     )
   if not any(os.path.isfile(os.path.join(folder, f)) for f in VOCAB_FILES):
     raise FileNotFoundError(
-        f"tokenizer folder {shown_as} has no vocab.txt/tokenizer.json; point "
-        "config.data.tokenizer_dir at a BERT tokenizer folder, or set it to '' to train a "
-        "WordPiece vocabulary on the report corpus"
+      f"tokenizer folder {shown_as} has no vocab.txt/tokenizer.json; point "
+      "config.data.tokenizer_dir at a BERT tokenizer folder, or set it to '' to train a "
+      "WordPiece vocabulary on the report corpus"
     )
 
 
@@ -93,8 +93,8 @@ def _load_local(folder: str, shown_as: str):
   dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
   if dec_id != len(tokenizer) - 1:
     raise ValueError(
-        f"{DEC_TOKEN} has id {dec_id} in tokenizer folder {shown_as}, but it must be the last "
-        f"id ({len(tokenizer) - 1}); remove {DEC_TOKEN} (and tokens after it) from its vocabulary"
+      f"{DEC_TOKEN} has id {dec_id} in tokenizer folder {shown_as}, but it must be the last "
+      f"id ({len(tokenizer) - 1}); remove {DEC_TOKEN} (and tokens after it) from its vocabulary"
     )
   return tokenizer
 
@@ -130,16 +130,16 @@ def train_vocabulary(texts: Sequence[str], vocab_size: int, min_frequency: int =
   smallest = len(SPECIAL_TOKENS) + 2 * len(chars)
   if vocab_size < smallest:
     raise ValueError(
-        f"tokenizer_vocab_size {vocab_size} is too small for this corpus: its {len(chars)} "
-        f"characters need {smallest} tokens (specials, characters and ## pieces); set "
-        f"config.data.tokenizer_vocab_size >= {smallest}"
+      f"tokenizer_vocab_size {vocab_size} is too small for this corpus: its {len(chars)} "
+      f"characters need {smallest} tokens (specials, characters and ## pieces); set "
+      f"config.data.tokenizer_vocab_size >= {smallest}"
     )
   trainer = trainers.WordPieceTrainer(
-      vocab_size=vocab_size,
-      min_frequency=min_frequency,
-      special_tokens=[*SPECIAL_TOKENS, *continuations],
-      limit_alphabet=len(chars),
-      show_progress=False,
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=[*SPECIAL_TOKENS, *continuations],
+    limit_alphabet=len(chars),
+    show_progress=False,
   )
   backend.train_from_iterator(texts, trainer)
   vocab = backend.get_vocab(with_added_tokens=False)
@@ -163,9 +163,7 @@ def save_vocabulary(tokens: Sequence[str], folder: str) -> None:
   BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)
 
 
-def train_tokenizer(
-    texts: Sequence[str], vocab_size: int, folder: str, min_frequency: int = 2
-):
+def train_tokenizer(texts: Sequence[str], vocab_size: int, folder: str, min_frequency: int = 2):
   """Trains a WordPiece vocabulary on `texts`, saves it to `folder`, and loads it back.
 
   Returns:
@@ -183,8 +181,9 @@ def corpus_key(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) ->
   return h.hexdigest()[:16]
 
 
-def get_tokenizer(data_config: Any, corpus: Iterable[str] | None = None,
-                  cache_dir: str | None = None):
+def get_tokenizer(
+  data_config: Any, corpus: Iterable[str] | None = None, cache_dir: str | None = None
+):
   """The tokenizer the configuration asks for.
 
   Args:
@@ -203,8 +202,8 @@ def get_tokenizer(data_config: Any, corpus: Iterable[str] | None = None,
     return load_tokenizer(data_config.tokenizer_dir)
   if corpus is None:
     raise ValueError(
-        "config.data.tokenizer_dir is empty, so a WordPiece vocabulary is trained on the "
-        "reports: pass the training reports as `corpus`, or set config.data.tokenizer_dir"
+      "config.data.tokenizer_dir is empty, so a WordPiece vocabulary is trained on the "
+      "reports: pass the training reports as `corpus`, or set config.data.tokenizer_dir"
     )
   max_words = data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS)
   texts = [text_lib.clean_report(t, max_words) for t in corpus]
@@ -261,24 +260,24 @@ def check_tokenizer(tokenizer, model_config: Any) -> None:
   dec_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
   if dec_id != qf.dec_token_id:
     raise ValueError(
-        f"the tokenizer's {DEC_TOKEN} id is {dec_id} (its vocabulary has {dec_id} tokens) but "
-        f"config.model.qformer.dec_token_id is {qf.dec_token_id}; set "
-        f"config.model.qformer.dec_token_id={dec_id} and config.model.qformer.vocab_size="
-        f"{_padded(dec_id + 1)}, or use a tokenizer with {qf.dec_token_id} tokens (when "
-        f"training one: config.data.tokenizer_vocab_size={qf.dec_token_id})"
+      f"the tokenizer's {DEC_TOKEN} id is {dec_id} (its vocabulary has {dec_id} tokens) but "
+      f"config.model.qformer.dec_token_id is {qf.dec_token_id}; set "
+      f"config.model.qformer.dec_token_id={dec_id} and config.model.qformer.vocab_size="
+      f"{_padded(dec_id + 1)}, or use a tokenizer with {qf.dec_token_id} tokens (when "
+      f"training one: config.data.tokenizer_vocab_size={qf.dec_token_id})"
     )
   if qf.vocab_size < dec_id + 1:
     raise ValueError(
-        f"config.model.qformer.vocab_size is {qf.vocab_size} but the tokenizer needs "
-        f"{dec_id + 1} ids (vocabulary + {DEC_TOKEN}); set it to at least {dec_id + 1} "
-        f"({_padded(dec_id + 1)}: padded to a multiple of {VOCAB_MULTIPLE}, so it can shard)"
+      f"config.model.qformer.vocab_size is {qf.vocab_size} but the tokenizer needs "
+      f"{dec_id + 1} ids (vocabulary + {DEC_TOKEN}); set it to at least {dec_id + 1} "
+      f"({_padded(dec_id + 1)}: padded to a multiple of {VOCAB_MULTIPLE}, so it can shard)"
     )
   for name, want in (("cls", qf.cls_token_id), ("pad", qf.pad_token_id)):
     got = getattr(tokenizer, f"{name}_token_id")
     if got != want:
       raise ValueError(
-          f"the tokenizer's [{name.upper()}] id is {got} but config.model.qformer."
-          f"{name}_token_id is {want}; set config.model.qformer.{name}_token_id={got}"
+        f"the tokenizer's [{name.upper()}] id is {got} but config.model.qformer."
+        f"{name}_token_id is {want}; set config.model.qformer.{name}_token_id={got}"
       )
 
 
@@ -302,21 +301,21 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict[str, np.ndar
       raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str: {t!r:.80}")
     if not t.strip():
       raise ValueError(
-          f"texts[{i}] is empty{' (whitespace only)' if t else ''}: {t!r:.80}; give every text "
-          "at least one word (a text made only of the characters cleaning removes, such as "
-          "'()' or ':', is empty after cleaning too)"
+        f"texts[{i}] is empty{' (whitespace only)' if t else ''}: {t!r:.80}; give every text "
+        "at least one word (a text made only of the characters cleaning removes, such as "
+        "'()' or ':', is empty after cleaning too)"
       )
   enc = tokenizer(
-      list(texts),
-      padding="max_length",
-      truncation=True,
-      max_length=max_len,
-      return_attention_mask=True,
-      return_token_type_ids=False,
+    list(texts),
+    padding="max_length",
+    truncation=True,
+    max_length=max_len,
+    return_attention_mask=True,
+    return_token_type_ids=False,
   )
   return {
-      "input_ids": np.asarray(enc["input_ids"], np.int32).reshape(len(texts), max_len),
-      "attention_mask": np.asarray(enc["attention_mask"], np.int32).reshape(len(texts), max_len),
+    "input_ids": np.asarray(enc["input_ids"], np.int32).reshape(len(texts), max_len),
+    "attention_mask": np.asarray(enc["attention_mask"], np.int32).reshape(len(texts), max_len),
   }
 
 
@@ -331,8 +330,9 @@ def fixed_length_encoder(tokenizer, max_len: int):
   # A copy through JSON: the backend object itself is shared with `tokenizer`.
   encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
   encoder.enable_truncation(max_length=max_len)
-  encoder.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id,
-                         pad_token=tokenizer.pad_token)
+  encoder.enable_padding(
+    length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token
+  )
   return encoder
 
 
@@ -340,6 +340,6 @@ def encode(encoder, texts: Sequence[str]) -> dict[str, np.ndarray]:
   """`tokenize` with an encoder from `fixed_length_encoder`: int32 (B, max_len) arrays."""
   encodings = encoder.encode_batch(list(texts))
   return {
-      "input_ids": np.asarray([e.ids for e in encodings], np.int32),
-      "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
+    "input_ids": np.asarray([e.ids for e in encodings], np.int32),
+    "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
   }

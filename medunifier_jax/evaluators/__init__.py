@@ -12,13 +12,19 @@
 """
 
 from medunifier_jax.evaluators.registry import (
-    EVALUATORS,
-    build_evaluators,
-    get_evaluator_class,
-    make_eval_fn,
-    run_evaluators,
-    write_results,
+  EVALUATORS,
+  build_evaluators,
+  get_evaluator_class,
+  make_eval_fn,
+  run_evaluators,
+  write_results,
 )
 
-__all__ = ["EVALUATORS", "build_evaluators", "get_evaluator_class", "make_eval_fn",
-           "run_evaluators", "write_results"]
+__all__ = [
+  "EVALUATORS",
+  "build_evaluators",
+  "get_evaluator_class",
+  "make_eval_fn",
+  "run_evaluators",
+  "write_results",
+]

@@ -24,13 +24,18 @@ def tokenize(text: str) -> str:
 
 def default_sentence_splitter() -> Callable[[str], list[str]]:
   from medunifier_jax.data.text import split_sentences
+
   return split_sentences
 
 
-def caption_scores(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], *,
-                   split_references: bool = True,
-                   sentence_splitter: Callable[[str], list[str]] | None = None,
-                   meteor: "bool | MeteorScorer" = True) -> dict[str, float]:
+def caption_scores(
+  hypotheses: Sequence[str],
+  references: Sequence[str | Sequence[str]],
+  *,
+  split_references: bool = True,
+  sentence_splitter: Callable[[str], list[str]] | None = None,
+  meteor: "bool | MeteorScorer" = True,
+) -> dict[str, float]:
   """Corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr.
 
   Args:
@@ -62,8 +67,7 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[str | Sequenc
   return coco_scores(gts, res, meteor=meteor)
 
 
-def coco_scores(gts: dict, res: dict, *, meteor: "bool | MeteorScorer" = True
-                ) -> dict[str, float]:
+def coco_scores(gts: dict, res: dict, *, meteor: "bool | MeteorScorer" = True) -> dict[str, float]:
   """pycocoevalcap on already tokenised {id: [refs]} / {id: [hyp]} dicts."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
@@ -98,14 +102,18 @@ class MeteorScorer:
     self._scorer = None
     self.available = shutil.which("java") is not None
     if not self.available:
-      warnings.warn("METEOR skipped: no `java` on the PATH (install a Java runtime, e.g. "
-                    "openjdk-17-jre, to get METEOR)", stacklevel=2)
+      warnings.warn(
+        "METEOR skipped: no `java` on the PATH (install a Java runtime, e.g. "
+        "openjdk-17-jre, to get METEOR)",
+        stacklevel=2,
+      )
 
   def __call__(self, gts: dict, res: dict) -> float | None:
     if not self.available:
       return None
     if self._scorer is None:
       from pycocoevalcap.meteor.meteor import Meteor
+
       self._scorer = Meteor()
     return float(self._scorer.compute_score(gts, res)[0])
 

@@ -96,6 +96,7 @@ class Evaluator:
 
   def source(self, dataset: str, split: str):
     from medunifier_jax.data import registry
+
     return registry.get_source(dataset, split, self.config.data)
 
 
@@ -108,8 +109,9 @@ class EvalBatches:
   def __init__(self, config, tokenizer, source, batch_size: int):
     from medunifier_jax.data import pipeline
 
-    self._ds = pipeline.eval_dataset(config, tokenizer, source=source, batch_size=batch_size,
-                                     shard_index=0, shard_count=1)
+    self._ds = pipeline.eval_dataset(
+      config, tokenizer, source=source, batch_size=batch_size, shard_index=0, shard_count=1
+    )
     self._len = math.ceil(len(source) / batch_size)
 
   def __len__(self) -> int:
@@ -128,11 +130,12 @@ def run_in_chunks(fn, arrays: dict[str, np.ndarray], chunk: int) -> list:
   n = len(next(iter(arrays.values())))
   out = []
   for start in range(0, n, chunk):
-    part = {k: v[start:start + chunk] for k, v in arrays.items()}
+    part = {k: v[start : start + chunk] for k, v in arrays.items()}
     real = len(next(iter(part.values())))
     if real < chunk:
-      part = {k: np.concatenate([v, np.repeat(v[:1], chunk - real, axis=0)])
-              for k, v in part.items()}
+      part = {
+        k: np.concatenate([v, np.repeat(v[:1], chunk - real, axis=0)]) for k, v in part.items()
+      }
     out.append(jax.tree.map(lambda x, r=real: np.asarray(x)[:r], fn(**part)))
   return out
 
@@ -150,8 +153,10 @@ def setting_choice(task_config, task: str, key: str, default: str, choices) -> s
 def source_class_names(source, dataset: str) -> tuple[str, ...]:
   names = getattr(source, "class_names", None)
   if not names:
-    raise ValueError(f"data set {dataset!r} has no class_names; this task needs a "
-                     "classification source (one with `class_names` and a `label` per record)")
+    raise ValueError(
+      f"data set {dataset!r} has no class_names; this task needs a "
+      "classification source (one with `class_names` and a `label` per record)"
+    )
   return tuple(names)
 
 
@@ -170,8 +175,15 @@ def to_python(settings: dict) -> dict:
 BATCH_KEYS = ("label", "labels", "index", "input_ids", "attention_mask")
 
 
-def collect_features(fns: inference.ModelFns, state, batches, *, image_keys=("image_emb",),
-                     text: bool = False, desc: str = "") -> dict[str, np.ndarray]:
+def collect_features(
+  fns: inference.ModelFns,
+  state,
+  batches,
+  *,
+  image_keys=("image_emb",),
+  text: bool = False,
+  desc: str = "",
+) -> dict[str, np.ndarray]:
   """Runs the compiled encoders over evaluation batches; keeps the real (unpadded) rows.
 
   Returns the requested image features (`image_emb` (N, Q, E), `queries` (N, Q, H),
@@ -186,8 +198,9 @@ def collect_features(fns: inference.ModelFns, state, batches, *, image_keys=("im
     feats = fns.image_features(state, batch["image"])
     rows = {k: feats[k] for k in image_keys}
     if text:
-      rows["text_emb"] = fns.text_features(state, batch["input_ids"],
-                                           batch["attention_mask"])["text_emb"]
+      rows["text_emb"] = fns.text_features(state, batch["input_ids"], batch["attention_mask"])[
+        "text_emb"
+      ]
     rows.update({k: batch[k] for k in BATCH_KEYS if k in batch})
     for k, v in rows.items():
       out.setdefault(k, []).append(np.asarray(v)[keep])

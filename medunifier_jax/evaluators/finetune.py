@@ -71,8 +71,16 @@ class MLPHead(nnx.Module):
   kernel_init: the weights' initialiser (None: the layer's default); biases start at 0.
   """
 
-  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, activation: bool = False,
-               kernel_init=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    activation: bool = False,
+    kernel_init=None,
+    rngs: nnx.Rngs,
+  ):
     self.activation = activation
     init = {} if kernel_init is None else {"kernel_init": kernel_init}
     self.hidden = nnx.Linear(in_dim, hidden_dim, rngs=rngs, **init)
@@ -86,8 +94,17 @@ class MLPHead(nnx.Module):
 class ClassifierHead(MLPHead):
   """Query outputs (B, Q, H) -> logits (B, out): pool (`pool_queries`), then the `MLPHead`."""
 
-  def __init__(self, num_queries: int, width: int, hidden_dim: int, out_dim: int, *,
-               pooling: str = "flatten", activation: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_queries: int,
+    width: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    pooling: str = "flatten",
+    activation: bool = False,
+    rngs: nnx.Rngs,
+  ):
     if pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     self.pooling = pooling
@@ -111,8 +128,9 @@ class QueryClassifier(nnx.Module):
     return self.head(self.model.image_queries(tokens, rngs=rngs))
 
 
-def adamw_rate_argument(b1: float, b2: float, weight_decay: float
-                        ) -> optax.GradientTransformationExtraArgs:
+def adamw_rate_argument(
+  b1: float, b2: float, weight_decay: float
+) -> optax.GradientTransformationExtraArgs:
   """AdamW (decoupled decay on every parameter) whose learning rate is passed to each update as
   `learning_rate=`: the schedule is evaluated outside the compiled step, so label fractions with
   different step counts share one compilation."""
@@ -125,8 +143,11 @@ def adamw_rate_argument(b1: float, b2: float, weight_decay: float
     del params, extra
     return jax.tree.map(lambda u: -learning_rate * u, updates), state
 
-  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2), optax.add_decayed_weights(weight_decay),
-                     optax.GradientTransformationExtraArgs(init, update))
+  return optax.chain(
+    optax.scale_by_adam(b1=b1, b2=b2),
+    optax.add_decayed_weights(weight_decay),
+    optax.GradientTransformationExtraArgs(init, update),
+  )
 
 
 def learning_rate_at(cfg, step: int, total_steps: int) -> float:
@@ -139,8 +160,9 @@ def learning_rate_at(cfg, step: int, total_steps: int) -> float:
   return end + (lr - end) * 0.5 * (1.0 + np.cos(np.pi * min(step, total_steps) / total_steps))
 
 
-def classification_loss(logits: jax.Array, y: jax.Array, weight: jax.Array,
-                        binary: bool) -> jax.Array:
+def classification_loss(
+  logits: jax.Array, y: jax.Array, weight: jax.Array, binary: bool
+) -> jax.Array:
   """Weighted mean BCE (binary: one logit) or CE (multi-class) of (B, out) logits; weight 0 marks
   padding."""
   if binary:
@@ -169,8 +191,9 @@ def validation_score(labels: np.ndarray, probs: np.ndarray, metric: str) -> floa
 # The linear probe: a head (`MLPHead` with ReLU) trained on cached (N, D) features.
 
 
-def probe_loss(head: MLPHead, x: jax.Array, y: jax.Array, weight: jax.Array,
-               binary: bool) -> jax.Array:
+def probe_loss(
+  head: MLPHead, x: jax.Array, y: jax.Array, weight: jax.Array, binary: bool
+) -> jax.Array:
   """`classification_loss` of the head on features x (B, D), labels y (B,), weights (B,)."""
   return classification_loss(head(x), y, weight, binary)
 
@@ -178,8 +201,10 @@ def probe_loss(head: MLPHead, x: jax.Array, y: jax.Array, weight: jax.Array,
 # One compiled step per kind of loss (binary or not); each compiles once per head and optimizer
 # graph. nnx.jit's Python overhead (well under a millisecond a step) is small beside the
 # feature extraction the probe runs first.
-PROBE_STEPS = {binary: nnx.jit(update_step(functools.partial(probe_loss, binary=binary)))
-               for binary in (False, True)}
+PROBE_STEPS = {
+  binary: nnx.jit(update_step(functools.partial(probe_loss, binary=binary)))
+  for binary in (False, True)
+}
 probe_logits = nnx.jit(lambda head, x: head(x))
 
 
@@ -187,9 +212,9 @@ def padded_batches(order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndar
   """Rows of `order` in batches of exactly `batch_size`: yields (indices (B,), weights (B,));
   the last batch is filled up with its first row at weight 0 (one compiled shape)."""
   for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
+    idx = order[start : start + batch_size]
     weights = np.zeros((batch_size,), np.float32)
-    weights[:idx.size] = 1.0
+    weights[: idx.size] = 1.0
     yield np.concatenate([idx, np.repeat(idx[:1], batch_size - idx.size)]), weights
 
 
@@ -251,25 +276,31 @@ class FinetuneEvaluator(common.Evaluator):
 
   def __init__(self, config, task_config, tokenizer, **kwargs):
     super().__init__(config, task_config, tokenizer, **kwargs)
-    self.protocol = common.setting_choice(task_config, self.task, "protocol", "linear_probe",
-                                   PROTOCOLS)
+    self.protocol = common.setting_choice(
+      task_config, self.task, "protocol", "linear_probe", PROTOCOLS
+    )
     self.pooling = common.setting_choice(task_config, self.task, "pooling", "flatten", POOLINGS)
     common.setting_choice(task_config, self.task, "schedule", "cosine", SCHEDULES)
     self._end_to_end: dict = {}  # paper: compiled step and head per classifier graph
     self._trained = end_to_end_filter()
     # One transformation object per protocol for every fit, so the optimizer's graph (and the
     # step's compilation) is shared between label fractions and data sets.
-    self._tx = adamw_rate_argument(float(task_config.get("adam_b1", 0.9)),
-                                   float(task_config.get("adam_b2", 0.95)),
-                                   float(task_config.weight_decay))
+    self._tx = adamw_rate_argument(
+      float(task_config.get("adam_b1", 0.9)),
+      float(task_config.get("adam_b2", 0.95)),
+      float(task_config.weight_decay),
+    )
     # The probe: AdamW with optax's default betas at a constant rate.
-    self._probe_tx = optax.adamw(float(task_config.learning_rate),
-                                 weight_decay=float(task_config.weight_decay))
+    self._probe_tx = optax.adamw(
+      float(task_config.learning_rate), weight_decay=float(task_config.weight_decay)
+    )
 
   def describe(self) -> str:
     if self.protocol == "paper":
-      return ("protocol paper: Q-Former fine-tuned end to end, ViT frozen, "
-              f"{self.pooling} queries -> Linear -> Linear")
+      return (
+        "protocol paper: Q-Former fine-tuned end to end, ViT frozen, "
+        f"{self.pooling} queries -> Linear -> Linear"
+      )
     return f"protocol linear_probe: head on frozen {self.pooling} query outputs"
 
   def evaluate(self, dataset: str, graphdef, state) -> Iterator[tuple[str, float]]:
@@ -288,23 +319,34 @@ class FinetuneEvaluator(common.Evaluator):
       yield f"{name}/best_epoch", float(best_epoch)
       for metric, value in test_metrics.items():
         yield f"{name}/{metric}", value
-    self.outputs[dataset] = {"class_names": list(class_names), "results": results,
-                             "protocol": self.protocol, "pooling": self.pooling}
+    self.outputs[dataset] = {
+      "class_names": list(class_names),
+      "results": results,
+      "protocol": self.protocol,
+      "pooling": self.pooling,
+    }
 
   # -- paper protocol ----------------------------------------------------------------------------
 
   def _evaluate_end_to_end(self, dataset, graphdef, state) -> Iterator[tuple[str, float]]:
     cfg = self.cfg
-    sources = {role: self.source(dataset, cfg[f"{role}_split"])
-               for role in ("train", "val", "test")}
+    sources = {
+      role: self.source(dataset, cfg[f"{role}_split"]) for role in ("train", "val", "test")
+    }
     class_names = common.source_class_names(sources["train"], dataset)
     labels = source_labels(sources["train"])
 
     def fits():
       for fraction in cfg.label_fractions:
         keep = sample_fraction(labels, float(fraction), int(cfg.seed))
-        fit = self.fit_end_to_end(graphdef, state, Rows(sources["train"], keep), sources["val"],
-                                  sources["test"], len(class_names))
+        fit = self.fit_end_to_end(
+          graphdef,
+          state,
+          Rows(sources["train"], keep),
+          sources["val"],
+          sources["test"],
+          len(class_names),
+        )
         yield fraction, keep.size, fit.metrics, fit.best_epoch
 
     yield from self._report(dataset, class_names, fits())
@@ -331,8 +373,9 @@ class FinetuneEvaluator(common.Evaluator):
       def step(params, opt_state, frozen, pixels, labels, weights, learning_rate, rng):
         classifier = nnx.merge(cls_def, params, frozen)
         optimizer = nnx.merge(opt_def, opt_state)
-        loss = update(classifier, optimizer, pixels, labels, weights, rng,
-                      learning_rate=learning_rate)
+        loss = update(
+          classifier, optimizer, pixels, labels, weights, rng, learning_rate=learning_rate
+        )
         return nnx.state(classifier, trained), nnx.state(optimizer), loss
 
       def head_logits(head_state, queries):
@@ -341,17 +384,23 @@ class FinetuneEvaluator(common.Evaluator):
       self._end_to_end[key] = (jax.jit(step, donate_argnums=(0, 1)), jax.jit(head_logits))
     return self._end_to_end[key]
 
-  def fit_end_to_end(self, graphdef, state, train_source, val_source, test_source,
-                     num_classes: int) -> EndToEndFit:
+  def fit_end_to_end(
+    self, graphdef, state, train_source, val_source, test_source, num_classes: int
+  ) -> EndToEndFit:
     """Fine-tunes a copy of the model (graphdef, state) with a fresh head on `train_source`;
     selects the epoch on `val_source`, scores it on `test_source`. The given state is left as
     it was."""
     cfg = self.cfg
     binary = num_classes == 2
     qf = self.config.model.qformer
-    head = ClassifierHead(int(qf.num_queries), int(qf.hidden_size), int(cfg.hidden_dim),
-                          1 if binary else num_classes, pooling=self.pooling,
-                          rngs=nnx.Rngs(int(cfg.seed)))
+    head = ClassifierHead(
+      int(qf.num_queries),
+      int(qf.hidden_size),
+      int(cfg.hidden_dim),
+      1 if binary else num_classes,
+      pooling=self.pooling,
+      rngs=nnx.Rngs(int(cfg.seed)),
+    )
     classifier = QueryClassifier(nnx.merge(graphdef, state), head)
     optimizer = nnx.Optimizer(classifier, self._tx, wrt=self._trained)
     cls_def, params, frozen = nnx.split(classifier, self._trained, ...)
@@ -369,13 +418,14 @@ class FinetuneEvaluator(common.Evaluator):
 
     def predict(params, source) -> tuple[np.ndarray, np.ndarray]:
       trained = nnx.merge(cls_def, params, frozen)
-      batches = common.EvalBatches(self.config, self.tokenizer, source,
-                                   int(cfg.feature_batch_size))
-      feats = common.collect_features(fns, nnx.state(trained.model), batches,
-                                      image_keys=("queries",))
+      batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.feature_batch_size))
+      feats = common.collect_features(
+        fns, nnx.state(trained.model), batches, image_keys=("queries",)
+      )
       head_state = nnx.state(trained.head)
-      logits = np.concatenate(common.run_in_chunks(
-          lambda q: head_logits(head_state, q), {"q": feats["queries"]}, 256))
+      logits = np.concatenate(
+        common.run_in_chunks(lambda q: head_logits(head_state, q), {"q": feats["queries"]}, 256)
+      )
       return head_probs(logits, binary), feats["label"]
 
     best, best_params, best_epoch, count = -np.inf, params, 0, 0
@@ -384,9 +434,15 @@ class FinetuneEvaluator(common.Evaluator):
       # Fixed-shape batches: the last one is padded, and its padding weighs 0 in the loss.
       for batch in common.EvalBatches(self.config, self.tokenizer, Rows(train_source, order), bs):
         params, opt_state, _ = step(
-            params, opt_state, frozen, batch["image"], batch["label"],
-            batch["mask"].astype(np.float32), np.float32(learning_rate_at(cfg, count, total)),
-            jax.random.fold_in(rng, count))
+          params,
+          opt_state,
+          frozen,
+          batch["image"],
+          batch["label"],
+          batch["mask"].astype(np.float32),
+          np.float32(learning_rate_at(cfg, count, total)),
+          jax.random.fold_in(rng, count),
+        )
         count += 1
       probs, labels = predict(params, val_source)
       score = validation_score(labels, probs, cfg.select_metric)
@@ -405,19 +461,20 @@ class FinetuneEvaluator(common.Evaluator):
       source = self.source(dataset, cfg[f"{role}_split"])
       if role == "train":
         class_names = common.source_class_names(source, dataset)
-      batches = common.EvalBatches(self.config, self.tokenizer, source,
-                                   int(cfg.feature_batch_size))
-      feats = common.collect_features(fns, state, batches, image_keys=("queries",),
-                                      desc=f"finetune {dataset} {role}")
-      splits[role] = (np.asarray(pool_queries(feats["queries"], self.pooling), np.float32),
-                      feats["label"].astype(np.int32))
+      batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.feature_batch_size))
+      feats = common.collect_features(
+        fns, state, batches, image_keys=("queries",), desc=f"finetune {dataset} {role}"
+      )
+      splits[role] = (
+        np.asarray(pool_queries(feats["queries"], self.pooling), np.float32),
+        feats["label"].astype(np.int32),
+      )
 
     def fits():
       for fraction in cfg.label_fractions:
         keep = sample_fraction(splits["train"][1], float(fraction), int(cfg.seed))
         train = (splits["train"][0][keep], splits["train"][1][keep])
-        test_metrics, best_epoch = self._fit(train, splits["val"], splits["test"],
-                                             len(class_names))
+        test_metrics, best_epoch = self._fit(train, splits["val"], splits["test"], len(class_names))
         yield fraction, keep.size, test_metrics, best_epoch
 
     yield from self._report(dataset, class_names, fits())
@@ -428,9 +485,14 @@ class FinetuneEvaluator(common.Evaluator):
     cfg = self.cfg
     x, y = train
     binary = num_classes == 2
-    head = MLPHead(x.shape[1], int(cfg.hidden_dim), 1 if binary else num_classes,
-                   activation=True, kernel_init=nnx.initializers.glorot_uniform(),
-                   rngs=nnx.Rngs(int(cfg.seed)))
+    head = MLPHead(
+      x.shape[1],
+      int(cfg.hidden_dim),
+      1 if binary else num_classes,
+      activation=True,
+      kernel_init=nnx.initializers.glorot_uniform(),
+      rngs=nnx.Rngs(int(cfg.seed)),
+    )
     optimizer = nnx.Optimizer(head, self._probe_tx, wrt=nnx.Param)
     step = PROBE_STEPS[binary]
 

@@ -64,8 +64,14 @@ from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.evaluators import common, image_metrics
 
 # Column order of the results (absent sets are left out).
-SET_ORDER = ("conditional", "unconditional", "null_condition", "reconstruction", "real_train",
-             "real_test")
+SET_ORDER = (
+  "conditional",
+  "unconditional",
+  "null_condition",
+  "reconstruction",
+  "real_train",
+  "real_test",
+)
 CLASSIFIER_SET = "fidelity_classifier"
 CLASSIFIER_WEIGHTS = "weights.npz"
 CLASSIFIER_INFO = "classifier.json"
@@ -108,8 +114,15 @@ class FindingPrompts:
   generation only) and nothing is rendered.
   """
 
-  def __init__(self, names, prompts_per_finding: int, samples_per_prompt: int, size: int,
-               seed: int, render: bool = True):
+  def __init__(
+    self,
+    names,
+    prompts_per_finding: int,
+    samples_per_prompt: int,
+    size: int,
+    seed: int,
+    render: bool = True,
+  ):
     from medunifier_jax.data import phantoms, reports
 
     self.size, self.render = int(size), bool(render)
@@ -138,8 +151,9 @@ class FindingPrompts:
 
   def grid_rows(self) -> np.ndarray:
     """Record indices of the first prompt of each finding, all its samples, sorted."""
-    return np.asarray([j * self.samples + s for j in self.first_prompts()
-                       for s in range(self.samples)])
+    return np.asarray(
+      [j * self.samples + s for j in self.first_prompts() for s in range(self.samples)]
+    )
 
   def __getitem__(self, i: int) -> dict:
     from medunifier_jax.data import phantoms
@@ -154,8 +168,7 @@ class FindingPrompts:
       image, labels = np.zeros((self.size, self.size), np.uint8), None
     if labels is None:
       labels = phantoms.labels_for(self.findings[j])
-    return {"image": image, "report": self.texts[j], "labels": labels,
-            "id": f"prompt{j}/sample{s}"}
+    return {"image": image, "report": self.texts[j], "labels": labels, "id": f"prompt{j}/sample{s}"}
 
 
 # -- the fidelity classifier -------------------------------------------------------------------
@@ -185,20 +198,31 @@ class FidelityClassifier:
 
   def logits(self, images: np.ndarray) -> np.ndarray:
     """(B, S, S, 3) in [0, 1] -> (B, F) float32 (one compilation per batch shape)."""
-    return np.asarray(_classify(self.graphdef, self.state, jnp.asarray(images, jnp.float32),
-                                self._mean, self._std))
+    return np.asarray(
+      _classify(self.graphdef, self.state, jnp.asarray(images, jnp.float32), self._mean, self._std)
+    )
 
   @staticmethod
   def settings(config, split: str, steps: int, batch_size: int) -> dict[str, Any]:
     """What a cached classifier must have been trained with to be reused."""
-    return json.loads(json.dumps({
-        "version": CLASSIFIER_VERSION,
-        "vit": config.model.vit.to_dict(),
-        "data": config.data.to_dict(),
-        "split": split, "steps": int(steps), "batch_size": int(batch_size),
-        "seed": int(config.seed), "learning_rate": float(config.learning_rate),
-        "warmup_steps": int(config.warmup_steps), "weight_decay": float(config.weight_decay),
-    }, default=list, sort_keys=True))
+    return json.loads(
+      json.dumps(
+        {
+          "version": CLASSIFIER_VERSION,
+          "vit": config.model.vit.to_dict(),
+          "data": config.data.to_dict(),
+          "split": split,
+          "steps": int(steps),
+          "batch_size": int(batch_size),
+          "seed": int(config.seed),
+          "learning_rate": float(config.learning_rate),
+          "warmup_steps": int(config.warmup_steps),
+          "weight_decay": float(config.weight_decay),
+        },
+        default=list,
+        sort_keys=True,
+      )
+    )
 
   @classmethod
   def load(cls, folder: str, settings: dict[str, Any], config) -> FidelityClassifier | None:
@@ -213,8 +237,11 @@ class FidelityClassifier:
       info = json.load(f)
     if info.get("settings") != settings:
       return None  # trained otherwise (another size, data or step count): train again
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: SupervisedEncoder(
-        config.model.vit, findings_lib.NUM_FINDINGS, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(
+      nnx.eval_shape(
+        lambda: SupervisedEncoder(config.model.vit, findings_lib.NUM_FINDINGS, rngs=nnx.Rngs(0))
+      )
+    )
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     with np.load(weights_path) as saved:
       names = {"/".join(map(str, k)): k for k in flat}
@@ -244,8 +271,9 @@ class FidelityClassifier:
     os.replace(tmp, os.path.join(folder, CLASSIFIER_INFO))
 
   @classmethod
-  def train(cls, config, tokenizer, settings: dict[str, Any], *, val_source,
-            show_progress: bool = True) -> FidelityClassifier:
+  def train(
+    cls, config, tokenizer, settings: dict[str, Any], *, val_source, show_progress: bool = True
+  ) -> FidelityClassifier:
     """Trains on `settings["split"]` of the pre-training data with the configuration's optimiser
     (learning rate, warm-up, decay, clipping), `steps` steps of `batch_size`; then scores the
     validation source (real images) for the record."""
@@ -259,18 +287,23 @@ class FidelityClassifier:
     cfg.batch_size, cfg.num_steps = int(settings["batch_size"]), int(settings["steps"])
     # The optimizer's schedule follows cfg: this run's step count, not pre-training's.
     module, optimizer = new_encoder(cfg)
-    batches = iter(pipeline.train_dataset(cfg, tokenizer, split=settings["split"],
-                                          shard_index=0, shard_count=1))
+    batches = iter(
+      pipeline.train_dataset(cfg, tokenizer, split=settings["split"], shard_index=0, shard_count=1)
+    )
     first = next(batches)
     if "labels" not in first:
-      raise ValueError(f"data set {config.data.name!r} has no finding labels: the fidelity "
-                       "classifier is trained on them")
+      raise ValueError(
+        f"data set {config.data.name!r} has no finding labels: the fidelity "
+        "classifier is trained on them"
+      )
     loss = None
-    for step in tqdm(range(cfg.num_steps), desc="fidelity classifier", leave=False,
-                     disable=not show_progress):
+    for step in tqdm(
+      range(cfg.num_steps), desc="fidelity classifier", leave=False, disable=not show_progress
+    ):
       batch = first if step == 0 else next(batches)
-      loss = train_step(module, optimizer, jnp.asarray(batch["image"]),
-                        jnp.asarray(batch["labels"]))
+      loss = train_step(
+        module, optimizer, jnp.asarray(batch["image"]), jnp.asarray(batch["labels"])
+      )
     classifier = cls(module, {}, config.data)
     labels, logits = [], []
     for batch in common.EvalBatches(config, tokenizer, val_source, int(settings["batch_size"])):
@@ -279,13 +312,13 @@ class FidelityClassifier:
       labels.append(batch["labels"][keep])
     aucs = auc_per_finding(np.concatenate(labels), np.concatenate(logits))
     classifier.info = {
-        "settings": settings,
-        "final_loss": None if loss is None else float(loss),
-        "validation_auc": aucs,
-        "validation_auc_mean": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
-        "validation_n": int(sum(len(x) for x in labels)),
-        "seconds": round(time.perf_counter() - start, 1),
-        "cached": False,
+      "settings": settings,
+      "final_loss": None if loss is None else float(loss),
+      "validation_auc": aucs,
+      "validation_auc_mean": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+      "validation_n": int(sum(len(x) for x in labels)),
+      "seconds": round(time.perf_counter() - start, 1),
+      "cached": False,
     }
     return classifier
 
@@ -301,8 +334,11 @@ def _has_prior(folder: str) -> bool:
   from medunifier_jax.prior import sample as prior_sample
 
   checkpoints = epath.Path(folder) / "checkpoints"
-  return (prior_sample.is_prior_workdir(folder) and checkpoints.exists()
-          and any(p.name.isdigit() for p in checkpoints.iterdir()))
+  return (
+    prior_sample.is_prior_workdir(folder)
+    and checkpoints.exists()
+    and any(p.name.isdigit() for p in checkpoints.iterdir())
+  )
 
 
 class ImageGenEvaluator(common.Evaluator):
@@ -321,8 +357,10 @@ class ImageGenEvaluator(common.Evaluator):
     from medunifier_jax import paths
 
     if len(self.datasets) != 1:
-      raise ValueError("config.evals.image_gen.datasets names one data set (the pre-training "
-                       f"data whose held-out reports are drawn), got {self.datasets}")
+      raise ValueError(
+        "config.evals.image_gen.datasets names one data set (the pre-training "
+        f"data whose held-out reports are drawn), got {self.datasets}"
+      )
     cfg = self.cfg
     # User folders enter here, resolved once against the directory the run started in.
     resolve = lambda p: paths.resolve(p) if p else ""
@@ -337,15 +375,18 @@ class ImageGenEvaluator(common.Evaluator):
 
   def settings(self) -> dict:
     out = super().settings()
-    out.update(inception_cache=self.inception_cache, findings=list(self.findings),
-               sets=dict(self.used))
+    out.update(
+      inception_cache=self.inception_cache, findings=list(self.findings), sets=dict(self.used)
+    )
     return out
 
   def describe(self) -> str:
-    return (f"FID/KID: Inception-v3 pool features at 299 px against the real {self.cfg.split} "
-            "images (n_real, n_generated: the sample sizes; FID is biased at small N, compare "
-            "only at equal N); fidelity: AUC of a classifier trained on real "
-            f"{self.cfg.train_split} images for the requested findings")
+    return (
+      f"FID/KID: Inception-v3 pool features at 299 px against the real {self.cfg.split} "
+      "images (n_real, n_generated: the sample sizes; FID is biased at small N, compare "
+      "only at equal N); fidelity: AUC of a classifier trained on real "
+      f"{self.cfg.train_split} images for the requested findings"
+    )
 
   # -- what the run uses -----------------------------------------------------------------------
 
@@ -365,25 +406,33 @@ class ImageGenEvaluator(common.Evaluator):
     from medunifier_jax.prior import sample as prior_sample
 
     out: dict[str, Any] = {}
-    cond_dir, prior = self._trained_prior(self.prior_dir, "prior", "text",
-                                          "an unconditional prior is set as uncond_prior_dir")
+    cond_dir, prior = self._trained_prior(
+      self.prior_dir, "prior", "text", "an unconditional prior is set as uncond_prior_dir"
+    )
     if prior is not None:
       out["conditional"] = prior
       self.used["conditional"] = f"text prior {cond_dir} (step {prior.step})"
     else:
-      logging.warning("image_gen: no text prior in %s: only the baselines are scored; train one "
-                      "with\n  %s", cond_dir or "(no workdir)",
-                      prior_sample.train_command(self.workdir or "WORKDIR"))
+      logging.warning(
+        "image_gen: no text prior in %s: only the baselines are scored; train one with\n  %s",
+        cond_dir or "(no workdir)",
+        prior_sample.train_command(self.workdir or "WORKDIR"),
+      )
     uncond_dir, prior = self._trained_prior(
-        self.uncond_prior_dir, "prior_uncond", "none",
-        "the unconditional baseline is a prior trained with --config.model.condition=none")
+      self.uncond_prior_dir,
+      "prior_uncond",
+      "none",
+      "the unconditional baseline is a prior trained with --config.model.condition=none",
+    )
     if prior is not None:
       out["unconditional"] = prior
       self.used["unconditional"] = f"unconditional prior {uncond_dir} (step {prior.step})"
     elif "conditional" in out:
       out["null_condition"] = out["conditional"]
-      self.used["null_condition"] = (f"the text prior {cond_dir} sampled with its learned null "
-                                     "condition (no prior trained with condition=none found)")
+      self.used["null_condition"] = (
+        f"the text prior {cond_dir} sampled with its learned null "
+        "condition (no prior trained with condition=none found)"
+      )
     return out
 
   def _trained_prior(self, configured: str, name: str, condition: str, advice: str):
@@ -399,25 +448,31 @@ class ImageGenEvaluator(common.Evaluator):
     prior = prior_sample.load_prior(folder)
     prior.check_fits(self.config)
     if prior.module.condition != condition:
-      raise ValueError(f"the prior in {folder} has model.condition={prior.module.condition!r}, "
-                       f"not {condition!r}: {advice}")
+      raise ValueError(
+        f"the prior in {folder} has model.condition={prior.module.condition!r}, "
+        f"not {condition!r}: {advice}"
+      )
     return folder, prior
 
   def fidelity_classifier(self, show_progress: bool = True) -> FidelityClassifier:
     """The cached classifier when its settings match, else a newly trained one (then cached)."""
     cfg = self.cfg
-    settings = FidelityClassifier.settings(self.config, cfg.train_split,
-                                           int(cfg.classifier_steps),
-                                           int(cfg.classifier_batch_size))
+    settings = FidelityClassifier.settings(
+      self.config, cfg.train_split, int(cfg.classifier_steps), int(cfg.classifier_batch_size)
+    )
     folder = self._folder(self.classifier_dir, os.path.join("eval", "fidelity_classifier"))
     if folder:
       cached = FidelityClassifier.load(folder, settings, self.config)
       if cached is not None:
         return cached
     # Scored on the whole validation split: classifying real phantoms costs little.
-    classifier = FidelityClassifier.train(self.config, self.tokenizer, settings,
-                                          val_source=self.source(self.datasets[0], cfg.val_split),
-                                          show_progress=show_progress)
+    classifier = FidelityClassifier.train(
+      self.config,
+      self.tokenizer,
+      settings,
+      val_source=self.source(self.datasets[0], cfg.val_split),
+      show_progress=show_progress,
+    )
     if folder and jax.process_index() == 0:
       classifier.save(folder)
     return classifier
@@ -432,15 +487,33 @@ class ImageGenEvaluator(common.Evaluator):
     null = kind == "null_condition"
 
     def draw(batch, offset):
-      return prior.generate(graphdef, state, batch["input_ids"], batch["attention_mask"],
-                            seed=seed, steps=steps, guidance=0.0 if null else float(cfg.guidance),
-                            temperature=temperature, choice_temperature=choice,
-                            row_offset=offset, null_condition=null)["images"]
+      return prior.generate(
+        graphdef,
+        state,
+        batch["input_ids"],
+        batch["attention_mask"],
+        seed=seed,
+        steps=steps,
+        guidance=0.0 if null else float(cfg.guidance),
+        temperature=temperature,
+        choice_temperature=choice,
+        row_offset=offset,
+        null_condition=null,
+      )["images"]
+
     return draw
 
-  def _score(self, source, makers: dict[str, Callable], *, inception, classifier,
-             examples: np.ndarray, desc: str, timings: dict[str, float]
-             ) -> dict[str, dict[str, Any]]:
+  def _score(
+    self,
+    source,
+    makers: dict[str, Callable],
+    *,
+    inception,
+    classifier,
+    examples: np.ndarray,
+    desc: str,
+    timings: dict[str, float],
+  ) -> dict[str, dict[str, Any]]:
     """Runs every image maker over the source's records, batch by batch.
 
     Returns per set name: `features` (n, 2048) when `inception` is given, `logits` (n, F) when
@@ -479,8 +552,7 @@ class ImageGenEvaluator(common.Evaluator):
     return {name: {k: np.concatenate(v) for k, v in got.items()} for name, got in parts.items()}
 
   @staticmethod
-  def _fidelity(prefix: str, labels: np.ndarray, logits: np.ndarray
-                ) -> Iterator[tuple[str, float]]:
+  def _fidelity(prefix: str, labels: np.ndarray, logits: np.ndarray) -> Iterator[tuple[str, float]]:
     from medunifier_jax.supervised import auc_per_finding
 
     aucs = auc_per_finding(labels, logits)
@@ -499,8 +571,9 @@ class ImageGenEvaluator(common.Evaluator):
     start = time.perf_counter()
     priors = self.load_priors()
     classifier = self.fidelity_classifier()
-    timings["classifier_training"] = (0.0 if classifier.info.get("cached")
-                                      else float(classifier.info["seconds"]))
+    timings["classifier_training"] = (
+      0.0 if classifier.info.get("cached") else float(classifier.info["seconds"])
+    )
     start_inception = time.perf_counter()
     inception = load_inception(self.inception_cache)
     timings["inception_load"] = time.perf_counter() - start_inception
@@ -510,61 +583,101 @@ class ImageGenEvaluator(common.Evaluator):
     train = self.source(dataset, cfg.train_split)
     train = common.Subset(train, len(test))
     real = lambda batch, offset: batch["target_image"]
-    recon = lambda batch, offset: np.asarray(self.fns(graphdef).reconstruct(
-        state, batch["image"], batch["input_ids"], batch["attention_mask"])["recon"])
-    generated = {name: self._generator(prior, name, graphdef, state, int(cfg.seed))
-                 for name, prior in priors.items()}
-    self.used.update(reconstruction=f"Model.reconstruct of the {cfg.split} images",
-                     real_train=f"{dataset}/{cfg.train_split}, first {len(train)}",
-                     real_test=f"{dataset}/{cfg.split}, first {len(test)}")
+    recon = lambda batch, offset: np.asarray(
+      self.fns(graphdef).reconstruct(
+        state, batch["image"], batch["input_ids"], batch["attention_mask"]
+      )["recon"]
+    )
+    generated = {
+      name: self._generator(prior, name, graphdef, state, int(cfg.seed))
+      for name, prior in priors.items()
+    }
+    self.used.update(
+      reconstruction=f"Model.reconstruct of the {cfg.split} images",
+      real_train=f"{dataset}/{cfg.train_split}, first {len(train)}",
+      real_test=f"{dataset}/{cfg.split}, first {len(test)}",
+    )
 
     shown = np.arange(int(cfg.num_examples))
-    held_out = self._score(test, {**generated, "reconstruction": recon, "real_test": real},
-                           inception=inception, classifier=classifier, examples=shown,
-                           desc="image_gen: held-out reports", timings=timings)
-    held_out.update(self._score(train, {"real_train": real}, inception=inception,
-                                classifier=None, examples=shown,
-                                desc="image_gen: real training images", timings=timings))
-    prompts = FindingPrompts(self.findings, int(cfg.prompts_per_finding),
-                             int(cfg.samples_per_prompt), int(self.config.data.image_size),
-                             int(cfg.seed), render=bool(cfg.prompt_phantoms))
-    prompt_makers = {name: self._generator(prior, name, graphdef, state, int(cfg.seed) + 1)
-                     for name, prior in priors.items()}
+    held_out = self._score(
+      test,
+      {**generated, "reconstruction": recon, "real_test": real},
+      inception=inception,
+      classifier=classifier,
+      examples=shown,
+      desc="image_gen: held-out reports",
+      timings=timings,
+    )
+    held_out.update(
+      self._score(
+        train,
+        {"real_train": real},
+        inception=inception,
+        classifier=None,
+        examples=shown,
+        desc="image_gen: real training images",
+        timings=timings,
+      )
+    )
+    prompts = FindingPrompts(
+      self.findings,
+      int(cfg.prompts_per_finding),
+      int(cfg.samples_per_prompt),
+      int(self.config.data.image_size),
+      int(cfg.seed),
+      render=bool(cfg.prompt_phantoms),
+    )
+    prompt_makers = {
+      name: self._generator(prior, name, graphdef, state, int(cfg.seed) + 1)
+      for name, prior in priors.items()
+    }
     if cfg.prompt_phantoms:
       prompt_makers.update(reconstruction=recon, real_test=real)
     by_prompt = {}
     if prompt_makers:
-      by_prompt = self._score(prompts, prompt_makers, inception=None, classifier=classifier,
-                              examples=prompts.grid_rows(), desc="image_gen: finding prompts",
-                              timings=timings)
+      by_prompt = self._score(
+        prompts,
+        prompt_makers,
+        inception=None,
+        classifier=classifier,
+        examples=prompts.grid_rows(),
+        desc="image_gen: finding prompts",
+        timings=timings,
+      )
 
     reference = held_out["real_test"]["features"]
     for name in SET_ORDER:
       if name not in held_out:
         continue
       scores = image_metrics.image_scores(
-          reference, held_out[name]["features"], kid_subsets=int(cfg.kid_subsets),
-          kid_subset_size=int(cfg.kid_subset_size), seed=int(cfg.seed))
+        reference,
+        held_out[name]["features"],
+        kid_subsets=int(cfg.kid_subsets),
+        kid_subset_size=int(cfg.kid_subset_size),
+        seed=int(cfg.seed),
+      )
       for metric in ("fid", "kid_mean", "kid_std", "n_real", "n_generated"):
         yield f"{name}/{metric}", float(scores[metric])
       if "logits" in held_out[name]:
-        for metric, value in self._fidelity("reports", held_out[name]["labels"],
-                                            held_out[name]["logits"]):
+        for metric, value in self._fidelity(
+          "reports", held_out[name]["labels"], held_out[name]["logits"]
+        ):
           yield f"{name}/{metric}", float(value)
       if name in by_prompt:
-        for metric, value in self._fidelity("prompts", by_prompt[name]["labels"],
-                                            by_prompt[name]["logits"]):
+        for metric, value in self._fidelity(
+          "prompts", by_prompt[name]["labels"], by_prompt[name]["logits"]
+        ):
           yield f"{name}/{metric}", float(value)
     info = classifier.info
     yield f"{CLASSIFIER_SET}/validation_auc_mean", float(info["validation_auc_mean"])
     yield f"{CLASSIFIER_SET}/n_validation", float(info["validation_n"])
     yield f"{CLASSIFIER_SET}/train_steps", float(info["settings"]["steps"])
     timings["total"] = time.perf_counter() - start
-    self.outputs[dataset] = self._outputs(held_out, by_prompt, test, prompts, info, priors,
-                                          timings)
+    self.outputs[dataset] = self._outputs(held_out, by_prompt, test, prompts, info, priors, timings)
 
-  def _outputs(self, held_out, by_prompt, test, prompts: FindingPrompts, info, priors,
-               timings) -> dict[str, Any]:
+  def _outputs(
+    self, held_out, by_prompt, test, prompts: FindingPrompts, info, priors, timings
+  ) -> dict[str, Any]:
     """What the report draws: example images per set, the prompt grid, provenance, timings."""
     e = int(self.cfg.num_examples)
     out: dict[str, Any] = {}
@@ -575,13 +688,20 @@ class ImageGenEvaluator(common.Evaluator):
     for name, got in by_prompt.items():
       # (findings, samples, S, S): row f holds the samples of finding f's first prompt.
       out[f"grid_{name}"] = got["examples"].reshape(
-          (len(first), prompts.samples) + got["examples"].shape[1:])
+        (len(first), prompts.samples) + got["examples"].shape[1:]
+      )
     out["grid_prompts"] = [prompts.texts[j] for j in first]
     out["grid_findings"] = [prompts.names[j] for j in first]
     out["sets"] = dict(self.used)
     out["classifier"] = {k_: v for k_, v in info.items() if k_ != "settings"}
-    out["priors"] = {name: {"workdir": p.workdir, "step": p.step,
-                            "medunifier_step": int(p.config.get("medunifier_step", -1)),
-                            "condition": p.module.condition} for name, p in priors.items()}
+    out["priors"] = {
+      name: {
+        "workdir": p.workdir,
+        "step": p.step,
+        "medunifier_step": int(p.config.get("medunifier_step", -1)),
+        "condition": p.module.condition,
+      }
+      for name, p in priors.items()
+    }
     out["seconds"] = {k_: round(v, 1) for k_, v in timings.items()}
     return out

@@ -88,8 +88,7 @@ def _batches(images, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
 
 
 def inception_features(
-    model, images: np.ndarray | Iterable[np.ndarray], batch_size: int = 50, *,
-    quantize: bool = True,
+  model, images: np.ndarray | Iterable[np.ndarray], batch_size: int = 50, *, quantize: bool = True
 ) -> np.ndarray:
   """Pool features of every image, in order.
 
@@ -110,8 +109,8 @@ def inception_features(
   # Dispatch every batch before reading any back, so the host cuts the next batch while the
   # device runs the previous one.
   outputs = [
-      (_pool_features(graphdef, state, batch, quantize), rows)
-      for batch, rows in _batches(images, batch_size)
+    (_pool_features(graphdef, state, batch, quantize), rows)
+    for batch, rows in _batches(images, batch_size)
   ]
   if not outputs:
     return np.zeros((0, FEATURE_DIM), np.float64)
@@ -127,8 +126,12 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
-    eps: float = SQRTM_EPS,
+  mu1: np.ndarray,
+  sigma1: np.ndarray,
+  mu2: np.ndarray,
+  sigma2: np.ndarray,
+  *,
+  eps: float = SQRTM_EPS,
 ) -> float:
   """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2):
   ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
@@ -145,14 +148,14 @@ def frechet_distance(
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   d = mu1.shape[0]
   if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-    raise ValueError(f"shapes disagree: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} "
-                     f"{sigma2.shape}")
+    raise ValueError(
+      f"shapes disagree: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}"
+    )
 
   def usable(root):
     if not np.all(np.isfinite(root)):
       return False
-    return not np.iscomplexobj(root) or np.allclose(np.diagonal(root).imag, 0,
-                                                    atol=IMAG_TOLERANCE)
+    return not np.iscomplexobj(root) or np.allclose(np.diagonal(root).imag, 0, atol=IMAG_TOLERANCE)
 
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not usable(covmean):
@@ -160,8 +163,10 @@ def frechet_distance(
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if not usable(covmean):
       worst = np.max(np.abs(np.diagonal(covmean).imag)) if np.iscomplexobj(covmean) else np.nan
-      raise ValueError(f"matrix square root failed (largest imaginary part {worst:.3g}) even "
-                       f"with eps={eps} on the diagonals; try a larger eps or more samples")
+      raise ValueError(
+        f"matrix square root failed (largest imaginary part {worst:.3g}) even "
+        f"with eps={eps} on the diagonals; try a larger eps or more samples"
+      )
   # Rounding leaves tiny imaginary parts on a real square root: keep the real part.
   covmean = np.real(covmean)
   diff = mu1 - mu2
@@ -229,8 +234,12 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def kid(
-    features_a: np.ndarray, features_b: np.ndarray, *, subsets: int = 100,
-    subset_size: int = 1000, seed: int = 0,
+  features_a: np.ndarray,
+  features_b: np.ndarray,
+  *,
+  subsets: int = 100,
+  subset_size: int = 1000,
+  seed: int = 0,
 ) -> tuple[float, float]:
   """KID: unbiased polynomial-kernel MMD^2 averaged over random subsets.
 
@@ -253,27 +262,33 @@ def kid(
     raise ValueError(f"subsets must be positive, got {subsets}")
   rng = np.random.default_rng(seed)
   values = [
-      mmd2_unbiased(a[rng.choice(a.shape[0], size, replace=False)],
-                    b[rng.choice(b.shape[0], size, replace=False)])
-      for _ in range(subsets)
+    mmd2_unbiased(
+      a[rng.choice(a.shape[0], size, replace=False)], b[rng.choice(b.shape[0], size, replace=False)]
+    )
+    for _ in range(subsets)
   ]
   return float(np.mean(values)), float(np.std(values))
 
 
 def image_scores(
-    features_real: np.ndarray, features_generated: np.ndarray, *, kid_subsets: int = 100,
-    kid_subset_size: int = 1000, seed: int = 0,
+  features_real: np.ndarray,
+  features_generated: np.ndarray,
+  *,
+  kid_subsets: int = 100,
+  kid_subset_size: int = 1000,
+  seed: int = 0,
 ) -> dict[str, float]:
   """FID and KID with the sample counts to print beside them.
 
   Returns: {"fid", "kid_mean", "kid_std", "n_real", "n_generated"}.
   """
-  kid_mean, kid_std = kid(features_real, features_generated, subsets=kid_subsets,
-                          subset_size=kid_subset_size, seed=seed)
+  kid_mean, kid_std = kid(
+    features_real, features_generated, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+  )
   return {
-      "fid": fid(features_real, features_generated),
-      "kid_mean": kid_mean,
-      "kid_std": kid_std,
-      "n_real": float(len(features_real)),
-      "n_generated": float(len(features_generated)),
+    "fid": fid(features_real, features_generated),
+    "kid_mean": kid_mean,
+    "kid_std": kid_std,
+    "n_real": float(len(features_real)),
+    "n_generated": float(len(features_generated)),
   }

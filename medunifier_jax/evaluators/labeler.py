@@ -24,54 +24,112 @@ from typing import Protocol
 
 import numpy as np
 
-FINDINGS = ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion",
-            "pneumothorax", "nodule", "no finding")
+FINDINGS = (
+  "atelectasis",
+  "cardiomegaly",
+  "consolidation",
+  "edema",
+  "pleural effusion",
+  "pneumothorax",
+  "nodule",
+  "no finding",
+)
 
-_SIZE = (r"(?:(?:mild|mildly|moderate|moderately|marked|markedly|severe|severely|slight|"
-         r"slightly)\s+)?")
+_SIZE = (
+  r"(?:(?:mild|mildly|moderate|moderately|marked|markedly|severe|severely|slight|"
+  r"slightly)\s+)?"
+)
 MENTIONS: dict[str, tuple[str, ...]] = {
-    "atelectasis": (r"atelecta\w*", r"collapse[sd]?", r"volume loss"),
-    "cardiomegaly": (
-        r"cardiomegaly",
-        rf"(?:heart|cardiac silhouette|cardiac shadow|heart size|cardiac size)\s+(?:is\s+|are\s+|"
-        rf"remains\s+|appears\s+)?{_SIZE}(?:enlarged|increased|prominent)",
-        rf"{_SIZE}enlarge(?:d|ment of the)\s+(?:heart|cardiac silhouette|cardiac shadow)",
-        rf"{_SIZE}enlarged heart size",
-        r"enlargement of the (?:heart|cardiac silhouette)",
-    ),
-    "consolidation": (r"consolidat\w*",),
-    "edema": (r"edema", r"oedema", r"(?:pulmonary|vascular|interstitial) congestion",
-              r"chf", r"congestive heart failure"),
-    "pleural effusion": (r"effusions?", r"pleural fluid",
-                         r"(?:blunting of the|blunted)\s+(?:\w+\s+)?costophrenic",
-                         r"costophrenic (?:angle )?blunting", r"hydrothorax"),
-    "pneumothorax": (r"pneumothora(?:x|ces)",),
-    "nodule": (r"nodul\w*",),
+  "atelectasis": (r"atelecta\w*", r"collapse[sd]?", r"volume loss"),
+  "cardiomegaly": (
+    r"cardiomegaly",
+    rf"(?:heart|cardiac silhouette|cardiac shadow|heart size|cardiac size)\s+(?:is\s+|are\s+|"
+    rf"remains\s+|appears\s+)?{_SIZE}(?:enlarged|increased|prominent)",
+    rf"{_SIZE}enlarge(?:d|ment of the)\s+(?:heart|cardiac silhouette|cardiac shadow)",
+    rf"{_SIZE}enlarged heart size",
+    r"enlargement of the (?:heart|cardiac silhouette)",
+  ),
+  "consolidation": (r"consolidat\w*",),
+  "edema": (
+    r"edema",
+    r"oedema",
+    r"(?:pulmonary|vascular|interstitial) congestion",
+    r"chf",
+    r"congestive heart failure",
+  ),
+  "pleural effusion": (
+    r"effusions?",
+    r"pleural fluid",
+    r"(?:blunting of the|blunted)\s+(?:\w+\s+)?costophrenic",
+    r"costophrenic (?:angle )?blunting",
+    r"hydrothorax",
+  ),
+  "pneumothorax": (r"pneumothora(?:x|ces)",),
+  "nodule": (r"nodul\w*",),
 }
 
 # Other abnormalities: not labelled themselves, but stating one clears "no finding" (as any
 # positive CheXpert observation but support devices does).
-OTHER_ABNORMAL = (r"pneumonia", r"opacit(?:y|ies)", r"infiltrates?", r"airspace disease",
-                  r"granulomas?", r"granulomatous", r"covid(?:-19)?", r"mass(?:es)?",
-                  r"fractures?", r"emphysema", r"scarring", r"fibrosis")
+OTHER_ABNORMAL = (
+  r"pneumonia",
+  r"opacit(?:y|ies)",
+  r"infiltrates?",
+  r"airspace disease",
+  r"granulomas?",
+  r"granulomatous",
+  r"covid(?:-19)?",
+  r"mass(?:es)?",
+  r"fractures?",
+  r"emphysema",
+  r"scarring",
+  r"fibrosis",
+)
 
 # Cues whose scope runs forward to the end of the clause.
 PRE_NEGATION = (
-    r"no", r"not", r"without", r"negative for", r"free of", r"clear of", r"absence of",
-    r"absent", r"resolution of", r"resolved", r"rather than", r"no evidence of",
-    r"no signs? of", r"neither", r"nor", r"never",
+  r"no",
+  r"not",
+  r"without",
+  r"negative for",
+  r"free of",
+  r"clear of",
+  r"absence of",
+  r"absent",
+  r"resolution of",
+  r"resolved",
+  r"rather than",
+  r"no evidence of",
+  r"no signs? of",
+  r"neither",
+  r"nor",
+  r"never",
 )
 # Cues whose scope runs backward to the start of the clause.
 POST_NEGATION = (
-    r"(?:has|have)\s+(?:\w+\s+)?resolved", r"(?:has|have)\s+(?:\w+\s+)?cleared",
-    r"(?:is|are|was|were)\s+(?:no longer|not)\s+(?:seen|present|identified|visualized|"
-    r"evident|appreciated|demonstrated)",
-    r"no longer (?:seen|present|visualized|evident)", r"(?:is|are) absent", r"resolved",
+  r"(?:has|have)\s+(?:\w+\s+)?resolved",
+  r"(?:has|have)\s+(?:\w+\s+)?cleared",
+  r"(?:is|are|was|were)\s+(?:no longer|not)\s+(?:seen|present|identified|visualized|"
+  r"evident|appreciated|demonstrated)",
+  r"no longer (?:seen|present|visualized|evident)",
+  r"(?:is|are) absent",
+  r"resolved",
 )
 UNCERTAIN = (
-    r"possible", r"possibly", r"probable", r"may", r"might", r"suspect\w*", r"question of",
-    r"questionable", r"concern(?:ing)? for", r"cannot be (?:excluded|ruled out)",
-    r"not (?:be )?(?:excluded|ruled out)", r"versus", r"vs", r"suggest\w*", r"likely",
+  r"possible",
+  r"possibly",
+  r"probable",
+  r"may",
+  r"might",
+  r"suspect\w*",
+  r"question of",
+  r"questionable",
+  r"concern(?:ing)? for",
+  r"cannot be (?:excluded|ruled out)",
+  r"not (?:be )?(?:excluded|ruled out)",
+  r"versus",
+  r"vs",
+  r"suggest\w*",
+  r"likely",
 )
 CLAUSE_BREAK = r"\b(?:but|however|although|though|whereas|while|except|aside from|which)\b|;"
 
@@ -105,8 +163,11 @@ class RuleLabeler:
   def __call__(self, reports: Sequence[str]) -> np.ndarray:
     if isinstance(reports, str):
       raise TypeError("expected a sequence of reports, got one string; wrap it in a list")
-    return np.stack([self.label_report(r) for r in reports]) if len(reports) else np.zeros(
-        (0, len(self.findings)), np.int64)
+    return (
+      np.stack([self.label_report(r) for r in reports])
+      if len(reports)
+      else np.zeros((0, len(self.findings)), np.int64)
+    )
 
   def label_report(self, report: str) -> np.ndarray:
     """One report -> (F,) 0/1 in `self.findings` order."""

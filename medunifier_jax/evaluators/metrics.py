@@ -20,11 +20,12 @@ def _check_probs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
     probs = np.stack([1.0 - probs, probs], axis=1)
   if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
     raise ValueError(
-        f"expected probs of shape (N, C) or (N,) with N = {labels.shape[0]} labels, "
-        f"got {probs.shape}")
+      f"expected probs of shape (N, C) or (N,) with N = {labels.shape[0]} labels, got {probs.shape}"
+    )
   if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
-    raise ValueError(f"labels must lie in [0, {probs.shape[1]}), got [{labels.min()}, "
-                     f"{labels.max()}]")
+    raise ValueError(
+      f"labels must lie in [0, {probs.shape[1]}), got [{labels.min()}, {labels.max()}]"
+    )
   return labels, probs
 
 
@@ -45,9 +46,10 @@ def classification_metrics(labels, probs) -> dict[str, float]:
   num_classes = probs.shape[1]
   preds = probs.argmax(axis=1)
   out = {
-      "accuracy": float(skm.accuracy_score(labels, preds)),
-      "f1_macro": float(skm.f1_score(labels, preds, average="macro",
-                                     labels=np.arange(num_classes), zero_division=0)),
+    "accuracy": float(skm.accuracy_score(labels, preds)),
+    "f1_macro": float(
+      skm.f1_score(labels, preds, average="macro", labels=np.arange(num_classes), zero_division=0)
+    ),
   }
   present = np.unique(labels)
   if num_classes == 2:
@@ -63,8 +65,12 @@ def classification_metrics(labels, probs) -> dict[str, float]:
   fn = cm.sum(axis=1) - tp
   tn = cm.sum() - tp - fp - fn
   ratio = lambda a, b: np.divide(a, b, out=np.full_like(a, np.nan), where=b > 0)
-  per_class = dict(sensitivity=ratio(tp, tp + fn), specificity=ratio(tn, tn + fp),
-                   ppv=ratio(tp, tp + fp), npv=ratio(tn, tn + fn))
+  per_class = dict(
+    sensitivity=ratio(tp, tp + fn),
+    specificity=ratio(tn, tn + fp),
+    ppv=ratio(tp, tp + fp),
+    npv=ratio(tn, tn + fn),
+  )
   for name, values in per_class.items():
     if num_classes == 2:
       out[name] = float(values[1])
@@ -140,8 +146,9 @@ def _relevance_of_ranking(scores, relevant, k: int) -> np.ndarray:
   return np.take_along_axis(relevant, top, axis=1)
 
 
-def retrieval_metrics(scores, targets, relevant, ks: Sequence[int] = (1, 5, 10),
-                      prefix: str = "") -> dict[str, float]:
+def retrieval_metrics(
+  scores, targets, relevant, ks: Sequence[int] = (1, 5, 10), prefix: str = ""
+) -> dict[str, float]:
   """R@K, P@K (paper definition, `hit_precision_at_k`) and plain precision@K in one dict.
 
   Names: `{prefix}R@{k}`, `{prefix}P@{k}` (paper) and `{prefix}plain_P@{k}`.
@@ -168,12 +175,14 @@ def multilabel_prf(predicted, reference, names: Sequence[str]) -> dict[str, floa
   predicted = np.asarray(predicted).astype(np.int64)
   reference = np.asarray(reference).astype(np.int64)
   if predicted.shape != reference.shape or predicted.shape[1] != len(names):
-    raise ValueError(f"predicted {predicted.shape} and reference {reference.shape} must both be "
-                     f"(N, {len(names)})")
+    raise ValueError(
+      f"predicted {predicted.shape} and reference {reference.shape} must both be (N, {len(names)})"
+    )
   out = {}
   for avg in ("micro", "macro"):
-    p, r, f, _ = skm.precision_recall_fscore_support(reference, predicted, average=avg,
-                                                      zero_division=0)
+    p, r, f, _ = skm.precision_recall_fscore_support(
+      reference, predicted, average=avg, zero_division=0
+    )
     out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
   per = skm.f1_score(reference, predicted, average=None, zero_division=0)
   for name, value in zip(names, per):

@@ -80,8 +80,9 @@ class ClassSet:
 
 
 @functools.cache
-def load_vocabulary_file(path: str | None = None
-                         ) -> tuple[dict[str, Vocabulary], dict[str, ClassSet]]:
+def load_vocabulary_file(
+  path: str | None = None,
+) -> tuple[dict[str, Vocabulary], dict[str, ClassSet]]:
   """(vocabularies, class sets) of `class_prompts.json` (or another file of its layout)."""
   with open(path or VOCABULARY_FILE, encoding="utf-8") as f:
     data = json.load(f)
@@ -94,8 +95,10 @@ def load_vocabulary_file(path: str | None = None
         raise ValueError(f"{name}/{c['name']}: `order` must arrange {SLOTS}, got {order}")
       classes.append(PromptClass(c["name"], tuple(tuple(c[slot]) for slot in order)))
     vocabularies[name] = Vocabulary(name, v["source"], int(v["num_prompts"]), tuple(classes))
-  class_sets = {name: ClassSet(name, s["vocabulary"], tuple(s["classes"]))
-                for name, s in data["class_sets"].items()}
+  class_sets = {
+    name: ClassSet(name, s["vocabulary"], tuple(s["classes"]))
+    for name, s in data["class_sets"].items()
+  }
   for s in class_sets.values():
     missing = [c for c in s.classes if vocabularies[s.vocabulary].find(c) is None]
     if missing:
@@ -114,8 +117,7 @@ def class_sets() -> dict[str, ClassSet]:
 def find_class_set(class_names: Sequence[str]) -> str | None:
   """The name of the class set with exactly these classes (any order), else None."""
   keys = {_key(n) for n in class_names}
-  return next((s.name for s in class_sets().values() if {_key(c) for c in s.classes} == keys),
-              None)
+  return next((s.name for s in class_sets().values() if {_key(c) for c in s.classes} == keys), None)
 
 
 def check_class_set(class_names: Sequence[str], expected: str, dataset: str = "") -> None:
@@ -130,13 +132,17 @@ def check_class_set(class_names: Sequence[str], expected: str, dataset: str = ""
   if expected not in sets:
     raise ValueError(f"unknown class_set {expected!r}; choose one of {sorted(sets)} or ''")
   found = find_class_set(class_names)
-  if found is not None and found != expected and (
-      sets[found].vocabulary == sets[expected].vocabulary):
+  if (
+    found is not None
+    and found != expected
+    and (sets[found].vocabulary == sets[expected].vocabulary)
+  ):
     raise ValueError(
-        f"data set {dataset!r} has the {found!r} class set {list(class_names)}, but "
-        f"config.evals.zero_shot.class_set is {expected!r} {list(sets[expected].classes)}. "
-        f"Read the matching prepared set (e.g. `--class-set {expected}` when preparing, and "
-        f"config.data.builder_config={expected}_224px), or set class_set={found!r}.")
+      f"data set {dataset!r} has the {found!r} class set {list(class_names)}, but "
+      f"config.evals.zero_shot.class_set is {expected!r} {list(sets[expected].classes)}. "
+      f"Read the matching prepared set (e.g. `--class-set {expected}` when preparing, and "
+      f"config.data.builder_config={expected}_224px), or set class_set={found!r}."
+    )
 
 
 def vocabulary_for(class_names: Sequence[str]) -> Vocabulary:
@@ -149,12 +155,15 @@ def vocabulary_for(class_names: Sequence[str]) -> Vocabulary:
     if all(vocab.find(n) is not None for n in class_names):
       return vocab
   known = {v.name: [c.name for c in v.classes] for v in vocabularies().values()}
-  raise KeyError(f"no paper prompt vocabulary has all of {list(class_names)}; vocabularies: "
-                 f"{known}. Use config.evals.zero_shot.prompts='project' for other classes.")
+  raise KeyError(
+    f"no paper prompt vocabulary has all of {list(class_names)}; vocabularies: "
+    f"{known}. Use config.evals.zero_shot.prompts='project' for other classes."
+  )
 
 
-def sample_prompts(vocabulary: Vocabulary, num_prompts: int = 0, seed: int = 1
-                   ) -> dict[str, list[str]]:
+def sample_prompts(
+  vocabulary: Vocabulary, num_prompts: int = 0, seed: int = 1
+) -> dict[str, list[str]]:
   """Exactly `num_prompts` (0: the vocabulary's own count) prompts for every class.
 
   One `random.Random(seed)` stream serves the classes in the vocabulary's order; a class with
@@ -176,8 +185,9 @@ def sample_prompts(vocabulary: Vocabulary, num_prompts: int = 0, seed: int = 1
   return out
 
 
-def paper_class_prompts(class_names: Sequence[str], num_prompts: int = 0, seed: int = 1
-                        ) -> dict[str, list[str]]:
+def paper_class_prompts(
+  class_names: Sequence[str], num_prompts: int = 0, seed: int = 1
+) -> dict[str, list[str]]:
   """{class name as given: its prompts} from the paper vocabulary that has these classes.
 
   A class's prompts depend only on (its vocabulary, num_prompts, seed), not on which of the
@@ -188,8 +198,9 @@ def paper_class_prompts(class_names: Sequence[str], num_prompts: int = 0, seed: 
   return {name: drawn[vocab.find(name).name] for name in class_names}
 
 
-def build_class_prompts(prompt_set: str, class_names: Sequence[str], num_prompts: int = 0,
-                        seed: int = 1) -> dict[str, list[str]]:
+def build_class_prompts(
+  prompt_set: str, class_names: Sequence[str], num_prompts: int = 0, seed: int = 1
+) -> dict[str, list[str]]:
   """`paper_class_prompts` or the project's `class_prompts`, by `prompt_set` (`PROMPT_SETS`)."""
   if prompt_set == "paper":
     return paper_class_prompts(class_names, num_prompts, seed)
@@ -201,86 +212,147 @@ def build_class_prompts(prompt_set: str, class_names: Sequence[str], num_prompts
 # The project vocabulary (prompts="project"). Each class: severity, subtype and location phrases
 # ("" means the slot is left out).
 PROMPT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "atelectasis": {
-        "severity": ("", "mild", "minimal", "subtle", "moderate"),
-        "subtype": ("atelectasis", "subsegmental atelectasis", "linear atelectasis",
-                    "bibasilar atelectasis", "plate-like atelectasis", "bandlike atelectasis",
-                    "retrocardiac atelectasis"),
-        "location": ("", "at the lung bases", "at the right lung base", "at the left lung base",
-                     "at the mid lung zone", "in the right lower lobe", "in the left lower lobe"),
-    },
-    "cardiomegaly": {
-        "severity": ("", "mild", "moderate", "marked", "stable"),
-        "subtype": ("cardiomegaly", "enlargement of the cardiac silhouette",
-                    "enlarged cardiac silhouette", "enlarged heart size",
-                    "heart size is enlarged", "prominent cardiac silhouette"),
-        "location": ("",),
-    },
-    "consolidation": {
-        "severity": ("", "increased", "patchy", "dense", "focal", "new"),
-        "subtype": ("consolidation", "airspace consolidation", "lobar consolidation",
-                    "retrocardiac consolidation", "confluent consolidation"),
-        "location": ("", "in the right lower lobe", "in the left lower lobe",
-                     "in the right upper lobe", "in the left upper lobe", "at the right lung base",
-                     "at the left lung base", "in the lower lung zone"),
-    },
-    "edema": {
-        "severity": ("", "mild", "moderate", "severe", "persistent", "worsening"),
-        "subtype": ("pulmonary edema", "interstitial edema", "interstitial pulmonary edema",
-                    "perihilar edema", "alveolar edema", "edema with vascular congestion"),
-        "location": ("", "bilaterally", "in both lungs"),
-    },
-    "pleural effusion": {
-        "severity": ("", "small", "moderate", "large", "trace", "increased"),
-        "subtype": ("pleural effusion", "right pleural effusion", "left pleural effusion",
-                    "bilateral pleural effusions", "layering pleural effusion",
-                    "subpulmonic pleural effusion"),
-        "location": ("", "with blunting of the costophrenic angle", "at the lung base"),
-    },
-    "pneumonia": {
-        "severity": ("", "early", "focal", "multifocal", "patchy", "round"),
-        "subtype": ("pneumonia", "airspace opacity concerning for pneumonia",
-                    "consolidation consistent with pneumonia", "infectious opacity",
-                    "bacterial pneumonia"),
-        "location": ("", "in the right lower lobe", "in the left lower lobe",
-                     "in the right upper lobe", "in the left upper lobe", "at the lung bases",
-                     "in the mid lung zone"),
-    },
-    "pneumothorax": {
-        "severity": ("", "small", "moderate", "large", "apical", "tension"),
-        "subtype": ("pneumothorax", "visible pleural line with pneumothorax",
-                    "pneumothorax with absent lung markings"),
-        "location": ("", "on the right", "on the left", "at the apex"),
-    },
-    "covid 19": {
-        "severity": ("", "mild", "moderate", "extensive", "multifocal"),
-        "subtype": ("bilateral peripheral ground-glass opacities",
-                    "peripheral opacities typical of covid-19",
-                    "bilateral patchy peripheral opacities consistent with covid-19",
-                    "ground-glass opacities compatible with viral pneumonia"),
-        "location": ("", "in both lower lungs", "in the lung periphery"),
-    },
-    "normal": {
-        "severity": ("",),
-        "subtype": ("no acute cardiopulmonary process", "the lungs are clear",
-                    "no focal consolidation, effusion or pneumothorax",
-                    "normal heart size and clear lungs", "no acute abnormality",
-                    "normal chest radiograph", "heart and lungs are within normal limits",
-                    "no evidence of acute disease"),
-        "location": ("",),
-    },
+  "atelectasis": {
+    "severity": ("", "mild", "minimal", "subtle", "moderate"),
+    "subtype": (
+      "atelectasis",
+      "subsegmental atelectasis",
+      "linear atelectasis",
+      "bibasilar atelectasis",
+      "plate-like atelectasis",
+      "bandlike atelectasis",
+      "retrocardiac atelectasis",
+    ),
+    "location": (
+      "",
+      "at the lung bases",
+      "at the right lung base",
+      "at the left lung base",
+      "at the mid lung zone",
+      "in the right lower lobe",
+      "in the left lower lobe",
+    ),
+  },
+  "cardiomegaly": {
+    "severity": ("", "mild", "moderate", "marked", "stable"),
+    "subtype": (
+      "cardiomegaly",
+      "enlargement of the cardiac silhouette",
+      "enlarged cardiac silhouette",
+      "enlarged heart size",
+      "heart size is enlarged",
+      "prominent cardiac silhouette",
+    ),
+    "location": ("",),
+  },
+  "consolidation": {
+    "severity": ("", "increased", "patchy", "dense", "focal", "new"),
+    "subtype": (
+      "consolidation",
+      "airspace consolidation",
+      "lobar consolidation",
+      "retrocardiac consolidation",
+      "confluent consolidation",
+    ),
+    "location": (
+      "",
+      "in the right lower lobe",
+      "in the left lower lobe",
+      "in the right upper lobe",
+      "in the left upper lobe",
+      "at the right lung base",
+      "at the left lung base",
+      "in the lower lung zone",
+    ),
+  },
+  "edema": {
+    "severity": ("", "mild", "moderate", "severe", "persistent", "worsening"),
+    "subtype": (
+      "pulmonary edema",
+      "interstitial edema",
+      "interstitial pulmonary edema",
+      "perihilar edema",
+      "alveolar edema",
+      "edema with vascular congestion",
+    ),
+    "location": ("", "bilaterally", "in both lungs"),
+  },
+  "pleural effusion": {
+    "severity": ("", "small", "moderate", "large", "trace", "increased"),
+    "subtype": (
+      "pleural effusion",
+      "right pleural effusion",
+      "left pleural effusion",
+      "bilateral pleural effusions",
+      "layering pleural effusion",
+      "subpulmonic pleural effusion",
+    ),
+    "location": ("", "with blunting of the costophrenic angle", "at the lung base"),
+  },
+  "pneumonia": {
+    "severity": ("", "early", "focal", "multifocal", "patchy", "round"),
+    "subtype": (
+      "pneumonia",
+      "airspace opacity concerning for pneumonia",
+      "consolidation consistent with pneumonia",
+      "infectious opacity",
+      "bacterial pneumonia",
+    ),
+    "location": (
+      "",
+      "in the right lower lobe",
+      "in the left lower lobe",
+      "in the right upper lobe",
+      "in the left upper lobe",
+      "at the lung bases",
+      "in the mid lung zone",
+    ),
+  },
+  "pneumothorax": {
+    "severity": ("", "small", "moderate", "large", "apical", "tension"),
+    "subtype": (
+      "pneumothorax",
+      "visible pleural line with pneumothorax",
+      "pneumothorax with absent lung markings",
+    ),
+    "location": ("", "on the right", "on the left", "at the apex"),
+  },
+  "covid 19": {
+    "severity": ("", "mild", "moderate", "extensive", "multifocal"),
+    "subtype": (
+      "bilateral peripheral ground-glass opacities",
+      "peripheral opacities typical of covid-19",
+      "bilateral patchy peripheral opacities consistent with covid-19",
+      "ground-glass opacities compatible with viral pneumonia",
+    ),
+    "location": ("", "in both lower lungs", "in the lung periphery"),
+  },
+  "normal": {
+    "severity": ("",),
+    "subtype": (
+      "no acute cardiopulmonary process",
+      "the lungs are clear",
+      "no focal consolidation, effusion or pneumothorax",
+      "normal heart size and clear lungs",
+      "no acute abnormality",
+      "normal chest radiograph",
+      "heart and lungs are within normal limits",
+      "no evidence of acute disease",
+    ),
+    "location": ("",),
+  },
 }
 
 # Class-name spellings that data sets use for the same project prompt set.
 ALIASES = {
-    "effusion": "pleural effusion",
-    "no finding": "normal",
-    "no_finding": "normal",
-    "no pneumothorax": "normal",
-    "covid": "covid 19",
-    "healthy": "normal",
-    "negative": "normal",
-    "lung opacity": "pneumonia",
+  "effusion": "pleural effusion",
+  "no finding": "normal",
+  "no_finding": "normal",
+  "no pneumothorax": "normal",
+  "covid": "covid 19",
+  "healthy": "normal",
+  "negative": "normal",
+  "lung opacity": "pneumonia",
 }
 
 
@@ -289,9 +361,11 @@ def canonical_class(name: str) -> str:
   key = _key(name)
   key = ALIASES.get(key, key)
   if key not in PROMPT_WORDS:
-    raise KeyError(f"no zero-shot prompt words for class {name!r}; known classes: "
-                   f"{sorted(PROMPT_WORDS)} (aliases: {sorted(ALIASES)}). Add an entry to "
-                   "medunifier_jax/evaluators/prompts.py:PROMPT_WORDS.")
+    raise KeyError(
+      f"no zero-shot prompt words for class {name!r}; known classes: "
+      f"{sorted(PROMPT_WORDS)} (aliases: {sorted(ALIASES)}). Add an entry to "
+      "medunifier_jax/evaluators/prompts.py:PROMPT_WORDS."
+    )
   return key
 
 
@@ -305,9 +379,12 @@ def all_prompts(words: Mapping[str, Sequence[str]]) -> list[str]:
   return prompts
 
 
-def class_prompts(class_names: Sequence[str], num_prompts: int, seed: int = 0,
-                  words: Mapping[str, Mapping[str, Sequence[str]]] | None = None
-                  ) -> dict[str, list[str]]:
+def class_prompts(
+  class_names: Sequence[str],
+  num_prompts: int,
+  seed: int = 0,
+  words: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+) -> dict[str, list[str]]:
   """The project vocabulary: `num_prompts` distinct prompts per class (all if fewer exist).
 
   The sample for a class depends only on (its word lists, num_prompts, seed), not on which other
@@ -321,6 +398,7 @@ def class_prompts(class_names: Sequence[str], num_prompts: int, seed: int = 0,
     key = canonical_class(name) if words is PROMPT_WORDS else name
     candidates = all_prompts(words[key])
     rng = random.Random(f"{seed}:{key}")
-    out[name] = (candidates if len(candidates) <= num_prompts
-                 else rng.sample(candidates, num_prompts))
+    out[name] = (
+      candidates if len(candidates) <= num_prompts else rng.sample(candidates, num_prompts)
+    )
   return out

@@ -29,7 +29,7 @@ def psnr_db(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
   """(B, S, S, C) images in [0, 1] -> (B,) PSNR in dB. The MSE is floored at 1e-12 so that an
   exact copy scores a large finite value rather than infinity."""
   err = np.asarray(recon, np.float64) - np.asarray(target, np.float64)
-  mse = np.mean(err ** 2, axis=tuple(range(1, err.ndim)))
+  mse = np.mean(err**2, axis=tuple(range(1, err.ndim)))
   return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
@@ -62,8 +62,7 @@ class ReconstructionEvaluator(common.Evaluator):
     batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.batch_size))
     scores = self._scan(self.fns(graphdef), state, batches, dataset)
     psnrs, counts = scores.pop("psnr"), scores.pop("counts")
-    self.outputs[dataset] = dict(
-        scores, **{f"counts_{level}": counts[level] for level in LEVELS})
+    self.outputs[dataset] = dict(scores, **{f"counts_{level}": counts[level] for level in LEVELS})
     yield "psnr_db", float(np.mean(psnrs))
     for level in LEVELS:
       usage, perplexity = code_usage(counts[level])
@@ -82,18 +81,21 @@ class ReconstructionEvaluator(common.Evaluator):
     size = int(self.config.model.vqvae.codebook_size)
     keep_n = int(self.cfg.get("num_examples", 6))
     psnrs, counts = [], {level: np.zeros(size, np.int64) for level in LEVELS}
-    examples: dict[str, list[np.ndarray]] = {k: [] for k in ("inputs", "recons", "codes_top",
-                                                              "codes_bottom")}
+    examples: dict[str, list[np.ndarray]] = {
+      k: [] for k in ("inputs", "recons", "codes_top", "codes_bottom")
+    }
     kept = 0
     for batch in tqdm(batches, desc=f"reconstruction {dataset}", leave=False):
       real = batch["mask"].astype(bool)
-      out = jax.device_get(fns.reconstruct(state, batch["image"], batch["input_ids"],
-                                           batch["attention_mask"]))
+      out = jax.device_get(
+        fns.reconstruct(state, batch["image"], batch["input_ids"], batch["attention_mask"])
+      )
       recon, target = np.asarray(out["recon"])[real], batch["target_image"][real]
       psnrs.append(psnr_db(recon, target))
       for level in LEVELS:
-        counts[level] += np.bincount(np.asarray(out[f"codes_{level}"])[real].ravel(),
-                                     minlength=size)
+        counts[level] += np.bincount(
+          np.asarray(out[f"codes_{level}"])[real].ravel(), minlength=size
+        )
       take = min(keep_n - kept, len(recon))
       if take > 0:
         examples["inputs"].append(to_uint8(target[:take]))
@@ -103,5 +105,8 @@ class ReconstructionEvaluator(common.Evaluator):
         kept += take
     if not psnrs:
       raise ValueError(f"data set {dataset!r} yielded no images to reconstruct")
-    return {"psnr": np.concatenate(psnrs), "counts": counts,
-            **{k: np.concatenate(v) for k, v in examples.items() if v}}
+    return {
+      "psnr": np.concatenate(psnrs),
+      "counts": counts,
+      **{k: np.concatenate(v) for k, v in examples.items() if v},
+    }

@@ -22,12 +22,12 @@ from medunifier_jax.evaluators.retrieval import RetrievalEvaluator
 from medunifier_jax.evaluators.zero_shot import ZeroShotEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {
-    "zero_shot": ZeroShotEvaluator,
-    "retrieval": RetrievalEvaluator,
-    "finetune": FinetuneEvaluator,
-    "report_gen": ReportGenEvaluator,
-    "image_gen": ImageGenEvaluator,
-    "reconstruction": ReconstructionEvaluator,
+  "zero_shot": ZeroShotEvaluator,
+  "retrieval": RetrievalEvaluator,
+  "finetune": FinetuneEvaluator,
+  "report_gen": ReportGenEvaluator,
+  "image_gen": ImageGenEvaluator,
+  "reconstruction": ReconstructionEvaluator,
 }
 
 
@@ -36,12 +36,14 @@ def get_evaluator_class(task: str) -> type[Evaluator]:
   try:
     return EVALUATORS[task]
   except KeyError:
-    raise KeyError(f"unknown evaluator {task!r}; known evaluators: "
-                   f"{', '.join(EVALUATORS)}") from None
+    raise KeyError(
+      f"unknown evaluator {task!r}; known evaluators: {', '.join(EVALUATORS)}"
+    ) from None
 
 
-def build_evaluators(config, tokenizer, names=None, *, periodic_only: bool = False
-                     ) -> dict[str, Evaluator]:
+def build_evaluators(
+  config, tokenizer, names=None, *, periodic_only: bool = False
+) -> dict[str, Evaluator]:
   """Evaluators for the `config.evals` entries in `names` (default: all of them).
 
   `periodic_only` keeps the entries whose `periodic` setting is true (those the training loop
@@ -52,8 +54,10 @@ def build_evaluators(config, tokenizer, names=None, *, periodic_only: bool = Fal
     names = list(entries)
   unknown = [n for n in names if n not in entries]
   if unknown:
-    raise KeyError(f"no config.evals entry named {', '.join(map(repr, unknown))}; configured: "
-                   f"{', '.join(entries) or '(none)'}; evaluators: {', '.join(EVALUATORS)}")
+    raise KeyError(
+      f"no config.evals entry named {', '.join(map(repr, unknown))}; configured: "
+      f"{', '.join(entries) or '(none)'}; evaluators: {', '.join(EVALUATORS)}"
+    )
   out = {}
   for name in names:
     entry = entries[name]
@@ -89,18 +93,28 @@ def run_evaluators(evaluators: dict[str, Evaluator], model, log=None) -> dict[st
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:
   """`{entry: {data set: {metric: v}}}` -> `{"entry/data set/metric": v}`."""
-  return {f"{n}/{d}/{m}": v for n, by_set in results.items() for d, by_metric in by_set.items()
-          for m, v in by_metric.items()}
+  return {
+    f"{n}/{d}/{m}": v
+    for n, by_set in results.items()
+    for d, by_metric in by_set.items()
+    for m, v in by_metric.items()
+  }
 
 
-def write_results(path: str, results: dict[str, Any], evaluators: dict[str, Evaluator],
-                  meta: dict[str, Any] | None = None) -> None:
+def write_results(
+  path: str,
+  results: dict[str, Any],
+  evaluators: dict[str, Evaluator],
+  meta: dict[str, Any] | None = None,
+) -> None:
   """Writes results.json: `results` (entry -> data set -> metric -> value), `protocol` (the
   settings each entry used) and `meta` (checkpoint step, config variant, ...)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  payload = {"results": results,
-             "protocol": {name: ev.settings() for name, ev in evaluators.items()},
-             "meta": meta or {}}
+  payload = {
+    "results": results,
+    "protocol": {name: ev.settings() for name, ev in evaluators.items()},
+    "meta": meta or {},
+  }
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
@@ -134,8 +148,12 @@ def make_eval_fn(config, workdir: str):
       bind_workdir(built["evaluators"], workdir)
     evaluators = built["evaluators"]
     results = run_evaluators(evaluators, model)
-    write_results(os.path.join(workdir, "eval", "results.json"), results, evaluators,
-                  {"step": int(step), "variant": config.get("variant", "")})
+    write_results(
+      os.path.join(workdir, "eval", "results.json"),
+      results,
+      evaluators,
+      {"step": int(step), "variant": config.get("variant", "")},
+    )
     return flatten(results)
 
   return eval_fn

@@ -39,8 +39,9 @@ class ReportGenEvaluator(common.Evaluator):
 
   task = "report_gen"
 
-  def __init__(self, config, task_config, tokenizer, labeler: labeler_lib.Labeler | None = None,
-               **kwargs):
+  def __init__(
+    self, config, task_config, tokenizer, labeler: labeler_lib.Labeler | None = None, **kwargs
+  ):
     super().__init__(config, task_config, tokenizer, **kwargs)
     self.labeler = labeler or labeler_lib.get_labeler(task_config.get("labeler", "rule"))
     self.decoding = generation.DecodingConfig.from_mapping(task_config)
@@ -50,7 +51,8 @@ class ReportGenEvaluator(common.Evaluator):
     """The report generator for this graph (its compiled decoders are kept and reused)."""
     if graphdef not in self._generators:
       self._generators[graphdef] = generation.ReportGenerator(
-          graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id))
+        graphdef, self.tokenizer, int(self.config.model.qformer.dec_token_id)
+      )
     return self._generators[graphdef]
 
   def generate(self, graphdef, state, source, desc: str = "") -> dict[str, np.ndarray | list]:
@@ -61,16 +63,20 @@ class ReportGenEvaluator(common.Evaluator):
     rng = jax.random.key(int(self.cfg.seed))
     texts, index, labels = [], [], []
     batches = common.EvalBatches(self.config, self.tokenizer, source, int(self.cfg.batch_size))
-    for b, batch in enumerate(tqdm(batches, desc=desc or "generating", leave=False,
-                                   disable=not desc)):
+    for b, batch in enumerate(
+      tqdm(batches, desc=desc or "generating", leave=False, disable=not desc)
+    ):
       keep = batch["mask"].astype(bool)
       decoded = generator(state, batch["image"], self.decoding, jax.random.fold_in(rng, b))
       texts += [t for t, k in zip(decoded, keep) if k]
       index.append(batch["index"][keep])
       if "labels" in batch:
         labels.append(batch["labels"][keep])
-    return {"texts": texts, "index": np.concatenate(index),
-            "labels": np.concatenate(labels) if labels else None}
+    return {
+      "texts": texts,
+      "index": np.concatenate(index),
+      "labels": np.concatenate(labels) if labels else None,
+    }
 
   def evaluate(self, dataset: str, graphdef, state) -> Iterator[tuple[str, float]]:
     from medunifier_jax.data import pipeline
@@ -84,22 +90,29 @@ class ReportGenEvaluator(common.Evaluator):
     clean = lambda t: text_lib.clean_report(t, self.config.data.get("max_words", 95))
     all_reports = pipeline.source_reports(source)
     references = [clean(all_reports[i]) for i in gen["index"]]
-    self.outputs[dataset] = {"generated": gen["texts"], "references": references,
-                             "index": gen["index"]}
+    self.outputs[dataset] = {
+      "generated": gen["texts"],
+      "references": references,
+      "index": gen["index"],
+    }
     with captioning.MeteorScorer() if cfg.meteor else _nothing() as meteor:
       yield from self._scores(gen["texts"], references, gen["labels"], meteor).items()
       if cfg.baseline:
         train_reports = pipeline.source_reports(self.source(dataset, cfg.train_split))
         mode = Counter(clean(r) for r in train_reports).most_common(1)[0][0]
         self.outputs[dataset]["baseline_report"] = mode
-        for metric, value in self._scores([mode] * len(references), references,
-                                          gen["labels"], meteor).items():
+        for metric, value in self._scores(
+          [mode] * len(references), references, gen["labels"], meteor
+        ).items():
           yield f"baseline/{metric}", value
 
   def _scores(self, hypotheses, references, labels, meteor) -> dict[str, float]:
-    out = captioning.caption_scores(hypotheses, references,
-                                    split_references=bool(self.cfg.split_references),
-                                    meteor=meteor or False)
+    out = captioning.caption_scores(
+      hypotheses,
+      references,
+      split_references=bool(self.cfg.split_references),
+      meteor=meteor or False,
+    )
     for metric, value in self.clinical_efficacy(hypotheses, references, labels).items():
       out[f"ce_{metric}"] = value
     return out
@@ -108,16 +121,18 @@ class ReportGenEvaluator(common.Evaluator):
     """Labeler findings of the hypotheses against the study labels (or the references)."""
     predicted = self.labeler(hypotheses)
     if labels is None:
-      return metrics_lib.multilabel_prf(predicted, self.labeler(references),
-                                        self.labeler.findings)
+      return metrics_lib.multilabel_prf(predicted, self.labeler(references), self.labeler.findings)
     from medunifier_jax.data import findings as findings_lib
 
     by_name = {n.lower(): i for i, n in enumerate(findings_lib.FINDINGS)}
-    shared = [(j, by_name[f.lower()]) for j, f in enumerate(self.labeler.findings)
-              if f.lower() in by_name]
+    shared = [
+      (j, by_name[f.lower()]) for j, f in enumerate(self.labeler.findings) if f.lower() in by_name
+    ]
     if not shared:
-      raise ValueError(f"the labeler's findings {self.labeler.findings} share none with the "
-                       f"data set's labels {findings_lib.FINDINGS}")
+      raise ValueError(
+        f"the labeler's findings {self.labeler.findings} share none with the "
+        f"data set's labels {findings_lib.FINDINGS}"
+      )
     cols, label_cols = zip(*shared)
     reference = (np.asarray(labels)[:, list(label_cols)] > 0.5).astype(np.int64)
     names = [self.labeler.findings[j] for j in cols]

@@ -34,11 +34,14 @@ class RetrievalEvaluator(common.Evaluator):
     rerank = int(cfg.itm_rerank_k)
     keys = ("image_emb", "image_tokens") if rerank else ("image_emb",)
     batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.batch_size))
-    feats = common.collect_features(fns, state, batches, image_keys=keys, text=True,
-                                    desc=f"retrieval {dataset}")
+    feats = common.collect_features(
+      fns, state, batches, image_keys=keys, text=True, desc=f"retrieval {dataset}"
+    )
     if "label" not in feats:
-      raise ValueError(f"data set {dataset!r} has no `label` per record; retrieval needs the "
-                       "class of each pair to judge relevance")
+      raise ValueError(
+        f"data set {dataset!r} has no `label` per record; retrieval needs the "
+        "class of each pair to judge relevance"
+      )
     labels = feats["label"]
     n = labels.shape[0]
     sim = np.asarray(common.similarity_matrix(feats["image_emb"], feats["text_emb"]))
@@ -52,8 +55,7 @@ class RetrievalEvaluator(common.Evaluator):
       i2t = self._rerank(fns, state, sim, feats, rerank, image_queries=True)
       t2i = self._rerank(fns, state, sim.T, feats, rerank, image_queries=False)
       yield from metrics.retrieval_metrics(i2t, targets, relevant, ks, prefix="itm_i2t_").items()
-      yield from metrics.retrieval_metrics(t2i, targets, relevant.T, ks,
-                                           prefix="itm_t2i_").items()
+      yield from metrics.retrieval_metrics(t2i, targets, relevant.T, ks, prefix="itm_t2i_").items()
 
   def _rerank(self, fns, state, scores: np.ndarray, feats, k: int, image_queries: bool):
     """(Q, I) scores -> scores where each query's top k are ITM match logit + similarity."""
@@ -62,10 +64,15 @@ class RetrievalEvaluator(common.Evaluator):
     query = np.repeat(np.arange(scores.shape[0]), k)
     item = top.reshape(-1)
     img, txt = (query, item) if image_queries else (item, query)
-    logits = np.concatenate(common.run_in_chunks(
-        lambda img, txt: fns.itm_logits(state, feats["image_tokens"][img],
-                                        feats["input_ids"][txt], feats["attention_mask"][txt]),
-        {"img": img, "txt": txt}, int(self.cfg.itm_batch_size)))
+    logits = np.concatenate(
+      common.run_in_chunks(
+        lambda img, txt: fns.itm_logits(
+          state, feats["image_tokens"][img], feats["input_ids"][txt], feats["attention_mask"][txt]
+        ),
+        {"img": img, "txt": txt},
+        int(self.cfg.itm_batch_size),
+      )
+    )
     # Items outside the top k keep their order but rank below every re-scored one.
     out = scores - (np.abs(scores).max() + np.abs(logits[:, 1]).max() + 1.0) * 2.0
     rows = np.arange(scores.shape[0])[:, None]

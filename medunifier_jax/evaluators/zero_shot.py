@@ -29,8 +29,9 @@ from medunifier_jax.evaluators import common, metrics, prompts
 POOLINGS = ("max", "mean")
 
 
-def pool_prompt_scores(prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int,
-                       pooling: str = "max") -> np.ndarray:
+def pool_prompt_scores(
+  prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int, pooling: str = "max"
+) -> np.ndarray:
   """Per-prompt scores -> per-class scores.
 
   Args:
@@ -44,12 +45,12 @@ def pool_prompt_scores(prompt_scores: np.ndarray, owner: np.ndarray, num_classes
   if pooling not in POOLINGS:
     raise ValueError(f"unknown prompt_pooling {pooling!r}; choose one of {POOLINGS}")
   pool = np.max if pooling == "max" else np.mean
-  return np.stack([pool(prompt_scores[:, owner == c], axis=1) for c in range(num_classes)],
-                  axis=1)
+  return np.stack([pool(prompt_scores[:, owner == c], axis=1) for c in range(num_classes)], axis=1)
 
 
-def class_probabilities(prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int,
-                        pooling: str = "max") -> np.ndarray:
+def class_probabilities(
+  prompt_scores: np.ndarray, owner: np.ndarray, num_classes: int, pooling: str = "max"
+) -> np.ndarray:
   """(N, P) per-prompt scores -> (N, C) softmax over the pooled class scores."""
   return special.softmax(pool_prompt_scores(prompt_scores, owner, num_classes, pooling), axis=1)
 
@@ -62,25 +63,29 @@ class ZeroShotEvaluator(common.Evaluator):
 
   def __init__(self, config, task_config, tokenizer, **kwargs):
     super().__init__(config, task_config, tokenizer, **kwargs)
-    self.prompt_set = common.setting_choice(task_config, self.task, "prompts", "paper",
-                                     prompts.PROMPT_SETS)
+    self.prompt_set = common.setting_choice(
+      task_config, self.task, "prompts", "paper", prompts.PROMPT_SETS
+    )
     self.pooling = common.setting_choice(task_config, self.task, "prompt_pooling", "max", POOLINGS)
     # "": no class-set check.
-    self.class_set = common.setting_choice(task_config, self.task, "class_set", "",
-                                    (*sorted(prompts.class_sets()), ""))
+    self.class_set = common.setting_choice(
+      task_config, self.task, "class_set", "", (*sorted(prompts.class_sets()), "")
+    )
 
   def describe(self) -> str:
     cfg = self.cfg
     n = int(cfg.get("num_prompts", 0)) or "default"
-    return (f"prompts {self.prompt_set}, {n} per class, seed {int(cfg.prompt_seed)}, "
-            f"{self.pooling} over prompts, {'ITM' if cfg.itm_rescore else 'raw similarity'}")
+    return (
+      f"prompts {self.prompt_set}, {n} per class, seed {int(cfg.prompt_seed)}, "
+      f"{self.pooling} over prompts, {'ITM' if cfg.itm_rescore else 'raw similarity'}"
+    )
 
   def class_prompts(self, class_names, dataset: str = "") -> dict[str, list[str]]:
     """{class name: prompts} for a data set's classes, by this entry's settings."""
     prompts.check_class_set(class_names, self.class_set, dataset)
-    return prompts.build_class_prompts(self.prompt_set, class_names,
-                                       int(self.cfg.get("num_prompts", 0)),
-                                       int(self.cfg.prompt_seed))
+    return prompts.build_class_prompts(
+      self.prompt_set, class_names, int(self.cfg.get("num_prompts", 0)), int(self.cfg.prompt_seed)
+    )
 
   def evaluate(self, dataset: str, graphdef, state) -> Iterator[tuple[str, float]]:
     cfg, fns = self.cfg, self.fns(graphdef)
@@ -92,8 +97,9 @@ class ZeroShotEvaluator(common.Evaluator):
 
     keys = ("image_emb", "image_tokens") if cfg.itm_rescore else ("image_emb",)
     batches = common.EvalBatches(self.config, self.tokenizer, source, int(cfg.batch_size))
-    feats = common.collect_features(fns, state, batches, image_keys=keys,
-                                    desc=f"zero-shot {dataset}")
+    feats = common.collect_features(
+      fns, state, batches, image_keys=keys, desc=f"zero-shot {dataset}"
+    )
     if "label" not in feats:
       raise ValueError(f"data set {dataset!r} has no `label` per record; zero-shot needs one")
     max_len = int(self.config.data.max_text_len)
@@ -101,35 +107,49 @@ class ZeroShotEvaluator(common.Evaluator):
     if cfg.itm_rescore:
       prompt_scores = self._itm_scores(fns, state, feats["image_tokens"], tok)
     else:
-      text_emb = np.concatenate(common.run_in_chunks(
-          lambda input_ids, attention_mask: fns.text_features(
-              state, input_ids, attention_mask)["text_emb"],
-          tok, int(cfg.batch_size)))
+      text_emb = np.concatenate(
+        common.run_in_chunks(
+          lambda input_ids, attention_mask: fns.text_features(state, input_ids, attention_mask)[
+            "text_emb"
+          ],
+          tok,
+          int(cfg.batch_size),
+        )
+      )
       # Raw cosine similarities (max over queries): the authors' code applies no temperature.
       prompt_scores = np.asarray(common.similarity_matrix(feats["image_emb"], text_emb))
     class_scores = pool_prompt_scores(prompt_scores, owner, len(class_names), self.pooling)
     probs = special.softmax(class_scores, axis=1)
     self.outputs[dataset] = {
-        "labels": feats["label"], "probs": probs, "class_scores": class_scores,
-        "class_names": list(class_names), "prompts": class_prompts,
-        "prompt_set": self.prompt_set, "prompt_pooling": self.pooling,
-        "class_set": prompts.find_class_set(class_names) or ""}
+      "labels": feats["label"],
+      "probs": probs,
+      "class_scores": class_scores,
+      "class_names": list(class_names),
+      "prompts": class_prompts,
+      "prompt_set": self.prompt_set,
+      "prompt_pooling": self.pooling,
+      "class_set": prompts.find_class_set(class_names) or "",
+    }
     yield from metrics.classification_metrics(feats["label"], probs).items()
 
   def _tokenize(self, texts, max_len: int) -> dict[str, np.ndarray]:
     from medunifier_jax.data import text as text_lib
     from medunifier_jax.data import tokenizer as tokenizer_lib
 
-    return tokenizer_lib.tokenize(self.tokenizer, [text_lib.clean_report(t) for t in texts],
-                                  max_len)
+    return tokenizer_lib.tokenize(
+      self.tokenizer, [text_lib.clean_report(t) for t in texts], max_len
+    )
 
   def _itm_scores(self, fns, state, image_tokens: np.ndarray, tok) -> np.ndarray:
     """(N images, P prompts) log p(match) from the matching head, every pair."""
     n, p = image_tokens.shape[0], tok["input_ids"].shape[0]
     pairs = {"img": np.repeat(np.arange(n), p), "txt": np.tile(np.arange(p), n)}
     logits = common.run_in_chunks(
-        lambda img, txt: fns.itm_logits(state, image_tokens[img], tok["input_ids"][txt],
-                                        tok["attention_mask"][txt]),
-        pairs, int(self.cfg.itm_batch_size))
+      lambda img, txt: fns.itm_logits(
+        state, image_tokens[img], tok["input_ids"][txt], tok["attention_mask"][txt]
+      ),
+      pairs,
+      int(self.cfg.itm_batch_size),
+    )
     log_match = special.log_softmax(np.concatenate(logits), axis=1)[:, 1]
     return log_match.reshape(n, p)

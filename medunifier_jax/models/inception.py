@@ -91,7 +91,7 @@ def max_pool(x: jax.Array, size: int, stride: int, pad: int = 0) -> jax.Array:
   """(B, H, W, C) max pool; padding counts as -inf, so it never wins."""
   pads = ((0, 0), (pad, pad), (pad, pad), (0, 0))
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, stride, stride, 1), pads
+    x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, stride, stride, 1), pads
   )
 
 
@@ -100,7 +100,7 @@ def avg_pool_3x3(x: jax.Array) -> jax.Array:
   window, strides, pads = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
   sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads)
   counts = jax.lax.reduce_window(
-      jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype), 0.0, jax.lax.add, window, strides, pads
+    jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype), 0.0, jax.lax.add, window, strides, pads
   )
   return sums / counts
 
@@ -109,26 +109,26 @@ class ConvBN(nnx.Module):
   """Convolution with the inference BatchNorm folded into kernel and bias, then ReLU."""
 
   def __init__(
-      self,
-      in_channels: int,
-      out_channels: int,
-      kernel: tuple[int, int],
-      stride: int = 1,
-      padding: tuple[int, int] = (0, 0),
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel: tuple[int, int],
+    stride: int = 1,
+    padding: tuple[int, int] = (0, 0),
+    *,
+    rngs: nnx.Rngs,
   ):
     ph, pw = padding
     self.conv = nnx.Conv(
-        in_channels,
-        out_channels,
-        kernel_size=kernel,
-        strides=(stride, stride),
-        padding=((ph, ph), (pw, pw)),
-        use_bias=True,
-        precision=jax.lax.Precision.HIGHEST,
-        param_dtype=jnp.float32,
-        rngs=rngs,
+      in_channels,
+      out_channels,
+      kernel_size=kernel,
+      strides=(stride, stride),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=True,
+      precision=jax.lax.Precision.HIGHEST,
+      param_dtype=jnp.float32,
+      rngs=rngs,
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -145,8 +145,7 @@ class Tower(nnx.Module):
   """One branch of a block: an optional 3x3 pool, then `ConvBN`s named conv, conv_1, ..."""
 
   def __init__(
-      self, in_channels: int, specs: Sequence[ConvSpec], *, pool: str | None = None,
-      rngs: nnx.Rngs,
+    self, in_channels: int, specs: Sequence[ConvSpec], *, pool: str | None = None, rngs: nnx.Rngs
   ):
     self.pool = pool  # None, "avg" (3x3 stride 1, padding excluded) or "max" (3x3 stride 1)
     self.depth = len(specs)
@@ -217,7 +216,7 @@ class InceptionC(nnx.Module):
     self.conv = conv_bn(in_channels, c1(192), rngs=rngs)
     self.tower = Tower(in_channels, [c1(mid), c1x7(mid), c7x1(192)], rngs=rngs)
     self.tower_1 = Tower(
-        in_channels, [c1(mid), c7x1(mid), c1x7(mid), c7x1(mid), c1x7(192)], rngs=rngs
+      in_channels, [c1(mid), c7x1(mid), c1x7(mid), c7x1(mid), c1x7(192)], rngs=rngs
     )
     self.tower_2 = Tower(in_channels, [c1(192)], pool="avg", rngs=rngs)
 
@@ -231,9 +230,7 @@ class InceptionD(nnx.Module):
 
   def __init__(self, in_channels: int, *, rngs: nnx.Rngs):
     self.tower = Tower(in_channels, [c1(192), c3(320, stride=2)], rngs=rngs)
-    self.tower_1 = Tower(
-        in_channels, [c1(192), c1x7(192), c7x1(192), c3(192, stride=2)], rngs=rngs
-    )
+    self.tower_1 = Tower(in_channels, [c1(192), c1x7(192), c7x1(192), c3(192, stride=2)], rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, 17, 17, Cin) -> (B, 8, 8, 512 + Cin)."""
@@ -261,15 +258,15 @@ class InceptionE(nnx.Module):
     b = self.tower_1_conv_1(self.tower_1_conv(x))
     pooled = avg_pool_3x3(x) if self.pool == "avg" else max_pool(x, 3, 1, pad=1)
     return jnp.concatenate(
-        [
-            self.conv(x),
-            self.tower_mixed_conv(a),
-            self.tower_mixed_conv_1(a),
-            self.tower_1_mixed_conv(b),
-            self.tower_1_mixed_conv_1(b),
-            self.tower_2_conv(pooled),
-        ],
-        -1,
+      [
+        self.conv(x),
+        self.tower_mixed_conv(a),
+        self.tower_mixed_conv_1(a),
+        self.tower_1_mixed_conv(b),
+        self.tower_1_mixed_conv_1(b),
+        self.tower_2_conv(pooled),
+      ],
+      -1,
     )
 
 
@@ -313,6 +310,8 @@ class InceptionV3(nnx.Module):
   def __call__(self, images: jax.Array, *, quantize: bool = True) -> jax.Array:
     """(B, H, W, 3) float in [0, 1] -> (B, 2048) float32 pool features (`preprocess` first)."""
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected (B, H, W, 3) images, got shape {images.shape}; replicate "
-                       "grayscale images to 3 channels first")
+      raise ValueError(
+        f"expected (B, H, W, 3) images, got shape {images.shape}; replicate "
+        "grayscale images to 3 channels first"
+      )
     return self.pool_features(preprocess(images, quantize=quantize))

@@ -30,43 +30,43 @@ def partitioned(init, axes: Axes):
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes) -> nnx.Param:
   """A float32 `nnx.Param` initialised by `init` and annotated with logical axes."""
   return nnx.Param(
-      init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes), eager_sharding=False
+    init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes), eager_sharding=False
   )
 
 
 def dense(
-    in_features: int,
-    out_features: int,
-    axes: tuple[str | None, str | None],
-    *,
-    rngs: nnx.Rngs,
-    dtype=None,
-    use_bias: bool = True,
+  in_features: int,
+  out_features: int,
+  axes: tuple[str | None, str | None],
+  *,
+  rngs: nnx.Rngs,
+  dtype=None,
+  use_bias: bool = True,
 ) -> nnx.Linear:
   """`nnx.Linear` with an N(0, 1/in) kernel (in, out), zero bias, and logical axes `axes`."""
   return nnx.Linear(
-      in_features,
-      out_features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=partitioned(DENSE_INIT, axes),
-      bias_init=partitioned(nnx.initializers.zeros, axes[1:]),
-      rngs=rngs,
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=partitioned(DENSE_INIT, axes),
+    bias_init=partitioned(nnx.initializers.zeros, axes[1:]),
+    rngs=rngs,
   )
 
 
 def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
   """LayerNorm over the last axis (two-pass variance, as PyTorch)."""
   return nnx.LayerNorm(
-      features,
-      epsilon=eps,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      use_fast_variance=False,
-      scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-      bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-      rngs=rngs,
+    features,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    use_fast_variance=False,
+    scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+    bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+    rngs=rngs,
   )
 
 
@@ -88,12 +88,12 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array | None,
-    dropout: nnx.Dropout | None = None,
-    rngs: nnx.Rngs | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  dropout: nnx.Dropout | None = None,
+  rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention.
 

@@ -24,12 +24,12 @@ class MedUnifier(nnx.Module):
   `query_tokens`, `vision_proj`, `text_proj`, `itm_head`, `temp`, `vqvae`."""
 
   def __init__(
-      self,
-      cfg: ml_collections.ConfigDict,
-      *,
-      rngs: nnx.Rngs,
-      dtype: str | jnp.dtype | None = None,
-      remat: bool | None = None,
+    self,
+    cfg: ml_collections.ConfigDict,
+    *,
+    rngs: nnx.Rngs,
+    dtype: str | jnp.dtype | None = None,
+    remat: bool | None = None,
   ):
     """Builds the model from `config.model`.
 
@@ -62,16 +62,23 @@ class MedUnifier(nnx.Module):
     self.ln_vision = layers.layer_norm(dv, cfg.vit.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.qformer = QFormer(cfg.qformer, dv, rngs=rngs, dtype=dtype, remat=remat)
     self.query_tokens = layers.param(
-        rngs, nnx.initializers.normal(layers.INIT_STD), (1, cfg.qformer.num_queries, h),
-        (None, None, "embed"),
+      rngs,
+      nnx.initializers.normal(layers.INIT_STD),
+      (1, cfg.qformer.num_queries, h),
+      (None, None, "embed"),
     )
     self.vision_proj = layers.dense(h, e, ("embed", None), rngs=rngs, dtype=dtype)
     self.text_proj = layers.dense(h, e, ("embed", None), rngs=rngs, dtype=dtype)
     self.itm_head = layers.dense(h, 2, ("embed", None), rngs=rngs, dtype=dtype)
     self.temp = nnx.Param(jnp.asarray(cfg.temperature_init, jnp.float32))
     self.vqvae = VQVAE(
-        cfg=cfg.vqvae, query_width=h, vision_width=dv, text_width=h, image_size=cfg.vit.image_size,
-        rngs=rngs, dtype=dtype,
+      cfg=cfg.vqvae,
+      query_width=h,
+      vision_width=dv,
+      text_width=h,
+      image_size=cfg.vit.image_size,
+      rngs=rngs,
+      dtype=dtype,
     )
 
   # -- encoders ------------------------------------------------------------------------------
@@ -96,18 +103,18 @@ class MedUnifier(nnx.Module):
     return self.image_queries_with_kv(image_tokens, rngs=rngs)[0]
 
   def image_queries_with_kv(
-      self,
-      image_tokens: jax.Array,
-      *,
-      image_kvs: CrossKVs | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    image_tokens: jax.Array,
+    *,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
     """Image mode, also returning each layer's query keys/values for the generation mode.
 
     image_kvs: `cross_kvs(image_tokens)` when already computed (they are not computed again).
     """
     return self.qformer.image_mode_with_kv(
-        self._queries(image_tokens.shape[0]), image_tokens, image_kvs=image_kvs, rngs=rngs
+      self._queries(image_tokens.shape[0]), image_tokens, image_kvs=image_kvs, rngs=rngs
     )
 
   def cross_kvs(self, image_tokens: jax.Array) -> CrossKVs:
@@ -116,7 +123,7 @@ class MedUnifier(nnx.Module):
     return self.qformer.cross_kvs(image_tokens)
 
   def text_hidden(
-      self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None
+    self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None
   ) -> jax.Array:
     """Q-Former text mode: (B, T) ids and mask -> (B, T, H); position 0 ([CLS]) is the feature."""
     self._check_text(input_ids, attention_mask)
@@ -141,28 +148,24 @@ class MedUnifier(nnx.Module):
     back.
     """
     t = self.temp[...]
-    return t + jax.lax.stop_gradient(
-        jnp.clip(t, self.temperature_min, self.temperature_max) - t
-    )
+    return t + jax.lax.stop_gradient(jnp.clip(t, self.temperature_min, self.temperature_max) - t)
 
   def constrain_parameters(self) -> None:
     """Projects parameters back onto their allowed sets; the training step calls it after each
     optimizer update. Here: `temp` clamped to [temperature_min, temperature_max] (BLIP-2 clamps
     it in place, without gradient, at every step)."""
-    self.temp.set_value(
-        jnp.clip(self.temp.get_value(), self.temperature_min, self.temperature_max)
-    )
+    self.temp.set_value(jnp.clip(self.temp.get_value(), self.temperature_min, self.temperature_max))
 
   # -- matching and generation ---------------------------------------------------------------
 
   def itm_logits(
-      self,
-      image_tokens: jax.Array,
-      input_ids: jax.Array,
-      attention_mask: jax.Array,
-      *,
-      image_kvs: CrossKVs | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    image_tokens: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """Matching mode on row-aligned pairs -> (B, 2) float32 (no-match, match), query-averaged.
 
@@ -172,18 +175,23 @@ class MedUnifier(nnx.Module):
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]
     hidden = self.qformer(
-        self._queries(input_ids.shape[0]), input_ids, attention_mask, image_tokens,
-        mode="matching", image_kvs=image_kvs, rngs=rngs,
+      self._queries(input_ids.shape[0]),
+      input_ids,
+      attention_mask,
+      image_tokens,
+      mode="matching",
+      image_kvs=image_kvs,
+      rngs=rngs,
     )
     return self.itm_head(hidden[:, :q]).astype(jnp.float32).mean(axis=1)
 
   def lm_logits(
-      self,
-      image_tokens: jax.Array,
-      input_ids: jax.Array,
-      attention_mask: jax.Array,
-      *,
-      rngs: nnx.Rngs | None = None,
+    self,
+    image_tokens: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """Generation mode, one joint pass -> (B, T, V) float32; logits[:, t] predicts token t + 1.
 
@@ -193,18 +201,22 @@ class MedUnifier(nnx.Module):
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]
     hidden = self.qformer(
-        self._queries(input_ids.shape[0]), input_ids, attention_mask, image_tokens,
-        mode="generation", rngs=rngs,
+      self._queries(input_ids.shape[0]),
+      input_ids,
+      attention_mask,
+      image_tokens,
+      mode="generation",
+      rngs=rngs,
     )
     return self.qformer.lm_logits(hidden[:, q:])
 
   def lm_logits_from_query_kv(
-      self,
-      query_kvs: list[KV],
-      input_ids: jax.Array,
-      attention_mask: jax.Array,
-      *,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_kvs: list[KV],
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """As `lm_logits`, reusing the image pass's query keys/values (`image_queries_with_kv`)."""
     self._check_text(input_ids, attention_mask)
@@ -212,7 +224,7 @@ class MedUnifier(nnx.Module):
     return self.qformer.lm_logits(hidden)
 
   def init_decode_cache(
-      self, image_tokens: jax.Array, batch_size: int, max_len: int
+    self, image_tokens: jax.Array, batch_size: int, max_len: int
   ) -> dict[str, jax.Array]:
     """Decoding state for `batch_size` sequences of at most `max_len` tokens ([DEC] included).
 
@@ -228,7 +240,7 @@ class MedUnifier(nnx.Module):
     return self.qformer.init_decode_cache(kvs, max_len)
 
   def decode_step(
-      self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
+    self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """token_ids (B,) at text position `position` (int32 scalar; feed [DEC] at 0).
 
@@ -240,13 +252,13 @@ class MedUnifier(nnx.Module):
   def _check_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> None:
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
       raise ValueError(
-          f"expected input_ids and attention_mask of one shape (B, T), got "
-          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        f"expected input_ids and attention_mask of one shape (B, T), got "
+        f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
       )
     if input_ids.shape[1] > self.max_positions:
       raise ValueError(
-          f"text length {input_ids.shape[1]} exceeds the {self.max_positions} positions of the "
-          f"Q-Former; truncate to model.max_text_len"
+        f"text length {input_ids.shape[1]} exceeds the {self.max_positions} positions of the "
+        f"Q-Former; truncate to model.max_text_len"
       )
 
 

@@ -70,32 +70,32 @@ class QFormerEmbeddings(nnx.Module):
     h = cfg.hidden_size
     init = nnx.initializers.normal(layers.INIT_STD)
     self.word_embeddings = nnx.Embed(
-        cfg.vocab_size,
-        h,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        embedding_init=layers.partitioned(init, ("vocab", "embed")),
-        rngs=rngs,
+      cfg.vocab_size,
+      h,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      embedding_init=layers.partitioned(init, ("vocab", "embed")),
+      rngs=rngs,
     )
     self.position_embeddings = nnx.Embed(
-        cfg.max_position_embeddings,
-        h,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        embedding_init=layers.partitioned(init, (None, "embed")),
-        rngs=rngs,
+      cfg.max_position_embeddings,
+      h,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      embedding_init=layers.partitioned(init, (None, "embed")),
+      rngs=rngs,
     )
     self.layernorm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.dropout = layers.new_dropout(cfg.hidden_dropout)
     self.max_positions = cfg.max_position_embeddings
 
   def __call__(
-      self,
-      query_embeds: jax.Array | None,
-      input_ids: jax.Array | None,
-      *,
-      first_position: jax.Array | int = 0,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_embeds: jax.Array | None,
+    input_ids: jax.Array | None,
+    *,
+    first_position: jax.Array | int = 0,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """query_embeds (B, Q, H) and/or input_ids (B, T) -> (B, Q + T, H).
 
@@ -108,8 +108,8 @@ class QFormerEmbeddings(nnx.Module):
       t = input_ids.shape[1]
       if isinstance(first_position, int) and first_position + t > self.max_positions:
         raise ValueError(
-            f"text of {first_position + t} tokens exceeds qformer.max_position_embeddings="
-            f"{self.max_positions}; shorten it (max_text_len) or enlarge the position table"
+          f"text of {first_position + t} tokens exceeds qformer.max_position_embeddings="
+          f"{self.max_positions}; shorten it (max_text_len) or enlarge the position table"
         )
       positions = first_position + jnp.arange(t)
       text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
@@ -125,7 +125,7 @@ class QFormerAttention(nnx.Module):
   """BERT attention + output block: LN(x + dropout(dense(attend(x, source))))."""
 
   def __init__(
-      self, cfg: ml_collections.ConfigDict, source_width: int, *, rngs: nnx.Rngs, dtype=None
+    self, cfg: ml_collections.ConfigDict, source_width: int, *, rngs: nnx.Rngs, dtype=None
   ):
     h = cfg.hidden_size
     if h % cfg.num_heads:
@@ -146,12 +146,12 @@ class QFormerAttention(nnx.Module):
   def project_kv(self, source: jax.Array) -> KV:
     """(B, S, W) -> keys, values (B, heads, S, d)."""
     return (
-        layers.split_heads(self.key(source), self.num_heads),
-        layers.split_heads(self.value(source), self.num_heads),
+      layers.split_heads(self.key(source), self.num_heads),
+      layers.split_heads(self.value(source), self.num_heads),
     )
 
   def attend(
-      self, q: jax.Array, k: jax.Array, v: jax.Array, mask, residual, rngs: nnx.Rngs | None
+    self, q: jax.Array, k: jax.Array, v: jax.Array, mask, residual, rngs: nnx.Rngs | None
   ) -> jax.Array:
     """Attention of q over (k, v), then the output block on `residual` (B, T, H)."""
     ctx = layers.dot_product_attention(q, k, v, mask, self.attention_dropout, rngs)
@@ -159,12 +159,12 @@ class QFormerAttention(nnx.Module):
     return self.output_layernorm(out + residual)
 
   def __call__(
-      self,
-      x: jax.Array,
-      mask: jax.Array | None,
-      *,
-      prefix_kv: KV | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    *,
+    prefix_kv: KV | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, KV]:
     """Self-attention (cross-attention goes through `project_kv` and `attend`).
 
@@ -186,7 +186,7 @@ class QFormerAttention(nnx.Module):
 class Intermediate(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
     self.dense = layers.dense(
-        cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs, dtype=dtype
+      cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs, dtype=dtype
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,7 +196,7 @@ class Intermediate(nnx.Module):
 class Output(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
     self.dense = layers.dense(
-        cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs, dtype=dtype
+      cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs, dtype=dtype
     )
     self.layernorm = layers.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.dropout = layers.new_dropout(cfg.hidden_dropout)
@@ -209,20 +209,20 @@ class QFormerLayer(nnx.Module):
   """Self-attention, cross-attention for the queries (some layers), query/text feed-forward."""
 
   def __init__(
-      self,
-      cfg: ml_collections.ConfigDict,
-      index: int,
-      vision_width: int,
-      *,
-      rngs: nnx.Rngs,
-      dtype=None,
+    self,
+    cfg: ml_collections.ConfigDict,
+    index: int,
+    vision_width: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
   ):
     self.attention = QFormerAttention(cfg, cfg.hidden_size, rngs=rngs, dtype=dtype)
     self.has_cross_attention = index % cfg.cross_attention_freq == 0
     self.crossattention = (
-        QFormerAttention(cfg, vision_width, rngs=rngs, dtype=dtype)
-        if self.has_cross_attention
-        else None
+      QFormerAttention(cfg, vision_width, rngs=rngs, dtype=dtype)
+      if self.has_cross_attention
+      else None
     )
     self.intermediate = Intermediate(cfg, rngs=rngs, dtype=dtype)
     self.output = Output(cfg, rngs=rngs, dtype=dtype)
@@ -237,15 +237,15 @@ class QFormerLayer(nnx.Module):
     return self.crossattention.project_kv(image_tokens) if self.has_cross_attention else None
 
   def __call__(
-      self,
-      x: jax.Array,
-      mask: jax.Array | None,
-      image_tokens: jax.Array | None,
-      prefix_kv: KV | None,
-      rngs: nnx.Rngs | None,
-      *,
-      num_queries: int,
-      image_kv: KV | None = None,
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    image_tokens: jax.Array | None,
+    prefix_kv: KV | None,
+    rngs: nnx.Rngs | None,
+    *,
+    num_queries: int,
+    image_kv: KV | None = None,
   ) -> tuple[jax.Array, KV]:
     """x (B, Q + T, H) with the first `num_queries` positions being queries -> (same, self kv).
 
@@ -288,18 +288,18 @@ class QFormer(nnx.Module):
   """BERT Q-Former with the four modes; query embeddings are passed in (they live on the model)."""
 
   def __init__(
-      self,
-      cfg: ml_collections.ConfigDict,
-      vision_width: int,
-      *,
-      rngs: nnx.Rngs,
-      dtype=None,
-      remat: bool = False,
+    self,
+    cfg: ml_collections.ConfigDict,
+    vision_width: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
+    remat: bool = False,
   ):
     if not 0 <= cfg.dec_token_id < cfg.vocab_size:
       raise ValueError(
-          f"qformer.dec_token_id={cfg.dec_token_id} must be a token id below "
-          f"qformer.vocab_size={cfg.vocab_size}"
+        f"qformer.dec_token_id={cfg.dec_token_id} must be a token id below "
+        f"qformer.vocab_size={cfg.vocab_size}"
       )
     self.dec_token_id = cfg.dec_token_id
     # [DEC] is the last real id; rows above it pad the vocabulary (to a size the model axis
@@ -309,22 +309,22 @@ class QFormer(nnx.Module):
     self.remat = remat
     self.embeddings = QFormerEmbeddings(cfg, rngs=rngs, dtype=dtype)
     self.layers = nnx.List(
-        [QFormerLayer(cfg, i, vision_width, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)]
+      [QFormerLayer(cfg, i, vision_width, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)]
     )
     self.lm_head = LMHead(cfg, rngs=rngs, dtype=dtype)
 
   # -- the layer stack -----------------------------------------------------------------------
 
   def encode(
-      self,
-      x: jax.Array,
-      mask: jax.Array | None,
-      image_tokens: jax.Array | None,
-      *,
-      num_queries: int,
-      prefix_kvs: list[KV] | None = None,
-      image_kvs: CrossKVs | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    image_tokens: jax.Array | None,
+    *,
+    num_queries: int,
+    prefix_kvs: list[KV] | None = None,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
     """Runs every layer on embedded x (B, L, H); returns the output and each layer's self kv.
 
@@ -350,15 +350,15 @@ class QFormer(nnx.Module):
   # -- the four modes ------------------------------------------------------------------------
 
   def __call__(
-      self,
-      query_embeds: jax.Array | None,
-      input_ids: jax.Array | None,
-      attention_mask: jax.Array | None,
-      image_tokens: jax.Array | None,
-      *,
-      mode: Mode,
-      image_kvs: CrossKVs | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_embeds: jax.Array | None,
+    input_ids: jax.Array | None,
+    attention_mask: jax.Array | None,
+    image_tokens: jax.Array | None,
+    *,
+    mode: Mode,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """One pass in `mode`.
 
@@ -372,8 +372,9 @@ class QFormer(nnx.Module):
     """
     if mode == "image":
       x = self.embeddings(query_embeds, None, rngs=rngs)
-      return self.encode(x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs,
-                         rngs=rngs)[0]
+      return self.encode(
+        x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs, rngs=rngs
+      )[0]
     if mode == "text":
       x = self.embeddings(None, input_ids, rngs=rngs)
       mask = padding_mask(attention_mask)
@@ -392,25 +393,26 @@ class QFormer(nnx.Module):
     raise ValueError(f"unknown mode {mode!r}; use image, text, matching or generation")
 
   def image_mode_with_kv(
-      self,
-      query_embeds: jax.Array,
-      image_tokens: jax.Array | None,
-      *,
-      image_kvs: CrossKVs | None = None,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_embeds: jax.Array,
+    image_tokens: jax.Array | None,
+    *,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
     """Image mode; also returns each layer's query keys/values (B, heads, Q, d) for generation."""
     x = self.embeddings(query_embeds, None, rngs=rngs)
-    return self.encode(x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs,
-                       rngs=rngs)
+    return self.encode(
+      x, None, image_tokens, num_queries=x.shape[1], image_kvs=image_kvs, rngs=rngs
+    )
 
   def generate_text(
-      self,
-      query_kvs: list[KV],
-      input_ids: jax.Array,
-      attention_mask: jax.Array,
-      *,
-      rngs: nnx.Rngs | None = None,
+    self,
+    query_kvs: list[KV],
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """Text half of the generation mode on top of the queries' cached keys/values -> (B, T, H)."""
     q = query_kvs[0][0].shape[2]
@@ -451,21 +453,20 @@ class QFormer(nnx.Module):
     """
     if max_len > self.embeddings.max_positions:
       raise ValueError(
-          f"max_len={max_len} exceeds qformer.max_position_embeddings="
-          f"{self.embeddings.max_positions}"
+        f"max_len={max_len} exceeds qformer.max_position_embeddings={self.embeddings.max_positions}"
       )
     query_k = jnp.stack([k for k, _ in query_kvs])
     query_v = jnp.stack([v for _, v in query_kvs])
     text_shape = query_k.shape[:3] + (max_len,) + query_k.shape[4:]
     return {
-        "query_k": query_k,
-        "query_v": query_v,
-        "text_k": jnp.zeros(text_shape, query_k.dtype),
-        "text_v": jnp.zeros(text_shape, query_v.dtype),
+      "query_k": query_k,
+      "query_v": query_v,
+      "text_k": jnp.zeros(text_shape, query_k.dtype),
+      "text_v": jnp.zeros(text_shape, query_v.dtype),
     }
 
   def decode_step(
-      self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
+    self, cache: dict[str, jax.Array], token_ids: jax.Array, position: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Feeds token_ids (B,) at text position `position` (int32 scalar; 0 takes [DEC]).
 
@@ -522,7 +523,6 @@ def generation_mask(num_queries: int, attention_mask: jax.Array) -> jax.Array:
 @functools.cache
 def _layer_fn(remat: bool, num_queries: int):
   def call(layer, x, mask, image_tokens, prefix_kv, image_kv, rngs):
-    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries,
-                 image_kv=image_kv)
+    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries, image_kv=image_kv)
 
   return nnx.remat(call) if remat else call

@@ -74,8 +74,8 @@ def _restart_key(rngs: nnx.Rngs) -> jax.Array:
     if stream in rngs:
       return getattr(rngs, stream)()
   raise ValueError(
-      "restart_dead_codes needs call-time rngs with a 'codes', 'default' or 'dropout' stream, "
-      f"got streams {[name for name, _ in rngs.items()]}."
+    "restart_dead_codes needs call-time rngs with a 'codes', 'default' or 'dropout' stream, "
+    f"got streams {[name for name, _ in rngs.items()]}."
   )
 
 
@@ -83,17 +83,17 @@ class VectorQuantizer(nnx.Module):
   """K codes of width C; quantizes the last axis of its input."""
 
   def __init__(
-      self,
-      num_codes: int,
-      width: int,
-      *,
-      commitment_weight: float = 1.0,
-      codebook_weight: float = 0.5,
-      ema: bool = False,
-      ema_decay: float = 0.99,
-      restart_dead_codes: bool = False,
-      epsilon: float = 1e-5,
-      rngs: nnx.Rngs,
+    self,
+    num_codes: int,
+    width: int,
+    *,
+    commitment_weight: float = 1.0,
+    codebook_weight: float = 0.5,
+    ema: bool = False,
+    ema_decay: float = 0.99,
+    restart_dead_codes: bool = False,
+    epsilon: float = 1e-5,
+    rngs: nnx.Rngs,
   ):
     if not 0.0 < ema_decay < 1.0:
       raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
@@ -120,7 +120,8 @@ class VectorQuantizer(nnx.Module):
     offset = None
     if restart_dead_codes and not ema:
       offset = nnx.BatchStat(
-          jnp.zeros_like(value), out_sharding=CODEBOOK_AXES, eager_sharding=False)
+        jnp.zeros_like(value), out_sharding=CODEBOOK_AXES, eager_sharding=False
+      )
     self.restart_offset = nnx.data(offset)
 
   def vectors(self) -> jax.Array:
@@ -134,7 +135,7 @@ class VectorQuantizer(nnx.Module):
     return jnp.take(self.vectors(), codes, axis=0)
 
   def __call__(
-      self, z_e: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None
+    self, z_e: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None
   ) -> QuantizerOutput:
     """Quantizes z_e (..., C). `rngs` is needed only for `restart_dead_codes` in training."""
     if z_e.shape[-1] != self.width:
@@ -160,19 +161,19 @@ class VectorQuantizer(nnx.Module):
       if self.restart_dead_codes:
         if rngs is None:
           raise ValueError(
-              "restart_dead_codes is on: pass rngs= to the training call (it draws the encoder "
-              "outputs that replace unused codes), or turn the option off."
+            "restart_dead_codes is on: pass rngs= to the training call (it draws the encoder "
+            "outputs that replace unused codes), or turn the option off."
           )
         self._restart(counts, flat_sg, _restart_key(rngs))
 
     # Straight-through: forward value z_q, gradient of the identity to z_e.
     z_st = flat + jax.lax.stop_gradient(z_q - flat)
     return QuantizerOutput(
-        z_q=z_st.reshape(z_e.shape).astype(z_e.dtype),
-        loss=loss,
-        codes=codes.reshape(z_e.shape[:-1]),
-        perplexity=perplexity,
-        usage=usage,
+      z_q=z_st.reshape(z_e.shape).astype(z_e.dtype),
+      loss=loss,
+      codes=codes.reshape(z_e.shape[:-1]),
+      perplexity=perplexity,
+      usage=usage,
     )
 
   def _ema_update(self, codes: jax.Array, counts: jax.Array, flat: jax.Array) -> None:

@@ -37,23 +37,23 @@ class VisionEmbeddings(nnx.Module):
     d, p = cfg.width, cfg.patch_size
     self.grid = cfg.image_size // p
     self.patch_embedding = nnx.Conv(
-        3,
-        d,
-        kernel_size=(p, p),
-        strides=(p, p),
-        padding="VALID",
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=layers.partitioned(layers.DENSE_INIT, (None, None, None, "embed")),
-        bias_init=layers.partitioned(nnx.initializers.zeros, ("embed",)),
-        rngs=rngs,
+      3,
+      d,
+      kernel_size=(p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=layers.partitioned(layers.DENSE_INIT, (None, None, None, "embed")),
+      bias_init=layers.partitioned(nnx.initializers.zeros, ("embed",)),
+      rngs=rngs,
     )
     # N(0, 0.02) as every other weight here (BLIP-2 truncates at 2 std; no practical difference,
     # and one initializer keeps start-up compilation short).
     init = nnx.initializers.normal(layers.INIT_STD)
     self.class_embedding = layers.param(rngs, init, (1, 1, d), (None, None, "embed"))
     self.position_embedding = layers.param(
-        rngs, init, (1, 1 + self.grid**2, d), (None, None, "embed")
+      rngs, init, (1, 1 + self.grid**2, d), (None, None, "embed")
     )
     self.dtype = dtype
 
@@ -127,33 +127,34 @@ class VisionTransformer(nnx.Module):
   then `ln_vision` (`post_layernorm`) unless built with `final_norm=False`."""
 
   def __init__(
-      self,
-      cfg: ml_collections.ConfigDict,
-      *,
-      rngs: nnx.Rngs,
-      dtype=None,
-      remat: bool = False,
-      final_norm: bool = True,
+    self,
+    cfg: ml_collections.ConfigDict,
+    *,
+    rngs: nnx.Rngs,
+    dtype=None,
+    remat: bool = False,
+    final_norm: bool = True,
   ):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
-          f"vit.image_size={cfg.image_size} must be a multiple of vit.patch_size={cfg.patch_size}"
+        f"vit.image_size={cfg.image_size} must be a multiple of vit.patch_size={cfg.patch_size}"
       )
     self.image_size = cfg.image_size
     self.remat = remat
     self.embeddings = VisionEmbeddings(cfg, rngs=rngs, dtype=dtype)
     self.layers = nnx.List([VisionLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
     self.post_layernorm = (
-        layers.layer_norm(cfg.width, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
-        if final_norm else None
+      layers.layer_norm(cfg.width, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
+      if final_norm
+      else None
     )
 
   def __call__(self, pixel_values: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     s = self.image_size
     if pixel_values.ndim != 4 or pixel_values.shape[1:] != (s, s, 3):
       raise ValueError(
-          f"expected pixel_values of shape (B, {s}, {s}, 3) (NHWC, normalised), "
-          f"got {tuple(pixel_values.shape)}; resize images to {s}x{s}"
+        f"expected pixel_values of shape (B, {s}, {s}, 3) (NHWC, normalised), "
+        f"got {tuple(pixel_values.shape)}; resize images to {s}x{s}"
       )
     x = self.embeddings(pixel_values)
     block = _block_fn(self.remat)

@@ -81,10 +81,17 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 def _conv(in_ch, out_ch, kernel, *, padding, use_bias, rngs, dtype) -> nnx.Conv:
   return nnx.Conv(
-      in_ch, out_ch, (kernel, kernel), padding=padding, use_bias=use_bias, dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
-      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+    in_ch,
+    out_ch,
+    (kernel, kernel),
+    padding=padding,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+    bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]),
+    rngs=rngs,
+  )
 
 
 class UpsampleConv(nnx.ConvTranspose):
@@ -112,11 +119,18 @@ class UpsampleConv(nnx.ConvTranspose):
     for dy in range(2):
       cols = []
       for dx in range(2):
-        window = padded[:, dy:dy + height + 1, dx:dx + width + 1]
-        cols.append(jax.lax.conv_general_dilated(
-            window, kernel[dy::2, dx::2], (1, 1), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
-            preferred_element_type=self.preferred_element_type))
+        window = padded[:, dy : dy + height + 1, dx : dx + width + 1]
+        cols.append(
+          jax.lax.conv_general_dilated(
+            window,
+            kernel[dy::2, dx::2],
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+          )
+        )
       rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, Cout), dx
     y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, Cout): out[:, 2m + dy, 2n + dx]
     y = y.reshape(batch, 2 * height, 2 * width, y.shape[-1])
@@ -128,10 +142,17 @@ class UpsampleConv(nnx.ConvTranspose):
 def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> UpsampleConv:
   """4x4 stride-2 transposed convolution, H -> 2H exactly (see `UpsampleConv`)."""
   return UpsampleConv(
-      in_ch, out_ch, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
-      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+    in_ch,
+    out_ch,
+    (4, 4),
+    strides=(2, 2),
+    padding=((2, 2), (2, 2)),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+    bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]),
+    rngs=rngs,
+  )
 
 
 def _batch_norm(channels, momentum, *, rngs, dtype) -> nnx.BatchNorm:
@@ -139,16 +160,27 @@ def _batch_norm(channels, momentum, *, rngs, dtype) -> nnx.BatchNorm:
   # (PyTorch's running variance uses the unbiased batch variance, Flax's the biased one; the
   # difference is a factor n/(n-1) over B*H*W positions, negligible at these sizes.)
   return nnx.BatchNorm(
-      channels, momentum=momentum, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=partitioned(nnx.initializers.ones, CONV_AXES[-1:]),
-      bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]), rngs=rngs)
+    channels,
+    momentum=momentum,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=partitioned(nnx.initializers.ones, CONV_AXES[-1:]),
+    bias_init=partitioned(nnx.initializers.zeros, CONV_AXES[-1:]),
+    rngs=rngs,
+  )
 
 
 def _dense(in_f, out_f, axes, *, rngs, dtype) -> nnx.Linear:
   return nnx.Linear(
-      in_f, out_f, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
-      bias_init=partitioned(nnx.initializers.zeros, axes[1:]), rngs=rngs)
+    in_f,
+    out_f,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+    bias_init=partitioned(nnx.initializers.zeros, axes[1:]),
+    rngs=rngs,
+  )
 
 
 class ResidualLayer(nnx.Module):
@@ -179,7 +211,8 @@ class ResidualStack(nnx.Module):
 
   def __init__(self, width: int, depth: int, *, momentum: float, rngs: nnx.Rngs, dtype=None):
     self.layers = nnx.List(
-        [ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype) for _ in range(depth)])
+      [ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype) for _ in range(depth)]
+    )
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for layer in self.layers:
@@ -207,7 +240,8 @@ class TopBridge(nnx.Module):
     self.out_grid = (cfg.grid // 2, cfg.grid // 2)
     self.mlp = MLP(query_width, 2 * d, d, rngs=rngs, dtype=dtype)
     self.res = ResidualStack(
-        d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype)
+      d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype
+    )
 
   def __call__(self, queries: jax.Array, *, train: bool) -> jax.Array:
     x = self.mlp(queries)
@@ -227,7 +261,8 @@ class BottomBridge(nnx.Module):
     self.grid = cfg.grid
     self.mlp = MLP(vision_width + text_width, d, d, rngs=rngs, dtype=dtype)
     self.res = ResidualStack(
-        d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype)
+      d, cfg.num_res_layers, momentum=cfg.batchnorm_momentum, rngs=rngs, dtype=dtype
+    )
 
   def __call__(self, patch_tokens: jax.Array, text_cls: jax.Array, *, train: bool) -> jax.Array:
     b, _, _ = patch_tokens.shape
@@ -258,15 +293,15 @@ class ImageDecoder(nnx.Module):
   """
 
   def __init__(
-      self, width: int, channels: Sequence[int], *, momentum: float, rngs: nnx.Rngs, dtype=None
+    self, width: int, channels: Sequence[int], *, momentum: float, rngs: nnx.Rngs, dtype=None
   ):
     self.merge = _conv(width, width, 3, padding="VALID", use_bias=True, rngs=rngs, dtype=dtype)
     self.res = ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype)
     widths = [width, *channels, 3]
     self.ups = nnx.List(
-        [_upsample_conv(i, o, rngs=rngs, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])])
-    self.norms = nnx.List(
-        [_batch_norm(c, momentum, rngs=rngs, dtype=dtype) for c in widths[1:-1]])
+      [_upsample_conv(i, o, rngs=rngs, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])]
+    )
+    self.norms = nnx.List([_batch_norm(c, momentum, rngs=rngs, dtype=dtype) for c in widths[1:-1]])
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = self.res(self.merge(x), train=train)
@@ -292,15 +327,15 @@ class VQVAE(nnx.Module):
   """
 
   def __init__(
-      self,
-      cfg,
-      *,
-      query_width: int,
-      vision_width: int,
-      text_width: int,
-      image_size: int,
-      rngs: nnx.Rngs,
-      dtype=None,
+    self,
+    cfg,
+    *,
+    query_width: int,
+    vision_width: int,
+    text_width: int,
+    image_size: int,
+    rngs: nnx.Rngs,
+    dtype=None,
   ):
     check_geometry(cfg, image_size)
     d, k, momentum = cfg.latent_dim, cfg.codebook_size, cfg.batchnorm_momentum
@@ -309,9 +344,15 @@ class VQVAE(nnx.Module):
     self.image_size = image_size
     self.dtype = dtype
     quantizer = lambda width: VectorQuantizer(
-        k, width, commitment_weight=cfg.commitment_weight, codebook_weight=cfg.codebook_weight,
-        ema=cfg.ema, ema_decay=cfg.ema_decay, restart_dead_codes=cfg.restart_dead_codes,
-        rngs=rngs)
+      k,
+      width,
+      commitment_weight=cfg.commitment_weight,
+      codebook_weight=cfg.codebook_weight,
+      ema=cfg.ema,
+      ema_decay=cfg.ema_decay,
+      restart_dead_codes=cfg.restart_dead_codes,
+      rngs=rngs,
+    )
     self.top_bridge = TopBridge(cfg, query_width, rngs=rngs, dtype=dtype)
     self.bottom_bridge = BottomBridge(cfg, vision_width, text_width, rngs=rngs, dtype=dtype)
     self.quantizer_top = quantizer(d)
@@ -319,16 +360,17 @@ class VQVAE(nnx.Module):
     self.quantizer_bottom = quantizer(2 * d)
     self.upsample_top = _upsample_conv(d, d, rngs=rngs, dtype=dtype)
     self.decoder = ImageDecoder(
-        3 * d, tuple(cfg.decoder_channels), momentum=momentum, rngs=rngs, dtype=dtype)
+      3 * d, tuple(cfg.decoder_channels), momentum=momentum, rngs=rngs, dtype=dtype
+    )
 
   def __call__(
-      self,
-      queries: jax.Array,
-      patch_tokens: jax.Array,
-      text_cls: jax.Array,
-      *,
-      train: bool,
-      rngs: nnx.Rngs | None = None,
+    self,
+    queries: jax.Array,
+    patch_tokens: jax.Array,
+    text_cls: jax.Array,
+    *,
+    train: bool,
+    rngs: nnx.Rngs | None = None,
   ) -> VQOutput:
     """Encodes, quantizes and reconstructs.
 
@@ -347,19 +389,19 @@ class VQVAE(nnx.Module):
     bottom_in = jnp.concatenate([z_bottom, self.top_to_bottom(top.z_q, train=train)], axis=-1)
     bottom = self.quantizer_bottom(bottom_in, train=train, rngs=rngs)
     return VQOutput(
-        recon=self._decode(top.z_q, bottom.z_q, train=train),
-        loss_top=top.loss,
-        loss_bottom=bottom.loss,
-        perplexity_top=top.perplexity,
-        perplexity_bottom=bottom.perplexity,
-        usage_top=top.usage,
-        usage_bottom=bottom.usage,
-        codes_top=top.codes,
-        codes_bottom=bottom.codes,
+      recon=self._decode(top.z_q, bottom.z_q, train=train),
+      loss_top=top.loss,
+      loss_bottom=bottom.loss,
+      perplexity_top=top.perplexity,
+      perplexity_bottom=bottom.perplexity,
+      usage_top=top.usage,
+      usage_bottom=bottom.usage,
+      codes_top=top.codes,
+      codes_bottom=bottom.codes,
     )
 
   def decode_codes(
-      self, codes_top: jax.Array, codes_bottom: jax.Array, *, train: bool = False
+    self, codes_top: jax.Array, codes_bottom: jax.Array, *, train: bool = False
   ) -> jax.Array:
     """Images from code grids (e.g. sampled from a prior).
 
@@ -372,8 +414,8 @@ class VQVAE(nnx.Module):
     g = self.grid
     if codes_top.shape[1:] != (g // 2, g // 2) or codes_bottom.shape[1:] != (g, g):
       raise ValueError(
-          f"decode_codes expects codes_top (B, {g // 2}, {g // 2}) and codes_bottom (B, {g}, {g}),"
-          f" got {codes_top.shape} and {codes_bottom.shape}."
+        f"decode_codes expects codes_top (B, {g // 2}, {g // 2}) and codes_bottom (B, {g}, {g}),"
+        f" got {codes_top.shape} and {codes_bottom.shape}."
       )
     z_top = self.quantizer_top.lookup(codes_top).astype(self.dtype or jnp.float32)
     z_bottom = self.quantizer_bottom.lookup(codes_bottom).astype(self.dtype or jnp.float32)
@@ -388,16 +430,16 @@ class VQVAE(nnx.Module):
     g = self.grid
     if queries.ndim != 3 or queries.shape[1] != qh * qw:
       raise ValueError(
-          f"the top bridge reads the queries as a {qh}x{qw} grid, so it needs (B, {qh * qw}, H) "
-          f"query outputs, got {queries.shape}; make vqvae.query_grid multiply to "
-          f"qformer.num_queries."
+        f"the top bridge reads the queries as a {qh}x{qw} grid, so it needs (B, {qh * qw}, H) "
+        f"query outputs, got {queries.shape}; make vqvae.query_grid multiply to "
+        f"qformer.num_queries."
       )
     if patch_tokens.ndim != 3 or patch_tokens.shape[1] != g * g:
       hint = " (drop the class token)" if patch_tokens.shape[1] == g * g + 1 else ""
       raise ValueError(
-          f"the bottom bridge reads patch tokens as a {g}x{g} grid, so it needs (B, {g * g}, Dv), "
-          f"got {patch_tokens.shape}{hint}; vit.image_size / vit.patch_size must equal "
-          f"vqvae.grid."
+        f"the bottom bridge reads patch tokens as a {g}x{g} grid, so it needs (B, {g * g}, Dv), "
+        f"got {patch_tokens.shape}{hint}; vit.image_size / vit.patch_size must equal "
+        f"vqvae.grid."
       )
     if text_cls.ndim != 2 or text_cls.shape[0] != queries.shape[0]:
       raise ValueError(f"text_cls must be (B, Ht) with B={queries.shape[0]}, got {text_cls.shape}")
@@ -415,18 +457,18 @@ def tig_loss(out: VQOutput, target: jax.Array) -> tuple[jax.Array, dict[str, jax
   """
   if target.shape != out.recon.shape:
     raise ValueError(
-        f"TIG target must match the reconstruction {out.recon.shape} (the [0, 1] image at the "
-        f"model's image size), got {target.shape}."
+      f"TIG target must match the reconstruction {out.recon.shape} (the [0, 1] image at the "
+      f"model's image size), got {target.shape}."
     )
   mse = jnp.mean(jnp.square(out.recon.astype(jnp.float32) - target.astype(jnp.float32)))
   loss = mse + out.loss_top + out.loss_bottom
   metrics = {
-      "tig_mse": mse,
-      "vq_loss_top": out.loss_top,
-      "vq_loss_bottom": out.loss_bottom,
-      "vq_perplexity_top": out.perplexity_top,
-      "vq_perplexity_bottom": out.perplexity_bottom,
-      "vq_usage_top": out.usage_top,
-      "vq_usage_bottom": out.usage_bottom,
+    "tig_mse": mse,
+    "vq_loss_top": out.loss_top,
+    "vq_loss_bottom": out.loss_bottom,
+    "vq_perplexity_top": out.perplexity_top,
+    "vq_perplexity_bottom": out.perplexity_bottom,
+    "vq_usage_top": out.usage_top,
+    "vq_usage_bottom": out.usage_bottom,
   }
   return loss, metrics

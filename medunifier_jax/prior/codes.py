@@ -58,30 +58,33 @@ def latest_checkpoint_step(workdir: str) -> int:
   folder = epath.Path(workdir) / "checkpoints"
   steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
   if not steps:
-    raise FileNotFoundError(f"{workdir} has no finished checkpoint: train the MedUnifier first "
-                            "(python -m medunifier_jax.train --config configs/pretrain.py:demo "
-                            f"--workdir {workdir})")
+    raise FileNotFoundError(
+      f"{workdir} has no finished checkpoint: train the MedUnifier first "
+      "(python -m medunifier_jax.train --config configs/pretrain.py:demo "
+      f"--workdir {workdir})"
+    )
   return max(steps)
 
 
-def cache_settings(cfg: Any, workdir: str, step: int, *, cache_text_states: bool,
-                   shard_size: int, num_examples: int) -> dict[str, Any]:
+def cache_settings(
+  cfg: Any, workdir: str, step: int, *, cache_text_states: bool, shard_size: int, num_examples: int
+) -> dict[str, Any]:
   """The `index.json` content (without `complete`) for the MedUnifier run of `workdir` (its
   config `cfg`) at checkpoint `step`."""
   return {
-      "version": VERSION,
-      "medunifier_workdir": str(workdir),
-      "medunifier_step": int(step),
-      "split": "train",
-      "data": json.loads(cfg.data.to_json_best_effort()),
-      "grid": int(cfg.model.vqvae.grid),
-      "codebook_size": int(cfg.model.vqvae.codebook_size),
-      "max_text_len": int(cfg.model.max_text_len),
-      "text_width": int(cfg.model.qformer.hidden_size),
-      "cache_text_states": bool(cache_text_states),
-      "shard_size": int(shard_size),
-      "num_examples": int(num_examples),
-      "num_shards": -(-int(num_examples) // int(shard_size)),
+    "version": VERSION,
+    "medunifier_workdir": str(workdir),
+    "medunifier_step": int(step),
+    "split": "train",
+    "data": json.loads(cfg.data.to_json_best_effort()),
+    "grid": int(cfg.model.vqvae.grid),
+    "codebook_size": int(cfg.model.vqvae.codebook_size),
+    "max_text_len": int(cfg.model.max_text_len),
+    "text_width": int(cfg.model.qformer.hidden_size),
+    "cache_text_states": bool(cache_text_states),
+    "shard_size": int(shard_size),
+    "num_examples": int(num_examples),
+    "num_shards": -(-int(num_examples) // int(shard_size)),
   }
 
 
@@ -103,27 +106,30 @@ def check_index(found: dict[str, Any], wanted: dict[str, Any], codes_dir: str) -
   keys = sorted((set(found) | set(wanted)) - {"complete"})
   # A cache with text states also serves a run that computes them each step.
   superset = {"cache_text_states"} if found.get("cache_text_states") else set()
-  diffs = [f"  {k}: cache {found.get(k)!r}, wanted {wanted.get(k)!r}" for k in keys
-           if found.get(k) != wanted.get(k) and k not in superset]
+  diffs = [
+    f"  {k}: cache {found.get(k)!r}, wanted {wanted.get(k)!r}"
+    for k in keys
+    if found.get(k) != wanted.get(k) and k not in superset
+  ]
   if diffs:
     raise StaleCodesError(
-        f"the code cache in {codes_dir} was made with other settings or another MedUnifier "
-        "checkpoint:\n" + "\n".join(diffs[:12]) + "\nDelete that folder to extract the codes "
-        "again (a prior trained on the old codes does not fit the new model), or set "
-        "--config.codes.dir to another folder."
+      f"the code cache in {codes_dir} was made with other settings or another MedUnifier "
+      "checkpoint:\n" + "\n".join(diffs[:12]) + "\nDelete that folder to extract the codes "
+      "again (a prior trained on the old codes does not fit the new model), or set "
+      "--config.codes.dir to another folder."
     )
 
 
 def extract_codes(
-    medunifier_workdir: str,
-    codes_dir: str,
-    *,
-    cache_text_states: bool,
-    shard_size: int = 4096,
-    batch_size: int = 64,
-    max_examples: int = 0,
-    show_progress: bool = True,
-    load_model: Callable[[], Any] | None = None,
+  medunifier_workdir: str,
+  codes_dir: str,
+  *,
+  cache_text_states: bool,
+  shard_size: int = 4096,
+  batch_size: int = 64,
+  max_examples: int = 0,
+  show_progress: bool = True,
+  load_model: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
   """Writes (or completes) the code cache of a trained MedUnifier; returns its index.
 
@@ -154,8 +160,14 @@ def extract_codes(
   step = latest_checkpoint_step(medunifier_workdir)
   source = registry.get_source(cfg.data.name, "train", cfg.data)
   n = len(source) if max_examples <= 0 else min(len(source), int(max_examples))
-  wanted = cache_settings(cfg, medunifier_workdir, step, cache_text_states=cache_text_states,
-                          shard_size=shard_size, num_examples=n)
+  wanted = cache_settings(
+    cfg,
+    medunifier_workdir,
+    step,
+    cache_text_states=cache_text_states,
+    shard_size=shard_size,
+    num_examples=n,
+  )
   folder = epath.Path(codes_dir)
   found = read_index(folder)
   if found is not None:
@@ -169,11 +181,15 @@ def extract_codes(
   model = (load_model or (lambda: api.load(medunifier_workdir)))()
   loaded = getattr(model, "checkpoint_step", step)
   if loaded != step:
-    raise ValueError(f"the newest checkpoint of {medunifier_workdir} (step {step}) does not read "
-                     f"back (step {loaded} was loaded); repair or remove it first")
+    raise ValueError(
+      f"the newest checkpoint of {medunifier_workdir} (step {step}) does not read "
+      f"back (step {loaded} was loaded); repair or remove it first"
+    )
   if model.tokenizer is None:
-    raise ValueError(f"{medunifier_workdir} has no tokenizer (tokenizer/ or "
-                     "config.data.tokenizer_dir): its reports cannot be tokenised")
+    raise ValueError(
+      f"{medunifier_workdir} has no tokenizer (tokenizer/ or "
+      "config.data.tokenizer_dir): its reports cannot be tokenised"
+    )
   pid, count = jax.process_index(), jax.process_count()
   if pid == 0:
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,15 +197,31 @@ def extract_codes(
     _write_json_atomic(folder / INDEX, dict(wanted, complete=False))
   _sync("code cache index")
   processor = pipeline.ExampleProcessor.from_config(source, model.tokenizer, cfg.data)
-  todo = [s for s in range(wanted["num_shards"])
-          if s % count == pid and not (folder / shard_name(s)).exists()]
+  todo = [
+    s
+    for s in range(wanted["num_shards"])
+    if s % count == pid and not (folder / shard_name(s)).exists()
+  ]
   sizes = [min(n, (s + 1) * shard_size) - s * shard_size for s in todo]
-  with tqdm.tqdm(total=sum(sizes), unit="example", desc="codes", dynamic_ncols=True,
-                 disable=not show_progress or pid != 0) as bar:
+  with tqdm.tqdm(
+    total=sum(sizes),
+    unit="example",
+    desc="codes",
+    dynamic_ncols=True,
+    disable=not show_progress or pid != 0,
+  ) as bar:
     for s in todo:
       start, stop = s * shard_size, min(n, (s + 1) * shard_size)
-      arrays = _encode_range(model, processor, start, stop, batch_size, cache_text_states,
-                             int(cfg.model.vqvae.codebook_size), bar)
+      arrays = _encode_range(
+        model,
+        processor,
+        start,
+        stop,
+        batch_size,
+        cache_text_states,
+        int(cfg.model.vqvae.codebook_size),
+        bar,
+      )
       tmp = folder / f".{shard_name(s)}.tmp"
       with tmp.open("wb") as f:
         np.savez(f, **arrays)
@@ -201,12 +233,22 @@ def extract_codes(
   return dict(wanted, complete=True)
 
 
-def _encode_range(model, processor, start: int, stop: int, batch_size: int,
-                  cache_text_states: bool, codebook_size: int, bar) -> dict[str, np.ndarray]:
+def _encode_range(
+  model,
+  processor,
+  start: int,
+  stop: int,
+  batch_size: int,
+  cache_text_states: bool,
+  codebook_size: int,
+  bar,
+) -> dict[str, np.ndarray]:
   """Examples [start, stop) through the frozen model, in batches of `batch_size`."""
   examples = iter(
-      grain.MapDataset.range(start, stop).map(processor).to_iter_dataset(
-          grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size)))
+    grain.MapDataset.range(start, stop)
+    .map(processor)
+    .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
+  )
   code_dtype = np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32
   parts: dict[str, list[np.ndarray]] = {}
   remaining = stop - start
@@ -215,16 +257,20 @@ def _encode_range(model, processor, start: int, stop: int, batch_size: int,
     m = len(chunk)
     # The last batch is padded with its final example: one batch shape, one compilation.
     chunk += [chunk[-1]] * (batch_size - m)
-    batch = {k: np.stack([e[k] for e in chunk]) for k in
-             ("image", "input_ids", "attention_mask", "index")}
-    top, bottom, text = jax.device_get(model.fns.codes_and_text(
-        model.state, batch["image"], batch["input_ids"], batch["attention_mask"]))
+    batch = {
+      k: np.stack([e[k] for e in chunk]) for k in ("image", "input_ids", "attention_mask", "index")
+    }
+    top, bottom, text = jax.device_get(
+      model.fns.codes_and_text(
+        model.state, batch["image"], batch["input_ids"], batch["attention_mask"]
+      )
+    )
     out = {
-        "index": batch["index"][:m].astype(np.int32),
-        "codes_top": top[:m].astype(code_dtype),
-        "codes_bottom": bottom[:m].astype(code_dtype),
-        "input_ids": batch["input_ids"][:m].astype(np.int32),
-        "attention_mask": batch["attention_mask"][:m].astype(np.int8),
+      "index": batch["index"][:m].astype(np.int32),
+      "codes_top": top[:m].astype(code_dtype),
+      "codes_bottom": bottom[:m].astype(code_dtype),
+      "input_ids": batch["input_ids"][:m].astype(np.int32),
+      "attention_mask": batch["attention_mask"][:m].astype(np.int8),
     }
     if cache_text_states:
       out["text_states"] = text[:m].astype(np.float32)
@@ -242,8 +288,12 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def write_cache(codes_dir: str | os.PathLike, arrays: dict[str, np.ndarray],
-                settings: dict[str, Any], shard_size: int) -> dict[str, Any]:
+def write_cache(
+  codes_dir: str | os.PathLike,
+  arrays: dict[str, np.ndarray],
+  settings: dict[str, Any],
+  shard_size: int,
+) -> dict[str, Any]:
   """Writes a complete cache from arrays already in memory (tests and custom code sets).
 
   `arrays` holds the shard keys of the module docstring over all examples; `settings` the
@@ -252,10 +302,16 @@ def write_cache(codes_dir: str | os.PathLike, arrays: dict[str, np.ndarray],
   folder = epath.Path(codes_dir)
   folder.mkdir(parents=True, exist_ok=True)
   n = len(arrays["codes_top"])
-  index = dict(settings, version=VERSION, shard_size=int(shard_size), num_examples=int(n),
-               num_shards=-(-n // shard_size), complete=True)
+  index = dict(
+    settings,
+    version=VERSION,
+    shard_size=int(shard_size),
+    num_examples=int(n),
+    num_shards=-(-n // shard_size),
+    complete=True,
+  )
   for s in range(index["num_shards"]):
-    part = {k: np.asarray(v)[s * shard_size:(s + 1) * shard_size] for k, v in arrays.items()}
+    part = {k: np.asarray(v)[s * shard_size : (s + 1) * shard_size] for k, v in arrays.items()}
     with (folder / shard_name(s)).open("wb") as f:
       np.savez(f, **part)
   _write_json_atomic(folder / INDEX, index)
@@ -270,8 +326,9 @@ class CodeSource:
     index = read_index(folder)
     if index is None or not index.get("complete"):
       raise FileNotFoundError(
-          f"no complete code cache in {folder}: extract it by training the prior with "
-          "--config.medunifier_workdir=WORKDIR (the frozen MedUnifier's workdir)")
+        f"no complete code cache in {folder}: extract it by training the prior with "
+        "--config.medunifier_workdir=WORKDIR (the frozen MedUnifier's workdir)"
+      )
     self.index = index
     parts: dict[str, list[np.ndarray]] = {}
     for s in range(int(index["num_shards"])):
@@ -281,8 +338,10 @@ class CodeSource:
     self.arrays = {k: np.concatenate(v) for k, v in parts.items()}
     counts = {k: len(v) for k, v in self.arrays.items()}
     if set(counts.values()) != {index["num_examples"]}:
-      raise ValueError(f"{folder}: the shards hold {counts} rows, the index says "
-                       f"{index['num_examples']} examples; delete the folder to rebuild it")
+      raise ValueError(
+        f"{folder}: the shards hold {counts} rows, the index says "
+        f"{index['num_examples']} examples; delete the folder to rebuild it"
+      )
 
   def __len__(self) -> int:
     return int(self.index["num_examples"])

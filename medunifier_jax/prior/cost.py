@@ -26,8 +26,9 @@ from medunifier_jax.prior import sample
 from medunifier_jax.prior.train import configure
 
 
-def fitted_prior_config(prior_config: ml_collections.ConfigDict,
-                        medunifier_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def fitted_prior_config(
+  prior_config: ml_collections.ConfigDict, medunifier_config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
   """A copy of `prior_config` sized for `medunifier_config` (grid, codebook, text width), as
   training a prior on that MedUnifier's codes would make it."""
   config = ml_collections.ConfigDict(prior_config.to_dict())
@@ -41,9 +42,13 @@ def _flops(fn, *args) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def sampling_flops(medunifier_config: ml_collections.ConfigDict,
-                   prior_config: ml_collections.ConfigDict, *, steps: int,
-                   guided: bool) -> dict[str, float]:
+def sampling_flops(
+  medunifier_config: ml_collections.ConfigDict,
+  prior_config: ml_collections.ConfigDict,
+  *,
+  steps: int,
+  guided: bool,
+) -> dict[str, float]:
   """FLOPs of drawing one image: `text_encoder`, `prior_pass` (one pass over the codes),
   `decoder`, and `per_image` = text + steps x (2 if guided else 1) x prior pass + decoder.
   Built from shapes only (`model_io.build_abstract`), so paper sizes cost no memory."""
@@ -70,9 +75,9 @@ def sampling_flops(medunifier_config: ml_collections.ConfigDict,
     return nnx.merge(mu_def, state).vqvae.decode_codes(top, bottom)
 
   out = {
-      "text_encoder": _flops(text_encoder, mu_state, ids, ids),
-      "prior_pass": _flops(prior_pass, prior_state, tokens, text, ids),
-      "decoder": _flops(decoder, mu_state, top, bottom),
+    "text_encoder": _flops(text_encoder, mu_state, ids, ids),
+    "prior_pass": _flops(prior_pass, prior_state, tokens, text, ids),
+    "decoder": _flops(decoder, mu_state, top, bottom),
   }
   passes = int(steps) * (2 if guided else 1)
   out["per_image"] = out["text_encoder"] + passes * out["prior_pass"] + out["decoder"]
@@ -80,9 +85,15 @@ def sampling_flops(medunifier_config: ml_collections.ConfigDict,
   return out
 
 
-def sampling_speed(medunifier_config: ml_collections.ConfigDict,
-                   prior_config: ml_collections.ConfigDict, *, batch_size: int, steps: int,
-                   guidance: float, repeats: int = 5) -> dict[str, Any]:
+def sampling_speed(
+  medunifier_config: ml_collections.ConfigDict,
+  prior_config: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  steps: int,
+  guidance: float,
+  repeats: int = 5,
+) -> dict[str, Any]:
   """Images per second of `inference.generate_images` on `batch_size` reports, with randomly
   initialised models of these sizes (the cost does not depend on the weights); the median of
   `repeats` timed calls after one compiling call."""
@@ -101,9 +112,19 @@ def sampling_speed(medunifier_config: ml_collections.ConfigDict,
 
   def draw():
     out = inference.generate_images(
-        mu_def, mu_state, prior_def, prior_state, ids, mask, keys, jnp.float32(guidance),
-        jnp.float32(1.0), jnp.float32(prior_config.sample.choice_temperature), steps=steps,
-        guided=guided)
+      mu_def,
+      mu_state,
+      prior_def,
+      prior_state,
+      ids,
+      mask,
+      keys,
+      jnp.float32(guidance),
+      jnp.float32(1.0),
+      jnp.float32(prior_config.sample.choice_temperature),
+      steps=steps,
+      guided=guided,
+    )
     return jax.block_until_ready(out)
 
   start = time.perf_counter()
@@ -115,5 +136,11 @@ def sampling_speed(medunifier_config: ml_collections.ConfigDict,
     draw()
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  return {"batch_size": batch_size, "steps": steps, "guided": guided,
-          "first_call_s": compile_s, "median_s": median, "images_per_s": batch_size / median}
+  return {
+    "batch_size": batch_size,
+    "steps": steps,
+    "guided": guided,
+    "first_call_s": compile_s,
+    "median_s": median,
+    "images_per_s": batch_size / median,
+  }

@@ -31,11 +31,7 @@ class _Take:
 
 
 def code_dataset(
-    config: Any,
-    source: CodeSource,
-    *,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+  config: Any, source: CodeSource, *, shard_index: int | None = None, shard_count: int | None = None
 ) -> grain.IterDataset:
   """Endless shuffled host batches of `config.batch_size / shard_count` cached examples.
 
@@ -48,8 +44,10 @@ def code_dataset(
   n = len(source)
   per_host = n // shard_count
   if per_host < batch:
-    raise ValueError(f"the code cache holds {n} examples, {per_host} per host, fewer than one "
-                     f"host batch of {batch}; lower config.batch_size")
+    raise ValueError(
+      f"the code cache holds {n} examples, {per_host} per host, fewer than one "
+      f"host batch of {batch}; lower config.batch_size"
+    )
   ds = grain.MapDataset.range(n).shuffle(seed=int(config.codes.shuffle_seed))
   ds = ds[: per_host * shard_count].repeat(None)
   # Indices are batched first and gathered in one step: a vectorised read of the cache.

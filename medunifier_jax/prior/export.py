@@ -28,12 +28,13 @@ def grid_image(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
   for i, image in enumerate(images):
     r, c = divmod(i, cols)
     y, x = pad + r * (s + pad), pad + c * (s + pad)
-    out[y:y + s, x:x + s] = image
+    out[y : y + s, x : x + s] = image
   return out
 
 
-def write_images(images: np.ndarray, prompts: Sequence[str], out_dir: str,
-                 settings: dict | None = None) -> list[str]:
+def write_images(
+  images: np.ndarray, prompts: Sequence[str], out_dir: str, settings: dict | None = None
+) -> list[str]:
   """Writes `images` ((len(prompts) * n, S, S, 3) floats in [0, 1], the prompts' samples in
   order) as `prompt{p}_sample{s}.png`, `grid.png` and `prompts.json`; returns the PNG paths."""
   from PIL import Image
@@ -54,8 +55,7 @@ def write_images(images: np.ndarray, prompts: Sequence[str], out_dir: str,
   Image.fromarray(grid_image(pixels, len(prompts))).save(grid)
   written.append(grid)
   with open(os.path.join(out_dir, "prompts.json"), "w", encoding="utf-8") as f:
-    json.dump({"prompts": list(prompts), "per_prompt": per_prompt, **(settings or {})}, f,
-              indent=2)
+    json.dump({"prompts": list(prompts), "per_prompt": per_prompt, **(settings or {})}, f, indent=2)
   return written
 
 

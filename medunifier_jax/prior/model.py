@@ -36,8 +36,9 @@ def num_codes(grid: int) -> tuple[int, int]:
 def flatten_codes(codes_top: jax.Array, codes_bottom: jax.Array) -> jax.Array:
   """(B, g/2, g/2) and (B, g, g) -> (B, N) int32, the top grid first (row-major)."""
   b = codes_top.shape[0]
-  return jnp.concatenate(
-      [codes_top.reshape(b, -1), codes_bottom.reshape(b, -1)], axis=1).astype(jnp.int32)
+  return jnp.concatenate([codes_top.reshape(b, -1), codes_bottom.reshape(b, -1)], axis=1).astype(
+    jnp.int32
+  )
 
 
 def unflatten_codes(tokens: jax.Array, grid: int) -> tuple[jax.Array, jax.Array]:
@@ -45,16 +46,23 @@ def unflatten_codes(tokens: jax.Array, grid: int) -> tuple[jax.Array, jax.Array]
   `flatten_codes`."""
   nt, _ = num_codes(grid)
   b = tokens.shape[0]
-  return (tokens[:, :nt].reshape(b, grid // 2, grid // 2),
-          tokens[:, nt:].reshape(b, grid, grid))
+  return (tokens[:, :nt].reshape(b, grid // 2, grid // 2), tokens[:, nt:].reshape(b, grid, grid))
 
 
 class Attention(nnx.Module):
   """Multi-head attention; queries from `x`, keys and values from `source` (x itself for
   self-attention)."""
 
-  def __init__(self, width: int, source_width: int, num_heads: int, *, dropout: float,
-               rngs: nnx.Rngs, dtype=None):
+  def __init__(
+    self,
+    width: int,
+    source_width: int,
+    num_heads: int,
+    *,
+    dropout: float,
+    rngs: nnx.Rngs,
+    dtype=None,
+  ):
     if width % num_heads:
       raise ValueError(f"prior width {width} must be divisible by num_heads={num_heads}")
     self.num_heads = num_heads
@@ -64,8 +72,9 @@ class Attention(nnx.Module):
     self.output = layers.dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
     self.dropout = layers.new_dropout(dropout)
 
-  def __call__(self, x: jax.Array, source: jax.Array, mask: jax.Array | None,
-               rngs: nnx.Rngs | None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, source: jax.Array, mask: jax.Array | None, rngs: nnx.Rngs | None
+  ) -> jax.Array:
     """x (B, Tq, D), source (B, Tk, Ds), mask bool broadcastable to (B, 1, Tq, Tk) or None
     -> (B, Tq, D)."""
     h = self.num_heads
@@ -91,23 +100,27 @@ class PriorBlock(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
     d, eps = cfg.width, cfg.layer_norm_eps
     self.norm_self = layers.layer_norm(d, eps, rngs=rngs, dtype=dtype)
-    self.self_attention = Attention(d, d, cfg.num_heads, dropout=cfg.attention_dropout,
-                                    rngs=rngs, dtype=dtype)
+    self.self_attention = Attention(
+      d, d, cfg.num_heads, dropout=cfg.attention_dropout, rngs=rngs, dtype=dtype
+    )
     self.norm_cross = layers.layer_norm(d, eps, rngs=rngs, dtype=dtype)
-    self.cross_attention = Attention(d, d, cfg.num_heads, dropout=cfg.attention_dropout,
-                                     rngs=rngs, dtype=dtype)
+    self.cross_attention = Attention(
+      d, d, cfg.num_heads, dropout=cfg.attention_dropout, rngs=rngs, dtype=dtype
+    )
     self.norm_mlp = layers.layer_norm(d, eps, rngs=rngs, dtype=dtype)
     self.mlp = MLP(d, cfg.mlp_dim, rngs=rngs, dtype=dtype)
     self.dropout = layers.new_dropout(cfg.dropout)
 
-  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array,
-               rngs: nnx.Rngs | None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, context: jax.Array, context_mask: jax.Array, rngs: nnx.Rngs | None
+  ) -> jax.Array:
     """x (B, N, D), context (B, L, D), context_mask bool (B, L) -> (B, N, D)."""
     drop = lambda y: layers.apply_dropout(self.dropout, y, rngs)
     h = self.norm_self(x)
     x = x + drop(self.self_attention(h, h, None, rngs))
-    x = x + drop(self.cross_attention(self.norm_cross(x), context,
-                                      context_mask[:, None, None, :], rngs))
+    x = x + drop(
+      self.cross_attention(self.norm_cross(x), context, context_mask[:, None, None, :], rngs)
+    )
     return x + drop(self.mlp(self.norm_mlp(x)))
 
 
@@ -125,8 +138,14 @@ class CodePrior(nnx.Module):
   `attention_dropout`, `layer_norm_eps`, `null_length`, `condition` ("text" | "none").
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
-               dtype: str | jnp.dtype | None = None, remat: bool = False):
+  def __init__(
+    self,
+    cfg: ml_collections.ConfigDict,
+    *,
+    rngs: nnx.Rngs,
+    dtype: str | jnp.dtype | None = None,
+    remat: bool = False,
+  ):
     if cfg.condition not in CONDITIONS:
       raise ValueError(f"model.condition={cfg.condition!r}; choose one of {CONDITIONS}")
     if cfg.grid < 2 or cfg.grid % 2:
@@ -145,9 +164,14 @@ class CodePrior(nnx.Module):
     def table(n: int) -> nnx.Embed:
       # K codes + [MASK] rows: not a multiple of a model axis, so laid out like the VQ
       # codebooks ("codebook", replicated by default) rather than split as a vocabulary.
-      return nnx.Embed(n, d, dtype=dtype, param_dtype=jnp.float32,
-                       embedding_init=layers.partitioned(init, ("codebook", "embed")),
-                       rngs=rngs)
+      return nnx.Embed(
+        n,
+        d,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=layers.partitioned(init, ("codebook", "embed")),
+        rngs=rngs,
+      )
 
     # Names containing "embedding" are spared weight decay (training/optimizer.py).
     self.code_embedding_top = table(k + 1)
@@ -157,10 +181,12 @@ class CodePrior(nnx.Module):
     self.row_embedding_bottom = layers.param(rngs, init, (self.grid, d), (None, "embed"))
     self.column_embedding_bottom = layers.param(rngs, init, (self.grid, d), (None, "embed"))
     self.level_embedding = layers.param(rngs, init, (2, d), (None, "embed"))
-    self.text_projection = layers.dense(int(cfg.text_width), d, (None, "embed"), rngs=rngs,
-                                        dtype=dtype)
-    self.null_embedding = layers.param(rngs, init, (1, int(cfg.null_length), d),
-                                       (None, None, "embed"))
+    self.text_projection = layers.dense(
+      int(cfg.text_width), d, (None, "embed"), rngs=rngs, dtype=dtype
+    )
+    self.null_embedding = layers.param(
+      rngs, init, (1, int(cfg.null_length), d), (None, None, "embed")
+    )
     self.context_norm = layers.layer_norm(d, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([PriorBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
     self.final_norm = layers.layer_norm(d, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
@@ -174,18 +200,26 @@ class CodePrior(nnx.Module):
 
   def _positions(self) -> jax.Array:
     """(N, D): row + column + level embedding of every position of the sequence."""
+
     def grid_positions(rows, columns, level):
       r, c = rows[...], columns[...]
       pos = (r[:, None, :] + c[None, :, :]).reshape(-1, r.shape[-1])
       return pos + self.level_embedding[level]
-    return jnp.concatenate([
+
+    return jnp.concatenate(
+      [
         grid_positions(self.row_embedding_top, self.column_embedding_top, 0),
         grid_positions(self.row_embedding_bottom, self.column_embedding_bottom, 1),
-    ])
+      ]
+    )
 
-  def context(self, text_states: jax.Array | None, text_mask: jax.Array | None,
-              drop: jax.Array | None = None, batch_size: int | None = None,
-              ) -> tuple[jax.Array, jax.Array]:
+  def context(
+    self,
+    text_states: jax.Array | None,
+    text_mask: jax.Array | None,
+    drop: jax.Array | None = None,
+    batch_size: int | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """The condition the blocks cross-attend to.
 
     Args:
@@ -213,9 +247,15 @@ class CodePrior(nnx.Module):
       mask = jnp.where(drop[:, None], null_mask[None, :], mask)
     return self.context_norm(ctx), mask
 
-  def __call__(self, tokens: jax.Array, text_states: jax.Array | None,
-               text_mask: jax.Array | None, *, drop: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    text_states: jax.Array | None,
+    text_mask: jax.Array | None,
+    *,
+    drop: jax.Array | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Logits for every position.
 
     Args:
@@ -228,19 +268,22 @@ class CodePrior(nnx.Module):
     """
     b, n = tokens.shape
     if n != self.num_positions:
-      raise ValueError(f"expected {self.num_positions} codes per row ((g/2)^2 + g^2 with "
-                       f"g={self.grid}), got {n}")
+      raise ValueError(
+        f"expected {self.num_positions} codes per row ((g/2)^2 + g^2 with g={self.grid}), got {n}"
+      )
     nt = self.num_top
-    x = jnp.concatenate([self.code_embedding_top(tokens[:, :nt]),
-                         self.code_embedding_bottom(tokens[:, nt:])], axis=1)
+    x = jnp.concatenate(
+      [self.code_embedding_top(tokens[:, :nt]), self.code_embedding_bottom(tokens[:, nt:])], axis=1
+    )
     x = layers.apply_dropout(self.dropout, x + self._positions().astype(x.dtype), rngs)
     context, mask = self.context(text_states, text_mask, drop, batch_size=b)
     block = _block_fn(self.remat)
     for blk in self.blocks:
       x = block(blk, x, context, mask, rngs)
     x = self.final_norm(x)
-    return jnp.concatenate([self.head_top(x[:, :nt]), self.head_bottom(x[:, nt:])],
-                           axis=1).astype(jnp.float32)
+    return jnp.concatenate([self.head_top(x[:, :nt]), self.head_bottom(x[:, nt:])], axis=1).astype(
+      jnp.float32
+    )
 
 
 class ConditionedPrior(nnx.Module):
@@ -248,9 +291,15 @@ class ConditionedPrior(nnx.Module):
   not cached with the codes, `text_encoder`: the frozen MedUnifier's Q-Former that computes them
   each step (its parameters are excluded from training by `model.frozen_paths`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
-               dtype: str | jnp.dtype | None = None, remat: bool = False,
-               with_text_encoder: bool | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    *,
+    rngs: nnx.Rngs,
+    dtype: str | jnp.dtype | None = None,
+    remat: bool = False,
+    with_text_encoder: bool | None = None,
+  ):
     """`config` is the full prior config; `with_text_encoder` defaults to
     `not config.codes.cache_text_states` (False builds the inference form)."""
     self.prior = CodePrior(config.model, rngs=rngs, dtype=dtype, remat=remat)
@@ -262,8 +311,10 @@ class ConditionedPrior(nnx.Module):
 
       enc = config.text_encoder
       if not enc.get("qformer"):
-        raise ValueError("config.text_encoder.qformer is empty: it is copied from the MedUnifier "
-                         "run (set config.medunifier_workdir)")
+        raise ValueError(
+          "config.text_encoder.qformer is empty: it is copied from the MedUnifier "
+          "run (set config.medunifier_workdir)"
+        )
       encoder = QFormer(enc.qformer, int(enc.vision_width), rngs=rngs, dtype=dtype)
     self.text_encoder = encoder
 
@@ -274,6 +325,5 @@ class ConditionedPrior(nnx.Module):
       return batch["text_states"], batch["attention_mask"]
     if self.text_encoder is None:
       raise ValueError("the batch has no text_states and this prior has no text encoder")
-    states = self.text_encoder(None, batch["input_ids"], batch["attention_mask"], None,
-                               mode="text")
+    states = self.text_encoder(None, batch["input_ids"], batch["attention_mask"], None, mode="text")
     return jax.lax.stop_gradient(states), batch["attention_mask"]

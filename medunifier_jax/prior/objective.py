@@ -35,11 +35,7 @@ def random_mask(rng: jax.Array, batch: int, n: int) -> jax.Array:
 
 
 def masked_token_loss(
-    model: ConditionedPrior,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    cond_drop: float,
+  model: ConditionedPrior, batch: dict[str, jax.Array], rng: jax.Array, *, cond_drop: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy on the masked positions only, averaged over every masked code of the batch.
 
@@ -74,11 +70,11 @@ def masked_token_loss(
   correct = (jnp.argmax(logits, -1) == codes).astype(jnp.float32)
   loss = mean_over(weight)
   metrics = {
-      "loss": loss,
-      "loss_top": mean_over(weight * level_top),
-      "loss_bottom": mean_over(weight * ~level_top),
-      "accuracy": jnp.sum(correct * weight) / jnp.sum(weight),
-      "mask_ratio": jnp.mean(weight),
-      "null_fraction": jnp.mean(drop.astype(jnp.float32)),
+    "loss": loss,
+    "loss_top": mean_over(weight * level_top),
+    "loss_bottom": mean_over(weight * ~level_top),
+    "accuracy": jnp.sum(correct * weight) / jnp.sum(weight),
+    "mask_ratio": jnp.mean(weight),
+    "null_fraction": jnp.mean(drop.astype(jnp.float32)),
   }
   return loss, metrics

@@ -49,15 +49,15 @@ def row_keys(seed: int, rows: int, offset: int = 0) -> jax.Array:
 
 
 def sample_codes(
-    prior: CodePrior,
-    text_states: jax.Array | None,
-    text_mask: jax.Array | None,
-    keys: jax.Array,
-    *,
-    steps: int,
-    guidance: jax.Array | float | None,
-    temperature: jax.Array | float = 1.0,
-    choice_temperature: jax.Array | float = 4.5,
+  prior: CodePrior,
+  text_states: jax.Array | None,
+  text_mask: jax.Array | None,
+  keys: jax.Array,
+  *,
+  steps: int,
+  guidance: jax.Array | float | None,
+  temperature: jax.Array | float = 1.0,
+  choice_temperature: jax.Array | float = 4.5,
 ) -> jax.Array:
   """Parallel decoding (module docstring); call under `jax.jit`.
 
@@ -105,9 +105,20 @@ def sample_codes(
   return jax.lax.fori_loop(0, steps, step, start)
 
 
-def generate_fn(medunifier, prior: CodePrior, input_ids, attention_mask, keys, guidance,
-                temperature, choice_temperature, *, steps: int, guided: bool,
-                null_condition: bool = False):
+def generate_fn(
+  medunifier,
+  prior: CodePrior,
+  input_ids,
+  attention_mask,
+  keys,
+  guidance,
+  temperature,
+  choice_temperature,
+  *,
+  steps: int,
+  guided: bool,
+  null_condition: bool = False,
+):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g): the frozen Q-Former's text states, parallel decoding, the frozen
   VQ-VAE's decoder (evaluation mode). `null_condition` ignores the reports and samples the
@@ -117,9 +128,16 @@ def generate_fn(medunifier, prior: CodePrior, input_ids, attention_mask, keys, g
     attention_mask, guided = None, False
   elif prior.condition == "text":
     text = medunifier.text_hidden(input_ids, attention_mask)
-  tokens = sample_codes(prior, text, attention_mask, keys, steps=steps,
-                        guidance=guidance if guided else None, temperature=temperature,
-                        choice_temperature=choice_temperature)
+  tokens = sample_codes(
+    prior,
+    text,
+    attention_mask,
+    keys,
+    steps=steps,
+    guidance=guidance if guided else None,
+    temperature=temperature,
+    choice_temperature=choice_temperature,
+  )
   top, bottom = unflatten_codes(tokens, prior.grid)
   images = medunifier.vqvae.decode_codes(top, bottom)
   return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), top, bottom
@@ -135,19 +153,34 @@ class TrainedPrior:
     step: the checkpoint step it was restored from.
   """
 
-  def __init__(self, module: CodePrior, config: ml_collections.ConfigDict,
-               workdir: str | None = None, step: int | None = None):
+  def __init__(
+    self,
+    module: CodePrior,
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    step: int | None = None,
+  ):
     self.module = module
     self.config = config
     self.workdir = workdir
     self.step = step
     self.graphdef, self.state = nnx.split(module)
 
-  def generate(self, medunifier_graphdef: nnx.GraphDef, medunifier_state: nnx.State,
-               input_ids: np.ndarray, attention_mask: np.ndarray, *, seed: int = 0,
-               steps: int | None = None, guidance: float | None = None,
-               temperature: float | None = None, choice_temperature: float | None = None,
-               row_offset: int = 0, null_condition: bool = False) -> dict[str, np.ndarray]:
+  def generate(
+    self,
+    medunifier_graphdef: nnx.GraphDef,
+    medunifier_state: nnx.State,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    temperature: float | None = None,
+    choice_temperature: float | None = None,
+    row_offset: int = 0,
+    null_condition: bool = False,
+  ) -> dict[str, np.ndarray]:
     """Rows of report tokens (B, T) -> `images` (B, S, S, 3) float32 in [0, 1], `codes_top`,
     `codes_bottom`; the MedUnifier is given as `(graphdef, state)` (`api.Model`'s).
 
@@ -169,12 +202,25 @@ class TrainedPrior:
     from medunifier_jax import inference
 
     images, top, bottom = inference.generate_images(
-        medunifier_graphdef, medunifier_state, self.graphdef, self.state,
-        jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32), keys,
-        jnp.float32(guidance), jnp.float32(temperature), jnp.float32(choice),
-        steps=steps, guided=guided, null_condition=bool(null_condition))
-    return {"images": np.asarray(images), "codes_top": np.asarray(top),
-            "codes_bottom": np.asarray(bottom)}
+      medunifier_graphdef,
+      medunifier_state,
+      self.graphdef,
+      self.state,
+      jnp.asarray(input_ids, jnp.int32),
+      jnp.asarray(attention_mask, jnp.int32),
+      keys,
+      jnp.float32(guidance),
+      jnp.float32(temperature),
+      jnp.float32(choice),
+      steps=steps,
+      guided=guided,
+      null_condition=bool(null_condition),
+    )
+    return {
+      "images": np.asarray(images),
+      "codes_top": np.asarray(top),
+      "codes_bottom": np.asarray(bottom),
+    }
 
   def check_fits(self, medunifier_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError when the prior's codes do not fit the MedUnifier's VQ-VAE."""
@@ -184,10 +230,11 @@ class TrainedPrior:
     want = (int(m.grid), int(m.codebook_size), int(m.text_width))
     if got != want:
       raise ValueError(
-          f"the prior in {self.workdir} was trained for grid {want[0]}, {want[1]} codes and "
-          f"text width {want[2]}, but this MedUnifier has grid {got[0]}, {got[1]} codes and "
-          f"width {got[2]}; train a prior on this model (python -m medunifier_jax.train "
-          "--config configs/prior.py:demo --workdir W/prior --config.medunifier_workdir=W)")
+        f"the prior in {self.workdir} was trained for grid {want[0]}, {want[1]} codes and "
+        f"text width {want[2]}, but this MedUnifier has grid {got[0]}, {got[1]} codes and "
+        f"width {got[2]}; train a prior on this model (python -m medunifier_jax.train "
+        "--config configs/prior.py:demo --workdir W/prior --config.medunifier_workdir=W)"
+      )
 
 
 def is_prior_workdir(path: str) -> bool:
@@ -226,8 +273,10 @@ def load_prior(workdir: str) -> TrainedPrior:
 
 def train_command(workdir: str) -> str:
   """The command that trains a prior for the MedUnifier of `workdir` (for error messages)."""
-  return ("python -m medunifier_jax.train --config configs/prior.py:demo "
-          f"--workdir {os.path.join(workdir, 'prior')} --config.medunifier_workdir={workdir}")
+  return (
+    "python -m medunifier_jax.train --config configs/prior.py:demo "
+    f"--workdir {os.path.join(workdir, 'prior')} --config.medunifier_workdir={workdir}"
+  )
 
 
 def attach_prior(model: Any, prior_dir: str | None, medunifier_workdir: str | None) -> None:
@@ -256,7 +305,11 @@ def attach_prior(model: Any, prior_dir: str | None, medunifier_workdir: str | No
   trained_on = int(prior.config.get("medunifier_step", -1))
   step = getattr(model, "checkpoint_step", None)
   if trained_on >= 0 and step is not None and trained_on != step:
-    logging.warning("the prior in %s was trained on the codes of MedUnifier step %d, this model "
-                    "is step %d: samples may not fit its decoder; train the prior again",
-                    prior_dir, trained_on, step)
+    logging.warning(
+      "the prior in %s was trained on the codes of MedUnifier step %d, this model "
+      "is step %d: samples may not fit its decoder; train the prior again",
+      prior_dir,
+      trained_on,
+      step,
+    )
   model.prior = prior

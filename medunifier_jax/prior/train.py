@@ -44,8 +44,11 @@ def codes_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return str(config.codes.dir) if config.codes.dir else os.path.join(workdir, "codes")
 
 
-def configure(config: ml_collections.ConfigDict,
-              medunifier_config: ml_collections.ConfigDict | None, step: int = -1) -> None:
+def configure(
+  config: ml_collections.ConfigDict,
+  medunifier_config: ml_collections.ConfigDict | None,
+  step: int = -1,
+) -> None:
   """Fills, in place, what the frozen MedUnifier dictates: `model.grid`, `model.codebook_size`,
   `model.text_width`, the Q-Former config of the text encoder, `medunifier_step`."""
   if medunifier_config is not None:
@@ -77,20 +80,29 @@ class _Frozen:
       self._model = api.load(self.workdir)
       loaded = getattr(self._model, "checkpoint_step", self.step)
       if loaded != self.step:
-        raise ValueError(f"the newest checkpoint of {self.workdir} (step {self.step}) does not "
-                         f"read back (step {loaded} was loaded); repair or remove it first")
+        raise ValueError(
+          f"the newest checkpoint of {self.workdir} (step {self.step}) does not "
+          f"read back (step {loaded} was loaded); repair or remove it first"
+        )
     return self._model
 
 
-def prepare_codes(config: ml_collections.ConfigDict, workdir: str, frozen: _Frozen,
-                  show_progress: bool = True) -> dict[str, Any]:
+def prepare_codes(
+  config: ml_collections.ConfigDict, workdir: str, frozen: _Frozen, show_progress: bool = True
+) -> dict[str, Any]:
   """Extracts the code cache of the frozen MedUnifier, or checks that the existing one was
   made from its current checkpoint with these settings (`codes.StaleCodesError` otherwise)."""
   c = config.codes
   return codes_lib.extract_codes(
-      frozen.workdir, codes_dir(config, workdir), cache_text_states=bool(c.cache_text_states),
-      shard_size=int(c.shard_size), batch_size=int(c.batch_size),
-      max_examples=int(c.max_examples), show_progress=show_progress, load_model=frozen.model)
+    frozen.workdir,
+    codes_dir(config, workdir),
+    cache_text_states=bool(c.cache_text_states),
+    shard_size=int(c.shard_size),
+    batch_size=int(c.batch_size),
+    max_examples=int(c.max_examples),
+    show_progress=show_progress,
+    load_model=frozen.model,
+  )
 
 
 def code_data_fn(config: ml_collections.ConfigDict, workdir: str):
@@ -105,11 +117,15 @@ def code_data_fn(config: ml_collections.ConfigDict, workdir: str):
 def _check_cache(index: dict[str, Any], config: ml_collections.ConfigDict, folder: str) -> None:
   for key in ("grid", "codebook_size"):
     if key in index and int(index[key]) != int(config.model[key]):
-      raise ValueError(f"the code cache in {folder} has {key}={index[key]} but "
-                       f"config.model.{key}={config.model[key]}")
+      raise ValueError(
+        f"the code cache in {folder} has {key}={index[key]} but "
+        f"config.model.{key}={config.model[key]}"
+      )
   if config.codes.cache_text_states and not index.get("cache_text_states"):
-    raise ValueError(f"the code cache in {folder} holds no text states; set "
-                     "--config.codes.cache_text_states=False to compute them each step")
+    raise ValueError(
+      f"the code cache in {folder} holds no text states; set "
+      "--config.codes.cache_text_states=False to compute them each step"
+    )
 
 
 def make_init_fn(frozen: _Frozen) -> Callable[..., str]:
@@ -128,14 +144,19 @@ def task(config: ml_collections.ConfigDict, frozen: _Frozen | None = None) -> Ta
   """The prior's training task: its model, masked-token loss and code cache; with the frozen
   MedUnifier when the text states are computed each step."""
   on_the_fly = frozen is not None and not config.codes.cache_text_states
-  return Task(model_fn=model_fn, loss_fn=loss_fn(config), batch_keys=batch_keys(config),
-              data_fn=code_data_fn,
-              # Only the frozen text encoder has weights to take over; the prior starts fresh.
-              init_fn=make_init_fn(frozen) if on_the_fly else None)
+  return Task(
+    model_fn=model_fn,
+    loss_fn=loss_fn(config),
+    batch_keys=batch_keys(config),
+    data_fn=code_data_fn,
+    # Only the frozen text encoder has weights to take over; the prior starts fresh.
+    init_fn=make_init_fn(frozen) if on_the_fly else None,
+  )
 
 
-def train_prior(config: ml_collections.ConfigDict, workdir: str, *,
-                data_fn=None, show_progress: bool = True) -> dict[str, Any]:
+def train_prior(
+  config: ml_collections.ConfigDict, workdir: str, *, data_fn=None, show_progress: bool = True
+) -> dict[str, Any]:
   """Trains the prior of `config` (configs/prior.py) in `workdir`; see the module docstring.
 
   Without `config.medunifier_workdir` the code cache must already exist (`config.codes.dir`,
@@ -162,8 +183,10 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str, *,
     configure(config, ckpt.load_config(mu), step)
   else:
     if not config.codes.cache_text_states:
-      raise ValueError("computing the text states each step needs the frozen MedUnifier: set "
-                       "--config.medunifier_workdir=WORKDIR")
+      raise ValueError(
+        "computing the text states each step needs the frozen MedUnifier: set "
+        "--config.medunifier_workdir=WORKDIR"
+      )
     configure(config, None)
   prior_task = task(config, frozen)
   if data_fn is not None:

@@ -26,27 +26,87 @@ from medunifier_jax.report import figures
 # (label, entry, data set, metric, target, how the target is read). `baseline_x2` compares
 # against twice the model-free baseline's value of the same metric.
 TARGETS = (
-    ("Zero-shot accuracy, phantom 5x200", "zero_shot", "phantom_5x200", "accuracy", 0.70, "min"),
-    ("Retrieval image->text P@1 (paper's definition), phantom 5x200", "retrieval",
-     "phantom_5x200", "i2t_P@1", 0.60, "min"),
-    ("Retrieval text->image P@1 (paper's definition), phantom 5x200", "retrieval",
-     "phantom_5x200", "t2i_P@1", None, "info"),
-    ("Fine-tuned, 10% labels: pneumothorax AUC", "finetune", "phantom_pneumothorax", "10%/auc",
-     0.95, "min"),
-    ("Fine-tuned, 10% labels: COVIDx-like accuracy", "finetune", "phantom_covidx",
-     "10%/accuracy", 0.85, "min"),
-    ("Fine-tuned, 10% labels: pneumonia AUC", "finetune", "phantom_pneumonia", "10%/auc", None,
-     "info"),
-    ("Report generation BLEU-4, Open-i phantom test", "report_gen", "phantom_openi", "BLEU-4",
-     None, "baseline_x2"),
-    ("Report generation CIDEr, Open-i phantom test", "report_gen", "phantom_openi", "CIDEr",
-     None, "baseline_x2"),
-    ("Reconstruction PSNR (dB), phantom_openi test", "reconstruction", "phantom_openi",
-     "psnr_db", 24.0, "min"),
-    ("Codebook usage, top level, phantom_openi test", "reconstruction", "phantom_openi",
-     "usage_top", 0.25, "min"),
-    ("Codebook usage, bottom level, phantom_openi test", "reconstruction", "phantom_openi",
-     "usage_bottom", 0.25, "min"),
+  ("Zero-shot accuracy, phantom 5x200", "zero_shot", "phantom_5x200", "accuracy", 0.70, "min"),
+  (
+    "Retrieval image->text P@1 (paper's definition), phantom 5x200",
+    "retrieval",
+    "phantom_5x200",
+    "i2t_P@1",
+    0.60,
+    "min",
+  ),
+  (
+    "Retrieval text->image P@1 (paper's definition), phantom 5x200",
+    "retrieval",
+    "phantom_5x200",
+    "t2i_P@1",
+    None,
+    "info",
+  ),
+  (
+    "Fine-tuned, 10% labels: pneumothorax AUC",
+    "finetune",
+    "phantom_pneumothorax",
+    "10%/auc",
+    0.95,
+    "min",
+  ),
+  (
+    "Fine-tuned, 10% labels: COVIDx-like accuracy",
+    "finetune",
+    "phantom_covidx",
+    "10%/accuracy",
+    0.85,
+    "min",
+  ),
+  (
+    "Fine-tuned, 10% labels: pneumonia AUC",
+    "finetune",
+    "phantom_pneumonia",
+    "10%/auc",
+    None,
+    "info",
+  ),
+  (
+    "Report generation BLEU-4, Open-i phantom test",
+    "report_gen",
+    "phantom_openi",
+    "BLEU-4",
+    None,
+    "baseline_x2",
+  ),
+  (
+    "Report generation CIDEr, Open-i phantom test",
+    "report_gen",
+    "phantom_openi",
+    "CIDEr",
+    None,
+    "baseline_x2",
+  ),
+  (
+    "Reconstruction PSNR (dB), phantom_openi test",
+    "reconstruction",
+    "phantom_openi",
+    "psnr_db",
+    24.0,
+    "min",
+  ),
+  (
+    "Codebook usage, top level, phantom_openi test",
+    "reconstruction",
+    "phantom_openi",
+    "usage_top",
+    0.25,
+    "min",
+  ),
+  (
+    "Codebook usage, bottom level, phantom_openi test",
+    "reconstruction",
+    "phantom_openi",
+    "usage_bottom",
+    0.25,
+    "min",
+  ),
 )
 
 
@@ -98,12 +158,14 @@ def read_payload(workdir: str) -> dict[str, Any]:
 def task_entries(payload: dict, task: str) -> list[str]:
   """The evaluated entries that ran `task` (an entry's task defaults to its name)."""
   protocol = payload.get("protocol", {})
-  return [name for name in payload.get("results", {})
-          if protocol.get(name, {}).get("task", name) == task]
+  return [
+    name for name in payload.get("results", {}) if protocol.get(name, {}).get("task", name) == task
+  ]
 
 
-def write_report(config, workdir: str, *, timings: dict[str, float] | None = None,
-                 max_examples: int = 6) -> str:
+def write_report(
+  config, workdir: str, *, timings: dict[str, float] | None = None, max_examples: int = 6
+) -> str:
   """Writes the figures and `report.md` / `report.html` from the workdir's files; returns the
   markdown path.
 
@@ -121,12 +183,18 @@ def write_report(config, workdir: str, *, timings: dict[str, float] | None = Non
 
   # Figures table.
   rows = target_rows(results)
-  table = [[r["label"], _fmt(r["value"]), r["target"] or "-",
-            {True: "yes", False: "**no**", None: "-"}[r["met"]]] for r in rows]
+  table = [
+    [
+      r["label"],
+      _fmt(r["value"]),
+      r["target"] or "-",
+      {True: "yes", False: "**no**", None: "-"}[r["met"]],
+    ]
+    for r in rows
+  ]
   sections.append("## Figures\n\n" + _md_table(["measure", "value", "target", "met"], table))
   if timings:
-    sections.append("Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                       timings.items()))
+    sections.append("Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
   # Loss curves.
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -135,9 +203,11 @@ def write_report(config, workdir: str, *, timings: dict[str, float] | None = Non
     if log_rows:
       last = log_rows[-1]["step"]
       png = figures.loss_curves(
-          log_rows, os.path.join(fig_dir, "losses.png"),
-          title=f"Pre-training losses on {config.data.name} (train split), "
-                f"{last} steps x {config.batch_size} examples")
+        log_rows,
+        os.path.join(fig_dir, "losses.png"),
+        title=f"Pre-training losses on {config.data.name} (train split), "
+        f"{last} steps x {config.batch_size} examples",
+      )
       sections.append(f"## Pre-training losses\n\n![losses]({_rel(png, workdir)})")
 
   outputs = os.path.join(workdir, "eval", "outputs")
@@ -158,8 +228,9 @@ def write_report(config, workdir: str, *, timings: dict[str, float] | None = Non
   return md_path
 
 
-def _reconstruction_section(payload: dict, outputs: str, fig_dir: str, workdir: str,
-                            max_examples: int) -> list[str]:
+def _reconstruction_section(
+  payload: dict, outputs: str, fig_dir: str, workdir: str, max_examples: int
+) -> list[str]:
   """Per reconstruction entry and data set: PSNR and code usage, then (when the evaluation
   saved its outputs; periodic evaluation during training does not) the example inputs,
   reconstructions and code maps, and each level's code histogram."""
@@ -168,22 +239,31 @@ def _reconstruction_section(payload: dict, outputs: str, fig_dir: str, workdir: 
     split = payload["protocol"].get(entry, {}).get("split", "test")
     for dataset, scores in payload["results"][entry].items():
       where = f"{dataset} {split} split"
-      text = [f"## Reconstructions: {where}\n\n"
-              f"Mean PSNR {scores['psnr_db']:.2f} dB over {int(scores['num_images'])} images; "
-              f"codebook usage {scores['usage_top']:.3f} (top), {scores['usage_bottom']:.3f} "
-              f"(bottom); code perplexity {scores['perplexity_top']:.1f} (top), "
-              f"{scores['perplexity_bottom']:.1f} (bottom)."]
+      text = [
+        f"## Reconstructions: {where}\n\n"
+        f"Mean PSNR {scores['psnr_db']:.2f} dB over {int(scores['num_images'])} images; "
+        f"codebook usage {scores['usage_top']:.3f} (top), {scores['usage_bottom']:.3f} "
+        f"(bottom); code perplexity {scores['perplexity_top']:.1f} (top), "
+        f"{scores['perplexity_bottom']:.1f} (bottom)."
+      ]
       npz = os.path.join(outputs, f"{entry}_{dataset}.npz")
       if os.path.exists(npz):
-        text += _reconstruction_figures(np.load(npz), f"{entry}_{dataset}", where,
-                                        int(scores["num_images"]), fig_dir, workdir,
-                                        max_examples)
+        text += _reconstruction_figures(
+          np.load(npz),
+          f"{entry}_{dataset}",
+          where,
+          int(scores["num_images"]),
+          fig_dir,
+          workdir,
+          max_examples,
+        )
       out.append("\n\n".join(text))
   return out
 
 
-def _reconstruction_figures(arrays, stem: str, where: str, n_images: int, fig_dir: str,
-                            workdir: str, max_examples: int) -> list[str]:
+def _reconstruction_figures(
+  arrays, stem: str, where: str, n_images: int, fig_dir: str, workdir: str, max_examples: int
+) -> list[str]:
   """Markdown images of a reconstruction output file: `inputs` / `recons` (n, S, S, 3) uint8
   with `codes_top` / `codes_bottom` maps, and the histograms of `counts_top` / `counts_bottom`
   (K,)."""
@@ -192,28 +272,39 @@ def _reconstruction_figures(arrays, stem: str, where: str, n_images: int, fig_di
     n = min(max_examples, len(arrays["inputs"]))
     # Stored as 8-bit; as floats in [0, 1] they are drawn as images, not as code maps.
     png = figures.image_rows(
-        [("input", arrays["inputs"][:n] / 255.0), ("reconstruction", arrays["recons"][:n] / 255.0),
-         ("top codes", arrays["codes_top"][:n]), ("bottom codes", arrays["codes_bottom"][:n])],
-        os.path.join(fig_dir, f"{stem}.png"),
-        title=f"{where}: {n} images, VQ reconstructions and code maps")
+      [
+        ("input", arrays["inputs"][:n] / 255.0),
+        ("reconstruction", arrays["recons"][:n] / 255.0),
+        ("top codes", arrays["codes_top"][:n]),
+        ("bottom codes", arrays["codes_bottom"][:n]),
+      ],
+      os.path.join(fig_dir, f"{stem}.png"),
+      title=f"{where}: {n} images, VQ reconstructions and code maps",
+    )
     out.append(f"![reconstructions]({_rel(png, workdir)})")
-  counts = {level: arrays[f"counts_{level}"] for level in ("top", "bottom")
-            if f"counts_{level}" in arrays.files}
+  counts = {
+    level: arrays[f"counts_{level}"]
+    for level in ("top", "bottom")
+    if f"counts_{level}" in arrays.files
+  }
   if counts:
-    png = figures.code_usage(counts, os.path.join(fig_dir, f"{stem}_codes.png"),
-                             title=f"VQ code usage on {n_images} images of the {where}")
+    png = figures.code_usage(
+      counts,
+      os.path.join(fig_dir, f"{stem}_codes.png"),
+      title=f"VQ code usage on {n_images} images of the {where}",
+    )
     out.append(f"![code usage]({_rel(png, workdir)})")
   return out
 
 
 # image_gen sets in table order, with what each row is.
 IMAGE_SETS = (
-    ("conditional", "text prior, held-out reports"),
-    ("unconditional", "unconditional prior (baseline)"),
-    ("null_condition", "text prior, null condition (unconditional baseline)"),
-    ("reconstruction", "VQ reconstructions of the real images (upper reference)"),
-    ("real_train", "real training images (data floor)"),
-    ("real_test", "real test images against themselves (sanity: 0)"),
+  ("conditional", "text prior, held-out reports"),
+  ("unconditional", "unconditional prior (baseline)"),
+  ("null_condition", "text prior, null condition (unconditional baseline)"),
+  ("reconstruction", "VQ reconstructions of the real images (upper reference)"),
+  ("real_train", "real training images (data floor)"),
+  ("real_test", "real test images against themselves (sanity: 0)"),
 )
 
 
@@ -227,8 +318,11 @@ def _image_gen_section(results: dict, outputs: str, fig_dir: str, workdir: str) 
   if paths:
     with open(paths[0]) as f:
       extra = json.load(f)
-  dataset = re.match(r"image_gen_(.+)\.json", os.path.basename(paths[0])).group(1) \
-      if paths else "the test split"
+  dataset = (
+    re.match(r"image_gen_(.+)\.json", os.path.basename(paths[0])).group(1)
+    if paths
+    else "the test split"
+  )
   rows = []
   for name, label in IMAGE_SETS:
     r = by_set.get(name)
@@ -242,35 +336,53 @@ def _image_gen_section(results: dict, outputs: str, fig_dir: str, workdir: str) 
         return "-"
       return f"{r[f'{prefix}_auc_mean']:.3f} (n={int(r[f'n_{prefix}'])})"
 
-    rows.append([f"{label} (`{name}`)", f"{r['fid']:.2f}", kid, fid_n, auc("reports"),
-                 auc("prompts")])
-  text = [f"## Images from reports: {dataset}\n\n"
-          "FID and KID of each set's Inception-v3 pool features (2048-d, images resized to "
-          "299 px) against the real test images; N = images in the set vs real images. FID is "
-          "biased at small N (two samples of one distribution score above 0) and comparable "
-          "only at equal N; KID is unbiased (mean +- spread over random subsets). Fidelity: "
-          "AUC, averaged over findings, of a classifier trained on real training images for "
-          "the findings each image was asked to show (held-out reports; single-finding "
-          "prompts); 0.5 = the text is ignored.\n\n"
-          + _md_table(["set", "FID", "KID", "N (set vs real)", "fidelity AUC, held-out reports",
-                       "fidelity AUC, prompts"], rows)]
+    rows.append(
+      [f"{label} (`{name}`)", f"{r['fid']:.2f}", kid, fid_n, auc("reports"), auc("prompts")]
+    )
+  text = [
+    f"## Images from reports: {dataset}\n\n"
+    "FID and KID of each set's Inception-v3 pool features (2048-d, images resized to "
+    "299 px) against the real test images; N = images in the set vs real images. FID is "
+    "biased at small N (two samples of one distribution score above 0) and comparable "
+    "only at equal N; KID is unbiased (mean +- spread over random subsets). Fidelity: "
+    "AUC, averaged over findings, of a classifier trained on real training images for "
+    "the findings each image was asked to show (held-out reports; single-finding "
+    "prompts); 0.5 = the text is ignored.\n\n"
+    + _md_table(
+      [
+        "set",
+        "FID",
+        "KID",
+        "N (set vs real)",
+        "fidelity AUC, held-out reports",
+        "fidelity AUC, prompts",
+      ],
+      rows,
+    )
+  ]
   classifier = by_set.get("fidelity_classifier")
   if classifier:
-    text.append(f"The fidelity classifier scores a mean validation AUC of "
-                f"{classifier['validation_auc_mean']:.3f} on "
-                f"{int(classifier['n_validation'])} real validation images "
-                f"({int(classifier['train_steps'])} training steps).")
+    text.append(
+      f"The fidelity classifier scores a mean validation AUC of "
+      f"{classifier['validation_auc_mean']:.3f} on "
+      f"{int(classifier['n_validation'])} real validation images "
+      f"({int(classifier['train_steps'])} training steps)."
+    )
   sets = extra.get("sets", {})
   if sets:
-    text.append("Where each set comes from: " + "; ".join(f"`{k}`: {v}" for k, v in
-                                                         sets.items()) + ".")
+    text.append(
+      "Where each set comes from: " + "; ".join(f"`{k}`: {v}" for k, v in sets.items()) + "."
+    )
   findings = extra.get("grid_findings", [])
-  names = [n for n, _ in IMAGE_SETS if any(f"prompts_auc/{f}" in by_set.get(n, {})
-                                           for f in findings)]
+  names = [
+    n for n, _ in IMAGE_SETS if any(f"prompts_auc/{f}" in by_set.get(n, {}) for f in findings)
+  ]
   if findings and names:
     table = [[f] + [_fmt(by_set[n].get(f"prompts_auc/{f}")) for n in names] for f in findings]
-    text.append("Fidelity AUC per finding on the single-finding prompts:\n\n"
-                + _md_table(["finding"] + [f"`{n}`" for n in names], table))
+    text.append(
+      "Fidelity AUC per finding on the single-finding prompts:\n\n"
+      + _md_table(["finding"] + [f"`{n}`" for n in names], table)
+    )
   arrays = None
   npz = os.path.join(outputs, f"image_gen_{dataset}.npz")
   if os.path.exists(npz):
@@ -279,32 +391,51 @@ def _image_gen_section(results: dict, outputs: str, fig_dir: str, workdir: str) 
     # Stored as 8-bit gray; as floats in [0, 1] they are drawn as images, not as code maps.
     grid = arrays["grid_conditional"] / 255.0
     real = arrays["grid_real_test"] / 255.0 if "grid_real_test" in arrays.files else None
-    rows_img = [(f, np.concatenate([real[i, :1], grid[i]]) if real is not None else grid[i])
-                for i, f in enumerate(findings)]
+    rows_img = [
+      (f, np.concatenate([real[i, :1], grid[i]]) if real is not None else grid[i])
+      for i, f in enumerate(findings)
+    ]
     cols = (["real phantom"] if real is not None else []) + [
-        f"sample {j + 1}" for j in range(grid.shape[1])]
+      f"sample {j + 1}" for j in range(grid.shape[1])
+    ]
     png = figures.image_rows(
-        rows_img, os.path.join(fig_dir, "image_gen_prompts.png"),
-        title=f"Text prior: {len(findings)} single-finding prompts (rows) x {grid.shape[1]} "
-              "samples (columns)", col_titles=cols)
+      rows_img,
+      os.path.join(fig_dir, "image_gen_prompts.png"),
+      title=f"Text prior: {len(findings)} single-finding prompts (rows) x {grid.shape[1]} "
+      "samples (columns)",
+      col_titles=cols,
+    )
     prompts = extra.get("grid_prompts", [])
-    text.append(f"![prompt grid]({_rel(png, workdir)})\n\n"
-                + _md_table(["row", "prompt"], [[f, _short(p, 300)] for f, p in
-                                                zip(findings, prompts)]))
+    text.append(
+      f"![prompt grid]({_rel(png, workdir)})\n\n"
+      + _md_table(["row", "prompt"], [[f, _short(p, 300)] for f, p in zip(findings, prompts)])
+    )
   if arrays is not None:
-    shown = [(label, arrays[f"held_out_{n}"] / 255.0) for n, label in (
-        ("real_test", "real"), ("reconstruction", "reconstruction"),
-        ("conditional", "text prior"), ("unconditional", "unconditional"),
-        ("null_condition", "null condition")) if f"held_out_{n}" in arrays.files]
+    shown = [
+      (label, arrays[f"held_out_{n}"] / 255.0)
+      for n, label in (
+        ("real_test", "real"),
+        ("reconstruction", "reconstruction"),
+        ("conditional", "text prior"),
+        ("unconditional", "unconditional"),
+        ("null_condition", "null condition"),
+      )
+      if f"held_out_{n}" in arrays.files
+    ]
     if shown:
       png = figures.image_rows(
-          shown, os.path.join(fig_dir, "image_gen_held_out.png"),
-          title=f"{dataset} test: {len(shown[0][1])} held-out reports",
-          col_titles=[f"report {i + 1}" for i in range(len(shown[0][1]))])
+        shown,
+        os.path.join(fig_dir, "image_gen_held_out.png"),
+        title=f"{dataset} test: {len(shown[0][1])} held-out reports",
+        col_titles=[f"report {i + 1}" for i in range(len(shown[0][1]))],
+      )
       reports = extra.get("held_out_reports", [])
-      text.append(f"![held-out reports]({_rel(png, workdir)})\n\n"
-                  + _md_table(["column", "report"], [[f"report {i + 1}", _short(r, 300)]
-                                                     for i, r in enumerate(reports)]))
+      text.append(
+        f"![held-out reports]({_rel(png, workdir)})\n\n"
+        + _md_table(
+          ["column", "report"], [[f"report {i + 1}", _short(r, 300)] for i, r in enumerate(reports)]
+        )
+      )
   return ["\n\n".join(text)]
 
 
@@ -320,8 +451,11 @@ def _zero_shot_section(config, outputs: str, fig_dir: str, workdir: str) -> list
       probs = np.stack([1.0 - probs, probs], axis=-1)
     matrix = metrics.confusion_matrix(labels, probs)
     png = figures.confusion_matrix(
-        matrix, names, os.path.join(fig_dir, f"zero_shot_{dataset}.png"),
-        title=f"Zero-shot on {dataset} (test split, {len(labels)} images)")
+      matrix,
+      names,
+      os.path.join(fig_dir, f"zero_shot_{dataset}.png"),
+      title=f"Zero-shot on {dataset} (test split, {len(labels)} images)",
+    )
     out.append(f"## Zero-shot classification: {dataset}\n\n![confusion]({_rel(png, workdir)})")
   return out
 
@@ -337,9 +471,11 @@ def _retrieval_section(config, outputs, fig_dir, workdir, max_examples) -> list[
     split = config.evals.retrieval.get("split", "test")
     source = registry.get_source(dataset, split, config.data)
     names = getattr(source, "class_names", None)
-    rows = [f"## Retrieval examples: {dataset} ({split} split, {len(labels)} images x "
-            f"{sim.shape[1]} reports)\n\nEach image's top-3 reports; a tick marks a report of "
-            "the image's class, the star the image's own report."]
+    rows = [
+      f"## Retrieval examples: {dataset} ({split} split, {len(labels)} images x "
+      f"{sim.shape[1]} reports)\n\nEach image's top-3 reports; a tick marks a report of "
+      "the image's class, the star the image's own report."
+    ]
     images = []
     for i in range(min(max_examples, len(labels))):
       rec = source[int(index[i])]
@@ -351,10 +487,12 @@ def _retrieval_section(config, outputs, fig_dir, workdir, max_examples) -> list[
         text = source[int(index[j])]["report"]
         lines.append(f"{rank}. {mark} {_short(text)}")
       rows.append("\n".join(lines))
-    png = figures.image_rows([("query images", images)],
-                             os.path.join(fig_dir, f"retrieval_{dataset}.png"),
-                             title=f"{dataset}: the query images below",
-                             col_titles=[f"image {i}" for i in range(len(images))])
+    png = figures.image_rows(
+      [("query images", images)],
+      os.path.join(fig_dir, f"retrieval_{dataset}.png"),
+      title=f"{dataset}: the query images below",
+      col_titles=[f"image {i}" for i in range(len(images))],
+    )
     rows.insert(1, f"![queries]({_rel(png, workdir)})")
     out.append("\n\n".join(rows))
   return out
@@ -371,11 +509,14 @@ def _report_gen_section(outputs: str, max_examples: int) -> list[str]:
     for g, r in list(zip(gen, refs))[:max_examples]:
       r = " ".join(r) if isinstance(r, list) else r
       rows.append([_short(g, 300), _short(r, 300)])
-    text = (f"## Generated reports: {dataset} (test split, {len(gen)} reports)\n\n"
-            + _md_table(rows[0], rows[1:]))
+    text = f"## Generated reports: {dataset} (test split, {len(gen)} reports)\n\n" + _md_table(
+      rows[0], rows[1:]
+    )
     if "baseline_report" in data:
-      text += ("\n\nModel-free baseline (the most frequent training report, returned for every "
-               f"image): \"{_short(data['baseline_report'], 300)}\"")
+      text += (
+        "\n\nModel-free baseline (the most frequent training report, returned for every "
+        f'image): "{_short(data["baseline_report"], 300)}"'
+      )
     out.append(text)
   return out
 
@@ -404,9 +545,11 @@ def _rel(path: str, root: str) -> str:
   return os.path.relpath(path, root)
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-         "padding:4px 8px;font-size:13px;vertical-align:top}img{max-width:100%}")
+STYLE = (
+  "body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
+  "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+  "padding:4px 8px;font-size:13px;vertical-align:top}img{max-width:100%}"
+)
 
 
 def markdown_to_html(md: str, root: str) -> str:
@@ -425,8 +568,10 @@ def markdown_to_html(md: str, root: str) -> str:
       if child.type == "image":
         child.attrSet("src", _data_uri(str(child.attrGet("src")), root))
   body = parser.renderer.render(tokens, parser.options, {})
-  return (f"<!doctype html><html><head><meta charset='utf-8'><title>MedUnifier report</title>"
-          f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+  return (
+    f"<!doctype html><html><head><meta charset='utf-8'><title>MedUnifier report</title>"
+    f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
+  )
 
 
 def _data_uri(src: str, root: str) -> str:

@@ -44,8 +44,9 @@ def loss_curves(rows: Sequence[dict], out: str, *, title: str) -> str:
   return _save(fig, out)
 
 
-def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], out: str, *,
-                     title: str) -> str:
+def confusion_matrix(
+  matrix: np.ndarray, class_names: Sequence[str], out: str, *, title: str
+) -> str:
   """Rows: true class; columns: predicted class; cells: counts."""
   matrix = np.asarray(matrix)
   n = len(class_names)
@@ -64,8 +65,14 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], out: str, *
   return _save(fig, out)
 
 
-def image_rows(rows: Sequence[tuple[str, np.ndarray]], out: str, *, title: str,
-               col_titles: Sequence[str] | None = None, cmap: str = "gray") -> str:
+def image_rows(
+  rows: Sequence[tuple[str, np.ndarray]],
+  out: str,
+  *,
+  title: str,
+  col_titles: Sequence[str] | None = None,
+  cmap: str = "gray",
+) -> str:
   """A grid: one labelled row per (name, images (N, H, W[, C])) pair; code maps use `cmap`."""
   n_cols = max(len(imgs) for _, imgs in rows)
   height = 1.7 * len(rows)
@@ -80,9 +87,13 @@ def image_rows(rows: Sequence[tuple[str, np.ndarray]], out: str, *, title: str,
         if img.ndim == 3 and img.shape[-1] == 3 and np.allclose(img[..., 0], img[..., 1]):
           img = img[..., 0]  # grayscale stored as 3 channels
         is_codes = np.issubdtype(img.dtype, np.integer)
-        ax.imshow(img, cmap="tab20" if is_codes else cmap,
-                  vmin=None if is_codes else 0.0, vmax=None if is_codes else 1.0,
-                  interpolation="nearest")
+        ax.imshow(
+          img,
+          cmap="tab20" if is_codes else cmap,
+          vmin=None if is_codes else 0.0,
+          vmax=None if is_codes else 1.0,
+          interpolation="nearest",
+        )
       if c == 0:
         ax.set_ylabel(name, fontsize=8)
       if r == 0 and col_titles is not None and c < len(col_titles):

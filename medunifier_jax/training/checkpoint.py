@@ -71,30 +71,25 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
 
 
 def make_manager(
-    workdir: str | os.PathLike,
-    config: ml_collections.ConfigDict,
-    *,
-    read_only: bool = False,
+  workdir: str | os.PathLike, config: ml_collections.ConfigDict, *, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """A manager saving every `config.checkpoint_every` steps and on preemption, keeping the
   latest `config.keep_checkpoints`."""
   policies = ocp.checkpoint_managers
   every = int(config.checkpoint_every)
   save_policy = policies.AnySavePolicy(
-      ([policies.FixedIntervalPolicy(every)] if every > 0 else [])
-      + [policies.PreemptionCheckpointingPolicy()]
+    ([policies.FixedIntervalPolicy(every)] if every > 0 else [])
+    + [policies.PreemptionCheckpointingPolicy()]
   )
   options = ocp.CheckpointManagerOptions(
-      save_decision_policy=save_policy,
-      preservation_policy=policies.LatestN(int(config.keep_checkpoints)),
-      cleanup_tmp_directories=True,
-      enable_async_checkpointing=True,
-      read_only=read_only,
-      create=not read_only,
+    save_decision_policy=save_policy,
+    preservation_policy=policies.LatestN(int(config.keep_checkpoints)),
+    cleanup_tmp_directories=True,
+    enable_async_checkpointing=True,
+    read_only=read_only,
+    create=not read_only,
   )
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir), item_names=(STATE, DATA), options=options
-  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA), options=options)
 
 
 def _pack(state: nnx.State, rng: jax.Array) -> dict[str, Any]:
@@ -109,13 +104,13 @@ def _pack(state: nnx.State, rng: jax.Array) -> dict[str, Any]:
 
 
 def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: nnx.State,
-    rng: jax.Array,
-    data_iter: Any | None = None,
-    *,
-    force: bool = False,
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: nnx.State,
+  rng: jax.Array,
+  data_iter: Any | None = None,
+  *,
+  force: bool = False,
 ) -> bool:
   """Saves (asynchronously) when the policies say so or `force`; returns whether it saved."""
   items = {STATE: ocp.args.StandardSave(_pack(state, rng))}
@@ -125,10 +120,7 @@ def save(
 
 
 def restore(
-    manager: ocp.CheckpointManager,
-    step: int,
-    abstract_state: nnx.State,
-    data_iter: Any | None = None,
+  manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State, data_iter: Any | None = None
 ) -> tuple[nnx.State, jax.Array]:
   """Restores step `step` into the shardings of `abstract_state`; the iterator in place.
 
@@ -136,12 +128,12 @@ def restore(
     `(state, rng)` with `state` an `nnx.State` like `abstract_state`.
   """
   target = {
-      "train_state": nnx.to_pure_dict(abstract_state),
-      "rng": jax.ShapeDtypeStruct(
-          jax.random.key_data(jax.random.key(0)).shape, jax.numpy.uint32,
-          sharding=jax.sharding.NamedSharding(
-              _any_mesh(abstract_state), jax.sharding.PartitionSpec()),
-      ),
+    "train_state": nnx.to_pure_dict(abstract_state),
+    "rng": jax.ShapeDtypeStruct(
+      jax.random.key_data(jax.random.key(0)).shape,
+      jax.numpy.uint32,
+      sharding=jax.sharding.NamedSharding(_any_mesh(abstract_state), jax.sharding.PartitionSpec()),
+    ),
   }
   items = {STATE: ocp.args.StandardRestore(target)}
   if data_iter is not None:
@@ -167,21 +159,21 @@ def raise_if_save_failed(manager: ocp.CheckpointManager, step: int, *, wait: boo
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
     good = [s for s in manager.all_steps() if s != step]
     raise CheckpointSaveError(
-        f"saving the checkpoint of step {step} in {manager.directory} failed: "
-        f"{_first_line(e)}\nTraining stopped here so that no more steps go unsaved. The newest "
-        f"written checkpoint is {f'step {max(good)}' if good else 'none'}. Fix the cause (free "
-        "disk space, write permission, the workdir path) and run the same command again: it "
-        "resumes from that checkpoint."
+      f"saving the checkpoint of step {step} in {manager.directory} failed: "
+      f"{_first_line(e)}\nTraining stopped here so that no more steps go unsaved. The newest "
+      f"written checkpoint is {f'step {max(good)}' if good else 'none'}. Fix the cause (free "
+      "disk space, write permission, the workdir path) and run the same command again: it "
+      "resumes from that checkpoint."
     ) from e
   return True
 
 
 def restore_newest_readable(
-    manager: ocp.CheckpointManager,
-    abstract_state: nnx.State,
-    data_iter: Any | None = None,
-    *,
-    log=print,
+  manager: ocp.CheckpointManager,
+  abstract_state: nnx.State,
+  data_iter: Any | None = None,
+  *,
+  log=print,
 ) -> tuple[nnx.State, jax.Array, int] | None:
   """Restores the newest checkpoint that reads back, or None when no checkpoint does.
 
@@ -201,8 +193,10 @@ def restore_newest_readable(
     except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise many types
       reason = unreadable_reason(manager.directory / str(step), e)
       aside = _set_aside(manager, step)
-      log(f"checkpoint of step {step} cannot be restored ({reason}); moved to {aside} for "
-          "inspection; trying the previous checkpoint.")
+      log(
+        f"checkpoint of step {step} cannot be restored ({reason}); moved to {aside} for "
+        "inspection; trying the previous checkpoint."
+      )
       continue
     return state, rng, step
   return None
@@ -210,11 +204,11 @@ def restore_newest_readable(
 
 def _silence_late_read_callbacks() -> None:
   """After a failed restore, the array reads still in flight complete on orbax's closed event
-  loop, and each completion reports `RuntimeError: Event loop is closed` through
-  `sys.unraisablehook`: hundreds of tracebacks that say nothing about the checkpoint (the
-  failure itself is reported once). Drops exactly those; every other one goes to the previous
-  hook. Installed once per process, before the first restore (some arrive before the failure
-itself is raised)."""
+    loop, and each completion reports `RuntimeError: Event loop is closed` through
+    `sys.unraisablehook`: hundreds of tracebacks that say nothing about the checkpoint (the
+    failure itself is reported once). Drops exactly those; every other one goes to the previous
+    hook. Installed once per process, before the first restore (some arrive before the failure
+  itself is raised)."""
   previous = sys.unraisablehook
   if getattr(previous, "silences_closed_loop_callbacks", False):
     return
@@ -266,7 +260,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
 
 
 def restore_model_state(
-    workdir: str | os.PathLike, abstract_model_state: nnx.State, step: int | None = None
+  workdir: str | os.PathLike, abstract_model_state: nnx.State, step: int | None = None
 ) -> tuple[nnx.State, int]:
   """The model part of a training checkpoint (latest unless `step`), for inference.
 
@@ -282,14 +276,15 @@ def restore_model_state(
 
   directory = checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(
-      directory, item_names=(STATE, DATA),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    directory,
+    item_names=(STATE, DATA),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
   )
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise FileNotFoundError(
-        f"no finished checkpoint under {directory}; train first "
-        "(python -m medunifier_jax.train --workdir ...) or pass a directory that has one."
+      f"no finished checkpoint under {directory}; train first "
+      "(python -m medunifier_jax.train --workdir ...) or pass a directory that has one."
     )
   target = {"train_state": {"model": nnx.to_pure_dict(abstract_model_state)}}
   problems = []
@@ -299,19 +294,27 @@ def restore_model_state(
       check_fits(directory / str(candidate) / STATE, target, partial=True)
       try:
         restored = manager.restore(
-            candidate,
-            args=ocp.args.Composite(
-                **{STATE: ocp.args.PyTreeRestore(
-                    target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True)}
-            ),
+          candidate,
+          args=ocp.args.Composite(
+            **{
+              STATE: ocp.args.PyTreeRestore(
+                target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+              )
+            }
+          ),
         )
       except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise many types
         if step is not None:
           raise
         problems.append(f"step {candidate}: {unreadable_reason(directory / str(candidate), e)}")
-        logging.warning("checkpoint of step %d in %s cannot be restored (%s); trying the "
-                        "previous one", candidate, directory, problems[-1])
+        logging.warning(
+          "checkpoint of step %d in %s cannot be restored (%s); trying the previous one",
+          candidate,
+          directory,
+          problems[-1],
+        )
         continue
       state = jax.tree.map(lambda x: x, abstract_model_state)
       nnx.replace_by_pure_dict(state, restored[STATE]["train_state"]["model"])
@@ -319,18 +322,20 @@ def restore_model_state(
   finally:
     manager.close()
   raise FileNotFoundError(
-      f"no checkpoint under {directory} reads back:\n  " + "\n  ".join(problems)
-      + "\nRun the training command again on this workdir: it sets the broken checkpoints "
-      "aside and resumes from the newest good one, or from the start."
+    f"no checkpoint under {directory} reads back:\n  "
+    + "\n  ".join(problems)
+    + "\nRun the training command again on this workdir: it sets the broken checkpoints "
+    "aside and resumes from the newest good one, or from the start."
   )
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """"a/b/0/c" -> shape for every array (list indices are ints in nnx state, strings on disk)."""
+  """ "a/b/0/c" -> shape for every array (list indices are ints in nnx state, strings on disk)."""
+
   def name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-  return {name(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_fits(item_dir: epath.Path, target: Any, *, partial: bool) -> None:
@@ -344,20 +349,24 @@ def check_fits(item_dir: epath.Path, target: Any, *, partial: bool) -> None:
   except Exception:  # unreadable metadata: the restore itself reports what is wrong
     return
   wanted = _shapes(target)
-  lines = [f"  {k}: checkpoint {stored[k]}, config {v}" for k, v in wanted.items()
-           if k in stored and stored[k] != v]
+  lines = [
+    f"  {k}: checkpoint {stored[k]}, config {v}"
+    for k, v in wanted.items()
+    if k in stored and stored[k] != v
+  ]
   lines += [f"  {k}: missing from the checkpoint" for k in wanted if k not in stored]
   if not partial:
-    lines += [f"  {k}: in the checkpoint, not in the config's model" for k in stored
-              if k not in wanted]
+    lines += [
+      f"  {k}: in the checkpoint, not in the config's model" for k in stored if k not in wanted
+    ]
   if not lines:
     return
   shown = "\n".join(lines[:12]) + (f"\n  ... and {len(lines) - 12} more" if len(lines) > 12 else "")
   raise CheckpointMismatchError(
-      f"the checkpoint in {item_dir.parent} does not fit the model this config builds "
-      f"({len(lines)} differences):\n{shown}\nIt was written with another model config. Use "
-      "the config it was trained with (its workdir's config.json, which api.load reads by "
-      "default), or start a fresh --workdir for the new config."
+    f"the checkpoint in {item_dir.parent} does not fit the model this config builds "
+    f"({len(lines)} differences):\n{shown}\nIt was written with another model config. Use "
+    "the config it was trained with (its workdir's config.json, which api.load reads by "
+    "default), or start a fresh --workdir for the new config."
   )
 
 
@@ -383,6 +392,6 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(
-        f"{path} not found: not a training workdir (train.py writes it at the start of a run)."
+      f"{path} not found: not a training workdir (train.py writes it at the start of a run)."
     )
   return ml_collections.ConfigDict(json.loads(path.read_text()))

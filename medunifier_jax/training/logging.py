@@ -70,8 +70,16 @@ class MetricLogger:
     global_batch: examples per step, for examples/s.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int, global_batch: int,
-               *, enabled: bool | None = None, show_progress: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    initial_step: int,
+    global_batch: int,
+    *,
+    enabled: bool | None = None,
+    show_progress: bool = True,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.global_batch = global_batch
     self._last_time = time.perf_counter()
@@ -86,8 +94,7 @@ class MetricLogger:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
     if show_progress:
       self._bar = tqdm.tqdm(
-          total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-          desc="train",
+        total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, desc="train"
       )
 
   def reset_clock(self, step: int) -> None:

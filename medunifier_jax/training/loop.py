@@ -27,8 +27,9 @@ from medunifier_jax.training import step as step_lib
 from medunifier_jax.training.task import Task
 
 
-def to_global(batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any,
-              keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+def to_global(
+  batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any, keys: Sequence[str] | None = None
+) -> dict[str, jax.Array]:
   """Host-local batch slices -> global arrays split over the batch's mesh axes.
 
   Only `keys` (default: all) travel to the devices (the task's `batch_keys`; labels and indices
@@ -43,14 +44,14 @@ def _checkpointable(it: Any) -> Any | None:
 
 
 def initial_state(
-    config: ml_collections.ConfigDict,
-    manager: Any,
-    abstract: nnx.State,
-    shardings: nnx.State,
-    data_iter: Any,
-    task: Task,
-    log: Callable[[str], None] = print,
-    workdir: str | None = None,
+  config: ml_collections.ConfigDict,
+  manager: Any,
+  abstract: nnx.State,
+  shardings: nnx.State,
+  data_iter: Any,
+  task: Task,
+  log: Callable[[str], None] = print,
+  workdir: str | None = None,
 ) -> tuple[nnx.State, jax.Array, str]:
   """`(state, base_rng, source)`: workdir's newest readable checkpoint -> `task.init_fn` ->
   fresh. Unreadable checkpoints are named in `log` and set aside (`checkpoint`).
@@ -96,11 +97,7 @@ def _has_checkpoints(workdir: str) -> bool:
 
 
 def train(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    task: Task,
-    *,
-    show_progress: bool = True,
+  config: ml_collections.ConfigDict, workdir: str, task: Task, *, show_progress: bool = True
 ) -> dict[str, Any]:
   """Trains `task` for `config.num_steps` steps in `workdir`, resuming from its newest readable
   checkpoint. Only the batch entries named by `task.batch_keys` travel to the devices.
@@ -128,23 +125,24 @@ def train(
   eval_fn = task.eval_fn(config, workdir) if task.eval_fn is not None else None
   manager = ckpt.make_manager(workdir, config)
   notes: list[str] = []
-  state, rng, source = initial_state(config, manager, abstract, shardings, data_iter, task,
-                                     log=notes.append, workdir=workdir)
+  state, rng, source = initial_state(
+    config, manager, abstract, shardings, data_iter, task, log=notes.append, workdir=workdir
+  )
   start = state_lib.step_of(state)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, config, task.loss_fn), shardings, mesh, rules
+    step_lib.make_train_step(graphdef, config, task.loss_fn), shardings, mesh, rules
   )
   num_steps = int(config.num_steps)
   logger = log_lib.MetricLogger(
-      workdir, num_steps, start, int(config.batch_size), show_progress=show_progress
+    workdir, num_steps, start, int(config.batch_size), show_progress=show_progress
   )
   for note in notes:
     logger.message(note)
   logger.message(
-      f"{source}; mesh {dict(mesh.shape)}; "
-      f"{state_lib.count_params(state):,} parameters, "
-      f"{state_lib.count_params(state, state_lib.optimizer_lib.trainable_filter(config.model)):,}"
-      " trainable"
+    f"{source}; mesh {dict(mesh.shape)}; "
+    f"{state_lib.count_params(state):,} parameters, "
+    f"{state_lib.count_params(state, state_lib.optimizer_lib.trainable_filter(config.model)):,}"
+    " trainable"
   )
   batch_keys = tuple(task.batch_keys)
   preempted = ckpt.PreemptionFlag()
@@ -163,17 +161,17 @@ def train(
       stop = preempted.is_set() or manager.reached_preemption(step)
       saving = stop or step == num_steps or manager.should_save(step)
       evaluating = eval_fn is not None and (
-          step == num_steps or (config.eval_every and step % int(config.eval_every) == 0)
+        step == num_steps or (config.eval_every and step % int(config.eval_every) == 0)
       )
       if saving or evaluating or step % int(config.log_every) == 0:
         steps, values = window.fetch()
         bad = log_lib.first_non_finite(steps, values)
         if bad is not None:
           raise log_lib.NonFiniteLossError(
-              f"non-finite loss at step {bad} (loss={values[steps.index(bad)]['loss']}); "
-              "stopped without saving it. The latest checkpoint in "
-              f"{ckpt.checkpoint_dir(workdir)} is the last good state. Lower "
-              "--config.learning_rate, raise --config.warmup_steps or check the input data."
+            f"non-finite loss at step {bad} (loss={values[steps.index(bad)]['loss']}); "
+            "stopped without saving it. The latest checkpoint in "
+            f"{ckpt.checkpoint_dir(workdir)} is the last good state. Lower "
+            "--config.learning_rate, raise --config.warmup_steps or check the input data."
           )
         last = logger.log(step, log_lib.mean_metrics(values))
       if saving:

@@ -8,7 +8,7 @@ from jax.sharding import AxisType, Mesh
 
 
 def resolve_mesh_shape(
-    axes: Sequence[tuple[str, int]], num_devices: int
+  axes: Sequence[tuple[str, int]], num_devices: int
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Fills in the one `-1` axis with the devices left over.
 
@@ -32,23 +32,23 @@ def resolve_mesh_shape(
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1:
     raise ValueError(
-        f"config.mesh has {len(free)} axes of size -1 ({[names[i] for i in free]}); at most one "
-        "may be -1 (it takes the devices left over). Set the others to explicit sizes."
+      f"config.mesh has {len(free)} axes of size -1 ({[names[i] for i in free]}); at most one "
+      "may be -1 (it takes the devices left over). Set the others to explicit sizes."
     )
   fixed = int(np.prod([s for s in sizes if s != -1]))
   if free:
     if num_devices % fixed:
       raise ValueError(
-          f"config.mesh {list(axes)}: the fixed axes use {fixed} devices, which does not divide "
-          f"the {num_devices} devices available; choose fixed sizes whose product divides "
-          f"{num_devices}."
+        f"config.mesh {list(axes)}: the fixed axes use {fixed} devices, which does not divide "
+        f"the {num_devices} devices available; choose fixed sizes whose product divides "
+        f"{num_devices}."
       )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f"config.mesh {list(axes)} asks for {fixed} devices but {num_devices} are available; "
-        f"make the product of the sizes {num_devices}, or set one axis to -1 "
-        f"(e.g. --config.mesh=\"[('data', -1), ('model', 1)]\")."
+      f"config.mesh {list(axes)} asks for {fixed} devices but {num_devices} are available; "
+      f"make the product of the sizes {num_devices}, or set one axis to -1 "
+      f"(e.g. --config.mesh=\"[('data', -1), ('model', 1)]\")."
     )
   return names, tuple(sizes)
 

@@ -21,14 +21,14 @@ from flax import nnx
 
 # Path components (regular expressions, full match) that mark embedding-like parameters.
 NO_DECAY_NAMES = (
-    r".*embedding.*",
-    r".*embeddings.*",
-    r"pos(ition)?_embed.*",
-    r"cls_token",
-    r"query_tokens",
-    r"codebook.*",
-    r"embed",
-    r"temp",
+  r".*embedding.*",
+  r".*embeddings.*",
+  r"pos(ition)?_embed.*",
+  r"cls_token",
+  r"query_tokens",
+  r"codebook.*",
+  r"embed",
+  r"temp",
 )
 
 
@@ -67,11 +67,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   warmup = int(config.warmup_steps)
   decay_steps = max(int(config.num_steps), warmup + 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=float(config.learning_rate),
-      warmup_steps=warmup,
-      decay_steps=decay_steps,
-      end_value=float(config.end_learning_rate),
+    init_value=0.0,
+    peak_value=float(config.learning_rate),
+    warmup_steps=warmup,
+    decay_steps=decay_steps,
+    end_value=float(config.end_learning_rate),
   )
 
 
@@ -81,13 +81,13 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
   parts.append(
-      optax.adamw(
-          learning_rate_schedule(config),
-          b1=float(config.adam_b1),
-          b2=float(config.adam_b2),
-          weight_decay=float(config.weight_decay),
-          mask=decay_mask,
-      )
+    optax.adamw(
+      learning_rate_schedule(config),
+      b1=float(config.adam_b1),
+      b2=float(config.adam_b2),
+      weight_decay=float(config.weight_decay),
+      mask=decay_mask,
+    )
   )
   return optax.chain(*parts)
 

@@ -28,10 +28,7 @@ def _axis_size(mesh: Mesh, mesh_axis: Any) -> int:
 
 
 def logical_to_spec(
-    logical: Sequence[str | None] | None,
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Mapping[str, Any],
+  logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any]
 ) -> PartitionSpec:
   """Maps one array's logical axis names to a `PartitionSpec` on `mesh`.
 
@@ -56,17 +53,20 @@ def logical_to_spec(
       continue
     if name not in rules:
       raise ValueError(
-          f"logical axis {name!r} has no entry in config.sharding_rules ({sorted(rules)}); "
-          f"add e.g. ('{name}', None)."
+        f"logical axis {name!r} has no entry in config.sharding_rules ({sorted(rules)}); "
+        f"add e.g. ('{name}', None)."
       )
     mesh_axis = rules[name]
-    axes = () if mesh_axis is None else (
-        tuple(mesh_axis) if isinstance(mesh_axis, tuple | list) else (mesh_axis,))
+    axes = (
+      ()
+      if mesh_axis is None
+      else (tuple(mesh_axis) if isinstance(mesh_axis, tuple | list) else (mesh_axis,))
+    )
     for a in axes:
       if a not in mesh.shape:
         raise ValueError(
-            f"config.sharding_rules maps {name!r} to mesh axis {a!r}, but the mesh has axes "
-            f"{tuple(mesh.shape)}; fix the rule or config.mesh."
+          f"config.sharding_rules maps {name!r} to mesh axis {a!r}, but the mesh has axes "
+          f"{tuple(mesh.shape)}; fix the rule or config.mesh."
         )
     if not axes or used.intersection(axes):
       spec.append(None)
@@ -81,8 +81,8 @@ def logical_to_spec(
 
 # Where the size of a logical axis is set, for the error's fix.
 _SIZE_FIELDS = {
-    "vocab": "for the Q-Former's vocabulary: model.qformer.vocab_size, which the configs pad to "
-             "a multiple of 128",
+  "vocab": "for the Q-Former's vocabulary: model.qformer.vocab_size, which the configs pad to "
+  "a multiple of 128"
 }
 
 
@@ -91,11 +91,11 @@ def _indivisible(name: str, mesh_axis: Any, dim: int, size: int) -> str:
   padded = -(-dim // size) * size
   field = _SIZE_FIELDS.get(name, "in the config field that sets it")
   return (
-      f"logical axis {name!r} has size {dim}, which its rule ({name!r}, {mesh_axis!r}) in "
-      f"config.sharding_rules cannot split: mesh axis {mesh_axis!r} has size {size} and "
-      f"{dim} % {size} = {dim % size}. Fix: pad the dimension to a multiple of {size}, e.g. "
-      f"{padded} ({field}), or map the logical axis to None (('{name}', None) in "
-      f"config.sharding_rules) to replicate it."
+    f"logical axis {name!r} has size {dim}, which its rule ({name!r}, {mesh_axis!r}) in "
+    f"config.sharding_rules cannot split: mesh axis {mesh_axis!r} has size {size} and "
+    f"{dim} % {size} = {dim % size}. Fix: pad the dimension to a multiple of {size}, e.g. "
+    f"{padded} ({field}), or map the logical axis to None (('{name}', None) in "
+    f"config.sharding_rules) to replicate it."
   )
 
 
@@ -125,8 +125,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) ->
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
 
-  return jax.tree_util.tree_map_with_path(
-      one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -162,20 +161,21 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, rules: Sequence[tuple[s
   if global_batch % n:
     lower = global_batch - global_batch % n
     raise ValueError(
-        f"config.batch_size={global_batch} is not divisible by the data-parallel size {n} "
-        f"(mesh axes {axes} of {dict(mesh.shape)}); set --config.batch_size to a multiple of "
-        f"{n} (e.g. {max(lower, n)} or {lower + n}) or change config.mesh."
+      f"config.batch_size={global_batch} is not divisible by the data-parallel size {n} "
+      f"(mesh axes {axes} of {dict(mesh.shape)}); set --config.batch_size to a multiple of "
+      f"{n} (e.g. {max(lower, n)} or {lower + n}) or change config.mesh."
     )
   processes = jax.process_count()
   if global_batch % processes:
     raise ValueError(
-        f"config.batch_size={global_batch} is not divisible by the {processes} processes; each "
-        "host feeds an equal slice. Use a multiple of the process count."
+      f"config.batch_size={global_batch} is not divisible by the {processes} processes; each "
+      "host feeds an equal slice. Use a multiple of the process count."
     )
 
 
-def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]] = ()) -> dict[str, jax.Array]:
+def global_batch(
+  host_batch: dict[str, np.ndarray], mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()
+) -> dict[str, jax.Array]:
   """Host batches -> global `jax.Array`s, leading axis split over the batch's mesh axes.
 
   Every process passes its own host batch (B_host, ...); the global arrays have leading size
@@ -190,8 +190,9 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
     size = x.shape[0] * jax.process_count()
     if size % n:
       raise ValueError(
-          f"the global batch of {size} does not split over the {n} devices of mesh axes "
-          f"{axes}; make config.batch_size a multiple of {n}")
+        f"the global batch of {size} does not split over the {n} devices of mesh axes "
+        f"{axes}; make config.batch_size a multiple of {n}"
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, host_batch)

@@ -37,7 +37,7 @@ def _make_train_state(config: ml_collections.ConfigDict, model_fn: ModelFn) -> T
 
 
 def abstract_train_state(
-    config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn
+  config: ml_collections.ConfigDict, mesh: Mesh, model_fn: ModelFn
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """Shapes only: `(graphdef, abstract_state, shardings)`; nothing is allocated.
 
@@ -48,13 +48,13 @@ def abstract_train_state(
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _make_train_state(config, model_fn)))
   shardings = sharding_lib.state_shardings(abstract, mesh, config.sharding_rules)
   abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
   return graphdef, abstract, shardings
 
 
 def init_train_state(
-    config: ml_collections.ConfigDict, shardings: nnx.State, model_fn: ModelFn
+  config: ml_collections.ConfigDict, shardings: nnx.State, model_fn: ModelFn
 ) -> nnx.State:
   """A freshly initialised state (from `config.seed`), created with its shardings."""
   init = jax.jit(lambda: nnx.state(_make_train_state(config, model_fn)), out_shardings=shardings)

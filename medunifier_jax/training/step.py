@@ -28,9 +28,7 @@ Batch = dict[str, jax.Array]
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef,
-    config: ml_collections.ConfigDict,
-    loss_fn: LossFn,
+  graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, loss_fn: LossFn
 ) -> Callable[[nnx.State, Batch, jax.Array], tuple[nnx.State, dict[str, jax.Array]]]:
   """Returns the pure step for the train state described by `graphdef`.
 
@@ -69,7 +67,7 @@ def make_train_step(
       return total.astype(jnp.float32), (metrics, new_rest)
 
     (_, (metrics, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(
-        params, frozen, rest
+      params, frozen, rest
     )
     # Batch statistics keep their own (fp32) dtype whatever dtype the forward pass used.
     new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), new_rest, rest)
@@ -94,11 +92,11 @@ def make_train_step(
 
 
 def jit_train_step(
-    step_fn: Callable,
-    state_shardings: nnx.State,
-    mesh: Mesh,
-    rules: Any,
-    compiler_options: dict[str, Any] | None = None,
+  step_fn: Callable,
+  state_shardings: nnx.State,
+  mesh: Mesh,
+  rules: Any,
+  compiler_options: dict[str, Any] | None = None,
 ):
   """`jax.jit` with the state sharded by its rules, the batch over `data`, the state donated.
 
@@ -107,11 +105,11 @@ def jit_train_step(
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules), replicated),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
-      compiler_options=compiler_options,
+    step_fn,
+    in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules), replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+    compiler_options=compiler_options,
   )
 
 

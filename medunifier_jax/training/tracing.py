@@ -46,8 +46,9 @@ def cheap_tracer_diagnostics() -> Iterator[None]:
     if not _warned:
       _warned = True
       logging.getLogger(__name__).warning(
-          "this JAX version has no DynamicJaxprTracer._origin_msg: tracing large models will be "
-          "slower (medunifier_jax.training.tracing)")
+        "this JAX version has no DynamicJaxprTracer._origin_msg: tracing large models will be "
+        "slower (medunifier_jax.training.tracing)"
+      )
     yield
     return
   original = tracer._origin_msg

@@ -27,8 +27,8 @@ def read_config(folder: str) -> dict:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{folder!r} has no config.json; expected a folder written by transformers' "
-        "save_pretrained (config.json plus the weight files)."
+      f"{folder!r} has no config.json; expected a folder written by transformers' "
+      "save_pretrained (config.json plus the weight files)."
     )
   try:
     with open(path) as f:
@@ -57,8 +57,8 @@ def weight_files(folder: str) -> list[str]:
       raise FileNotFoundError(f"{path} names shards that are not in the folder: {absent}")
     return paths
   raise FileNotFoundError(
-      f"no weights in {folder!r}: expected one of {', '.join(WEIGHT_FILES)} "
-      f"(found: {sorted(os.listdir(folder))})."
+    f"no weights in {folder!r}: expected one of {', '.join(WEIGHT_FILES)} "
+    f"(found: {sorted(os.listdir(folder))})."
   )
 
 
@@ -108,8 +108,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise ImportError(
-        f"{path} is a PyTorch pickle; reading it needs the CPU build of torch "
-        "(pip install torch), or convert the folder to safetensors."
+      f"{path} is a PyTorch pickle; reading it needs the CPU build of torch "
+      "(pip install torch), or convert the folder to safetensors."
     ) from e
   # weights_only: a checkpoint is data; never run code from it.
   state = torch.load(path, map_location="cpu", weights_only=True)

@@ -48,17 +48,17 @@ from medunifier_jax.weights.mapping import ImportReport, Rule, assign
 BLIP2_NOT_IN_CHECKPOINT = ("vqvae/*", "temp", "qformer/lm_head/*")
 # Model weights a BERT checkpoint cannot provide, and BERT tensors the model has no use for.
 BERT_NOT_IN_CHECKPOINT = (
-    "vit/*",
-    "ln_vision/*",
-    "query_tokens",
-    "qformer/layers/*/crossattention/*",
-    "qformer/lm_head/*",
-    "vision_proj/*",
-    "text_proj/*",
-    "itm_head/*",
-    "temp",
-    "vqvae/*",
-    "pooler.*",
+  "vit/*",
+  "ln_vision/*",
+  "query_tokens",
+  "qformer/layers/*/crossattention/*",
+  "qformer/lm_head/*",
+  "vision_proj/*",
+  "text_proj/*",
+  "itm_head/*",
+  "temp",
+  "vqvae/*",
+  "pooler.*",
 )
 # Saved index buffers, never weights.
 BUFFERS = ("*position_ids", "*token_type_ids")
@@ -86,15 +86,15 @@ def _scalar(x: np.ndarray) -> np.ndarray:
 
 def _linear(target: str, source: str) -> list[Rule]:
   return [
-      Rule(f"{target}/kernel", (f"{source}.weight",), linear_kernel),
-      Rule(f"{target}/bias", (f"{source}.bias",)),
+    Rule(f"{target}/kernel", (f"{source}.weight",), linear_kernel),
+    Rule(f"{target}/bias", (f"{source}.bias",)),
   ]
 
 
 def _layer_norm(target: str, source: str) -> list[Rule]:
   return [
-      Rule(f"{target}/scale", (f"{source}.weight",)),
-      Rule(f"{target}/bias", (f"{source}.bias",)),
+    Rule(f"{target}/scale", (f"{source}.weight",)),
+    Rule(f"{target}/bias", (f"{source}.bias",)),
   ]
 
 
@@ -116,23 +116,32 @@ class VitKeys:
   proj: str  # the attention output projection, inside `attn`
 
 
-BLIP2_VIT_KEYS = VitKeys(patch="embeddings.patch_embedding", cls="embeddings.class_embedding",
-                         pos="embeddings.position_embedding", block="encoder.layers",
-                         norm1="layer_norm1", norm2="layer_norm2", attn="self_attn",
-                         proj="projection")
+BLIP2_VIT_KEYS = VitKeys(
+  patch="embeddings.patch_embedding",
+  cls="embeddings.class_embedding",
+  pos="embeddings.position_embedding",
+  block="encoder.layers",
+  norm1="layer_norm1",
+  norm2="layer_norm2",
+  attn="self_attn",
+  proj="projection",
+)
 
 
-def vit_layer_rules(vit: ml_collections.ConfigDict, prefix: str, keys: VitKeys,
-                    qkv_bias: Callable[[str, str], list[Rule]]) -> list[Rule]:
+def vit_layer_rules(
+  vit: ml_collections.ConfigDict,
+  prefix: str,
+  keys: VitKeys,
+  qkv_bias: Callable[[str, str], list[Rule]],
+) -> list[Rule]:
   """`vit/` from a checkpoint laid out as `keys` (BLIP-2's vision model, EVA ViT-g): the patch,
   class and position embeddings and every block. `qkv_bias(target, source_attn)` gives the
   q/v bias rules of one block (BLIP-2 stores one qkv bias, EVA separate q and v biases)."""
   rules = [
-      Rule("vit/embeddings/patch_embedding/kernel", (f"{prefix}{keys.patch}.weight",),
-           conv_kernel),
-      Rule("vit/embeddings/patch_embedding/bias", (f"{prefix}{keys.patch}.bias",)),
-      Rule("vit/embeddings/class_embedding", (f"{prefix}{keys.cls}",)),
-      Rule("vit/embeddings/position_embedding", (f"{prefix}{keys.pos}",)),
+    Rule("vit/embeddings/patch_embedding/kernel", (f"{prefix}{keys.patch}.weight",), conv_kernel),
+    Rule("vit/embeddings/patch_embedding/bias", (f"{prefix}{keys.patch}.bias",)),
+    Rule("vit/embeddings/class_embedding", (f"{prefix}{keys.cls}",)),
+    Rule("vit/embeddings/position_embedding", (f"{prefix}{keys.pos}",)),
   ]
   for i in range(vit.depth):
     t, s = f"vit/layers/{i}", f"{prefix}{keys.block}.{i}"
@@ -155,16 +164,19 @@ def vit_rules(vit: ml_collections.ConfigDict, prefix: str = "vision_model.") -> 
   def qkv_bias(target: str, attn: str) -> list[Rule]:
     # One stored qkv bias; the key bias is zero by construction and has no parameter.
     both = (f"{attn}.qkv.bias",)
-    return [Rule(f"{target}/q_bias", both, lambda b: b[:d]),
-            Rule(f"{target}/v_bias", both, lambda b: b[2 * d :])]
+    return [
+      Rule(f"{target}/q_bias", both, lambda b: b[:d]),
+      Rule(f"{target}/v_bias", both, lambda b: b[2 * d :]),
+    ]
 
   rules = vit_layer_rules(vit, prefix, BLIP2_VIT_KEYS, qkv_bias)
   rules += _layer_norm("ln_vision", f"{prefix}post_layernorm")
   return rules
 
 
-def qformer_layer_rules(qf: ml_collections.ConfigDict, block: str,
-                        self_attention: str) -> list[Rule]:
+def qformer_layer_rules(
+  qf: ml_collections.ConfigDict, block: str, self_attention: str
+) -> list[Rule]:
   """Every Q-Former layer from `{block}.{i}.*` (a BERT layout): self-attention, the
   cross-attention of every `cross_attention_freq`-th layer and both feed-forward branches
   (text and `_query`). `self_attention` names the attention module inside `attention.`."""
@@ -209,14 +221,16 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   qf = model_cfg.qformer
   rules = vit_rules(model_cfg.vit)
   rules += [
-      Rule("query_tokens", ("query_tokens",)),
-      Rule("temp", ("temp",), _scalar),  # LAVIS-converted files only; transformers has none
-      Rule("qformer/embeddings/word_embeddings/embedding", ("embeddings.word_embeddings.weight",),
-           grow_embedding(qf.vocab_size)),
-      Rule(
-          "qformer/embeddings/position_embeddings/embedding",
-          ("embeddings.position_embeddings.weight",),
-      ),
+    Rule("query_tokens", ("query_tokens",)),
+    Rule("temp", ("temp",), _scalar),  # LAVIS-converted files only; transformers has none
+    Rule(
+      "qformer/embeddings/word_embeddings/embedding",
+      ("embeddings.word_embeddings.weight",),
+      grow_embedding(qf.vocab_size),
+    ),
+    Rule(
+      "qformer/embeddings/position_embeddings/embedding", ("embeddings.position_embeddings.weight",)
+    ),
   ]
   rules += _layer_norm("qformer/embeddings/layernorm", "qformer.layernorm")
   rules += qformer_layer_rules(qf, "qformer.encoder.layer", "attention")
@@ -239,16 +253,16 @@ def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
     return positions + token_types[0]
 
   rules = [
-      Rule(
-          "qformer/embeddings/word_embeddings/embedding",
-          ("embeddings.word_embeddings.weight",),
-          grow_embedding(qf.vocab_size),
-      ),
-      Rule(
-          "qformer/embeddings/position_embeddings/embedding",
-          ("embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"),
-          fold_token_type,
-      ),
+    Rule(
+      "qformer/embeddings/word_embeddings/embedding",
+      ("embeddings.word_embeddings.weight",),
+      grow_embedding(qf.vocab_size),
+    ),
+    Rule(
+      "qformer/embeddings/position_embeddings/embedding",
+      ("embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"),
+      fold_token_type,
+    ),
   ]
   rules += _layer_norm("qformer/embeddings/layernorm", "embeddings.LayerNorm")
   for i in range(qf.num_layers):
@@ -300,7 +314,7 @@ def _require_gelu(where: str, act: str) -> None:
 
 
 def blip2_config(
-    folder: str, base: ml_collections.ConfigDict, tokenizer=None
+  folder: str, base: ml_collections.ConfigDict, tokenizer=None
 ) -> ml_collections.ConfigDict:
   """`base` (a full config) with the model sizes of the BLIP-2 checkpoint in `folder`.
 
@@ -319,8 +333,8 @@ def blip2_config(
   _require_gelu("qformer_config", q.hidden_act)
   if not q.use_qformer_text_input:
     raise ValueError(
-        f"{folder}: qformer_config.use_qformer_text_input is false, so the checkpoint has no "
-        "Q-Former text weights; import from a Blip2ForImageTextRetrieval checkpoint instead"
+      f"{folder}: qformer_config.use_qformer_text_input is false, so the checkpoint has no "
+      "Q-Former text weights; import from a Blip2ForImageTextRetrieval checkpoint instead"
     )
   config = copy.deepcopy(base)
   m = config.model
@@ -398,14 +412,14 @@ def bert_config_mismatches(folder: str, model_cfg: ml_collections.ConfigDict) ->
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise ValueError(f"{folder}: only absolute position embeddings are supported")
   need = {
-      "hidden_size": hf["hidden_size"],
-      "num_layers": hf["num_hidden_layers"],
-      "num_heads": hf["num_attention_heads"],
-      "intermediate_size": hf["intermediate_size"],
-      "vocab_size": hf["vocab_size"] + 1,  # [DEC] appended
-      "dec_token_id": hf["vocab_size"],
-      "max_position_embeddings": hf["max_position_embeddings"],
-      "layer_norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+    "hidden_size": hf["hidden_size"],
+    "num_layers": hf["num_hidden_layers"],
+    "num_heads": hf["num_attention_heads"],
+    "intermediate_size": hf["intermediate_size"],
+    "vocab_size": hf["vocab_size"] + 1,  # [DEC] appended
+    "dec_token_id": hf["vocab_size"],
+    "max_position_embeddings": hf["max_position_embeddings"],
+    "layer_norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
   }
   qf = model_cfg.qformer
   mismatches = {k: (qf[k], v) for k, v in need.items() if qf[k] != v}
@@ -426,7 +440,7 @@ def bert_config(folder: str, base: ml_collections.ConfigDict) -> ml_collections.
   if tokenizer is not None:
     _token_ids_from(tokenizer, config.model.qformer)
   config.model.max_text_len = min(
-      config.model.max_text_len, config.model.qformer.max_position_embeddings
+    config.model.max_text_len, config.model.qformer.max_position_embeddings
   )
   return config_lib.derive(config)  # data.max_text_len, ... follow the model
 
@@ -435,11 +449,7 @@ def bert_config(folder: str, base: ml_collections.ConfigDict) -> ml_collections.
 
 
 def import_blip2(
-    model: nnx.Module,
-    model_cfg: ml_collections.ConfigDict,
-    folder: str,
-    *,
-    allow: Iterable[str] = (),
+  model: nnx.Module, model_cfg: ml_collections.ConfigDict, folder: str, *, allow: Iterable[str] = ()
 ) -> ImportReport:
   """Writes the BLIP-2 checkpoint in `folder` into `model` (built from `model_cfg`).
 
@@ -450,17 +460,11 @@ def import_blip2(
     WeightImportError: listing missing, unexpected and mis-shaped weights.
   """
   tensors = hf_files.read_weights(folder)
-  return assign(
-      model, blip2_rules(model_cfg), tensors, allow=allow, ignore=BUFFERS, source=folder
-  )
+  return assign(model, blip2_rules(model_cfg), tensors, allow=allow, ignore=BUFFERS, source=folder)
 
 
 def import_bert(
-    model: nnx.Module,
-    model_cfg: ml_collections.ConfigDict,
-    folder: str,
-    *,
-    allow: Iterable[str] = (),
+  model: nnx.Module, model_cfg: ml_collections.ConfigDict, folder: str, *, allow: Iterable[str] = ()
 ) -> ImportReport:
   """Writes a BERT checkpoint in `folder` into the Q-Former's text weights of `model`.
 
@@ -476,8 +480,14 @@ def import_bert(
       fields and values); WeightImportError as in `import_blip2`.
   """
   check_bert_fits(folder, model_cfg)
-  return assign(model, bert_rules(model_cfg), read_bert_tensors(folder), allow=allow,
-                ignore=BUFFERS, source=folder)
+  return assign(
+    model,
+    bert_rules(model_cfg),
+    read_bert_tensors(folder),
+    allow=allow,
+    ignore=BUFFERS,
+    source=folder,
+  )
 
 
 def check_bert_fits(folder: str, model_cfg: ml_collections.ConfigDict) -> None:
@@ -485,13 +495,16 @@ def check_bert_fits(folder: str, model_cfg: ml_collections.ConfigDict) -> None:
   the overrides that fix them."""
   mismatches = bert_config_mismatches(folder, model_cfg)
   if mismatches:
-    fields = ", ".join(f"qformer.{k}={have!r} (BERT needs {need!r})" for k, (have, need) in
-                       sorted(mismatches.items()))
-    overrides = " ".join(f"--config.model.qformer.{k}={need}" for k, (_, need) in
-                         sorted(mismatches.items()))
+    fields = ", ".join(
+      f"qformer.{k}={have!r} (BERT needs {need!r})"
+      for k, (have, need) in sorted(mismatches.items())
+    )
+    overrides = " ".join(
+      f"--config.model.qformer.{k}={need}" for k, (_, need) in sorted(mismatches.items())
+    )
     raise ValueError(
-        f"the model configuration does not match the BERT checkpoint in {folder}: {fields}. "
-        f"Use weights.hf_import.bert_config(folder, config), or set {overrides}"
+      f"the model configuration does not match the BERT checkpoint in {folder}: {fields}. "
+      f"Use weights.hf_import.bert_config(folder, config), or set {overrides}"
     )
 
 
@@ -503,7 +516,7 @@ def read_bert_tensors(folder: str) -> dict[str, np.ndarray]:
 
 
 def drop_tied_decoder(
-    tensors: dict[str, np.ndarray], source: str, head: str = "", body: str = ""
+  tensors: dict[str, np.ndarray], source: str, head: str = "", body: str = ""
 ) -> None:
   """Removes the MLM decoder weight/bias, which are tied copies of the word embeddings and the
   prediction bias; an untied decoder is refused.
@@ -512,14 +525,14 @@ def drop_tied_decoder(
   `Qformer.` and `Qformer.bert.` in BLIP-2's own files.
   """
   for key, tied_to in (
-      (f"{head}cls.predictions.decoder.weight", f"{body}embeddings.word_embeddings.weight"),
-      (f"{head}cls.predictions.decoder.bias", f"{head}cls.predictions.bias"),
+    (f"{head}cls.predictions.decoder.weight", f"{body}embeddings.word_embeddings.weight"),
+    (f"{head}cls.predictions.decoder.bias", f"{head}cls.predictions.bias"),
   ):
     if key not in tensors:
       continue
     if tied_to in tensors and not np.array_equal(tensors[key], tensors[tied_to]):
       raise ValueError(
-          f"{source}: {key} differs from {tied_to}; the model ties its output layer to the "
-          "word embeddings and cannot hold an untied decoder"
+        f"{source}: {key} differs from {tied_to}; the model ties its output layer to the "
+        "word embeddings and cannot hold an untied decoder"
       )
     del tensors[key]

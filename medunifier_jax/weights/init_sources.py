@@ -40,20 +40,19 @@ from flax import nnx
 
 from medunifier_jax.weights import hf_files, hf_import, lavis
 from medunifier_jax.weights.mapping import (
-    ImportReport,
-    Rule,
-    assign,
-    matches,
-    model_params,
-    natural_key,
+  ImportReport,
+  Rule,
+  assign,
+  matches,
+  model_params,
+  natural_key,
 )
 
 WHOLE = "model"  # the part name of a single source for the whole model (a plain string)
 PARTS = ("vision", "qformer")
 PART_SCOPES = {
-    "vision": ("vit/*", "ln_vision/*"),
-    "qformer": ("qformer/*", "query_tokens", "vision_proj/*", "text_proj/*", "itm_head/*",
-                "temp"),
+  "vision": ("vit/*", "ln_vision/*"),
+  "qformer": ("qformer/*", "query_tokens", "vision_proj/*", "text_proj/*", "itm_head/*", "temp"),
 }
 RANDOM = "random"
 # A path containing this is a placeholder of the paper variant (configs/pretrain.py) that the
@@ -61,8 +60,9 @@ RANDOM = "random"
 PLACEHOLDER = "/path/to/"
 
 # `(tensors, rules, ignore)` from a source path and the model config.
-Reader = Callable[[str, ml_collections.ConfigDict], tuple[dict[str, np.ndarray], list[Rule],
-                                                           tuple[str, ...]]]
+Reader = Callable[
+  [str, ml_collections.ConfigDict], tuple[dict[str, np.ndarray], list[Rule], tuple[str, ...]]
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,25 +100,66 @@ def _read_hf_bert(folder, model_cfg):
 
 
 KINDS = {
-    k.name: k
-    for k in (
-        Kind("hf-blip2", True, ("vision", "qformer"),
-             {"vision": ("vision_model.*",),
-              "qformer": ("qformer.*", "embeddings.*", "query_tokens", "vision_projection.*",
-                          "text_projection.*", "itm_head.*", "temp")},
-             hf_import.BLIP2_NOT_IN_CHECKPOINT, _read_hf_blip2, "hf-blip2:/path/to/blip2"),
-        Kind("hf-bert", True, ("qformer",), {"qformer": ("*",)},
-             hf_import.BERT_NOT_IN_CHECKPOINT, _read_hf_bert, "hf-bert:/path/to/bert"),
-        Kind("lavis-eva", False, ("vision",), {"vision": ("*",)},
-             lavis.LAVIS_EVA_NOT_IN_CHECKPOINT, lavis.read_eva,
-             "lavis-eva:/path/to/eva_vit_g.pth"),
-        Kind("lavis-blip2", False, ("vision", "qformer"),
-             {"vision": ("visual_encoder.*", "ln_vision.*"),
-              "qformer": ("Qformer.*", "query_tokens", "vision_proj.*", "text_proj.*",
-                          "itm_head.*", "temp")},
-             lavis.LAVIS_BLIP2_NOT_IN_CHECKPOINT, lavis.read_blip2,
-             "lavis-blip2:/path/to/blip2_pretrained.pth"),
-    )
+  k.name: k
+  for k in (
+    Kind(
+      "hf-blip2",
+      True,
+      ("vision", "qformer"),
+      {
+        "vision": ("vision_model.*",),
+        "qformer": (
+          "qformer.*",
+          "embeddings.*",
+          "query_tokens",
+          "vision_projection.*",
+          "text_projection.*",
+          "itm_head.*",
+          "temp",
+        ),
+      },
+      hf_import.BLIP2_NOT_IN_CHECKPOINT,
+      _read_hf_blip2,
+      "hf-blip2:/path/to/blip2",
+    ),
+    Kind(
+      "hf-bert",
+      True,
+      ("qformer",),
+      {"qformer": ("*",)},
+      hf_import.BERT_NOT_IN_CHECKPOINT,
+      _read_hf_bert,
+      "hf-bert:/path/to/bert",
+    ),
+    Kind(
+      "lavis-eva",
+      False,
+      ("vision",),
+      {"vision": ("*",)},
+      lavis.LAVIS_EVA_NOT_IN_CHECKPOINT,
+      lavis.read_eva,
+      "lavis-eva:/path/to/eva_vit_g.pth",
+    ),
+    Kind(
+      "lavis-blip2",
+      False,
+      ("vision", "qformer"),
+      {
+        "vision": ("visual_encoder.*", "ln_vision.*"),
+        "qformer": (
+          "Qformer.*",
+          "query_tokens",
+          "vision_proj.*",
+          "text_proj.*",
+          "itm_head.*",
+          "temp",
+        ),
+      },
+      lavis.LAVIS_BLIP2_NOT_IN_CHECKPOINT,
+      lavis.read_blip2,
+      "lavis-blip2:/path/to/blip2_pretrained.pth",
+    ),
+  )
 }
 
 
@@ -154,20 +195,20 @@ def parse(value: Any) -> dict[str, str]:
     return {WHOLE: _checked(WHOLE, value)} if value else {}
   if not hasattr(value, "items"):
     raise TypeError(
-        f"config.init_from must be a string or a mapping of parts to sources, got "
-        f"{type(value).__name__}"
+      f"config.init_from must be a string or a mapping of parts to sources, got "
+      f"{type(value).__name__}"
     )
   entries = dict(value.items())
   unknown = sorted(set(entries) - set(PARTS))
   if unknown:
     raise ValueError(
-        f"config.init_from has unknown parts {unknown}; the parts are {', '.join(PARTS)} "
-        f"(or give one string for the whole model)"
+      f"config.init_from has unknown parts {unknown}; the parts are {', '.join(PARTS)} "
+      f"(or give one string for the whole model)"
     )
   return {
-      part: _checked(part, str(entries[part]).strip())
-      for part in PARTS
-      if entries.get(part) and str(entries[part]).strip()
+    part: _checked(part, str(entries[part]).strip())
+    for part in PARTS
+    if entries.get(part) and str(entries[part]).strip()
   }
 
 
@@ -178,15 +219,15 @@ def _checked(part: str, source: str) -> str:
   kind = KINDS.get(name)
   if kind is None or not sep or not path:
     raise ValueError(
-        f"{where(part)}={source!r}: expected KIND:PATH with KIND one of {_known()}, or "
-        f"{RANDOM!r} to keep the initial values"
+      f"{where(part)}={source!r}: expected KIND:PATH with KIND one of {_known()}, or "
+      f"{RANDOM!r} to keep the initial values"
     )
   if part != WHOLE and part not in kind.parts:
     fits = list(kind.parts)
     raise ValueError(
-        f"{where(part)}={source!r}: a {name} checkpoint provides only the "
-        f"{' and '.join(fits)} part; give it as init_from.{fits[0]} and take the {part} part "
-        f"from another source ({', '.join(k.example for k in KINDS.values() if part in k.parts)})"
+      f"{where(part)}={source!r}: a {name} checkpoint provides only the "
+      f"{' and '.join(fits)} part; give it as init_from.{fits[0]} and take the {part} part "
+      f"from another source ({', '.join(k.example for k in KINDS.values() if part in k.parts)})"
     )
   return source
 
@@ -221,13 +262,15 @@ def check_fresh_start(config: ml_collections.ConfigDict, sources: Mapping[str, s
     if PLACEHOLDER in path:
       fix = f"--config.init_from.{part}=" if part != WHOLE else "--config.init_from="
       raise PlaceholderError(
-          f"{where(part)}={source!r} is a placeholder of the config: download the checkpoint "
-          f"and pass its path, {fix}{kind.name}:/real/path, or clear it with {fix} "
-          f"(a frozen ViT then needs --config.model.vit.frozen=False)"
+        f"{where(part)}={source!r} is a placeholder of the config: download the checkpoint "
+        f"and pass its path, {fix}{kind.name}:/real/path, or clear it with {fix} "
+        f"(a frozen ViT then needs --config.model.vit.frozen=False)"
       )
     if "://" in path:
-      raise ValueError(f"{where(part)}={source!r}: weight sources must be local paths; copy "
-                       "the checkpoint to this machine first")
+      raise ValueError(
+        f"{where(part)}={source!r}: weight sources must be local paths; copy "
+        "the checkpoint to this machine first"
+      )
     ok = os.path.isdir(path) if kind.folder else os.path.isfile(path)
     if not ok:
       what = "a folder written by save_pretrained" if kind.folder else "a .pth file"
@@ -237,27 +280,33 @@ def check_fresh_start(config: ml_collections.ConfigDict, sources: Mapping[str, s
   if vit is not None and vit.frozen and not fills(sources, "vision") and not random_on_purpose:
     given = f" (init_from: {dict(sources)})" if sources else ""
     raise ValueError(
-        "config.model.vit.frozen is set but no source in config.init_from loads the ViT"
-        f"{given}: it would stay at its random initial values for the whole run, and so would "
-        "every image feature. Give the ViT weights, e.g. "
-        "--config.init_from.vision=lavis-eva:/path/to/eva_vit_g.pth (or hf-blip2:DIR, "
-        "lavis-blip2:FILE), or set --config.model.vit.frozen=False to train it from scratch. "
-        "(--config.init_from.vision=random keeps a frozen random ViT on purpose, e.g. for "
-        "tests and benchmarks.)"
+      "config.model.vit.frozen is set but no source in config.init_from loads the ViT"
+      f"{given}: it would stay at its random initial values for the whole run, and so would "
+      "every image feature. Give the ViT weights, e.g. "
+      "--config.init_from.vision=lavis-eva:/path/to/eva_vit_g.pth (or hf-blip2:DIR, "
+      "lavis-blip2:FILE), or set --config.model.vit.frozen=False to train it from scratch. "
+      "(--config.init_from.vision=random keeps a frozen random ViT on purpose, e.g. for "
+      "tests and benchmarks.)"
     )
   data = config.get("data", None)
-  text = {p: s for p, s in sources.items() if p in ("qformer", WHOLE) and s != RANDOM
-          and "qformer" in kind_and_path(s)[0].parts}
+  text = {
+    p: s
+    for p, s in sources.items()
+    if p in ("qformer", WHOLE) and s != RANDOM and "qformer" in kind_and_path(s)[0].parts
+  }
   if text and data is not None and "tokenizer_dir" in data and not data.tokenizer_dir:
     part, source = next(iter(text.items()))
     kind, path = kind_and_path(source)
-    hint = f" (for {kind.name}, usually {path} itself)" if kind.name.startswith("hf-") else (
-        " (bert-base-uncased's, which BLIP-2 extends by [DEC])")
+    hint = (
+      f" (for {kind.name}, usually {path} itself)"
+      if kind.name.startswith("hf-")
+      else (" (bert-base-uncased's, which BLIP-2 extends by [DEC])")
+    )
     raise ValueError(
-        f"{where(part)}={source!r} gives the Q-Former pretrained word embeddings, but "
-        "config.data.tokenizer_dir is empty, so a new vocabulary would be trained on the "
-        "reports and its token ids would index unrelated embedding rows. Set "
-        f"--config.data.tokenizer_dir to the vocabulary the checkpoint was trained with{hint}."
+      f"{where(part)}={source!r} gives the Q-Former pretrained word embeddings, but "
+      "config.data.tokenizer_dir is empty, so a new vocabulary would be trained on the "
+      "reports and its token ids would index unrelated embedding rows. Set "
+      f"--config.data.tokenizer_dir to the vocabulary the checkpoint was trained with{hint}."
     )
 
 
@@ -293,11 +342,11 @@ class InitReport:
 
   def to_dict(self) -> dict[str, Any]:
     return {
-        "num_weights": self.num_weights,
-        "num_loaded": self.num_weights - len(self.initial_values),
-        "parts": [dataclasses.asdict(p) for p in self.parts],
-        "initial_values": self.initial_values,
-        "weights": self.source_of(),
+      "num_weights": self.num_weights,
+      "num_loaded": self.num_weights - len(self.initial_values),
+      "parts": [dataclasses.asdict(p) for p in self.parts],
+      "initial_values": self.initial_values,
+      "weights": self.source_of(),
     }
 
   def write(self, path: str) -> None:
@@ -310,8 +359,10 @@ class InitReport:
     lines = []
     for p in self.parts:
       if p.source == RANDOM:
-        lines.append(f"{where(p.part)}=random: {len(p.kept_at_init)} weights keep their "
-                     "initial values on purpose")
+        lines.append(
+          f"{where(p.part)}=random: {len(p.kept_at_init)} weights keep their "
+          "initial values on purpose"
+        )
         continue
       line = f"{where(p.part)}={p.source}: {len(p.loaded)} weights loaded"
       if p.kept_at_init:
@@ -320,8 +371,8 @@ class InitReport:
         line += f"; {len(p.ignored)} checkpoint tensors unused ({_groups(p.ignored)})"
       lines.append(line)
     lines.append(
-        f"{len(self.initial_values)} of {self.num_weights} weights keep their initial values"
-        + (f": {_groups(self.initial_values)}" if self.initial_values else "")
+      f"{len(self.initial_values)} of {self.num_weights} weights keep their initial values"
+      + (f": {_groups(self.initial_values)}" if self.initial_values else "")
     )
     return lines
 
@@ -338,11 +389,11 @@ def _groups(names: Sequence[str], limit: int = 8) -> str:
 
 
 def import_sources(
-    model: nnx.Module,
-    model_cfg: ml_collections.ConfigDict,
-    sources: Mapping[str, str],
-    *,
-    allow: Sequence[str] = (),
+  model: nnx.Module,
+  model_cfg: ml_collections.ConfigDict,
+  sources: Mapping[str, str],
+  *,
+  allow: Sequence[str] = (),
 ) -> InitReport:
   """Writes each source into its part of `model` (concrete or abstract) and reports.
 
@@ -370,20 +421,29 @@ def import_sources(
     if scope is not None:
       rules = [r for r in rules if matches(r.target, scope)]
       ignore = ignore + tuple(
-          p for other, patterns in kind.key_parts.items() if other != part for p in patterns)
-    report: ImportReport = assign(model, rules, tensors, allow=kind.allow + tuple(allow),
-                                  ignore=ignore, source=f"{where(part)}={source}", scope=scope)
+        p for other, patterns in kind.key_parts.items() if other != part for p in patterns
+      )
+    report: ImportReport = assign(
+      model,
+      rules,
+      tensors,
+      allow=kind.allow + tuple(allow),
+      ignore=ignore,
+      source=f"{where(part)}={source}",
+      scope=scope,
+    )
     reports.append(PartReport(part, source, report.loaded, report.kept_at_init, report.ignored))
   loaded = {name for r in reports for name in r.loaded}
   return InitReport(
-      parts=reports,
-      initial_values=sorted((k for k in params if k not in loaded), key=natural_key),
-      num_weights=len(params),
+    parts=reports,
+    initial_values=sorted((k for k in params if k not in loaded), key=natural_key),
+    num_weights=len(params),
   )
 
 
-def check_frozen_loaded(report: InitReport, frozen: Sequence[str],
-                        sources: Mapping[str, str]) -> None:
+def check_frozen_loaded(
+  report: InitReport, frozen: Sequence[str], sources: Mapping[str, str]
+) -> None:
   """Refuses frozen weights (`frozen`: model paths) that no source wrote, unless the part they
   belong to was declared `random`."""
   if sources.get("vision") == RANDOM or sources.get(WHOLE) == RANDOM:
@@ -392,8 +452,8 @@ def check_frozen_loaded(report: InitReport, frozen: Sequence[str],
   left = [name for name in frozen if name in initial]
   if left:
     raise ValueError(
-        f"{len(left)} frozen weights kept their random initial values "
-        f"({_groups(left)}; e.g. {left[0]}): a frozen part must come from a checkpoint. Give "
-        "it in config.init_from (e.g. --config.init_from.vision=lavis-eva:FILE) or unfreeze "
-        "it (--config.model.vit.frozen=False)."
+      f"{len(left)} frozen weights kept their random initial values "
+      f"({_groups(left)}; e.g. {left[0]}): a frozen part must come from a checkpoint. Give "
+      "it in config.init_from (e.g. --config.init_from.vision=lavis-eva:FILE) or unfreeze "
+      "it (--config.model.vit.frozen=False)."
     )

@@ -35,19 +35,20 @@ import numpy as np
 from flax import nnx
 
 from medunifier_jax.weights import hf_import
-from medunifier_jax.weights.hf_import import (
-    BUFFERS,
-    _layer_norm,
-    _linear,
-    _scalar,
-)
+from medunifier_jax.weights.hf_import import BUFFERS, _layer_norm, _linear, _scalar
 from medunifier_jax.weights.mapping import ImportReport, Rule, assign
 
 TORCH_REQUIREMENT = "torch==2.13.0"
 # Model weights an EVA ViT file cannot provide (everything but the ViT).
 LAVIS_EVA_NOT_IN_CHECKPOINT = (
-    "ln_vision/*", "qformer/*", "query_tokens", "vision_proj/*", "text_proj/*", "itm_head/*",
-    "temp", "vqvae/*",
+  "ln_vision/*",
+  "qformer/*",
+  "query_tokens",
+  "vision_proj/*",
+  "text_proj/*",
+  "itm_head/*",
+  "temp",
+  "vqvae/*",
 )
 # Model weights BLIP-2's stage-1 file cannot provide. Its LM head is there in the stage-1 file;
 # checkpoints of later stages drop it (`Qformer.cls = None`), so it may be absent.
@@ -73,16 +74,16 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise ImportError(
-        f"{path} is a PyTorch checkpoint; reading it needs torch, which is not installed: "
-        f"pip install {TORCH_REQUIREMENT} (the CPU build is enough)"
+      f"{path} is a PyTorch checkpoint; reading it needs torch, which is not installed: "
+      f"pip install {TORCH_REQUIREMENT} (the CPU build is enough)"
     ) from e
   try:
     # weights_only: a checkpoint is data; never run code from it.
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise ValueError(
-        f"{path} holds Python objects other than tensors and plain containers, which are not "
-        f"read (torch.load weights_only=True): {str(e).splitlines()[0]}"
+      f"{path} holds Python objects other than tensors and plain containers, which are not "
+      f"read (torch.load weights_only=True): {str(e).splitlines()[0]}"
     ) from e
   if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
     obj = obj["model"]  # the paper's code saves {"model": state_dict, ...}
@@ -93,8 +94,7 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
     more = " ..." if len(odd) > 10 else ""
     raise ValueError(f"{path} is not a state dict: entries that are not tensors: {odd[:10]}{more}")
   return {
-      str(k): np.asarray((v.float() if v.is_floating_point() else v).numpy())
-      for k, v in obj.items()
+    str(k): np.asarray((v.float() if v.is_floating_point() else v).numpy()) for k, v in obj.items()
   }
 
 
@@ -109,9 +109,16 @@ def unused_blocks(tensors: Iterable[str], depth: int, prefix: str = "") -> tuple
 # -- rules ------------------------------------------------------------------------------------
 
 
-EVA_VIT_KEYS = hf_import.VitKeys(patch="patch_embed.proj", cls="cls_token", pos="pos_embed",
-                                 block="blocks", norm1="norm1", norm2="norm2", attn="attn",
-                                 proj="proj")
+EVA_VIT_KEYS = hf_import.VitKeys(
+  patch="patch_embed.proj",
+  cls="cls_token",
+  pos="pos_embed",
+  block="blocks",
+  norm1="norm1",
+  norm2="norm2",
+  attn="attn",
+  proj="proj",
+)
 
 
 def eva_rules(vit: ml_collections.ConfigDict, prefix: str = "") -> list[Rule]:
@@ -119,8 +126,10 @@ def eva_rules(vit: ml_collections.ConfigDict, prefix: str = "") -> list[Rule]:
 
   def qkv_bias(target: str, attn: str) -> list[Rule]:
     # Separate q and v biases; the key bias is zero by construction and has no parameter.
-    return [Rule(f"{target}/q_bias", (f"{attn}.q_bias",)),
-            Rule(f"{target}/v_bias", (f"{attn}.v_bias",))]
+    return [
+      Rule(f"{target}/q_bias", (f"{attn}.q_bias",)),
+      Rule(f"{target}/v_bias", (f"{attn}.v_bias",)),
+    ]
 
   return hf_import.vit_layer_rules(vit, prefix, EVA_VIT_KEYS, qkv_bias)
 
@@ -131,10 +140,15 @@ def qformer_rules(model_cfg: ml_collections.ConfigDict, prefix: str = "Qformer."
   b = f"{prefix}bert."
   # A padded vocabulary grows the file's rows as `hf_import` grows BERT's (mean row, zero bias).
   rules = [
-      Rule("qformer/embeddings/word_embeddings/embedding",
-           (f"{b}embeddings.word_embeddings.weight",), hf_import.grow_embedding(qf.vocab_size)),
-      Rule("qformer/embeddings/position_embeddings/embedding",
-           (f"{b}embeddings.position_embeddings.weight",)),
+    Rule(
+      "qformer/embeddings/word_embeddings/embedding",
+      (f"{b}embeddings.word_embeddings.weight",),
+      hf_import.grow_embedding(qf.vocab_size),
+    ),
+    Rule(
+      "qformer/embeddings/position_embeddings/embedding",
+      (f"{b}embeddings.position_embeddings.weight",),
+    ),
   ]
   rules += _layer_norm("qformer/embeddings/layernorm", f"{b}embeddings.LayerNorm")
   rules += hf_import.qformer_layer_rules(qf, f"{b}encoder.layer", "self")
@@ -173,19 +187,15 @@ def read_blip2(path: str, model_cfg: ml_collections.ConfigDict):
   hf_import.drop_tied_decoder(tensors, path, head="Qformer.", body="Qformer.bert.")
   prefix = "visual_encoder."
   ignore = (
-      BUFFERS
-      + unused_blocks(tensors, model_cfg.vit.depth, prefix)
-      + tuple(prefix + p for p in EVA_UNUSED)
+    BUFFERS
+    + unused_blocks(tensors, model_cfg.vit.depth, prefix)
+    + tuple(prefix + p for p in EVA_UNUSED)
   )
   return tensors, blip2_rules(model_cfg), ignore
 
 
 def import_eva(
-    model: nnx.Module,
-    model_cfg: ml_collections.ConfigDict,
-    path: str,
-    *,
-    allow: Iterable[str] = (),
+  model: nnx.Module, model_cfg: ml_collections.ConfigDict, path: str, *, allow: Iterable[str] = ()
 ) -> ImportReport:
   """Writes the EVA ViT file at `path` into `model`'s ViT.
 
@@ -200,11 +210,7 @@ def import_eva(
 
 
 def import_blip2(
-    model: nnx.Module,
-    model_cfg: ml_collections.ConfigDict,
-    path: str,
-    *,
-    allow: Iterable[str] = (),
+  model: nnx.Module, model_cfg: ml_collections.ConfigDict, path: str, *, allow: Iterable[str] = ()
 ) -> ImportReport:
   """Writes BLIP-2's own checkpoint at `path` into `model` (built from `model_cfg`, whose sizes
   must be the checkpoint's: the `paper` variant's for the released file).

@@ -76,9 +76,7 @@ def path_str(path: Sequence) -> str:
 
 def model_params(model: nnx.Module) -> dict[str, nnx.Variable]:
   """The model's `nnx.Param` variables by '/'-joined path."""
-  return {
-      path_str(path): var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)
-  }
+  return {path_str(path): var for path, var in nnx.iter_graph(model) if isinstance(var, nnx.Param)}
 
 
 def natural_key(name: str) -> tuple:
@@ -92,14 +90,14 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def assign(
-    model: nnx.Module,
-    rules: Sequence[Rule],
-    tensors: Mapping[str, np.ndarray],
-    *,
-    allow: Iterable[str] = (),
-    ignore: Iterable[str] = (),
-    source: str = "checkpoint",
-    scope: Iterable[str] | None = None,
+  model: nnx.Module,
+  rules: Sequence[Rule],
+  tensors: Mapping[str, np.ndarray],
+  *,
+  allow: Iterable[str] = (),
+  ignore: Iterable[str] = (),
+  source: str = "checkpoint",
+  scope: Iterable[str] | None = None,
 ) -> ImportReport:
   """Checks `rules` against the model and the tensors, then writes the weights in place.
 
@@ -154,8 +152,9 @@ def assign(
     raw = [tensors[k] for k in rule.sources]
     value = np.asarray(rule.convert(*raw))
     if tuple(value.shape) != tuple(var.shape):
-      mismatched.append((target, rule.sources, tuple(var.shape), tuple(value.shape),
-                         [tuple(r.shape) for r in raw]))
+      mismatched.append(
+        (target, rule.sources, tuple(var.shape), tuple(value.shape), [tuple(r.shape) for r in raw])
+      )
       continue
     ready[target] = value
 
@@ -171,11 +170,11 @@ def assign(
 
   if missing or unexpected or mismatched:
     raise WeightImportError(
-        source,
-        sorted(missing, key=natural_key),
-        sorted(unexpected, key=natural_key),
-        sorted(mismatched, key=lambda m: natural_key(m[0])),
-        lacking,
+      source,
+      sorted(missing, key=natural_key),
+      sorted(unexpected, key=natural_key),
+      sorted(mismatched, key=lambda m: natural_key(m[0])),
+      lacking,
     )
   for target, value in ready.items():
     # The model may be abstract (`nnx.eval_shape`): its values are then ShapeDtypeStructs.
@@ -185,9 +184,9 @@ def assign(
     sharding = getattr(current, "sharding", None)
     var.set_value(jax.device_put(array, sharding) if sharding is not None else array)
   return ImportReport(
-      loaded=sorted(ready, key=natural_key),
-      kept_at_init=sorted(kept, key=natural_key),
-      ignored=sorted(ignored, key=natural_key),
+    loaded=sorted(ready, key=natural_key),
+    kept_at_init=sorted(kept, key=natural_key),
+    ignored=sorted(ignored, key=natural_key),
   )
 
 
@@ -217,13 +216,13 @@ def _format_error(source, missing, unexpected, mismatched, lacking) -> str:
     for target, sources, expected, found, raw in mismatched:
       raw_s = ", ".join(f"{k} {s}" for k, s in zip(sources, raw))
       lines.append(
-          f"    {target}: model expects {expected}, checkpoint gives {found} (from {raw_s})"
+        f"    {target}: model expects {expected}, checkpoint gives {found} (from {raw_s})"
       )
   if missing or unexpected:
     lines.append(
-        "Check that the folder and the model configuration belong together; to leave weights "
-        "out on purpose, pass them in allow=[...] (glob patterns over the model paths or "
-        "checkpoint keys listed above)."
+      "Check that the folder and the model configuration belong together; to leave weights "
+      "out on purpose, pass them in allow=[...] (glob patterns over the model paths or "
+      "checkpoint keys listed above)."
     )
   else:
     lines.append("The model configuration's sizes differ from the checkpoint's.")

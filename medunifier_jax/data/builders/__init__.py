@@ -36,15 +36,7 @@ from medunifier_jax.data.builders.source import TfdsSource, choose_config
 
 BUILDERS: dict[str, type[RadiographBuilder]] = {
   b.name: b
-  for b in (
-    MimicCxr,
-    OpenI,
-    Chexpert5x200,
-    Mimic5x200,
-    RsnaPneumonia,
-    SiimPneumothorax,
-    Covidx,
-  )
+  for b in (MimicCxr, OpenI, Chexpert5x200, Mimic5x200, RsnaPneumonia, SiimPneumothorax, Covidx)
 }
 
 

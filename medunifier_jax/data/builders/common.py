@@ -138,8 +138,7 @@ def first_non_utf8(lines: Iterable[bytes]) -> str | None:
     except UnicodeDecodeError as e:
       context = line[max(0, e.start - 24) : e.start + 8]
       return (
-        f"line {number}, byte offset {offset + e.start}: byte 0x{line[e.start]:02x} in "
-        f"{context!r}"
+        f"line {number}, byte offset {offset + e.start}: byte 0x{line[e.start]:02x} in {context!r}"
       )
     offset += len(line)
   return None
@@ -259,9 +258,7 @@ def find_one(root: Path, patterns: Sequence[str], what: str) -> Path:
     hits = sorted(Path(root).glob(pattern))
     if hits:
       return hits[0]
-  raise LayoutError(
-    f"{what}: no file matching {list(patterns)} under {root}; see docs/DATASETS.md"
-  )
+  raise LayoutError(f"{what}: no file matching {list(patterns)} under {root}; see docs/DATASETS.md")
 
 
 def chexpert_vector(row: dict[str, str]) -> np.ndarray:
@@ -672,9 +669,7 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       self.name, self.builder_config, manual_dir, data_dir, default_seed=self.DEFAULT_SEED
     )
 
-  def check_fingerprint(
-    self, data_dir: str | Path, manual_dir: str | Path | None = None
-  ) -> None:
+  def check_fingerprint(self, data_dir: str | Path, manual_dir: str | Path | None = None) -> None:
     """Raises StalePreparedError unless the prepared files carry this code's fingerprint.
 
     The message names what differs and the command that rebuilds the set; `manual_dir` goes
@@ -813,8 +808,7 @@ class RadiographBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       hint = self._empty_split_hint(items)
       raise LayoutError(
         f"{self.name}: split {split!r} has no usable example ({len(items)} listed, all skipped: "
-        f"{reasons or 'none listed'}); "
-        + (hint or "check --manual-dir against docs/DATASETS.md")
+        f"{reasons or 'none listed'}); " + (hint or "check --manual-dir against docs/DATASETS.md")
       )
 
   def _empty_split_hint(self, items: Sequence[Any]) -> str:

@@ -181,11 +181,7 @@ class Exclusion:
     """The fingerprint part: what is held out, by content (not by where the files lie)."""
     if self.disabled:
       return NONE
-    return {
-      "unit": UNIT,
-      "splits": list(EXCLUDED_SPLITS),
-      "sets": sorted(s.key for s in self.sets),
-    }
+    return {"unit": UNIT, "splits": list(EXCLUDED_SPLITS), "sets": sorted(s.key for s in self.sets)}
 
   def args(self) -> list[str]:
     """The prepare options that give this exclusion again (for the rebuild command)."""

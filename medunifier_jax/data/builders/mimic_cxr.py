@@ -281,9 +281,7 @@ def report_features() -> dict:
     "report": tfds.features.Text(),
     "findings": tfds.features.Text(),
     "impression": tfds.features.Text(),
-    "chexpert": tfds.features.Tensor(
-      shape=(len(common.CHEXPERT_OBSERVATIONS),), dtype=np.float32
-    ),
+    "chexpert": tfds.features.Tensor(shape=(len(common.CHEXPERT_OBSERVATIONS),), dtype=np.float32),
     "subject_id": tfds.features.Text(),
     "study_id": tfds.features.Text(),
     "view": tfds.features.Text(),

@@ -41,9 +41,7 @@ def prepared_configs(data_dir: str | Path, name: str) -> list[str]:
   root = Path(data_dir) / name
   if not root.is_dir():
     return []
-  return sorted(
-    c.name for c in root.iterdir() if c.is_dir() and any(c.glob("*/dataset_info.json"))
-  )
+  return sorted(c.name for c in root.iterdir() if c.is_dir() and any(c.glob("*/dataset_info.json")))
 
 
 def choose_config(name: str, data_config: Any, builder_cls: type) -> str:
