@@ -120,13 +120,13 @@ class Model:
     probability. To score every image against every text, repeat the image rows and tile the
     text rows (`np.repeat(pixels, n_texts, 0)`, `np.tile(ids, (n_images, 1))`).
     """
-    pixels = self._pixels(pixel_values)
-    ids, mask = self._text(input_ids, attention_mask)
-    if pixels.shape[0] != ids.shape[0]:
-      raise ValueError(
-        f"itm_logits scores row-aligned pairs: got {pixels.shape[0]} images and "
-        f"{ids.shape[0]} texts; pass as many texts as images (repeat rows to pair them)"
-      )
+    pixels, ids, mask = self._pairs(
+      pixel_values,
+      input_ids,
+      attention_mask,
+      "itm_logits scores row-aligned pairs",
+      "; pass as many texts as images (repeat rows to pair them)",
+    )
     return np.asarray(
       self.fns.itm_logits(self._state, self.fns.image_tokens(self._state, pixels), ids, mask)
     )
@@ -151,13 +151,9 @@ class Model:
     Returns `recon` (B, S, S, 3) in [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom`
     (B, g, g) int32, g the VQ-VAE grid.
     """
-    pixels = self._pixels(pixel_values)
-    ids, mask = self._text(input_ids, attention_mask)
-    if pixels.shape[0] != ids.shape[0]:
-      raise ValueError(
-        f"reconstruct pairs each image with its report: got {pixels.shape[0]} "
-        f"images and {ids.shape[0]} texts"
-      )
+    pixels, ids, mask = self._pairs(
+      pixel_values, input_ids, attention_mask, "reconstruct pairs each image with its report"
+    )
     return jax.tree.map(np.asarray, self.fns.reconstruct(self._state, pixels, ids, mask))
 
   def _features(self, pixel_values) -> dict[str, np.ndarray]:
@@ -329,6 +325,17 @@ class Model:
       raise ValueError("pixel_values holds no images")
     return x.astype(np.float32)
 
+  def _pairs(
+    self, pixel_values, input_ids, attention_mask, what: str, advice: str = ""
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked images and texts that must be as many (image i goes with text i); `what` and
+    `advice` frame the error when they are not."""
+    pixels = self._pixels(pixel_values)
+    ids, mask = self._text(input_ids, attention_mask)
+    if pixels.shape[0] != ids.shape[0]:
+      raise ValueError(f"{what}: got {pixels.shape[0]} images and {ids.shape[0]} texts{advice}")
+    return pixels, ids, mask
+
   def _text(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -460,17 +467,7 @@ def _workdir_tokenizer(workdir: str, cfg: ml_collections.ConfigDict):
 def _load_hf_blip2(folder, config, allow, seed, dtype) -> Model:
   tokenizer = hf_import.folder_tokenizer(folder)
   cfg = hf_import.blip2_config(folder, resolve_config(config), tokenizer)
-  return _build_imported(
-    cfg,
-    "hf-blip2",
-    folder,
-    tokenizer,
-    seed,
-    dtype,
-    lambda m, c: hf_import.import_blip2(
-      m, c.model, folder, allow=hf_import.BLIP2_NOT_IN_CHECKPOINT + allow
-    ),
-  )
+  return _build_imported(cfg, "hf-blip2", folder, tokenizer, seed, dtype, allow)
 
 
 def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
@@ -486,27 +483,27 @@ def _load_hf_bert(folder, config, allow, seed, dtype) -> Model:
     from medunifier_jax.data.tokenizer import check_tokenizer
 
     check_tokenizer(tokenizer, cfg.model)
-  return _build_imported(
-    cfg,
-    "hf-bert",
-    folder,
-    tokenizer,
-    seed,
-    dtype,
-    lambda m, c: hf_import.import_bert(
-      m, c.model, folder, allow=hf_import.BERT_NOT_IN_CHECKPOINT + allow
-    ),
-  )
+  return _build_imported(cfg, "hf-bert", folder, tokenizer, seed, dtype, allow)
 
 
-def _build_imported(cfg, kind: str, folder: str, tokenizer, seed, dtype, fill) -> Model:
-  """`model_io.build_with_weights` with the import `fill(module, cfg)`; the rest initialised
-  from `seed` (default the config's)."""
+# Per import kind: its importer and the model weights its checkpoints cannot provide.
+_IMPORTERS = {
+  "hf-blip2": (hf_import.import_blip2, hf_import.BLIP2_NOT_IN_CHECKPOINT),
+  "hf-bert": (hf_import.import_bert, hf_import.BERT_NOT_IN_CHECKPOINT),
+}
+
+
+def _build_imported(cfg, kind: str, folder: str, tokenizer, seed, dtype, allow) -> Model:
+  """`model_io.build_with_weights` with the `kind` import of `folder` (`allow`: more weights
+  it may leave at their initial values); the rest initialised from `seed` (default the
+  config's)."""
   cfg = model_io.with_compute_dtype(cfg, dtype)
   if seed is not None and int(cfg.get("seed", 0)) != int(seed):
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.seed = int(seed)
-  module, report = model_io.build_with_weights(cfg, lambda m: fill(m, cfg))
+  importer, not_in_checkpoint = _IMPORTERS[kind]
+  fill = lambda m: importer(m, cfg.model, folder, allow=not_in_checkpoint + allow)
+  module, report = model_io.build_with_weights(cfg, fill)
   _log_report(kind, folder, report)
   return Model(module, cfg, tokenizer, report)
 

@@ -13,33 +13,36 @@ import time
 import numpy as np
 
 
+def _sizes(width: int, depth: int, heads: int, mlp: int, eps: float) -> dict:
+  """The transformer sizes, named as both transformers configs name them."""
+  return dict(
+    hidden_size=width,
+    num_hidden_layers=depth,
+    num_attention_heads=heads,
+    intermediate_size=mlp,
+    layer_norm_eps=eps,
+  )
+
+
 def _blip2_config(config):
   from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
   vit, qf = config.model.vit, config.model.qformer
   vision = Blip2VisionConfig(
-    hidden_size=vit.width,
-    intermediate_size=vit.mlp_dim,
-    num_hidden_layers=vit.depth,
-    num_attention_heads=vit.num_heads,
+    **_sizes(vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.layer_norm_eps),
     image_size=vit.image_size,
     patch_size=vit.patch_size,
-    layer_norm_eps=vit.layer_norm_eps,
     qkv_bias=vit.qkv_bias,
     attention_dropout=vit.dropout,
   )
   # The padded vocabulary (qformer.vocab_size, not dec_token_id + 1): the same embedding table
   # as ours, so that the two steps do the same work.
   qformer = Blip2QFormerConfig(
+    **_sizes(qf.hidden_size, qf.num_layers, qf.num_heads, qf.intermediate_size, qf.layer_norm_eps),
     vocab_size=qf.vocab_size,
-    hidden_size=qf.hidden_size,
-    num_hidden_layers=qf.num_layers,
-    num_attention_heads=qf.num_heads,
-    intermediate_size=qf.intermediate_size,
     hidden_dropout_prob=qf.hidden_dropout,
     attention_probs_dropout_prob=qf.attention_dropout,
     max_position_embeddings=qf.max_position_embeddings,
-    layer_norm_eps=qf.layer_norm_eps,
     cross_attention_frequency=qf.cross_attention_freq,
     encoder_hidden_size=vit.width,
     pad_token_id=qf.pad_token_id,

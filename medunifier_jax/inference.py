@@ -157,29 +157,26 @@ def generate_images(
   input_ids,
   attention_mask,
   keys,
-  guidance,
-  temperature,
-  choice_temperature,
+  settings,
   *,
   steps,
   guided,
   null_condition=False,
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
-  codes_bottom (B, g, g) (`prior.sample.generate_fn`). Graph definitions are static: one
-  compilation per architecture pair, steps and input shapes, shared by every checkpoint, seed,
-  guidance weight and temperature."""
+  codes_bottom (B, g, g) (`prior.sample.generate_fn`; `settings` a `SamplingSettings`). Graph
+  definitions are static: one compilation per architecture pair, steps and input shapes,
+  shared by every checkpoint, seed, guidance weight and temperature."""
   from medunifier_jax.prior import sample
 
+  mu, prior = nnx.merge(mu_def, mu_state), nnx.merge(prior_def, prior_state)
   return sample.generate_fn(
-    nnx.merge(mu_def, mu_state),
-    nnx.merge(prior_def, prior_state),
+    mu,
+    prior,
     input_ids,
     attention_mask,
     keys,
-    guidance,
-    temperature,
-    choice_temperature,
+    settings,
     steps=steps,
     guided=guided,
     null_condition=null_condition,

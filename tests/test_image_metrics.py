@@ -191,7 +191,7 @@ def test_kid_near_zero_for_one_distribution_positive_for_shifted():
 def test_image_scores_report_sample_counts():
   rng = np.random.default_rng(0)
   scores = image_metrics.image_scores(
-    rng.normal(size=(30, 8)), rng.normal(size=(20, 8)), kid_subsets=5, kid_subset_size=10
+    rng.normal(size=(30, 8)), rng.normal(size=(20, 8)), subsets=5, subset_size=10
   )
   assert scores["n_real"] == 30 and scores["n_generated"] == 20
   assert set(scores) == {"fid", "kid_mean", "kid_std", "n_real", "n_generated"}

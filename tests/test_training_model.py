@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.pretrain import get_config
+from configs.pretrain import get_config, sharding_rules
 from medunifier_jax import pretraining
 from medunifier_jax.training import aot, loop
 from medunifier_jax.training import mesh as mesh_lib
@@ -15,8 +15,9 @@ from medunifier_jax.training import state as state_lib
 from medunifier_jax.training import step as step_lib
 
 NUM_STEPS = 3
-# (data, model) meshes over the 8 simulated devices; None: a single device.
-MESHES = (None, (8, 1), (4, 2), (2, 4))
+# (data, model) meshes over the 8 simulated devices; None: a single device; "fsdp": parameters
+# and optimizer state also split over the data axis (`pretrain.sharding_rules(fsdp=True)`).
+MESHES = (None, (8, 1), (4, 2), (2, 4), (4, 2, "fsdp"))
 # The runs differ only in how XLA partitions the computation: the order of reductions in the
 # gradient all-reduce and in the gathered ITC/ITM similarities changes, each op rounding
 # differently at float32 (relative 1e-7). Dropout and ITM negatives are identical
@@ -55,8 +56,12 @@ def runs():
   _, _, shardings = state_lib.abstract_train_state(config, make_mesh(None), pretraining.model_fn)
   initial = jax.device_get(state_lib.init_train_state(config, shardings, pretraining.model_fn))
   out = {}
+  fsdp = frozen_tiny()
+  with fsdp.unlocked():
+    fsdp.sharding_rules = sharding_rules(fsdp=True)
   for shape in MESHES:
     mesh = make_mesh(shape)
+    config = fsdp if shape is not None and "fsdp" in shape else frozen_tiny()
     graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
     state = jax.device_put(initial, shardings)
     # chex raises in here if the step is ever traced a second time (its counter is keyed by
@@ -137,3 +142,27 @@ def test_paper_step_lowers_for_eight_devices_from_abstract_inputs():
   assert 0.9e9 < vit < 1.1e9
   adam = state_info["optimizer"]["opt_state"][1][0]
   assert "vit" not in adam["mu"] and "qformer" in adam["mu"]
+
+
+def test_fsdp_rules_split_parameters_and_moments_over_the_data_axis():
+  config = frozen_tiny()
+  with config.unlocked():
+    config.sharding_rules = sharding_rules(fsdp=True)
+  _, abstract, _ = state_lib.abstract_train_state(config, make_mesh((4, 2)), pretraining.model_fn)
+  specs = {
+    jax.tree_util.keystr(p): a.sharding.spec
+    for p, a in jax.tree_util.tree_leaves_with_path(abstract)
+  }
+  over_data = [k for k, s in specs.items() if any(x == "data" for x in s)]
+  assert any("['model']['qformer']" in k for k in over_data)
+  assert any("['opt_state']" in k and "['mu']" in k for k in over_data)
+  # Only scalars and vectors without a data-split axis (biases, norms) stay whole.
+  whole = [k for k, s in specs.items() if all(x is None for x in s)]
+  assert all(
+    np.prod(abstract_leaf.shape) < 4096
+    for abstract_leaf in (
+      a
+      for p, a in jax.tree_util.tree_leaves_with_path(abstract)
+      if jax.tree_util.keystr(p) in whole
+    )
+  )

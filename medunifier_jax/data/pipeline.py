@@ -153,6 +153,32 @@ def host_batch_size(global_batch_size: int, shard_count: int) -> int:
   return global_batch_size // shard_count
 
 
+def shuffled_epochs(
+  n: int,
+  shard_count: int,
+  batch: int,
+  seed: int,
+  num_epochs: int | None,
+  *,
+  where: str,
+  remedy: str = "",
+) -> grain.MapDataset:
+  """Example indices 0..n-1 for a training stream: epoch e is epoch e of a shuffle seeded by
+  `seed`, cut to a multiple of the host count; `num_epochs` of them (None: forever).
+
+  Raises ValueError (`where` names the data: "split 'train' has", `remedy` adds to the advice)
+  when a host would not get one batch of `batch` examples per epoch.
+  """
+  per_host = n // shard_count
+  if per_host < batch:
+    raise ValueError(
+      f"{where} {n} examples, {per_host} per host, fewer than one host batch of {batch}; "
+      f"lower config.batch_size{remedy}"
+    )
+  ds = grain.MapDataset.range(n).shuffle(seed=seed)
+  return ds[: per_host * shard_count].repeat(num_epochs)
+
+
 def _host_inputs(
   config: Any,
   tokenizer: Any,
@@ -226,16 +252,15 @@ def train_dataset(
   source, shard_index, shard_count, batch = _host_inputs(
     config, tokenizer, source, split, shard_index, shard_count
   )
-  n = len(source)
-  per_host = n // shard_count
-  if per_host < batch:
-    raise ValueError(
-      f"split {split!r} has {n} examples, {per_host} per host, fewer than one host batch of "
-      f"{batch}; lower config.batch_size or use a larger split"
-    )
-  ds = grain.MapDataset.range(n).shuffle(seed=int(config.data.shuffle_seed))
-  # Epoch e reads epoch e of the shuffle, cut to a multiple of the host count.
-  ds = ds[: per_host * shard_count].repeat(num_epochs)
+  ds = shuffled_epochs(
+    len(source),
+    shard_count,
+    batch,
+    int(config.data.shuffle_seed),
+    num_epochs,
+    where=f"split {split!r} has",
+    remedy=" or use a larger split",
+  )
   ds = ds.map(ExampleProcessor.from_config(source, tokenizer, config.data))
   # Host h takes host-batches h, h + H, ... of one stream: global batch k is stream positions
   # [k B, (k + 1) B) in order on any number of hosts, so runs on 1 and on H hosts see the same

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medunifier_jax.data.findings import FINDINGS
 from medunifier_jax.data.phantoms import Finding
 
 _SEVERITY = {
@@ -150,17 +151,8 @@ _NORMAL_IMPRESSION = (
   "Normal chest radiograph.",
   "No active disease.",
 )
-_LUNG_FINDINGS = {
-  "Atelectasis",
-  "Consolidation",
-  "Edema",
-  "Pleural Effusion",
-  "Pneumonia",
-  "Pneumothorax",
-  "Nodule",
-  "Calcified Granuloma",
-  "COVID-19",
-}
+# Every finding but the heart's, devices and "No Finding" concerns the lungs or pleura.
+_LUNG_FINDINGS = set(FINDINGS) - {"No Finding", "Cardiomegaly", "Support Devices"}
 
 
 class _Draws:

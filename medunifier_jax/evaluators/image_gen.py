@@ -652,8 +652,8 @@ class ImageGenEvaluator(common.Evaluator):
       scores = image_metrics.image_scores(
         reference,
         held_out[name]["features"],
-        kid_subsets=int(cfg.kid_subsets),
-        kid_subset_size=int(cfg.kid_subset_size),
+        subsets=int(cfg.kid_subsets),
+        subset_size=int(cfg.kid_subset_size),
         seed=int(cfg.seed),
       )
       for metric in ("fid", "kid_mean", "kid_std", "n_real", "n_generated"):

@@ -271,20 +271,14 @@ def kid(
 
 
 def image_scores(
-  features_real: np.ndarray,
-  features_generated: np.ndarray,
-  *,
-  kid_subsets: int = 100,
-  kid_subset_size: int = 1000,
-  seed: int = 0,
+  features_real: np.ndarray, features_generated: np.ndarray, **kid_args
 ) -> dict[str, float]:
-  """FID and KID with the sample counts to print beside them.
+  """FID and KID with the sample counts to print beside them; `kid_args` are `kid`'s
+  (subsets, subset_size, seed).
 
   Returns: {"fid", "kid_mean", "kid_std", "n_real", "n_generated"}.
   """
-  kid_mean, kid_std = kid(
-    features_real, features_generated, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
-  )
+  kid_mean, kid_std = kid(features_real, features_generated, **kid_args)
   return {
     "fid": fid(features_real, features_generated),
     "kid_mean": kid_mean,

@@ -209,6 +209,13 @@ def build_class_prompts(
   raise ValueError(f"unknown prompt set {prompt_set!r}; choose one of {PROMPT_SETS}")
 
 
+# The lobes in location phrases (consolidation and pneumonia name all four).
+_LOBES = (
+  "in the right lower lobe",
+  "in the left lower lobe",
+  "in the right upper lobe",
+  "in the left upper lobe",
+)
 # The project vocabulary (prompts="project"). Each class: severity, subtype and location phrases
 # ("" means the slot is left out).
 PROMPT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -256,10 +263,7 @@ PROMPT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
     ),
     "location": (
       "",
-      "in the right lower lobe",
-      "in the left lower lobe",
-      "in the right upper lobe",
-      "in the left upper lobe",
+      *_LOBES,
       "at the right lung base",
       "at the left lung base",
       "in the lower lung zone",
@@ -298,15 +302,7 @@ PROMPT_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
       "infectious opacity",
       "bacterial pneumonia",
     ),
-    "location": (
-      "",
-      "in the right lower lobe",
-      "in the left lower lobe",
-      "in the right upper lobe",
-      "in the left upper lobe",
-      "at the lung bases",
-      "in the mid lung zone",
-    ),
+    "location": ("", *_LOBES, "at the lung bases", "in the mid lung zone"),
   },
   "pneumothorax": {
     "severity": ("", "small", "moderate", "large", "apical", "tension"),

@@ -172,18 +172,10 @@ class MedUnifier(nnx.Module):
     image_tokens: (B, 1 + N, Dv), or None with `image_kvs`: `cross_kvs` rows aligned with the
     texts (e.g. `qformer.gather_kvs` of each image's keys/values).
     """
-    self._check_text(input_ids, attention_mask)
-    q = self.query_tokens.shape[1]
-    hidden = self.qformer(
-      self._queries(input_ids.shape[0]),
-      input_ids,
-      attention_mask,
-      image_tokens,
-      mode="matching",
-      image_kvs=image_kvs,
-      rngs=rngs,
+    queries, _ = self._joint_pass(
+      "matching", image_tokens, input_ids, attention_mask, image_kvs=image_kvs, rngs=rngs
     )
-    return self.itm_head(hidden[:, :q]).astype(jnp.float32).mean(axis=1)
+    return self.itm_head(queries).astype(jnp.float32).mean(axis=1)
 
   def lm_logits(
     self,
@@ -198,6 +190,21 @@ class MedUnifier(nnx.Module):
     The first token is replaced by [DEC] inside. Ids >= `num_text_classes` (vocabulary padding)
     get `qformer.PADDING_LOGIT`.
     """
+    _, text = self._joint_pass("generation", image_tokens, input_ids, attention_mask, rngs=rngs)
+    return self.qformer.lm_logits(text)
+
+  def _joint_pass(
+    self,
+    mode: str,
+    image_tokens: jax.Array | None,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    image_kvs: CrossKVs | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """The queries and the text in one Q-Former pass in `mode` ("matching" or "generation")
+    -> their hidden states (B, Q, H) and (B, T, H)."""
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]
     hidden = self.qformer(
@@ -205,10 +212,11 @@ class MedUnifier(nnx.Module):
       input_ids,
       attention_mask,
       image_tokens,
-      mode="generation",
+      mode=mode,
+      image_kvs=image_kvs,
       rngs=rngs,
     )
-    return self.qformer.lm_logits(hidden[:, q:])
+    return hidden[:, :q], hidden[:, q:]
 
   def lm_logits_from_query_kv(
     self,

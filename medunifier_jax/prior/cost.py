@@ -119,9 +119,9 @@ def sampling_speed(
       ids,
       mask,
       keys,
-      jnp.float32(guidance),
-      jnp.float32(1.0),
-      jnp.float32(prior_config.sample.choice_temperature),
+      sample.SamplingSettings(
+        jnp.float32(guidance), jnp.float32(1.0), jnp.float32(prior_config.sample.choice_temperature)
+      ),
       steps=steps,
       guided=guided,
     )

@@ -16,7 +16,7 @@ import grain
 import jax
 import numpy as np
 
-from medunifier_jax.data.pipeline import host_batch_size
+from medunifier_jax.data.pipeline import host_batch_size, shuffled_epochs
 from medunifier_jax.prior.codes import CodeSource
 
 
@@ -41,15 +41,8 @@ def code_dataset(
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   batch = host_batch_size(int(config.batch_size), shard_count)
-  n = len(source)
-  per_host = n // shard_count
-  if per_host < batch:
-    raise ValueError(
-      f"the code cache holds {n} examples, {per_host} per host, fewer than one "
-      f"host batch of {batch}; lower config.batch_size"
-    )
-  ds = grain.MapDataset.range(n).shuffle(seed=int(config.codes.shuffle_seed))
-  ds = ds[: per_host * shard_count].repeat(None)
+  seed = int(config.codes.shuffle_seed)
+  ds = shuffled_epochs(len(source), shard_count, batch, seed, None, where="the code cache holds")
   # Indices are batched first and gathered in one step: a vectorised read of the cache.
   ds = ds.batch(batch, drop_remainder=True)[shard_index::shard_count].map(_Take(source))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

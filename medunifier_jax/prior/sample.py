@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,15 +105,22 @@ def sample_codes(
   return jax.lax.fori_loop(0, steps, step, start)
 
 
+class SamplingSettings(NamedTuple):
+  """The decoding settings of `sample_codes` that change per call, not per compilation: a
+  pytree of (traced) scalars that crosses `jax.jit` as an argument."""
+
+  guidance: jax.Array | float
+  temperature: jax.Array | float
+  choice_temperature: jax.Array | float
+
+
 def generate_fn(
   medunifier,
   prior: CodePrior,
   input_ids,
   attention_mask,
   keys,
-  guidance,
-  temperature,
-  choice_temperature,
+  settings: SamplingSettings,
   *,
   steps: int,
   guided: bool,
@@ -121,8 +128,9 @@ def generate_fn(
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g): the frozen Q-Former's text states, parallel decoding, the frozen
-  VQ-VAE's decoder (evaluation mode). `null_condition` ignores the reports and samples the
-  text prior's learned null condition (its unconditional baseline)."""
+  VQ-VAE's decoder (evaluation mode). `settings.guidance` applies only when `guided`.
+  `null_condition` ignores the reports and samples the text prior's learned null condition
+  (its unconditional baseline)."""
   text = None
   if null_condition:
     attention_mask, guided = None, False
@@ -134,9 +142,9 @@ def generate_fn(
     attention_mask,
     keys,
     steps=steps,
-    guidance=guidance if guided else None,
-    temperature=temperature,
-    choice_temperature=choice_temperature,
+    guidance=settings.guidance if guided else None,
+    temperature=settings.temperature,
+    choice_temperature=settings.choice_temperature,
   )
   top, bottom = unflatten_codes(tokens, prior.grid)
   images = medunifier.vqvae.decode_codes(top, bottom)
@@ -209,9 +217,7 @@ class TrainedPrior:
       jnp.asarray(input_ids, jnp.int32),
       jnp.asarray(attention_mask, jnp.int32),
       keys,
-      jnp.float32(guidance),
-      jnp.float32(temperature),
-      jnp.float32(choice),
+      SamplingSettings(jnp.float32(guidance), jnp.float32(temperature), jnp.float32(choice)),
       steps=steps,
       guided=guided,
       null_condition=bool(null_condition),

@@ -223,21 +223,47 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   rules += [
     Rule("query_tokens", ("query_tokens",)),
     Rule("temp", ("temp",), _scalar),  # LAVIS-converted files only; transformers has none
+  ]
+  rules += text_embedding_rules(qf, "embeddings.", "qformer.layernorm")
+  rules += qformer_layer_rules(qf, "qformer.encoder.layer", "attention")
+  rules += head_rules("vision_projection", "text_projection")
+  return rules
+
+
+def text_embedding_rules(
+  qf: ml_collections.ConfigDict, embeddings: str, layernorm: str, position: Rule | None = None
+) -> list[Rule]:
+  """`qformer/embeddings/`: the word embeddings `{embeddings}word_embeddings.weight` (grown to
+  `qf.vocab_size` rows), the positions `{embeddings}position_embeddings.weight` (or the rule
+  `position`) and the LayerNorm `layernorm`."""
+  rules = [
     Rule(
       "qformer/embeddings/word_embeddings/embedding",
-      ("embeddings.word_embeddings.weight",),
+      (f"{embeddings}word_embeddings.weight",),
       grow_embedding(qf.vocab_size),
     ),
-    Rule(
-      "qformer/embeddings/position_embeddings/embedding", ("embeddings.position_embeddings.weight",)
+    position
+    or Rule(
+      "qformer/embeddings/position_embeddings/embedding",
+      (f"{embeddings}position_embeddings.weight",),
     ),
   ]
-  rules += _layer_norm("qformer/embeddings/layernorm", "qformer.layernorm")
-  rules += qformer_layer_rules(qf, "qformer.encoder.layer", "attention")
-  rules += _linear("vision_proj", "vision_projection")
-  rules += _linear("text_proj", "text_projection")
-  rules += _linear("itm_head", "itm_head")
+  return rules + _layer_norm("qformer/embeddings/layernorm", layernorm)
+
+
+def lm_head_rules(qf: ml_collections.ConfigDict, head: str) -> list[Rule]:
+  """BERT's LM head `{head}transform.*` and `{head}bias` (grown to `qf.vocab_size` entries) ->
+  `qformer/lm_head/` (its decoder is tied to the word embeddings)."""
+  rules = _linear("qformer/lm_head/dense", f"{head}transform.dense")
+  rules += _layer_norm("qformer/lm_head/layernorm", f"{head}transform.LayerNorm")
+  rules.append(Rule("qformer/lm_head/bias", (f"{head}bias",), grow_bias(qf.vocab_size)))
   return rules
+
+
+def head_rules(vision_proj: str, text_proj: str) -> list[Rule]:
+  """The two projections (named as the checkpoint names them) and `itm_head`."""
+  rules = _linear("vision_proj", vision_proj) + _linear("text_proj", text_proj)
+  return rules + _linear("itm_head", "itm_head")
 
 
 def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
@@ -252,27 +278,17 @@ def bert_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   def fold_token_type(positions: np.ndarray, token_types: np.ndarray) -> np.ndarray:
     return positions + token_types[0]
 
-  rules = [
-    Rule(
-      "qformer/embeddings/word_embeddings/embedding",
-      ("embeddings.word_embeddings.weight",),
-      grow_embedding(qf.vocab_size),
-    ),
-    Rule(
-      "qformer/embeddings/position_embeddings/embedding",
-      ("embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"),
-      fold_token_type,
-    ),
-  ]
-  rules += _layer_norm("qformer/embeddings/layernorm", "embeddings.LayerNorm")
+  position = Rule(
+    "qformer/embeddings/position_embeddings/embedding",
+    ("embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"),
+    fold_token_type,
+  )
+  rules = text_embedding_rules(qf, "embeddings.", "embeddings.LayerNorm", position)
   for i in range(qf.num_layers):
     t, s = f"qformer/layers/{i}", f"encoder.layer.{i}"
     rules += _attention_rules(f"{t}/attention", f"{s}.attention", "self")
     rules += _ffn_rules(t, s, query_suffix="")
-  rules += _linear("qformer/lm_head/dense", "cls.predictions.transform.dense")
-  rules += _layer_norm("qformer/lm_head/layernorm", "cls.predictions.transform.LayerNorm")
-  rules.append(Rule("qformer/lm_head/bias", ("cls.predictions.bias",), grow_bias(qf.vocab_size)))
-  return rules
+  return rules + lm_head_rules(qf, "cls.predictions.")
 
 
 def _grow_rows(x: np.ndarray, rows: int, fill: np.ndarray) -> np.ndarray:

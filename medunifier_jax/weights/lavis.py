@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from medunifier_jax.weights import hf_import
-from medunifier_jax.weights.hf_import import BUFFERS, _layer_norm, _linear, _scalar
+from medunifier_jax.weights.hf_import import BUFFERS, _layer_norm, _scalar
 from medunifier_jax.weights.mapping import ImportReport, Rule, assign
 
 TORCH_REQUIREMENT = "torch==2.13.0"
@@ -139,24 +139,9 @@ def qformer_rules(model_cfg: ml_collections.ConfigDict, prefix: str = "Qformer."
   qf = model_cfg.qformer
   b = f"{prefix}bert."
   # A padded vocabulary grows the file's rows as `hf_import` grows BERT's (mean row, zero bias).
-  rules = [
-    Rule(
-      "qformer/embeddings/word_embeddings/embedding",
-      (f"{b}embeddings.word_embeddings.weight",),
-      hf_import.grow_embedding(qf.vocab_size),
-    ),
-    Rule(
-      "qformer/embeddings/position_embeddings/embedding",
-      (f"{b}embeddings.position_embeddings.weight",),
-    ),
-  ]
-  rules += _layer_norm("qformer/embeddings/layernorm", f"{b}embeddings.LayerNorm")
+  rules = hf_import.text_embedding_rules(qf, f"{b}embeddings.", f"{b}embeddings.LayerNorm")
   rules += hf_import.qformer_layer_rules(qf, f"{b}encoder.layer", "self")
-  head = f"{prefix}cls.predictions."
-  rules += _linear("qformer/lm_head/dense", f"{head}transform.dense")
-  rules += _layer_norm("qformer/lm_head/layernorm", f"{head}transform.LayerNorm")
-  rules.append(Rule("qformer/lm_head/bias", (f"{head}bias",), hf_import.grow_bias(qf.vocab_size)))
-  return rules
+  return rules + hf_import.lm_head_rules(qf, f"{prefix}cls.predictions.")
 
 
 def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
@@ -165,10 +150,7 @@ def blip2_rules(model_cfg: ml_collections.ConfigDict) -> list[Rule]:
   rules += _layer_norm("ln_vision", "ln_vision")
   rules += [Rule("query_tokens", ("query_tokens",)), Rule("temp", ("temp",), _scalar)]
   rules += qformer_rules(model_cfg)
-  rules += _linear("vision_proj", "vision_proj")
-  rules += _linear("text_proj", "text_proj")
-  rules += _linear("itm_head", "itm_head")
-  return rules
+  return rules + hf_import.head_rules("vision_proj", "text_proj")
 
 
 # -- import -----------------------------------------------------------------------------------
