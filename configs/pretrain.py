@@ -48,9 +48,35 @@ _SMALL_MODEL = {
   "model.vqvae.decoder_channels": (256, 128),
 }
 
+
+def sharding_rules(fsdp: bool = False) -> list[tuple[str, str | None]]:
+  """Logical weight axes -> mesh axes (medunifier_jax/training/sharding.py).
+
+  With `fsdp`, parameters and optimizer moments are also split over the data axis (their
+  `embed` dimension, and the VQ-VAE convolutions' input channels), so each device holds 1/D of
+  the state and XLA gathers a weight where it is used: of the paper configuration's 14.5 GiB of
+  parameters and moments, 1.8 GiB per device on 8 devices and 0.23 GiB on 64, instead of all
+  of it on every device.
+  """
+  data = "data" if fsdp else None
+  return [
+    ("batch", "data"),
+    ("embed", data),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("codebook", None),
+    ("conv_in", data),
+    ("conv_out", None),
+  ]
+
+
 VARIANTS = {
   "paper": {
     "compute_dtype": "bfloat16",
+    # Parameters and Adam moments split over the devices instead of 14.5 GiB on each.
+    "sharding_rules": sharding_rules(fsdp=True),
     "batch_size": 256,
     "num_steps": 100000,
     "warmup_steps": 2000,
@@ -420,29 +446,6 @@ def _image_gen_eval() -> dict:
     num_examples=6,  # held-out reports shown in the report, per set
     periodic=False,
   )
-
-
-def sharding_rules(fsdp: bool = False) -> list[tuple[str, str | None]]:
-  """Logical weight axes -> mesh axes (medunifier_jax/training/sharding.py).
-
-  With `fsdp`, parameters and optimizer moments are also split over the data axis (their
-  `embed` dimension, and the VQ-VAE convolutions' input channels), so each device holds 1/D of
-  the state and XLA gathers a weight where it is used: of the paper configuration's 14.5 GiB of
-  parameters and moments, 1.8 GiB per device on 8 devices and 0.23 GiB on 64, instead of all
-  of it on every device.
-  """
-  data = "data" if fsdp else None
-  return [
-    ("batch", "data"),
-    ("embed", data),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("vocab", "model"),
-    ("codebook", None),
-    ("conv_in", data),
-    ("conv_out", None),
-  ]
 
 
 def engine_fields(**changes) -> dict:
