@@ -9,7 +9,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -20,28 +19,7 @@ from medunifier_jax import evaluation, generation, inference
 from medunifier_jax.data import registry as data_registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.evaluators import EVALUATORS, build_evaluators, finetune, make_eval_fn
-from medunifier_jax.models.medunifier import MedUnifier
-
-
-def random_model(model_cfg, seed: int = 0):
-  """(graphdef, state) of a MedUnifier with NumPy-drawn random weights."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: MedUnifier(model_cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
-    if name in ("scale", "var"):
-      value = np.ones(x.shape)
-    elif name in ("bias", "mean", "q_bias", "v_bias"):
-      value = np.zeros(x.shape)
-    elif name == "temp":
-      value = np.full(x.shape, model_cfg.temperature_init)
-    else:
-      fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 2500
-      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), x.shape)
-    return jnp.asarray(value, x.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+from tests.models_util import random_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ but the evaluation outputs it leaves in the workdir (no model)."""
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from configs_util import load_config
@@ -15,32 +13,10 @@ from medunifier_jax import evaluation
 from medunifier_jax.data import registry as data_registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.evaluators import EVALUATORS, reconstruction
-from medunifier_jax.models.medunifier import MedUnifier
 from medunifier_jax.report import build
+from tests.models_util import random_model
 
 NUM_IMAGES, BATCH, EXAMPLES = 12, 8, 3  # two batches, the second padded: one compilation
-
-
-def random_model(model_cfg, seed: int = 0) -> nnx.Module:
-  """A MedUnifier with NumPy-drawn weights put into the abstract state (no initialiser is
-  compiled): scale 1/sqrt(fan-in), unit norms and variances, zero biases and means."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: MedUnifier(model_cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
-    if name in ("scale", "var"):
-      value = np.ones(x.shape)
-    elif name in ("bias", "mean", "q_bias", "v_bias"):
-      value = np.zeros(x.shape)
-    elif name == "temp":
-      value = np.full(x.shape, model_cfg.temperature_init)
-    else:
-      fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 2500
-      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), x.shape)
-    return jnp.asarray(value, x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +44,7 @@ def run(config, tmp_path_factory):
     config,
     workdir,
     ["reconstruction"],
-    model=random_model(config.model),
+    model=nnx.merge(*random_model(config.model)),
     tokenizer=tokenizer,
     log=lambda line: None,
   )
