@@ -144,7 +144,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Parallel decoding (medunifier_jax/prior/sample.py): defaults of Model.generate_images.
   s = c.sample = ml_collections.ConfigDict()
   s.steps = 12
-  s.guidance = 1.0  # logits = cond + guidance * (cond - uncond); 0: conditional only
+  # logits = cond + guidance * (cond - uncond); 0: conditional only. 3 over 1: on the demo's
+  # validation reports, finding fidelity 0.671 -> 0.701 and FID 300.0 -> 296.7 (N = 100).
+  s.guidance = 3.0
   s.temperature = 1.0  # of the code sampling
   s.choice_temperature = 4.5  # Gumbel noise on the confidences, annealed to 0 over the steps
 
