@@ -77,6 +77,8 @@ VARIANTS = {
     "compute_dtype": "bfloat16",
     # Parameters and Adam moments split over the devices instead of 14.5 GiB on each.
     "sharding_rules": sharding_rules(fsdp=True),
+    "model.vqvae.remat_decoder": True,
+    "model.vqvae.upsample_one_conv": True,
     "batch_size": 256,
     "num_steps": 100000,
     "warmup_steps": 2000,
@@ -288,6 +290,12 @@ def _model() -> ml_collections.ConfigDict:
   vq.ema = False  # EMA codebook updates (off: the paper's behaviour)
   vq.ema_decay = 0.99
   vq.restart_dead_codes = False
+  # Memory of the decoder's backward pass (docs/PERFORMANCE.md); off, the step is as before to
+  # the bit. remat_decoder: each upsampling stage (transposed conv + BatchNorm + ReLU) keeps
+  # only its input and is recomputed there. upsample_one_conv: each x2 transposed conv runs as
+  # one convolution instead of four phase convolutions (same values up to rounding).
+  vq.remat_decoder = False
+  vq.upsample_one_conv = False
   return m
 
 
@@ -493,6 +501,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # images of a study, common normal reports) are not each other's ITC / ITM negatives
   # (objectives.py; docs/PAPER_NOTES.md). False: the paper's losses.
   c.duplicate_aware_negatives = True
+  # The generator of dropout's random bits (objectives.compute_losses): "threefry2x32" splits the
+  # step key; "rbg" / "unsafe_rbg" draw a key of that kind from it for XLA's RngBitGenerator,
+  # which made the CPU step slower (docs/PERFORMANCE.md, "Where the step's time goes").
+  c.dropout_prng = "threefry2x32"
   c.data = _data()
 
   # Initial weights, used only when the workdir has no checkpoint: one source per part

@@ -15,10 +15,17 @@ AdamW) at the config's sizes, and the line holds both timings and their ratio.
 times text-to-image sampling instead (`prior/cost.py`): images/s with random weights of these
 sizes and the FLOPs per sampled image (text encoder + steps x prior passes + decoder).
 
+  python -m medunifier_jax.benchmark --config configs/pretrain.py:demo --vs dropout_prng=rbg
+
+compiles the step twice, as configured (A) and with the overrides (B), and times them in turn,
+A B A B: wall and CPU seconds of each and the A/B ratios pair by pair, for comparing an option
+on a machine whose speed drifts.
+
 Inputs are synthetic batches of the config's shapes (the step's cost does not depend on pixel
 values); the data pipeline is not part of the measurement.
 """
 
+import ast
 import json
 import statistics
 import time
@@ -27,6 +34,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from medunifier_jax import config_lib
 from medunifier_jax.objectives import OBJECTIVES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
@@ -44,6 +52,12 @@ _PRIOR_CONFIG = config_flags.DEFINE_config_file(
   "With it, time text-to-image sampling instead of the training step: "
   "images/s of a prior of this config (e.g. configs/prior.py:demo) over the --config "
   "MedUnifier, and the FLOPs per sampled image.",
+)
+_VS = flags.DEFINE_multi_string(
+  "vs",
+  [],
+  "A config override FIELD=VALUE (repeatable) for a second step, B: the two compiled steps are "
+  "then timed in turn, A B A B, and the line adds B's timings and the A/B ratio pair by pair.",
 )
 _SAMPLING_BATCH = flags.DEFINE_integer("sampling_batch", 16, "Reports per sampling call.")
 _FLOPS_ONLY = flags.DEFINE_bool(
@@ -77,8 +91,25 @@ def _median_time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
-  """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
+def with_overrides(config, overrides: list[str]):
+  """A copy of `config` with `FIELD=VALUE` overrides (VALUE a Python literal, else a string)."""
+  changes = {}
+  for item in overrides:
+    field, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--vs takes FIELD=VALUE, got {item!r}")
+    try:
+      changes[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      changes[field] = value
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config_lib.override(config, changes)
+  return config
+
+
+def _compiled_step(config):
+  """The step compiled ahead of time on a synthetic batch: (one_step, flops, compile_s)."""
   from medunifier_jax import pretraining
   from medunifier_jax.training import mesh as mesh_lib
   from medunifier_jax.training import sharding as sharding_lib
@@ -108,6 +139,39 @@ def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = No
     holder["state"], metrics = compiled(holder["state"], batch, rng)
     jax.block_until_ready(metrics)
 
+  return one_step, flops, compile_s
+
+
+def benchmark_ab(config_a, config_b, steps: int, warmup: int) -> dict:
+  """Both steps compiled, then timed in turn (A B A B ...): wall and CPU time (all of the
+  process's threads, steadier than wall time on a shared machine) of each step, A/B per pair."""
+  step_a, _, _ = _compiled_step(config_a)
+  step_b, _, _ = _compiled_step(config_b)
+  for _ in range(warmup):
+    step_a()
+    step_b()
+  wall = {"a": [], "b": []}
+  cpu = {"a": [], "b": []}
+  for _ in range(steps):
+    for name, fn in (("a", step_a), ("b", step_b)):
+      t0, c0 = time.perf_counter(), time.process_time()
+      fn()
+      wall[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
+  out = {}
+  for label, times in (("", wall), ("cpu_", cpu)):
+    ratios = [a / b for a, b in zip(times["a"], times["b"], strict=True)]
+    out[f"{label}median_step_s"] = statistics.median(times["a"])
+    out[f"b_{label}median_step_s"] = statistics.median(times["b"])
+    out[f"{label}a_over_b_median"] = statistics.median(ratios)
+    out[f"{label}a_over_b"] = ratios
+  out["step_times_s"], out["b_step_times_s"] = wall["a"], wall["b"]
+  return out
+
+
+def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
+  """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
+  one_step, flops, compile_s = _compiled_step(config)
   median, times = _median_time(one_step, steps, warmup)
   out = {
     "median_step_s": median,
@@ -165,6 +229,13 @@ def main(argv):
     peer = benchmark_torch.benchmark_pytorch(
       config, _STEPS.value, _WARMUP.value, threads=_THREADS.value
     )
+  if _VS.value:
+    result["vs"] = _VS.value
+    result.update(
+      benchmark_ab(config, with_overrides(config, _VS.value), _STEPS.value, _WARMUP.value)
+    )
+    print(json.dumps(result))
+    return
   ours = benchmark_jax(config, _STEPS.value, _WARMUP.value, _PEAK.value)
   result.update(ours)
   if _PEER.value == "pytorch":

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medunifier_jax.models.qformer import gather_kvs
 from medunifier_jax.models.vqvae import tig_loss
@@ -46,9 +47,35 @@ METRIC_KEYS = (
   "temperature",
   "duplicate_fraction",
 )
+# The mesh axis the engine splits examples over (the "batch" rule of config.sharding_rules).
+BATCH_MESH_AXIS = "data"
 # Stands in for -inf in masked logits: exp() of it is 0, yet 0 * it is 0 (no NaN) in the
 # cross-entropy and its gradient. ITC logits are bounded by 1 / temperature_min.
 _MASKED_LOGIT = -1e9
+
+
+def split_examples(tree, like: jax.Array):
+  """`tree`'s arrays with their leading (example) axis split over the batch mesh axis.
+
+  Under a jit with sharded inputs, an array made by gathering rows of the global batch (ITM's
+  pairs, with their images' keys/values) or by embedding token ids in a table split over its
+  width (FSDP) comes out replicated, and everything computed from it then runs on the whole
+  global batch on every device. The constraint keeps each device on its share. `like` is any
+  traced input of the step: its type carries the mesh; without one (no mesh, an axis that does
+  not divide the rows) arrays are returned as they are.
+  """
+  mesh = getattr(getattr(jax.typeof(like), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or BATCH_MESH_AXIS not in mesh.axis_names:
+    return tree
+  size = mesh.shape[BATCH_MESH_AXIS]
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXIS))
+
+  def constrain(x):
+    if x is None or x.ndim == 0 or x.shape[0] % size:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return jax.tree.map(constrain, tree)
 
 
 def smoothed_cross_entropy(
@@ -209,9 +236,10 @@ def itm_loss(
   ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
   mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-  logits = model.itm_logits(
-    None, ids, mask, image_kvs=gather_kvs(image_kvs, image_index), rngs=rngs
-  )
+  # The 3B pairs are gathered from the whole batch: split them over the devices again.
+  ids, mask, pair_kvs = split_examples((ids, mask, gather_kvs(image_kvs, image_index)), input_ids)
+  logits = model.itm_logits(None, ids, mask, image_kvs=pair_kvs, rngs=rngs)
+  logits = split_examples(logits, input_ids)
   ce = smoothed_cross_entropy(logits, labels)
   if duplicates is None:
     return ce.mean()
@@ -265,6 +293,7 @@ def compute_losses(
   label_smoothing: float = 0.1,
   train: bool = True,
   duplicate_aware: bool = True,
+  dropout_prng: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """All objectives in one pass, sharing the ViT pass, the image-mode queries and the text pass.
 
@@ -278,12 +307,22 @@ def compute_losses(
     duplicate_aware: examples with identical token ids are not each other's ITC / ITM
       negatives (module docstring); `duplicate_fraction` reports the share of the batch whose
       text occurs more than once (computed either way).
+    dropout_prng: the PRNG implementation of dropout's bits: "rbg" or "unsafe_rbg" (a key of
+      that kind drawn from `rng`), or None / "threefry2x32" (a split of `rng` itself, the
+      stream before the option). ITM negatives and code restarts always split `rng`.
   Returns:
     (weighted total, metrics with the keys of `METRIC_KEYS`; skipped terms report 0).
   """
   w = _weights(weights)
   on = {k: v != 0.0 for k, v in w.items()}
   key_dropout, key_itm, key_codes = jax.random.split(rng, 3)
+  if dropout_prng not in (None, "threefry2x32"):
+    # Dropout draws millions of bits a step; threefry makes them with a long chain of integer
+    # ops (a loop on CPU), the "rbg" generators with one RngBitGenerator. Seeded from the step
+    # key, so the run stays reproducible and the checkpointed key keeps its own generator.
+    key_dropout = jax.random.wrap_key_data(
+      jax.random.bits(key_dropout, (4,), jnp.uint32), impl=dropout_prng
+    )
   rngs = nnx.Rngs(dropout=key_dropout, codes=key_codes) if train else None
   ids, mask = batch["input_ids"], batch["attention_mask"]
   zero = jnp.zeros((), jnp.float32)
@@ -298,7 +337,7 @@ def compute_losses(
     image_kvs = model.cross_kvs(image_tokens)
     queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs, rngs=rngs)
   if on["itc"] or on["itm"] or on["tig"]:
-    text_hidden = model.text_hidden(ids, mask, rngs=rngs)
+    text_hidden = split_examples(model.text_hidden(ids, mask, rngs=rngs), ids)
 
   if on["itc"] or on["itm"]:
     same_text = duplicate_texts(ids)

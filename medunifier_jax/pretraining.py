@@ -41,6 +41,7 @@ def loss_fn(config: ml_collections.ConfigDict) -> Callable:
     train=True,
     # A config without the key predates the option: it keeps the behaviour it was run with.
     duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
+    dropout_prng=config.get("dropout_prng", None),
   )
 
 

@@ -29,6 +29,7 @@ CLI_MODULES = (
   "medunifier_jax.evaluate",
   "medunifier_jax.generate",
   "medunifier_jax.predict",
+  "medunifier_jax.profile_step",
   "medunifier_jax.supervised_reference",
   "medunifier_jax.train",
 )

@@ -81,10 +81,19 @@ def test_two_processes_train_like_one_process_on_as_many_devices(runs):
   got, want = records(two_hosts), records(one_host)
   assert sorted(got) == sorted(want) == list(range(1, NUM_STEPS + 1))
   for step in want:
+    # Same global batch and program; only the cross-process reductions may add in another
+    # order, which moves float32 sums by a few ulps. The first two steps (the initial weights,
+    # then one update from reduced gradients) show it: measured within 1e-7 relative. From
+    # there Adam (whose m / sqrt(v) turns noise-sized gradients, e.g. of attention key biases,
+    # into learning-rate-sized steps) and the discrete choices (hard negatives, nearest codes)
+    # amplify those ulps: measured up to 4.5e-4 relative by step 4, with the same dropout
+    # masks in both runs. A process that missed a reduction or read another shard is off far
+    # beyond 1e-5 at the first or second step.
+    rtol = 1e-5 if step <= 2 else 2e-3
     for key in LOSSES:
-      # Same global batch and program; only the cross-process reductions may add in another
-      # order, which moves float32 sums by a few ulps per step.
-      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, err_msg=key)
+      np.testing.assert_allclose(
+        got[step][key], want[step][key], rtol=rtol, err_msg=f"{key} at step {step}"
+      )
   assert finished_checkpoints(two_hosts) == [2, 4]
 
 

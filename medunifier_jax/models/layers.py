@@ -121,9 +121,48 @@ def apply_dropout(dropout: nnx.Dropout, x: jax.Array, rngs: nnx.Rngs | None) -> 
   return x if rngs is None else dropout(x, rngs=rngs)
 
 
-def new_dropout(rate: float) -> nnx.Dropout:
+def keep_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
+  """Dropout's keep mask, bool `shape`: True with probability 1 - rate (rate rounded to a
+  multiple of 2^-16).
+
+  Each 32-bit word of the key's generator decides two elements, 16 bits each, where
+  `jax.random.bernoulli` spends a word (and a float conversion) on every element: on CPU the
+  random bits were an eighth of the demo step's op time (docs/PERFORMANCE.md, "Where the
+  step's time goes"). The words are drawn for half of axis -2 (the sequence axis of (B, T, D)
+  activations and (B, h, Tq, Tk) attention probabilities, never sharded) and their low and high
+  halves decide its two halves, so the batch and head axes keep their sharding.
+  """
+  shape = tuple(shape)
+  axis = len(shape) - 2 if len(shape) >= 2 else 0
+  n = shape[axis] if shape else 1
+  half = list(shape) if shape else [1]
+  half[axis] = -(-n // 2)
+  words = jax.random.bits(key, tuple(half), jnp.uint32)
+  halves = jnp.concatenate([words & 0xFFFF, words >> 16], axis=axis)
+  halves = jax.lax.slice_in_dim(halves, 0, n, axis=axis).reshape(shape)
+  return halves >= jnp.uint32(round(rate * 2**16))
+
+
+class Dropout(nnx.Dropout):
+  """`nnx.Dropout` with `keep_mask`'s mask (half the random bits); call-time `rngs` only."""
+
+  def __call__(self, inputs: jax.Array, *, rngs: nnx.Rngs | None = None, **_) -> jax.Array:
+    """inputs (...) -> the same shape: kept elements scaled by 1 / P(keep), the others 0."""
+    if self.rate == 0.0 or rngs is None:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
+    threshold = round(self.rate * 2**16)
+    keep = keep_mask(key, self.rate, inputs.shape)
+    # The exact keep probability of the rounded threshold keeps E[output] = input.
+    scale = jnp.asarray(2**16 / (2**16 - threshold), inputs.dtype)
+    return jax.lax.select(keep, inputs * scale, jnp.zeros_like(inputs))
+
+
+def new_dropout(rate: float) -> Dropout:
   """A stateless dropout layer; its randomness always comes from call-time `rngs`."""
-  return nnx.Dropout(rate, deterministic=False)
+  return Dropout(rate, deterministic=False)
 
 
 def sinusoidal_position_encoding_2d(height: int, width: int, channels: int) -> jax.Array:

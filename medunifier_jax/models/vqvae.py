@@ -19,6 +19,7 @@ Initialisation follows Flax's defaults (LeCun-normal kernels, zero biases); the 
 uniform(-1/K, 1/K) as in the paper's code.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -107,36 +108,80 @@ class UpsampleConv(nnx.ConvTranspose):
   padded by one pixel, and interleaves the four phase outputs (depth-to-space).
   """
 
+  # The VQ-VAE sets it from `vqvae.upsample_one_conv` (see `_upsample_one_conv`).
+  one_conv: bool = False
+
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if inputs.ndim != 4:
       raise ValueError(f"UpsampleConv expects (B, H, W, C) inputs, got shape {inputs.shape}.")
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    batch, height, width, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # Phase (dy, dx) reads padded rows dy .. dy + H and columns dx .. dx + W.
-    rows = []
-    for dy in range(2):
-      cols = []
-      for dx in range(2):
-        window = padded[:, dy : dy + height + 1, dx : dx + width + 1]
-        cols.append(
-          jax.lax.conv_general_dilated(
-            window,
-            kernel[dy::2, dx::2],
-            (1, 1),
-            "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
-          )
-        )
-      rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, Cout), dx
-    y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, Cout): out[:, 2m + dy, 2n + dx]
-    y = y.reshape(batch, 2 * height, 2 * width, y.shape[-1])
+    conv = _upsample_one_conv if self.one_conv else _upsample_phases
+    y = conv(x, kernel, self.precision, self.preferred_element_type)
     if bias is not None:
       y = y + bias
     return y
+
+
+def _upsample_phases(x, kernel, precision=None, preferred_element_type=None) -> jax.Array:
+  """`UpsampleConv` without bias: (B, H, W, Cin), (4, 4, Cin, Cout) -> (B, 2H, 2W, Cout)."""
+  batch, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # Phase (dy, dx) reads padded rows dy .. dy + H and columns dx .. dx + W.
+  rows = []
+  for dy in range(2):
+    cols = []
+    for dx in range(2):
+      window = padded[:, dy : dy + height + 1, dx : dx + width + 1]
+      cols.append(
+        jax.lax.conv_general_dilated(
+          window,
+          kernel[dy::2, dx::2],
+          (1, 1),
+          "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          precision=precision,
+          preferred_element_type=preferred_element_type,
+        )
+      )
+    rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, Cout), dx
+  y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, Cout): out[:, 2m + dy, 2n + dx]
+  return y.reshape(batch, 2 * height, 2 * width, y.shape[-1])
+
+
+def _upsample_one_conv(x, kernel, precision=None, preferred_element_type=None) -> jax.Array:
+  """`_upsample_phases` as one convolution with the four phases' sub-kernels side by side.
+
+  A 2x2 convolution of the whole padded input with a (2, 2, Cin, 4 Cout) kernel gives every
+  phase at (H + 1) x (W + 1) positions, and phase (dy, dx) is its window at offset (dy, dx).
+  The multiply-adds grow by (H + 1)(W + 1) / HW (2% at 112 px), but the input is read once:
+  the four phase windows are not sliced out (on some backends copied, each the input's size),
+  and the backward pass makes one input gradient instead of four that are summed. At the
+  decoder's 224 px end these windows and partial gradients are the step's largest buffers.
+  Same values as `_upsample_phases` up to the order of the sums.
+  """
+  batch, height, width, c_in = x.shape
+  c_out = kernel.shape[-1]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # kernel[2 ty + dy, 2 tx + dx] is tap (ty, tx) of phase (dy, dx): (2, 2, Cin, 4 Cout).
+  taps = kernel.reshape(2, 2, 2, 2, c_in, c_out).transpose(0, 2, 4, 1, 3, 5)
+  z = jax.lax.conv_general_dilated(
+    padded,
+    taps.reshape(2, 2, c_in, 4 * c_out),
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  # Phase (dy, dx) at (m, n) is z[m + dy, n + dx] in its channel group.
+  z = z.reshape(batch, height + 1, width + 1, 2, 2, c_out)
+  rows = [
+    jnp.stack([z[:, dy : dy + height, dx : dx + width, dy, dx] for dx in range(2)], axis=3)
+    for dy in range(2)
+  ]
+  y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, Cout)
+  return y.reshape(batch, 2 * height, 2 * width, c_out)
 
 
 def _upsample_conv(in_ch, out_ch, *, rngs, dtype) -> UpsampleConv:
@@ -289,11 +334,21 @@ class ImageDecoder(nnx.Module):
   """(B, g, g, 3d) -> 3x3 valid conv -> residual layer -> k x2 transposed convs -> (B, S, S, 3).
 
   Channels 3d -> channels[0] -> ... -> channels[-1] -> 3; BatchNorm + ReLU after every
-  transposed convolution but the last.
+  transposed convolution but the last. With `remat`, each stage (transposed convolution,
+  BatchNorm, ReLU) keeps only its input for the backward pass and recomputes the rest there
+  (the paper decoder's forward intermediates; 1.7 of 30 GiB at 32 images a device, as the peak
+  lies in the backward pass of the 112 px stage, docs/PERFORMANCE.md).
   """
 
   def __init__(
-    self, width: int, channels: Sequence[int], *, momentum: float, rngs: nnx.Rngs, dtype=None
+    self,
+    width: int,
+    channels: Sequence[int],
+    *,
+    momentum: float,
+    rngs: nnx.Rngs,
+    dtype=None,
+    remat: bool = False,
   ):
     self.merge = _conv(width, width, 3, padding="VALID", use_bias=True, rngs=rngs, dtype=dtype)
     self.res = ResidualLayer(width, momentum=momentum, rngs=rngs, dtype=dtype)
@@ -302,14 +357,34 @@ class ImageDecoder(nnx.Module):
       [_upsample_conv(i, o, rngs=rngs, dtype=dtype) for i, o in zip(widths[:-1], widths[1:])]
     )
     self.norms = nnx.List([_batch_norm(c, momentum, rngs=rngs, dtype=dtype) for c in widths[1:-1]])
+    self.remat = remat
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = self.res(self.merge(x), train=train)
+    stage, last = _decoder_stage_fns(self.remat, train)
     for i, up in enumerate(self.ups):
-      x = up(x)
-      if i < len(self.norms):
-        x = jax.nn.relu(self.norms[i](x, use_running_average=not train))
+      x = stage(up, self.norms[i], x) if i < len(self.norms) else last(up, x)
     return x
+
+
+@functools.cache
+def _decoder_stage_fns(remat: bool, train: bool):
+  """The decoder's stage calls `stage(up, norm, x)` and `last(up, x)`, rematerialised or not.
+
+  Under `nnx.remat` the BatchNorm running averages are updated once, by the forward pass (the
+  backward pass's recomputation updates nothing), so they equal those without remat.
+  """
+
+  def stage(up, norm, x):
+    return jax.nn.relu(norm(up(x), use_running_average=not train))
+
+  def last(up, x):
+    return up(x)
+
+  if not remat:
+    return stage, last
+  # The last stage has no intermediate worth dropping (its input is saved either way).
+  return nnx.remat(stage), last
 
 
 class VQVAE(nnx.Module):
@@ -318,7 +393,8 @@ class VQVAE(nnx.Module):
   Args:
     cfg: `config.model.vqvae` (latent_dim, codebook_size, grid, query_grid, num_res_layers,
       decoder_channels, commitment_weight, codebook_weight, batchnorm_momentum, ema,
-      ema_decay, restart_dead_codes).
+      ema_decay, restart_dead_codes; optional memory switches remat_decoder and
+      upsample_one_conv, off when absent).
     query_width: Hq, width of the Q-Former query outputs.
     vision_width: Dv, width of the ViT patch tokens.
     text_width: Ht, width of the text [CLS] feature.
@@ -360,8 +436,16 @@ class VQVAE(nnx.Module):
     self.quantizer_bottom = quantizer(2 * d)
     self.upsample_top = _upsample_conv(d, d, rngs=rngs, dtype=dtype)
     self.decoder = ImageDecoder(
-      3 * d, tuple(cfg.decoder_channels), momentum=momentum, rngs=rngs, dtype=dtype
+      3 * d,
+      tuple(cfg.decoder_channels),
+      momentum=momentum,
+      rngs=rngs,
+      dtype=dtype,
+      remat=bool(cfg.get("remat_decoder", False)),
     )
+    if cfg.get("upsample_one_conv", False):
+      for up in (self.top_to_bottom.up, self.upsample_top, *self.decoder.ups):
+        up.one_conv = True
 
   def __call__(
     self,
