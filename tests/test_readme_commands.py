@@ -113,9 +113,14 @@ def test_evaluate_writes_results(trained, scratch, env):
   results = json.loads((scratch / WORKDIR / "eval" / "results.json").read_text())["results"]
   tasks = command[command.index("--tasks") + 1].split(",")
   assert sorted(results) == sorted(tasks)
+  # Rates of the argmax decision are NaN where undefined (metrics.classification_metrics), e.g.
+  # NPV when a 6-step model calls every test image positive; every other figure is a number.
+  may_be_undefined = {"auc", "sensitivity", "specificity", "ppv", "npv"}
   for entry in results.values():
     for metrics in entry.values():
-      assert metrics and all(np.isfinite(v) for v in metrics.values())
+      assert metrics
+      for name, value in metrics.items():
+        assert np.isfinite(value) or name in may_be_undefined, (name, value)
 
 
 def test_api_example_runs_as_written(trained, scratch, env):
