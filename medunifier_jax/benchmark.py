@@ -34,7 +34,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import config_lib
+from medunifier_jax import config_lib, pretraining
 from medunifier_jax.objectives import OBJECTIVES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
@@ -108,45 +108,17 @@ def with_overrides(config, overrides: list[str]):
   return config
 
 
-def _compiled_step(config):
-  """The step compiled ahead of time on a synthetic batch: (one_step, flops, compile_s)."""
-  from medunifier_jax import pretraining
-  from medunifier_jax.training import mesh as mesh_lib
-  from medunifier_jax.training import sharding as sharding_lib
-  from medunifier_jax.training import state as state_lib
-  from medunifier_jax.training import step as step_lib
-
-  mesh = mesh_lib.make_mesh(config.mesh)
-  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
-  state = state_lib.init_train_state(config, shardings, pretraining.model_fn)
-  batch = sharding_lib.global_batch(pretraining.random_batch(config), mesh, config.sharding_rules)
-  rng = jax.random.key(0)
-  train_step = step_lib.jit_train_step(
-    step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)),
-    shardings,
-    mesh,
-    config.sharding_rules,
-  )
-  t0 = time.perf_counter()
-  compiled = train_step.lower(state, batch, rng).compile()
-  compile_s = time.perf_counter() - t0
+def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops = float(cost.get("flops", float("nan")))
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch, rng)
-    jax.block_until_ready(metrics)
-
-  return one_step, flops, compile_s
+  return float(cost.get("flops", float("nan")))
 
 
 def benchmark_ab(config_a, config_b, steps: int, warmup: int) -> dict:
   """Both steps compiled, then timed in turn (A B A B ...): wall and CPU time (all of the
   process's threads, steadier than wall time on a shared machine) of each step, A/B per pair."""
-  step_a, _, _ = _compiled_step(config_a)
-  step_b, _, _ = _compiled_step(config_b)
+  _, step_a, _ = pretraining.compile_synthetic_step(config_a)
+  _, step_b, _ = pretraining.compile_synthetic_step(config_b)
   for _ in range(warmup):
     step_a()
     step_b()
@@ -171,7 +143,8 @@ def benchmark_ab(config_a, config_b, steps: int, warmup: int) -> dict:
 
 def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
   """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
-  one_step, flops, compile_s = _compiled_step(config)
+  compiled, one_step, compile_s = pretraining.compile_synthetic_step(config)
+  flops = _flops(compiled)
   median, times = _median_time(one_step, steps, warmup)
   out = {
     "median_step_s": median,

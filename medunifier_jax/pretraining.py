@@ -9,6 +9,7 @@ periodic evaluators (`evaluators.registry`) and the `config.init_from` weight so
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,6 +100,38 @@ def random_batch(
     "input_ids": ids,
     "attention_mask": mask,
   }
+
+
+def compile_synthetic_step(config: ml_collections.ConfigDict):
+  """The train step compiled ahead of time on `random_batch` (for benchmarks and profiles):
+  (compiled, one_step, compile_s). `one_step()` runs it once from the state the last call
+  left and waits for it."""
+  from medunifier_jax.training import mesh as mesh_lib
+  from medunifier_jax.training import sharding as sharding_lib
+  from medunifier_jax.training import state as state_lib
+  from medunifier_jax.training import step as step_lib
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, model_fn)
+  state = state_lib.init_train_state(config, shardings, model_fn)
+  batch = sharding_lib.global_batch(random_batch(config), mesh, config.sharding_rules)
+  rng = jax.random.key(0)
+  train_step = step_lib.jit_train_step(
+    step_lib.make_train_step(graphdef, config, loss_fn(config)),
+    shardings,
+    mesh,
+    config.sharding_rules,
+  )
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    jax.block_until_ready(metrics)
+
+  return compiled, one_step, compile_s
 
 
 def preflight(config: ml_collections.ConfigDict, resuming: bool) -> None:

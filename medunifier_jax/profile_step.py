@@ -223,31 +223,14 @@ def profile(config, steps: int, warmup: int, trace_dir: str, top: int = 10) -> d
   import time
 
   from medunifier_jax import pretraining
-  from medunifier_jax.training import mesh as mesh_lib
-  from medunifier_jax.training import sharding as sharding_lib
-  from medunifier_jax.training import state as state_lib
-  from medunifier_jax.training import step as step_lib
 
-  mesh = mesh_lib.make_mesh(config.mesh)
-  graphdef, _, shardings = state_lib.abstract_train_state(config, mesh, pretraining.model_fn)
-  state = state_lib.init_train_state(config, shardings, pretraining.model_fn)
-  batch = sharding_lib.global_batch(pretraining.random_batch(config), mesh, config.sharding_rules)
-  rng = jax.random.key(0)
-  train_step = step_lib.jit_train_step(
-    step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)),
-    shardings,
-    mesh,
-    config.sharding_rules,
-  )
-  compiled = train_step.lower(state, batch, rng).compile()
+  compiled, one_step, _ = pretraining.compile_synthetic_step(config)
   for _ in range(warmup):
-    state, metrics = compiled(state, batch, rng)
-  jax.block_until_ready(metrics)
+    one_step()
   with jax.profiler.trace(trace_dir):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready(metrics)
+      one_step()
     wall = (time.perf_counter() - t0) / steps
   xplane = max(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   hlo = compiled.as_text()
