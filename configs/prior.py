@@ -39,7 +39,7 @@ pretrain = config_lib.load_module(Path(__file__).with_name("pretrain.py"))
 
 # Each variant is one table: the dotted fields it changes from the defaults below.
 VARIANTS = {
-  "paper": {"compute_dtype": "bfloat16"},
+  "paper": {"compute_dtype": "bfloat16", "model.scan_layers": True},
   "demo": {
     # ~0.5 s per step of 32 on 2 CPU cores shared with other work (4 blocks with a 512-wide
     # MLP at batch 64 took 2 s).
@@ -98,6 +98,9 @@ def _model(medunifier: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.null_length = 8  # positions of the learned null condition (at most the text length)
   m.condition = "text"  # "none": always the null condition (the original release's setting)
   m.cond_drop = 0.1  # share of training examples that see the null condition
+  # One lax.scan over the blocks (and the text encoder's layers): each compiled once
+  # (models/stack.py); off, as before to the bit.
+  m.scan_layers = False
   # Trained by nobody: the frozen Q-Former the step runs when text states are not cached.
   m.frozen_paths = ("text_encoder",)
   return m

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
+from medunifier_jax.models.layers import split_examples
 from medunifier_jax.models.qformer import gather_kvs
 from medunifier_jax.models.vqvae import tig_loss
 
@@ -47,35 +47,9 @@ METRIC_KEYS = (
   "temperature",
   "duplicate_fraction",
 )
-# The mesh axis the engine splits examples over (the "batch" rule of config.sharding_rules).
-BATCH_MESH_AXIS = "data"
 # Stands in for -inf in masked logits: exp() of it is 0, yet 0 * it is 0 (no NaN) in the
 # cross-entropy and its gradient. ITC logits are bounded by 1 / temperature_min.
 _MASKED_LOGIT = -1e9
-
-
-def split_examples(tree, like: jax.Array):
-  """`tree`'s arrays with their leading (example) axis split over the batch mesh axis.
-
-  Under a jit with sharded inputs, an array made by gathering rows of the global batch (ITM's
-  pairs, with their images' keys/values) or by embedding token ids in a table split over its
-  width (FSDP) comes out replicated, and everything computed from it then runs on the whole
-  global batch on every device. The constraint keeps each device on its share. `like` is any
-  traced input of the step: its type carries the mesh; without one (no mesh, an axis that does
-  not divide the rows) arrays are returned as they are.
-  """
-  mesh = getattr(getattr(jax.typeof(like), "sharding", None), "mesh", None)
-  if mesh is None or mesh.empty or BATCH_MESH_AXIS not in mesh.axis_names:
-    return tree
-  size = mesh.shape[BATCH_MESH_AXIS]
-  sharding = NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXIS))
-
-  def constrain(x):
-    if x is None or x.ndim == 0 or x.shape[0] % size:
-      return x
-    return jax.lax.with_sharding_constraint(x, sharding)
-
-  return jax.tree.map(constrain, tree)
 
 
 def smoothed_cross_entropy(

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 Axes = Sequence[str | None]
+# The mesh axis the engine splits examples over (the "batch" rule of config.sharding_rules).
+BATCH_MESH_AXIS = "data"
 
 # Embeddings, learned queries and position tables start as N(0, 0.02) (BERT / BLIP-2).
 INIT_STD = 0.02
@@ -163,6 +166,44 @@ class Dropout(nnx.Dropout):
 def new_dropout(rate: float) -> Dropout:
   """A stateless dropout layer; its randomness always comes from call-time `rngs`."""
   return Dropout(rate, deterministic=False)
+
+
+def split_examples(tree, like: jax.Array):
+  """`tree`'s arrays with their leading (example) axis split over the batch mesh axis.
+
+  Under a jit with sharded inputs, an array made by gathering rows of the global batch (ITM's
+  pairs, with their images' keys/values) or by embedding token ids in a table split over its
+  width (FSDP) comes out replicated, and everything computed from it then runs on the whole
+  global batch on every device; so may the carry of a scanned layer stack (`stack.py`). The
+  constraint keeps each device on its share. `like` is any traced input of the step: its type
+  carries the mesh; without one (no mesh, an axis that does not divide the rows) arrays are
+  returned as they are.
+  """
+  mesh = getattr(getattr(jax.typeof(like), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or BATCH_MESH_AXIS not in mesh.axis_names:
+    return tree
+  size = mesh.shape[BATCH_MESH_AXIS]
+  sharding = NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXIS))
+
+  def constrain(x):
+    if x is None or x.ndim == 0 or x.shape[0] % size:
+      return x
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return jax.tree.map(constrain, tree)
+
+
+def frozen(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` whose variables are constants to differentiation (`stop_gradient`).
+
+  Stopping the gradient after a frozen part is not enough once that part holds a `lax.scan`
+  (`stack.py`): differentiating the scan with respect to its weights makes the forward loop save
+  every layer's activations for a backward pass that is then thrown away, and XLA cannot drop
+  a loop's outputs as it drops unused values of unrolled code. With constant weights no backward
+  pass is built at all.
+  """
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
 
 
 def sinusoidal_position_encoding_2d(height: int, width: int, channels: int) -> jax.Array:

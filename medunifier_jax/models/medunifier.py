@@ -44,6 +44,8 @@ class MedUnifier(nnx.Module):
     config_lib.check_geometry(cfg)  # one error listing every part that does not fit
     dtype = jnp.dtype(dtype or cfg.get("dtype", "float32"))
     remat = bool(cfg.get("remat", False) if remat is None else remat)
+    # Scanned layer stacks compile each kind of layer once (models/stack.py).
+    scan = bool(cfg.get("scan_layers", False))
     self.dtype = dtype
     self.vit_frozen = bool(cfg.vit.frozen)
     self.image_size = cfg.vit.image_size
@@ -58,9 +60,11 @@ class MedUnifier(nnx.Module):
     # `ln_vision` lives beside the ViT, not inside it: BLIP-2 trains it even when the ViT is
     # frozen, and freezing goes by path (`vit`). Built right after the ViT, so the parameter
     # initialisation draws its keys in the order it did when the ViT held it.
-    self.vit = VisionTransformer(cfg.vit, rngs=rngs, dtype=dtype, remat=remat, final_norm=False)
+    self.vit = VisionTransformer(
+      cfg.vit, rngs=rngs, dtype=dtype, remat=remat, final_norm=False, scan=scan
+    )
     self.ln_vision = layers.layer_norm(dv, cfg.vit.layer_norm_eps, rngs=rngs, dtype=dtype)
-    self.qformer = QFormer(cfg.qformer, dv, rngs=rngs, dtype=dtype, remat=remat)
+    self.qformer = QFormer(cfg.qformer, dv, rngs=rngs, dtype=dtype, remat=remat, scan=scan)
     self.query_tokens = layers.param(
       rngs,
       nnx.initializers.normal(layers.INIT_STD),
@@ -89,7 +93,8 @@ class MedUnifier(nnx.Module):
     A frozen ViT's blocks get no gradient (no backward pass through them is built); `ln_vision`
     after them always does, as in BLIP-2.
     """
-    tokens = self.vit(pixel_values.astype(self.dtype), rngs=rngs)
+    vit = layers.frozen(self.vit) if self.vit_frozen else self.vit
+    tokens = vit(pixel_values.astype(self.dtype), rngs=rngs)
     if self.vit_frozen:
       tokens = jax.lax.stop_gradient(tokens)
     return self.ln_vision(tokens)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from medunifier_jax.models import layers
+from medunifier_jax.models import layers, stack
 
 Mode = Literal["image", "text", "matching", "generation"]
 # The LM logit of a vocabulary padding id (one above [DEC]): finite, so that softmaxes and the
@@ -295,6 +295,7 @@ class QFormer(nnx.Module):
     rngs: nnx.Rngs,
     dtype=None,
     remat: bool = False,
+    scan: bool = False,
   ):
     if not 0 <= cfg.dec_token_id < cfg.vocab_size:
       raise ValueError(
@@ -307,6 +308,10 @@ class QFormer(nnx.Module):
     self.num_text_classes = cfg.dec_token_id + 1
     self.num_heads = cfg.num_heads
     self.remat = remat
+    # One lax.scan over groups of `cross_attention_freq` layers (models/stack.py): the layers
+    # alternate in structure with that period, and each group is compiled once.
+    self.scan = scan
+    self.scan_period = int(cfg.cross_attention_freq)
     self.embeddings = QFormerEmbeddings(cfg, rngs=rngs, dtype=dtype)
     self.layers = nnx.List(
       [QFormerLayer(cfg, i, vision_width, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)]
@@ -330,6 +335,8 @@ class QFormer(nnx.Module):
 
     The queries cross-attend to `image_kvs` (from `cross_kvs`) when given, else to image_tokens.
     """
+    if self.scan:
+      return self._encode_scanned(x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs)
     block = _layer_fn(self.remat, num_queries)
     kvs = []
     for i, layer in enumerate(self.layers):
@@ -337,6 +344,22 @@ class QFormer(nnx.Module):
       image_kv = None if image_kvs is None else image_kvs[i]
       x, kv = block(layer, x, mask, image_tokens, prefix, image_kv, rngs)
       kvs.append(kv)
+    return x, kvs
+
+  def _encode_scanned(self, x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs):
+    """`encode` as one lax.scan over groups of `scan_period` layers; the same results."""
+    n = len(self.layers)
+    prefix_kvs = [None] * n if prefix_kvs is None else prefix_kvs
+    image_kvs = [None] * n if image_kvs is None else image_kvs
+
+    def step(layer, x, inputs, r):
+      prefix, image_kv = inputs
+      return layer(x, mask, image_tokens, prefix, r, num_queries=num_queries, image_kv=image_kv)
+
+    per_layer = list(zip(prefix_kvs, image_kvs, strict=True))
+    x, kvs = stack.scan_layers(
+      self.layers, step, x, per_layer, rngs=rngs, period=self.scan_period, remat=self.remat
+    )
     return x, kvs
 
   def cross_kvs(self, image_tokens: jax.Array) -> CrossKVs:

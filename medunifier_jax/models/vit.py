@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from medunifier_jax.models import layers
+from medunifier_jax.models import layers, stack
 
 
 class VisionEmbeddings(nnx.Module):
@@ -134,6 +134,7 @@ class VisionTransformer(nnx.Module):
     dtype=None,
     remat: bool = False,
     final_norm: bool = True,
+    scan: bool = False,
   ):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
@@ -141,6 +142,7 @@ class VisionTransformer(nnx.Module):
       )
     self.image_size = cfg.image_size
     self.remat = remat
+    self.scan = scan  # one lax.scan over the blocks (models/stack.py): one compiled block
     self.embeddings = VisionEmbeddings(cfg, rngs=rngs, dtype=dtype)
     self.layers = nnx.List([VisionLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
     self.post_layernorm = (
@@ -157,6 +159,10 @@ class VisionTransformer(nnx.Module):
         f"got {tuple(pixel_values.shape)}; resize images to {s}x{s}"
       )
     x = self.embeddings(pixel_values)
+    if self.scan:
+      step = lambda layer, x, _, r: (layer(x, r), None)
+      x, _ = stack.scan_layers(self.layers, step, x, rngs=rngs, remat=self.remat)
+      return x if self.post_layernorm is None else self.post_layernorm(x)
     block = _block_fn(self.remat)
     for layer in self.layers:
       x = block(layer, x, rngs)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from medunifier_jax.models import layers
+from medunifier_jax.models import layers, stack
 
 CONDITIONS = ("text", "none")
 
@@ -153,6 +153,8 @@ class CodePrior(nnx.Module):
     dtype = jnp.dtype(dtype or "float32")
     self.dtype = dtype
     self.remat = bool(remat)
+    # One lax.scan over the blocks (models/stack.py): the block is compiled once.
+    self.scan = bool(cfg.get("scan_layers", False))
     self.grid = int(cfg.grid)
     self.codebook_size = int(cfg.codebook_size)
     self.mask_id = self.codebook_size  # the id after the K codes, in both levels' tables
@@ -277,9 +279,13 @@ class CodePrior(nnx.Module):
     )
     x = layers.apply_dropout(self.dropout, x + self._positions().astype(x.dtype), rngs)
     context, mask = self.context(text_states, text_mask, drop, batch_size=b)
-    block = _block_fn(self.remat)
-    for blk in self.blocks:
-      x = block(blk, x, context, mask, rngs)
+    if self.scan:
+      step = lambda blk, x, _, r: (blk(x, context, mask, r), None)
+      x, _ = stack.scan_layers(self.blocks, step, x, rngs=rngs, remat=self.remat)
+    else:
+      block = _block_fn(self.remat)
+      for blk in self.blocks:
+        x = block(blk, x, context, mask, rngs)
     x = self.final_norm(x)
     return jnp.concatenate([self.head_top(x[:, :nt]), self.head_bottom(x[:, nt:])], axis=1).astype(
       jnp.float32
@@ -315,7 +321,9 @@ class ConditionedPrior(nnx.Module):
           "config.text_encoder.qformer is empty: it is copied from the MedUnifier "
           "run (set config.medunifier_workdir)"
         )
-      encoder = QFormer(enc.qformer, int(enc.vision_width), rngs=rngs, dtype=dtype)
+      encoder = QFormer(
+        enc.qformer, int(enc.vision_width), rngs=rngs, dtype=dtype, scan=self.prior.scan
+      )
     self.text_encoder = encoder
 
   def text_condition(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -325,5 +333,7 @@ class ConditionedPrior(nnx.Module):
       return batch["text_states"], batch["attention_mask"]
     if self.text_encoder is None:
       raise ValueError("the batch has no text_states and this prior has no text encoder")
-    states = self.text_encoder(None, batch["input_ids"], batch["attention_mask"], None, mode="text")
+    # Constant weights: a scanned encoder then saves nothing for a backward pass (layers.frozen).
+    encoder = layers.frozen(self.text_encoder)
+    states = encoder(None, batch["input_ids"], batch["attention_mask"], None, mode="text")
     return jax.lax.stop_gradient(states), batch["attention_mask"]
