@@ -311,7 +311,8 @@ def compute_losses(
     image_kvs = model.cross_kvs(image_tokens)
     queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs, rngs=rngs)
   if on["itc"] or on["itm"] or on["tig"]:
-    text_hidden = split_examples(model.text_hidden(ids, mask, rngs=rngs), ids)
+    # ITC and TIG read [CLS] alone (B, 1, H): the last layer skips the other positions.
+    text_hidden = split_examples(model.text_hidden(ids, mask, cls_only=True, rngs=rngs), ids)
 
   if on["itc"] or on["itm"]:
     same_text = duplicate_texts(ids)

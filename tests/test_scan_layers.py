@@ -131,3 +131,24 @@ def test_layers_of_other_structure_are_not_scanned(models):
     stack.scan_layers(plain.qformer.layers, lambda m, c, x, r: (c, None), jnp.zeros(()))
   with pytest.raises(ValueError, match="groups of 3"):
     stack.scan_layers(plain.qformer.layers, lambda m, c, x, r: (c, None), jnp.zeros(()), period=3)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_last_layer_rows_equal_the_full_pass(models, batch, scan):
+  # The training step asks the text pass for [CLS] alone and the matching pass for the queries
+  # alone (`rows`): the same values as slicing the full pass, and nothing else is returned.
+  m = models[int(scan)]
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  q = m.query_tokens.shape[1]
+
+  @nnx.jit
+  def passes(m, images, ids, mask):
+    tokens = m.image_tokens(images)
+    full = m.qformer(m._queries(B), ids, mask, tokens, mode="matching")
+    rows = m.qformer(m._queries(B), ids, mask, tokens, mode="matching", rows=q)
+    return m.text_hidden(ids, mask), m.text_hidden(ids, mask, cls_only=True), full, rows
+
+  text, cls, full, rows = passes(m, batch["image"], ids, mask)
+  assert cls.shape == (B, 1, text.shape[-1]) and rows.shape == (B, q, full.shape[-1])
+  _close(cls, text[:, :1])
+  _close(rows, full[:, :q])

@@ -128,11 +128,20 @@ class MedUnifier(nnx.Module):
     return self.qformer.cross_kvs(image_tokens)
 
   def text_hidden(
-    self, input_ids: jax.Array, attention_mask: jax.Array, *, rngs: nnx.Rngs | None = None
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cls_only: bool = False,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
-    """Q-Former text mode: (B, T) ids and mask -> (B, T, H); position 0 ([CLS]) is the feature."""
+    """Q-Former text mode: (B, T) ids and mask -> (B, T, H); position 0 ([CLS]) is the feature.
+
+    cls_only: (B, 1, H), [CLS] alone; the last layer then skips the other positions' work.
+    """
     self._check_text(input_ids, attention_mask)
-    return self.qformer(None, input_ids, attention_mask, None, mode="text", rngs=rngs)
+    rows = 1 if cls_only else None
+    return self.qformer(None, input_ids, attention_mask, None, mode="text", rows=rows, rngs=rngs)
 
   def image_embeddings(self, queries: jax.Array) -> jax.Array:
     """(B, Q, H) -> (B, Q, E) float32, L2-normalised."""
@@ -177,8 +186,15 @@ class MedUnifier(nnx.Module):
     image_tokens: (B, 1 + N, Dv), or None with `image_kvs`: `cross_kvs` rows aligned with the
     texts (e.g. `qformer.gather_kvs` of each image's keys/values).
     """
+    # Only the queries feed the head: the last layer computes no text positions (`rows`).
     queries, _ = self._joint_pass(
-      "matching", image_tokens, input_ids, attention_mask, image_kvs=image_kvs, rngs=rngs
+      "matching",
+      image_tokens,
+      input_ids,
+      attention_mask,
+      image_kvs=image_kvs,
+      rows=self.query_tokens.shape[1],
+      rngs=rngs,
     )
     return self.itm_head(queries).astype(jnp.float32).mean(axis=1)
 
@@ -206,10 +222,12 @@ class MedUnifier(nnx.Module):
     attention_mask: jax.Array,
     *,
     image_kvs: CrossKVs | None = None,
+    rows: int | None = None,
     rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, jax.Array]:
     """The queries and the text in one Q-Former pass in `mode` ("matching" or "generation")
-    -> their hidden states (B, Q, H) and (B, T, H)."""
+    -> their hidden states (B, Q, H) and (B, T, H); with `rows` only the first `rows`
+    positions are computed (the text part is then (B, rows - Q, H), empty for rows = Q)."""
     self._check_text(input_ids, attention_mask)
     q = self.query_tokens.shape[1]
     hidden = self.qformer(
@@ -219,6 +237,7 @@ class MedUnifier(nnx.Module):
       image_tokens,
       mode=mode,
       image_kvs=image_kvs,
+      rows=rows,
       rngs=rngs,
     )
     return hidden[:, :q], hidden[:, q:]

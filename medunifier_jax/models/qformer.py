@@ -164,22 +164,28 @@ class QFormerAttention(nnx.Module):
     mask: jax.Array | None,
     *,
     prefix_kv: KV | None = None,
+    rows: int | None = None,
     rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, KV]:
     """Self-attention (cross-attention goes through `project_kv` and `attend`).
 
     Args:
       x: (B, T, H).
-      mask: bool (B, 1, T, S'), True where attending is allowed; None: everything.
+      mask: bool (B, 1, T or 1, S'), True where attending is allowed; None: everything.
       prefix_kv: keys/values (B, heads, P, d) placed before x's own (S' = P + T).
+      rows: only the first `rows` positions attend (all T are still keys and values).
     Returns:
-      (B, T, H) output and the keys/values computed from x.
+      (B, T, H) output (B, rows, H with `rows`) and the keys/values computed from x.
     """
     k, v = self.project_kv(x)
     kk, vv = k, v
     if prefix_kv is not None:
       kk = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)
       vv = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
+    if rows is not None:
+      x = x[:, :rows]
+      if mask is not None and mask.shape[2] > 1:
+        mask = mask[:, :, :rows]
     return self.attend(self.project_query(x), kk, vv, mask, x, rngs), (k, v)
 
 
@@ -246,13 +252,15 @@ class QFormerLayer(nnx.Module):
     *,
     num_queries: int,
     image_kv: KV | None = None,
+    rows: int | None = None,
   ) -> tuple[jax.Array, KV]:
     """x (B, Q + T, H) with the first `num_queries` positions being queries -> (same, self kv).
 
     The queries cross-attend to `image_kv` (this layer's `cross_kv`) when given, else to
-    `image_tokens` (B, 1 + N, Dv).
+    `image_tokens` (B, 1 + N, Dv). With `rows`, only the first `rows` positions are computed
+    (B, rows, H); all Q + T are still this layer's keys and values.
     """
-    a, kv = self.attention(x, mask, prefix_kv=prefix_kv, rngs=rngs)
+    a, kv = self.attention(x, mask, prefix_kv=prefix_kv, rows=rows, rngs=rngs)
     if num_queries == 0:
       return self.text_ffn(a, rngs), kv
     q = a[:, :num_queries]
@@ -329,38 +337,49 @@ class QFormer(nnx.Module):
     num_queries: int,
     prefix_kvs: list[KV] | None = None,
     image_kvs: CrossKVs | None = None,
+    rows: int | None = None,
     rngs: nnx.Rngs | None = None,
   ) -> tuple[jax.Array, list[KV]]:
     """Runs every layer on embedded x (B, L, H); returns the output and each layer's self kv.
 
     The queries cross-attend to `image_kvs` (from `cross_kvs`) when given, else to image_tokens.
+    With `rows`, the output is only the first `rows` positions (B, rows, H): the last layer
+    computes nothing else (the other positions are only its keys and values), which saves most
+    of its work when a caller reads the queries (matching) or [CLS] (contrastive) alone.
     """
-    if self.scan:
-      return self._encode_scanned(x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs)
-    block = _layer_fn(self.remat, num_queries)
-    kvs = []
-    for i, layer in enumerate(self.layers):
-      prefix = None if prefix_kvs is None else prefix_kvs[i]
-      image_kv = None if image_kvs is None else image_kvs[i]
-      x, kv = block(layer, x, mask, image_tokens, prefix, image_kv, rngs)
-      kvs.append(kv)
-    return x, kvs
-
-  def _encode_scanned(self, x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs):
-    """`encode` as one lax.scan over groups of `scan_period` layers; the same results."""
     n = len(self.layers)
     prefix_kvs = [None] * n if prefix_kvs is None else prefix_kvs
     image_kvs = [None] * n if image_kvs is None else image_kvs
+    # Layers run unrolled from `first`; those before it in one scan. The last layer computes
+    # fewer rows than it receives, so with `rows` the last group leaves the scan.
+    first = 0
+    kvs = []
+    if self.scan:
+      first = n if rows is None else n - self.scan_period
+    if first > 0:
+      x, kvs = self._encode_scanned(
+        self.layers[:first], x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs
+      )
+    for i in range(first, n):
+      block = _layer_fn(self.remat, num_queries, rows if i == n - 1 else None)
+      x, kv = block(self.layers[i], x, mask, image_tokens, prefix_kvs[i], image_kvs[i], rngs)
+      kvs.append(kv)
+    return x, kvs
+
+  def _encode_scanned(
+    self, layer_list, x, mask, image_tokens, num_queries, prefix_kvs, image_kvs, rngs
+  ):
+    """The first len(layer_list) layers as one lax.scan over groups of `scan_period` layers;
+    the results of running them unrolled."""
 
     def step(layer, x, inputs, r):
       prefix, image_kv = inputs
       return layer(x, mask, image_tokens, prefix, r, num_queries=num_queries, image_kv=image_kv)
 
-    per_layer = list(zip(prefix_kvs, image_kvs, strict=True))
-    x, kvs = stack.scan_layers(
-      self.layers, step, x, per_layer, rngs=rngs, period=self.scan_period, remat=self.remat
+    per_layer = list(zip(prefix_kvs, image_kvs, strict=True))[: len(layer_list)]
+    return stack.scan_layers(
+      layer_list, step, x, per_layer, rngs=rngs, period=self.scan_period, remat=self.remat
     )
-    return x, kvs
 
   def cross_kvs(self, image_tokens: jax.Array) -> CrossKVs:
     """(B, 1 + N, Dv) -> per layer the cross-attention keys/values (B, heads, 1 + N, d) or None.
@@ -381,6 +400,7 @@ class QFormer(nnx.Module):
     *,
     mode: Mode,
     image_kvs: CrossKVs | None = None,
+    rows: int | None = None,
     rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     """One pass in `mode`.
@@ -390,8 +410,10 @@ class QFormer(nnx.Module):
       input_ids, attention_mask: (B, T) text (text, matching, generation modes).
       image_tokens: (B, 1 + N, Dv) ViT output (image, matching, generation modes); may be None
         when `image_kvs` (`cross_kvs` of the tokens, B rows) is given instead.
+      rows: return only the first `rows` positions (`encode`: the last layer computes no others).
     Returns:
-      (B, Q + T, H) hidden states (Q = 0 in text mode, T = 0 in image mode).
+      (B, Q + T, H) hidden states (Q = 0 in text mode, T = 0 in image mode); (B, rows, H) with
+      `rows`.
     """
     if mode == "image":
       x = self.embeddings(query_embeds, None, rngs=rngs)
@@ -401,13 +423,15 @@ class QFormer(nnx.Module):
     if mode == "text":
       x = self.embeddings(None, input_ids, rngs=rngs)
       mask = padding_mask(attention_mask)
-      return self.encode(x, mask, None, num_queries=0, rngs=rngs)[0]
+      return self.encode(x, mask, None, num_queries=0, rows=rows, rngs=rngs)[0]
     if mode == "matching":
       q = query_embeds.shape[1]
       x = self.embeddings(query_embeds, input_ids, rngs=rngs)
       ones = jnp.ones(attention_mask.shape[:1] + (q,), attention_mask.dtype)
       mask = padding_mask(jnp.concatenate([ones, attention_mask], axis=1))
-      return self.encode(x, mask, image_tokens, num_queries=q, image_kvs=image_kvs, rngs=rngs)[0]
+      return self.encode(
+        x, mask, image_tokens, num_queries=q, image_kvs=image_kvs, rows=rows, rngs=rngs
+      )[0]
     if mode == "generation":
       q = query_embeds.shape[1]
       x = self.embeddings(query_embeds, self.with_dec_token(input_ids), rngs=rngs)
@@ -544,8 +568,10 @@ def generation_mask(num_queries: int, attention_mask: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _layer_fn(remat: bool, num_queries: int):
+def _layer_fn(remat: bool, num_queries: int, rows: int | None = None):
   def call(layer, x, mask, image_tokens, prefix_kv, image_kv, rngs):
-    return layer(x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries, image_kv=image_kv)
+    return layer(
+      x, mask, image_tokens, prefix_kv, rngs, num_queries=num_queries, image_kv=image_kv, rows=rows
+    )
 
   return nnx.remat(call) if remat else call
