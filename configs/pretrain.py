@@ -301,8 +301,7 @@ def _model() -> ml_collections.ConfigDict:
   vq.restart_dead_codes = False
   # Memory of the decoder's backward pass (docs/PERFORMANCE.md); off, the step is as before to
   # the bit. remat_decoder: each upsampling stage (transposed conv + BatchNorm + ReLU) keeps
-  # only its input and is recomputed there, with a hand-written BatchNorm + ReLU backward pass
-  # (same values up to float32 rounding). upsample_one_conv: each x2 transposed conv runs as
+  # only its input and is recomputed there. upsample_one_conv: each x2 transposed conv runs as
   # one convolution instead of four phase convolutions (same values up to rounding).
   vq.remat_decoder = False
   vq.upsample_one_conv = False
