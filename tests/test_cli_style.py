@@ -32,6 +32,7 @@ CLI_MODULES = (
   "medunifier_jax.profile_step",
   "medunifier_jax.supervised_reference",
   "medunifier_jax.train",
+  "medunifier_jax.trim_bert",
 )
 
 

@@ -368,3 +368,52 @@ def test_scope_limits_an_import_to_one_part_of_the_model(tiny_bert):
   assert "qformer/layers/0/crossattention/key/kernel" in report.kept_at_init
   with pytest.raises(KeyError, match="which the model's part"):
     assign(model, rules, tensors, scope=("vit/*",))
+
+
+# -- a BERT trimmed to a corpus's vocabulary ------------------------------------------------
+
+
+def test_trimmed_minilm_reads_the_corpus_as_the_full_one(tmp_path):
+  """`trim_bert`: the kept tokens split the corpus as BERT's full vocabulary does, and the
+  imported Q-Former's text path on it equals transformers' BertModel cut to the same layers."""
+  from medunifier_jax.data import tokenizer as tokenizer_lib
+  from medunifier_jax.weights import trim_bert
+
+  folder = minilm_folder()
+  out = str(tmp_path / "trimmed")
+  report = trim_bert.trim_bert(folder, out, SENTENCES, num_layers=2)
+  assert (report.vocab_before, report.layers_before, report.layers_after) == (30522, 6, 2)
+  full = transformers.BertTokenizerFast.from_pretrained(folder)
+  used = {t for s in SENTENCES for t in full.tokenize(s)}
+  assert report.vocab_after == len(used) + len(trim_bert.SPECIAL_TOKENS)
+  small = tokenizer_lib.load_tokenizer(out)
+  assert small.convert_tokens_to_ids(list(trim_bert.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+  assert [small.tokenize(s) for s in SENTENCES] == [full.tokenize(s) for s in SENTENCES]
+  assert hf_files.read_config(out)["num_hidden_layers"] == 2
+  assert not any(".layer.2." in k for k in hf_files.read_weights(out))
+
+  cfg = hf_import.bert_config(out, config("tiny"))
+  assert cfg.model.qformer.dec_token_id == report.vocab_after
+  model = api.load("hf-bert:" + out, config=cfg)
+  batch = model.tokenize(SENTENCES, max_len=24, clean=False)
+  ours = model.encode_text(batch["input_ids"], batch["attention_mask"])
+  bert = transformers.BertModel.from_pretrained(
+    folder, num_hidden_layers=2, attn_implementation="eager"
+  ).eval()
+  ids = full(SENTENCES, padding="max_length", max_length=24, return_tensors="pt")
+  with torch.no_grad():
+    theirs = bert(
+      input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]
+    ).last_hidden_state.numpy()
+  diff = float(np.abs(ours - theirs).max())
+  assert diff < 1e-4, f"the trimmed model's text path differs from BertModel by {diff}"
+
+  flags = trim_bert.run_overrides(out, config("tiny"))
+  assert f"--config.init_from.qformer=hf-bert:{out}" in flags
+  assert (
+    f"--config.model.qformer.vocab_size={tokenizer_lib.padded_vocab_size(report.vocab_after + 1)}"
+    in flags
+  )
+  with pytest.raises(ValueError, match="num_layers=7 must be between 1 and 6"):
+    trim_bert.trim_bert(folder, str(tmp_path / "bad"), SENTENCES, num_layers=7)
+  assert not (tmp_path / "bad").exists()

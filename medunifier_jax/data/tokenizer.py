@@ -250,7 +250,8 @@ def _cache_remote(texts: Sequence[str], size: int, folder: str) -> None:
 VOCAB_MULTIPLE = 128
 
 
-def _padded(n: int) -> int:
+def padded_vocab_size(n: int) -> int:
+  """`n` rounded up to a multiple of VOCAB_MULTIPLE."""
   return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
@@ -263,14 +264,15 @@ def check_tokenizer(tokenizer, model_config: Any) -> None:
       f"the tokenizer's {DEC_TOKEN} id is {dec_id} (its vocabulary has {dec_id} tokens) but "
       f"config.model.qformer.dec_token_id is {qf.dec_token_id}; set "
       f"config.model.qformer.dec_token_id={dec_id} and config.model.qformer.vocab_size="
-      f"{_padded(dec_id + 1)}, or use a tokenizer with {qf.dec_token_id} tokens (when "
+      f"{padded_vocab_size(dec_id + 1)}, or use a tokenizer with {qf.dec_token_id} tokens (when "
       f"training one: config.data.tokenizer_vocab_size={qf.dec_token_id})"
     )
   if qf.vocab_size < dec_id + 1:
     raise ValueError(
       f"config.model.qformer.vocab_size is {qf.vocab_size} but the tokenizer needs "
       f"{dec_id + 1} ids (vocabulary + {DEC_TOKEN}); set it to at least {dec_id + 1} "
-      f"({_padded(dec_id + 1)}: padded to a multiple of {VOCAB_MULTIPLE}, so it can shard)"
+      f"({padded_vocab_size(dec_id + 1)}: padded to a multiple of {VOCAB_MULTIPLE}, so it "
+      "can shard)"
     )
   for name, want in (("cls", qf.cls_token_id), ("pad", qf.pad_token_id)):
     got = getattr(tokenizer, f"{name}_token_id")
