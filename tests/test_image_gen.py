@@ -27,7 +27,14 @@ from medunifier_jax.prior import model as prior_model
 from medunifier_jax.training import checkpoint as ckpt
 
 N = 8  # the tiny entry's num_images
-SETS = ("conditional", "unconditional", "reconstruction", "real_train", "real_test")
+SETS = (
+  "conditional",
+  "unconditional",
+  "reconstruction",
+  "code_grid_mean",
+  "real_train",
+  "real_test",
+)
 
 
 def drawn_state(module_fn, seed: int = 0):
@@ -146,7 +153,7 @@ def test_every_set_has_fid_kid_with_n_and_fidelity(run, workdir):
     for line in console.splitlines()
     if line.startswith(("n_real", "n_generated"))
   }
-  assert rows["n_real"] == ["8"] * 5 + ["-"]
+  assert rows["n_real"] == ["8"] * 6 + ["-"]
 
 
 def test_outputs_hold_the_prompt_grid_and_examples(run, workdir, config):
@@ -235,3 +242,20 @@ def test_exact_fid_matches_the_matrix_square_root():
     )
     assert image_metrics.fid(a, b) == pytest.approx(want, rel=1e-6)
     assert abs(image_metrics.fid(a, a)) < 1e-9
+
+
+def test_code_grid_mean_keeps_one_level_per_cell():
+  """The yardstick set: detail inside a code's cell is gone, levels between cells are kept."""
+  checker = (np.indices((48, 48)).sum(0) % 2).astype(np.float32)  # pixel-level detail
+  images = np.stack([checker, np.full((48, 48), 0.3, np.float32)])[..., None].repeat(3, -1)
+  out = np.asarray(image_gen.code_grid_mean(jnp.asarray(images), 8))
+  assert out.shape == images.shape
+  np.testing.assert_allclose(
+    out,
+    np.stack([np.full_like(checker, 0.5), images[1, ..., 0]])[..., None].repeat(3, -1),
+    atol=1e-6,
+  )
+  halves = np.zeros((1, 48, 48, 1), np.float32)
+  halves[:, :, 24:] = 1.0  # cells of 6 pixels: the edge between cells 4 and 5 survives
+  out = np.asarray(image_gen.code_grid_mean(jnp.asarray(halves), 8))
+  assert out[0, 0, 0, 0] == 0.0 and out[0, 0, -1, 0] == 1.0

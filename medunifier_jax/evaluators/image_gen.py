@@ -10,6 +10,10 @@ the pre-training data's `split` (test), and scored beside baselines computed in 
                   null condition (the unconditional half of classifier-free guidance) instead
   reconstruction  `Model.reconstruct` of each real test image with its report: the VQ codes of
                   the real image decoded, the best any prior over these codes can do
+  code_grid_mean  each real test image averaged over the cells of the bottom code grid
+                  (`vqvae.grid`, e.g. 8 x 8 cells of 6 x 6 pixels) and resized back
+                  (bilinear): what an image holding one grey level per bottom code keeps, the
+                  yardstick for how much detail the reconstructions carry below a code's cell
   real_train      real images of `train_split`: the floor two real samples reach
   real_test       the real test images themselves: FID against themselves is 0 up to rounding
                   (a check of the pipeline), fidelity the reference
@@ -69,6 +73,7 @@ SET_ORDER = (
   "unconditional",
   "null_condition",
   "reconstruction",
+  "code_grid_mean",
   "real_train",
   "real_test",
 )
@@ -101,6 +106,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 # -- the single-finding prompts ----------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def code_grid_mean(images: jax.Array, grid: int) -> jax.Array:
+  """(B, S, S, C) -> (B, S, S, C): each of grid x grid cells replaced by its mean, resized back
+  bilinearly (S must be a multiple of grid)."""
+  b, s, _, c = images.shape
+  cells = images.reshape(b, grid, s // grid, grid, s // grid, c).mean(axis=(2, 4))
+  return jax.image.resize(cells, images.shape, "bilinear")
 
 
 class FindingPrompts:
@@ -583,6 +597,10 @@ class ImageGenEvaluator(common.Evaluator):
     train = self.source(dataset, cfg.train_split)
     train = common.Subset(train, len(test))
     real = lambda batch, offset: batch["target_image"]
+    grid = int(self.config.model.vqvae.grid)
+    grid_mean = lambda batch, offset: np.asarray(
+      code_grid_mean(jnp.asarray(batch["target_image"], jnp.float32), grid)
+    )
     recon = lambda batch, offset: np.asarray(
       self.fns(graphdef).reconstruct(
         state, batch["image"], batch["input_ids"], batch["attention_mask"]
@@ -594,6 +612,7 @@ class ImageGenEvaluator(common.Evaluator):
     }
     self.used.update(
       reconstruction=f"Model.reconstruct of the {cfg.split} images",
+      code_grid_mean=f"the {cfg.split} images averaged over {grid} x {grid} cells",
       real_train=f"{dataset}/{cfg.train_split}, first {len(train)}",
       real_test=f"{dataset}/{cfg.split}, first {len(test)}",
     )
@@ -601,7 +620,7 @@ class ImageGenEvaluator(common.Evaluator):
     shown = np.arange(int(cfg.num_examples))
     held_out = self._score(
       test,
-      {**generated, "reconstruction": recon, "real_test": real},
+      {**generated, "reconstruction": recon, "code_grid_mean": grid_mean, "real_test": real},
       inception=inception,
       classifier=classifier,
       examples=shown,
@@ -632,7 +651,7 @@ class ImageGenEvaluator(common.Evaluator):
       for name, prior in priors.items()
     }
     if cfg.prompt_phantoms:
-      prompt_makers.update(reconstruction=recon, real_test=real)
+      prompt_makers.update(reconstruction=recon, code_grid_mean=grid_mean, real_test=real)
     by_prompt = {}
     if prompt_makers:
       by_prompt = self._score(

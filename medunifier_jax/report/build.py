@@ -303,6 +303,7 @@ IMAGE_SETS = (
   ("unconditional", "unconditional prior (baseline)"),
   ("null_condition", "text prior, null condition (unconditional baseline)"),
   ("reconstruction", "VQ reconstructions of the real images (upper reference)"),
+  ("code_grid_mean", "real images averaged over the bottom code grid's cells (yardstick)"),
   ("real_train", "real training images (data floor)"),
   ("real_test", "real test images against themselves (sanity: 0)"),
 )
