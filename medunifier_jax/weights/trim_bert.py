@@ -124,9 +124,9 @@ def trim_bert(
     BertTokenizerFast(os.path.join(tmp, "vocab.txt"), do_lower_case=lower).save_pretrained(tmp)
     small = BertTokenizerFast.from_pretrained(tmp)
     new_id = {int(k): i for i, k in enumerate(kept)}
-    for n, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
-      again = small(text, add_special_tokens=False)["input_ids"]
-      if again != [new_id[i] for i in ids]:
+    again = small(list(texts), add_special_tokens=False)["input_ids"]
+    for n, (text, ids, got) in enumerate(zip(texts, encoded, again, strict=True)):
+      if got != [new_id[i] for i in ids]:
         raise ValueError(
           f"the trimmed vocabulary splits corpus text {n} differently from {folder}'s: "
           f"{text[:80]!r}; the folder was not written"
