@@ -259,3 +259,10 @@ def test_code_grid_mean_keeps_one_level_per_cell():
   halves[:, :, 24:] = 1.0  # cells of 6 pixels: the edge between cells 4 and 5 survives
   out = np.asarray(image_gen.code_grid_mean(jnp.asarray(halves), 8))
   assert out[0, 0, 0, 0] == 0.0 and out[0, 0, -1, 0] == 1.0
+  # Sizes the grid does not divide (56 px over 16 cells of 3.5 px): levels are still means.
+  ramp = np.tile(np.arange(56, dtype=np.float32) / 55, (1, 56, 1))[..., None]
+  out = np.asarray(image_gen.code_grid_mean(jnp.asarray(ramp), 16))
+  assert out.shape == ramp.shape
+  np.testing.assert_allclose(out.mean(), ramp.mean(), atol=1e-6)
+  # The first cell: pixels 0, 1, 2 and half of pixel 3, over 3.5 pixels.
+  np.testing.assert_allclose(out[0, 0, 0, 0], (0 + 1 + 2 + 1.5) / 3.5 / 55, rtol=1e-6)

@@ -108,12 +108,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 # -- the single-finding prompts ----------------------------------------------------------------
 
 
+def _cell_weights(size: int, grid: int) -> np.ndarray:
+  """(grid, size): row i weighs each pixel by the part of it inside cell i (cells of size /
+  grid pixels, which need not be whole: the decoder's sizes, (grid - 2) * 2^k, often are not
+  multiples of the grid), divided by the cell's size, so that a row sums to 1."""
+  edges = np.arange(grid + 1) * size / grid
+  pixels = np.arange(size)
+  inside = np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels)
+  return np.clip(inside, 0.0, None) * grid / size
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def code_grid_mean(images: jax.Array, grid: int) -> jax.Array:
   """(B, S, S, C) -> (B, S, S, C): each of grid x grid cells replaced by its mean, resized back
-  bilinearly (S must be a multiple of grid)."""
-  b, s, _, c = images.shape
-  cells = images.reshape(b, grid, s // grid, grid, s // grid, c).mean(axis=(2, 4))
+  bilinearly."""
+  w = jnp.asarray(_cell_weights(images.shape[1], grid), images.dtype)
+  cells = jnp.einsum("ip,bpqc,jq->bijc", w, images, w, precision=jax.lax.Precision.HIGHEST)
   return jax.image.resize(cells, images.shape, "bilinear")
 
 
