@@ -16,10 +16,13 @@ from flax import nnx
 
 from configs.pretrain import get_config
 from medunifier_jax import evaluation, generation, inference
+from medunifier_jax.data import findings
 from medunifier_jax.data import registry as data_registry
 from medunifier_jax.data import tokenizer as tokenizer_lib
 from medunifier_jax.evaluators import EVALUATORS, build_evaluators, finetune, make_eval_fn
 from tests.models_util import random_model
+
+ZS_CLASSES = findings.CLASSES_5X200
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +121,16 @@ def test_untrained_model_scores_chance_on_the_5x200_set(run):
     assert rt[f"{d}_P@1"] == pytest.approx(rt[f"{d}_plain_P@1"])  # the definitions meet at K=1
     assert rt[f"{d}_P@10"] >= rt[f"{d}_plain_P@10"]  # hit-averaged precision is never lower
     assert f"itm_{d}_R@5" in rt
+  # Per-class figures and the embedding-space diagnostics (8 queries' mean, 5 classes).
+  assert 1.0 <= rt["image_emb_rank"] and 1.0 <= rt["text_emb_rank"]
+  shares = [rt[f"per_class/{name}/i2t_top1_share"] for name in ZS_CLASSES]
+  assert sum(shares) == pytest.approx(1.0)
+  assert np.mean([rt[f"per_class/{name}/i2t_P@1"] for name in ZS_CLASSES]) == pytest.approx(
+    rt["i2t_P@1"]
+  )  # 10 images per class: the mean of the classes' P@1 is the overall one
+  recalls = [zs[f"per_class/{name}/recall"] for name in ZS_CLASSES]
+  assert np.mean(recalls) == pytest.approx(zs["accuracy"])  # balanced classes
+  assert all(0.0 <= zs[f"per_class/{name}/auc"] <= 1.0 for name in ZS_CLASSES)
 
 
 def test_finetune_and_report_generation_figures(run):

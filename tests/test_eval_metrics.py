@@ -62,6 +62,40 @@ RELEVANT = np.array(
 )
 
 
+def test_per_class_metrics_by_hand():
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  probs = np.array(
+    [
+      [0.6, 0.3, 0.1],
+      [0.2, 0.7, 0.1],
+      [0.1, 0.8, 0.1],
+      [0.3, 0.6, 0.1],
+      [0.5, 0.1, 0.4],
+      [0.1, 0.2, 0.7],
+    ]
+  )
+  out = metrics.per_class_metrics(labels, probs, ["a", "b", "c"])
+  assert out["a/recall"] == 0.5 and out["b/recall"] == 1.0 and out["c/recall"] == 0.5
+  for c, name in enumerate("abc"):
+    assert out[f"{name}/auc"] == pytest.approx(skm.roc_auc_score(labels == c, probs[:, c]))
+  # A fourth class without items: its recall and AUC are undefined.
+  four = metrics.per_class_metrics(labels, np.pad(probs, ((0, 0), (0, 1))), list("abcd"))
+  assert np.isnan(four["d/recall"]) and np.isnan(four["d/auc"])
+  with pytest.raises(ValueError, match="class names"):
+    metrics.per_class_metrics(labels, probs, ["a", "b"])
+
+
+def test_effective_rank_counts_the_directions():
+  rng = np.random.default_rng(0)
+  line = np.outer(rng.normal(size=500), rng.normal(size=16))
+  assert metrics.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
+  plane = np.zeros((4, 16))
+  plane[:, :2] = [[1, 0], [-1, 0], [0, 1], [0, -1]]  # equal variance along two axes
+  assert metrics.effective_rank(plane) == pytest.approx(2.0)
+  assert 15.0 <= metrics.effective_rank(rng.normal(size=(20000, 16))) <= 16.0
+  assert metrics.effective_rank(np.ones((5, 3))) == 0.0
+
+
 def test_ranking_breaks_ties_by_index():
   np.testing.assert_array_equal(
     metrics.rank_items(SCORES), [[0, 2, 3, 1], [1, 2, 0, 3], [0, 1, 2, 3]]

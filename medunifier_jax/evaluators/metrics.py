@@ -79,6 +79,47 @@ def classification_metrics(labels, probs) -> dict[str, float]:
   return out
 
 
+def per_class_metrics(labels, probs, class_names: Sequence[str]) -> dict[str, float]:
+  """Each class's own figures, for what a macro average hides.
+
+  Args:
+    labels: (N,) int class indices.
+    probs: (N, C) class probabilities (or scores).
+    class_names: C names, used as key prefixes.
+  Returns:
+    `{name}/recall` (the share of the class's items whose argmax is the class) and `{name}/auc`
+    (the ROC AUC of probs[:, c], the class against the rest); NaN where undefined.
+  """
+  labels, probs = _check_probs(labels, probs)
+  if len(class_names) != probs.shape[1]:
+    raise ValueError(f"{len(class_names)} class names for {probs.shape[1]} classes")
+  preds = probs.argmax(axis=1)
+  out = {}
+  for c, name in enumerate(class_names):
+    mine = labels == c
+    out[f"{name}/recall"] = float(np.mean(preds[mine] == c)) if mine.any() else np.nan
+    both = mine.any() and (~mine).any()
+    out[f"{name}/auc"] = float(skm.roc_auc_score(mine, probs[:, c])) if both else np.nan
+  return out
+
+
+def effective_rank(x) -> float:
+  """How many directions a set of embeddings spreads over: exp of the entropy of the shares
+  of variance along the principal axes (1 for points on a line, D for isotropic ones).
+
+  Args:
+    x: (N, D) embeddings.
+  """
+  x = np.asarray(x, dtype=np.float64)
+  x = x - x.mean(axis=0)
+  var = np.linalg.svd(x, compute_uv=False) ** 2
+  if var.sum() <= 0:
+    return 0.0
+  share = var / var.sum()
+  share = share[share > 0]
+  return float(np.exp(-(share * np.log(share)).sum()))
+
+
 def confusion_matrix(labels, probs) -> np.ndarray:
   """(C, C) counts, rows = true class, columns = predicted (argmax) class."""
   labels, probs = _check_probs(labels, probs)

@@ -10,6 +10,13 @@ pairs at once (`common.similarity_matrix`, jitted, in image chunks). Both direct
              relevant = same class.
   plain_P@K  ordinary precision@K: relevant items in the top K / K.
 
+Diagnostics of the embedding space beside them: `image_emb_rank` and `text_emb_rank`, the
+effective number of directions the image embeddings (averaged over queries) and the report
+embeddings spread over (`metrics.effective_rank`; up to the embedding width), and per class,
+`per_class/NAME/i2t_P@1` (P@1 over the class's images) and `per_class/NAME/i2t_top1_share` (the
+share of all images whose top report is of the class: 1 / C when no class's reports crowd out
+the others).
+
 Ties are ranked by item index (stable sort). With `itm_rerank_k` > 0, the top k items of every
 query are re-scored with the matching head as BLIP-2 does (match logit + similarity) and
 ranked above the rest; those figures are reported again with the prefix `itm_`.
@@ -51,6 +58,18 @@ class RetrievalEvaluator(common.Evaluator):
     self.outputs[dataset] = {"similarity": sim, "labels": labels, "index": feats["index"]}
     yield from metrics.retrieval_metrics(sim, targets, relevant, ks, prefix="i2t_").items()
     yield from metrics.retrieval_metrics(sim.T, targets, relevant.T, ks, prefix="t2i_").items()
+    yield "image_emb_rank", metrics.effective_rank(feats["image_emb"].mean(axis=1))
+    yield "text_emb_rank", metrics.effective_rank(feats["text_emb"])
+    class_names = getattr(source, "class_names", None)
+    if class_names:
+      top_class = labels[metrics.rank_items(sim, 1)[:, 0]]
+      for c, name in enumerate(class_names):
+        mine = labels == c
+        yield (
+          f"per_class/{name}/i2t_P@1",
+          float(np.mean(top_class[mine] == c)) if mine.any() else np.nan,
+        )
+        yield f"per_class/{name}/i2t_top1_share", float(np.mean(top_class == c))
     if rerank:
       i2t = self._rerank(fns, state, sim, feats, rerank, image_queries=True)
       t2i = self._rerank(fns, state, sim.T, feats, rerank, image_queries=False)

@@ -9,7 +9,8 @@ cosine with the prompt's text embedding, with no temperature. A class's score po
 the class's prompts, by `prompt_pooling`: "max" (the authors' code takes the maximum) or "mean";
 a softmax over classes gives the probabilities. Reported: accuracy, macro F1, one-vs-rest AUC,
 sensitivity, specificity, PPV, NPV (`metrics.classification_metrics`; binary sets such as
-RSNA-like pneumonia vs normal report the positive class).
+RSNA-like pneumonia vs normal report the positive class); sets of more classes also report each
+class's recall and one-vs-rest AUC (`per_class/NAME/recall`, `per_class/NAME/auc`).
 
 `class_set` names the 5x200 class set the protocol expects ("pneumonia": the authors' code,
 "gloria": Consolidation in place of Pneumonia, "": no check); a data set with the other one is
@@ -131,6 +132,9 @@ class ZeroShotEvaluator(common.Evaluator):
       "class_set": prompts.find_class_set(class_names) or "",
     }
     yield from metrics.classification_metrics(feats["label"], probs).items()
+    if len(class_names) > 2:  # binary sets already report their positive class
+      per_class = metrics.per_class_metrics(feats["label"], probs, class_names)
+      yield from ((f"per_class/{k}", v) for k, v in per_class.items())
 
   def _tokenize(self, texts, max_len: int) -> dict[str, np.ndarray]:
     from medunifier_jax.data import text as text_lib
