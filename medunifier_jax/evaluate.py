@@ -3,6 +3,9 @@ r"""Downstream evaluation entry point.
   python -m medunifier_jax.evaluate --config configs/pretrain.py:demo --workdir workdirs/demo \
       [--tasks zero_shot,retrieval,finetune,report_gen] [--config.evals.report_gen.num_beams=1]
 
+`--config configs/workdir.py:WORKDIR` evaluates a run with the configuration it saved (its
+training overrides included).
+
 Loads the latest checkpoint of the workdir (`api.load(workdir)`; `--random_init` evaluates a
 freshly initialised model instead, the chance baseline), runs the `config.evals` entries named
 by `--tasks` (default: all), prints a table per entry and writes WORKDIR/eval/results.json:

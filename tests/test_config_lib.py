@@ -84,6 +84,34 @@ def test_loader_accepts_every_spec_form(tmp_path, monkeypatch):
     config_lib.load(load_config("tiny").model)
 
 
+def test_a_run_s_saved_config_is_a_config_file(tmp_path):
+  from medunifier_jax.training import checkpoint
+
+  trained = parse_flags(
+    f"--config={CONFIG_DIR / 'pretrain.py'}:tiny",
+    "--config.model.qformer.num_queries=4",  # an override the run was trained with
+    "--config.data.tokenizer_dir=/some/bert",
+  )
+  checkpoint.save_config(tmp_path, trained)
+  config = parse_flags(
+    f"--config={CONFIG_DIR / 'workdir.py'}:{tmp_path}",
+    "--config.model.vit.image_size=96",  # overrides still apply, derived fields follow
+    "--config.evals.zero_shot.datasets=('phantom_pneumonia',)",  # tuples, as in config files
+  )
+  assert config.model.qformer.num_queries == 4 and config.data.tokenizer_dir == "/some/bert"
+  assert config.data.image_size == 96 and config.evals.zero_shot.datasets == ("phantom_pneumonia",)
+  assert config.mesh == tuple(tuple(axis) for axis in trained.mesh)
+  expected = trained.to_dict()
+  got = config.to_dict()
+  expected["model"]["vit"]["image_size"] = expected["data"]["image_size"] = 96
+  expected["evals"]["zero_shot"]["datasets"] = ("phantom_pneumonia",)
+  assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    config_lib.load(f"configs/workdir.py:{tmp_path / 'nothing'}")
+  with pytest.raises(ValueError, match="workdir.py:WORKDIR"):
+    config_lib.load("configs/workdir.py")
+
+
 # -- geometry --------------------------------------------------------------------------------
 
 
