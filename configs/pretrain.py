@@ -514,6 +514,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # step key; "rbg" / "unsafe_rbg" draw a key of that kind from it for XLA's RngBitGenerator,
   # which made the CPU step slower (docs/PERFORMANCE.md, "Where the step's time goes").
   c.dropout_prng = "threefry2x32"
+  # Beyond the paper: b > 0 trains ITM, ITG and TIG on the batch's first b examples only, while
+  # ITC contrasts the whole batch (more contrastive pairs per step for one more image and text
+  # pass per extra example; objectives.compute_losses). 0: every objective on the whole batch.
+  c.itm_itg_tig_batch = 0
   c.data = _data()
 
   # Initial weights, used only when the workdir has no checkpoint: one source per part

@@ -268,6 +268,7 @@ def compute_losses(
   train: bool = True,
   duplicate_aware: bool = True,
   dropout_prng: str | None = None,
+  itm_itg_tig_batch: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """All objectives in one pass, sharing the ViT pass, the image-mode queries and the text pass.
 
@@ -284,6 +285,10 @@ def compute_losses(
     dropout_prng: the PRNG implementation of dropout's bits: "rbg" or "unsafe_rbg" (a key of
       that kind drawn from `rng`), or None / "threefry2x32" (a split of `rng` itself, the
       stream before the option). ITM negatives and code restarts always split `rng`.
+    itm_itg_tig_batch: b > 0: ITM, ITG and TIG use only the batch's first b examples (ITM's
+      negatives drawn among them), while ITC contrasts the whole batch, so the contrastive
+      objective sees more pairs per step at the cost of one more image and text pass per extra
+      example (beyond the paper, which trains every objective on the whole batch). 0: all.
   Returns:
     (weighted total, metrics with the keys of `METRIC_KEYS`; skipped terms report 0).
   """
@@ -299,6 +304,17 @@ def compute_losses(
     )
   rngs = nnx.Rngs(dropout=key_dropout, codes=key_codes) if train else None
   ids, mask = batch["input_ids"], batch["attention_mask"]
+  sub = int(itm_itg_tig_batch)
+  if not 0 <= sub <= ids.shape[0]:
+    raise ValueError(
+      f"itm_itg_tig_batch is {sub}, but the batch holds {ids.shape[0]} examples; set it to at "
+      "most the batch size (0: every objective on the whole batch)"
+    )
+
+  def head(tree):
+    """The first `sub` examples of every array in `tree` (ITM, ITG and TIG's share)."""
+    return tree if sub in (0, ids.shape[0]) else jax.tree.map(lambda x: x[:sub], tree)
+
   zero = jnp.zeros((), jnp.float32)
   metrics = {k: zero for k in METRIC_KEYS}
   metrics["temperature"] = model.temperature()
@@ -330,25 +346,28 @@ def compute_losses(
     if on["itc"]:
       losses["itc"] = loss
     if on["itm"]:
+      square = (lambda x: x) if not sub else (lambda x: x[:sub, :sub])
       losses["itm"] = itm_loss(
         model,
-        image_tokens,
-        ids,
-        mask,
-        logits_i2t,
+        head(image_tokens),
+        head(ids),
+        head(mask),
+        square(logits_i2t),
         key_itm,
-        image_kvs=image_kvs,
+        image_kvs=head(image_kvs),
         rngs=rngs,
-        duplicates=duplicates,
+        duplicates=None if duplicates is None else square(duplicates),
       )
   if on["itg"]:
-    lm_logits = model.lm_logits_from_query_kv(query_kvs, ids, mask, rngs=rngs)
+    lm_logits = model.lm_logits_from_query_kv(head(query_kvs), head(ids), head(mask), rngs=rngs)
     losses["itg"] = itg_loss(
-      lm_logits, ids, mask, label_smoothing, num_classes=model.num_text_classes
+      lm_logits, head(ids), head(mask), label_smoothing, num_classes=model.num_text_classes
     )
   if on["tig"]:
-    out = model.vqvae(queries, image_tokens[:, 1:], text_hidden[:, 0], train=train, rngs=rngs)
-    losses["tig"], tig_metrics = tig_loss(out, batch["target_image"])
+    out = model.vqvae(
+      head(queries), head(image_tokens)[:, 1:], head(text_hidden)[:, 0], train=train, rngs=rngs
+    )
+    losses["tig"], tig_metrics = tig_loss(out, head(batch["target_image"]))
     metrics.update({k: v.astype(jnp.float32) for k, v in tig_metrics.items()})
 
   total = zero

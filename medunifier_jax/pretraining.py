@@ -43,6 +43,7 @@ def loss_fn(config: ml_collections.ConfigDict) -> Callable:
     # A config without the key predates the option: it keeps the behaviour it was run with.
     duplicate_aware=bool(config.get("duplicate_aware_negatives", False)),
     dropout_prng=config.get("dropout_prng", None),
+    itm_itg_tig_batch=int(config.get("itm_itg_tig_batch", 0)),
   )
 
 

@@ -371,6 +371,26 @@ def test_compute_losses_with_and_without_the_option(model, batch):
   assert all(np.isfinite(float(v)) for v in out[True].values())
 
 
+def test_itm_itg_tig_on_the_first_examples_itc_on_the_whole_batch(model, batch):
+  """itm_itg_tig_batch=2 of 4: ITC is the whole batch's, ITM/ITG/TIG those of the first two
+  examples alone (evaluation mode: no dropout, BatchNorm's running statistics)."""
+  weights = {"itc": 1.0, "itm": 1.0, "itg": 1.0, "tig": 1.0}
+  first = {k: v[:2] for k, v in batch.items()}
+
+  @nnx.jit
+  def three(m, batch, first, rng):
+    run = lambda b, **kw: obj.compute_losses(m, b, rng, weights=weights, train=False, **kw)[1]
+    return run(batch, itm_itg_tig_batch=2), run(batch), run(first)
+
+  split, whole, alone = three(model, batch, first, _key(6))
+  np.testing.assert_allclose(split["loss_itc"], whole["loss_itc"], rtol=1e-6)
+  for name in ("loss_itm", "loss_itg", "loss_tig", "tig_mse"):
+    np.testing.assert_allclose(split[name], alone[name], rtol=1e-5, err_msg=name)
+    assert float(split[name]) != float(whole[name]), name
+  with pytest.raises(ValueError, match="at most the batch size"):
+    obj.compute_losses(model, batch, _key(6), weights=weights, itm_itg_tig_batch=5)
+
+
 # -- temperature and ln_vision --------------------------------------------------------------------
 
 
