@@ -311,9 +311,11 @@ def compute_losses(
       "most the batch size (0: every objective on the whole batch)"
     )
 
+  whole = sub in (0, ids.shape[0])
+
   def head(tree):
     """The first `sub` examples of every array in `tree` (ITM, ITG and TIG's share)."""
-    return tree if sub in (0, ids.shape[0]) else jax.tree.map(lambda x: x[:sub], tree)
+    return tree if whole else jax.tree.map(lambda x: x[:sub], tree)
 
   zero = jnp.zeros((), jnp.float32)
   metrics = {k: zero for k in METRIC_KEYS}
@@ -346,7 +348,7 @@ def compute_losses(
     if on["itc"]:
       losses["itc"] = loss
     if on["itm"]:
-      square = (lambda x: x) if not sub else (lambda x: x[:sub, :sub])
+      square = (lambda x: x) if whole else (lambda x: x[:sub, :sub])  # (B, B) -> (b, b)
       losses["itm"] = itm_loss(
         model,
         head(image_tokens),

@@ -136,10 +136,17 @@ def compile_synthetic_step(config: ml_collections.ConfigDict):
 
 
 def preflight(config: ml_collections.ConfigDict, resuming: bool) -> None:
-  """`config.init_from`'s syntax (always), and for a fresh start its placeholders, missing
-  paths and a frozen ViT no source loads (`init_sources.check_fresh_start`)."""
+  """`itm_itg_tig_batch` against the batch size and `config.init_from`'s syntax (always), and
+  for a fresh start its placeholders, missing paths and a frozen ViT no source loads
+  (`init_sources.check_fresh_start`)."""
   from medunifier_jax.weights import init_sources
 
+  sub, batch = int(config.get("itm_itg_tig_batch", 0)), int(config.batch_size)
+  if not 0 <= sub <= batch:
+    raise ValueError(
+      f"config.itm_itg_tig_batch is {sub}, more than config.batch_size {batch} (or negative); "
+      "set it to at most the batch size, or 0 to train every objective on the whole batch"
+    )
   sources = init_sources.parse(config.get("init_from"))
   if not resuming:
     init_sources.check_fresh_start(config, sources)

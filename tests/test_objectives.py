@@ -391,6 +391,17 @@ def test_itm_itg_tig_on_the_first_examples_itc_on_the_whole_batch(model, batch):
     obj.compute_losses(model, batch, _key(6), weights=weights, itm_itg_tig_batch=5)
 
 
+def test_training_refuses_a_larger_itm_itg_tig_batch_before_compiling(cfg):
+  from medunifier_jax import pretraining
+
+  config = cfg.copy_and_resolve_references()
+  config.itm_itg_tig_batch = int(config.batch_size) + 1
+  with pytest.raises(ValueError, match="config.itm_itg_tig_batch"):
+    pretraining.preflight(config, resuming=True)
+  config.itm_itg_tig_batch = int(config.batch_size)
+  pretraining.preflight(config, resuming=True)
+
+
 # -- temperature and ln_vision --------------------------------------------------------------------
 
 
