@@ -181,6 +181,13 @@ def corpus_key(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) ->
   return h.hexdigest()[:16]
 
 
+def clean_corpus(data_config: Any, corpus: Iterable[str]) -> list[str]:
+  """Raw report texts as the model sees them: `text.clean_report` with the config's
+  `max_words` (the default for configs without the field)."""
+  max_words = data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS)
+  return [text_lib.clean_report(t, max_words) for t in corpus]
+
+
 def get_tokenizer(
   data_config: Any, corpus: Iterable[str] | None = None, cache_dir: str | None = None
 ):
@@ -205,8 +212,7 @@ def get_tokenizer(
       "config.data.tokenizer_dir is empty, so a WordPiece vocabulary is trained on the "
       "reports: pass the training reports as `corpus`, or set config.data.tokenizer_dir"
     )
-  max_words = data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS)
-  texts = [text_lib.clean_report(t, max_words) for t in corpus]
+  texts = clean_corpus(data_config, corpus)
   size = int(data_config.tokenizer_vocab_size)
   if cache_dir is None:
     with tempfile.TemporaryDirectory() as tmp:

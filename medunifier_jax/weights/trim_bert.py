@@ -156,11 +156,10 @@ def trim_bert(
 def training_texts(config) -> list[str]:
   """The training split's reports of `config.data`, cleaned as the pipeline cleans them."""
   from medunifier_jax.data import pipeline, registry
-  from medunifier_jax.data import text as text_lib
+  from medunifier_jax.data import tokenizer as tokenizer_lib
 
   source = registry.get_source(config.data.name, "train", config.data)
-  max_words = config.data.get("max_words", text_lib.DEFAULT_MAX_WORDS)
-  return [text_lib.clean_report(t, max_words) for t in pipeline.source_reports(source)]
+  return tokenizer_lib.clean_corpus(config.data, pipeline.source_reports(source))
 
 
 def run_overrides(folder: str, config) -> list[str]:
