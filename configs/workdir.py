@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ml_collections
 
-from medunifier_jax import config_lib
+from medunifier_jax import model_io
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,23 +22,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(
       "name the run: --config configs/workdir.py:WORKDIR (the directory holding config.json)"
     )
-  from medunifier_jax.training import checkpoint
-
-  config = _tuples(checkpoint.load_config(Path(arg).expanduser()))
-  # JSON keeps no links between fields: derive them again, so that an override of a source
-  # (`--config.model.vit.image_size`) moves its copies as with the config files.
-  return config_lib.derive(config)
-
-
-def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """JSON's lists back to the tuples the config files hold (nested ones too), so that
-  command-line overrides, which take tuples, work on them."""
-
-  def fix(value):
-    if isinstance(value, ml_collections.ConfigDict):
-      return _tuples(value)
-    if isinstance(value, list):
-      return tuple(fix(v) for v in value)
-    return value
-
-  return ml_collections.ConfigDict({k: fix(v) for k, v in config.items()})
+  # As `api.load(WORKDIR)` reads it: tuples back, derived fields linked again, so that an
+  # override of a source (`--config.model.vit.image_size`) moves its copies.
+  return model_io.load_config(Path(arg).expanduser())

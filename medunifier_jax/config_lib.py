@@ -151,6 +151,21 @@ def derive(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def tuples_from_json(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config read back from JSON with its lists made tuples again (nested ones too), as the
+  config files hold them, so that command-line overrides, which take tuples, work on it. Call
+  it before `derive`: it builds new dicts, which carry no links."""
+
+  def fix(value):
+    if isinstance(value, ml_collections.ConfigDict):
+      return tuples_from_json(value)
+    if isinstance(value, list):
+      return tuple(fix(v) for v in value)
+    return value
+
+  return ml_collections.ConfigDict({k: fix(v) for k, v in config.items()})
+
+
 def _source_ref(config: ml_collections.ConfigDict, dotted: str):
   """A one-way reference to the integer field `dotted`, or None when the config has none.
 

@@ -120,12 +120,12 @@ class Restored:
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The run config a training workdir was started with (`WORKDIR/config.json`), its derived
-  fields linked again (`config_lib.derive`)."""
+  """The run config a training workdir was started with (`WORKDIR/config.json`), with tuples
+  where the config files have them and its derived fields linked again (`config_lib.derive`)."""
   from medunifier_jax import config_lib
   from medunifier_jax.training import checkpoint as ckpt
 
-  return config_lib.derive(ckpt.load_config(workdir))
+  return config_lib.derive(config_lib.tuples_from_json(ckpt.load_config(workdir)))
 
 
 def restore(
