@@ -258,6 +258,17 @@ def _weights(weights: Mapping[str, float]) -> dict[str, float]:
   return {k: float(weights[k]) if k in weights else 0.0 for k in OBJECTIVES}
 
 
+def check_itm_itg_tig_batch(sub: int, batch_size: int) -> int:
+  """`itm_itg_tig_batch` as an int, refused unless it lies in [0, batch_size]."""
+  sub = int(sub)
+  if not 0 <= sub <= batch_size:
+    raise ValueError(
+      f"config.itm_itg_tig_batch is {sub}, but the batch holds {batch_size} examples; set it to "
+      "at most the batch size, or 0 to train every objective on the whole batch"
+    )
+  return sub
+
+
 def compute_losses(
   model,
   batch: Mapping[str, jax.Array],
@@ -304,13 +315,7 @@ def compute_losses(
     )
   rngs = nnx.Rngs(dropout=key_dropout, codes=key_codes) if train else None
   ids, mask = batch["input_ids"], batch["attention_mask"]
-  sub = int(itm_itg_tig_batch)
-  if not 0 <= sub <= ids.shape[0]:
-    raise ValueError(
-      f"itm_itg_tig_batch is {sub}, but the batch holds {ids.shape[0]} examples; set it to at "
-      "most the batch size (0: every objective on the whole batch)"
-    )
-
+  sub = check_itm_itg_tig_batch(itm_itg_tig_batch, ids.shape[0])
   whole = sub in (0, ids.shape[0])
 
   def head(tree):

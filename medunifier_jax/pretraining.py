@@ -141,12 +141,7 @@ def preflight(config: ml_collections.ConfigDict, resuming: bool) -> None:
   (`init_sources.check_fresh_start`)."""
   from medunifier_jax.weights import init_sources
 
-  sub, batch = int(config.get("itm_itg_tig_batch", 0)), int(config.batch_size)
-  if not 0 <= sub <= batch:
-    raise ValueError(
-      f"config.itm_itg_tig_batch is {sub}, more than config.batch_size {batch} (or negative); "
-      "set it to at most the batch size, or 0 to train every objective on the whole batch"
-    )
+  objectives.check_itm_itg_tig_batch(config.get("itm_itg_tig_batch", 0), int(config.batch_size))
   sources = init_sources.parse(config.get("init_from"))
   if not resuming:
     init_sources.check_fresh_start(config, sources)
