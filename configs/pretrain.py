@@ -289,6 +289,9 @@ def _model() -> ml_collections.ConfigDict:
 
   vq.latent_dim = 768  # d
   vq.codebook_size = 512  # K, both levels
+  # Codes per bottom cell: 1 is the paper's; R > 1 quantizes residuals with R codebooks
+  # (models/vqvae.py), R times the bits per cell.
+  vq.bottom_depth = 1
   vq.grid = 16  # bottom grid (patch grid)
   vq.query_grid = (4, 8)  # 32 query outputs read as 4x8, resized to grid // 2
   vq.num_res_layers = 3

@@ -86,6 +86,7 @@ def _model(medunifier: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Dictated by the frozen MedUnifier (filled from its run config when training starts).
   m.grid = medunifier.vqvae.grid  # bottom grid g; the top grid is g/2
   m.codebook_size = medunifier.vqvae.codebook_size  # K, both levels
+  m.bottom_depth = medunifier.vqvae.bottom_depth  # R codes per bottom cell
   m.text_width = medunifier.qformer.hidden_size  # Q-Former hidden size
   # The prior itself.
   m.width = 512

@@ -149,7 +149,7 @@ class Model:
     """The image rebuilt from its text-grounded codes (the TIG path, evaluation mode).
 
     Returns `recon` (B, S, S, 3) in [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom`
-    (B, g, g) int32, g the VQ-VAE grid.
+    (B, g, g) int32, g the VQ-VAE grid ((B, g, g, R) with `vqvae.bottom_depth` R > 1).
     """
     pixels, ids, mask = self._pairs(
       pixel_values, input_ids, attention_mask, "reconstruct pairs each image with its report"

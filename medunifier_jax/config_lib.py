@@ -293,6 +293,11 @@ def _vqvae_problems(vq: ml_collections.ConfigDict, image_size: int) -> tuple[lis
       f"model.vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position "
       f"encoding and d/2 residual bottlenecks), got {vq.latent_dim}"
     )
+  if int(vq.get("bottom_depth", 1)) < 1:
+    problems.append(
+      f"model.vqvae.bottom_depth is the number of codes per bottom cell (1: the paper's one "
+      f"code); it must be at least 1, got {vq.bottom_depth}"
+    )
   k, decode_problem = _decoder_steps(grid, s, tuple(vq.decoder_channels))
   if decode_problem:
     problems.append(decode_problem)

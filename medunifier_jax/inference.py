@@ -76,7 +76,8 @@ def _tig_pass(m, pixel_values, input_ids, attention_mask):
 
 def reconstruct(m, pixel_values, input_ids, attention_mask) -> dict[str, jax.Array]:
   """The evaluation-mode TIG pass (running BatchNorm statistics): `recon` (B, S, S, 3) clipped
-  to [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom` (B, g, g) int32."""
+  to [0, 1], `codes_top` (B, g/2, g/2) and `codes_bottom` (B, g, g) int32 ((B, g, g, R) with R
+  codes per bottom cell)."""
   out, _ = _tig_pass(m, pixel_values, input_ids, attention_mask)
   return {
     "recon": jnp.clip(out.recon, 0.0, 1.0),
@@ -86,8 +87,8 @@ def reconstruct(m, pixel_values, input_ids, attention_mask) -> dict[str, jax.Arr
 
 
 def codes_and_text(m, pixel_values, input_ids, attention_mask):
-  """The same pass for the prior's code cache -> codes_top (B, g/2, g/2), codes_bottom (B, g, g),
-  text states (B, T, H). The decoder's output is unused, so XLA drops it."""
+  """The same pass for the prior's code cache -> codes_top (B, g/2, g/2), codes_bottom (B, g, g)
+  (or (B, g, g, R)), text states (B, T, H). The decoder's output is unused, so XLA drops it."""
   out, text = _tig_pass(m, pixel_values, input_ids, attention_mask)
   return out.codes_top, out.codes_bottom, text
 
@@ -164,9 +165,9 @@ def generate_images(
   null_condition=False,
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
-  codes_bottom (B, g, g) (`prior.sample.generate_fn`; `settings` a `SamplingSettings`). Graph
-  definitions are static: one compilation per architecture pair, steps and input shapes,
-  shared by every checkpoint, seed, guidance weight and temperature."""
+  codes_bottom (B, g, g) or (B, g, g, R) (`prior.sample.generate_fn`; `settings` a
+  `SamplingSettings`). Graph definitions are static: one compilation per architecture pair,
+  steps and input shapes, shared by every checkpoint, seed, guidance weight and temperature."""
   from medunifier_jax.prior import sample
 
   mu, prior = nnx.merge(mu_def, mu_state), nnx.merge(prior_def, prior_state)

@@ -406,3 +406,67 @@ def test_generate_images_without_a_prior_names_the_training_command(extracted):
   bare = api.Model(model.module, model.config, model.tokenizer)
   with pytest.raises(ValueError, match=r"configs/prior.py:demo .*medunifier_workdir="):
     bare.generate_images(["effusion"])
+
+
+# ------------------------------------------- several codes per bottom cell (bottom_depth R)
+
+
+def test_bottom_depth_embeds_and_predicts_each_depth_from_its_own_block():
+  config = prior_config(**{"model.bottom_depth": 2})
+  prior = model_lib.CodePrior(config.model, rngs=nnx.Rngs(0))
+  k, g = prior.codebook_size, prior.grid
+  assert prior.num_positions == (g // 2) ** 2 + g * g * 2
+  assert prior.code_embedding_bottom.num_embeddings == 2 * k + 1
+  # Position p of the bottom sequence is depth p % 2; [MASK] is the last row at every depth.
+  ids = prior._bottom_ids(jnp.asarray([[0, 1, k, k, 3, 3]], jnp.int32))
+  np.testing.assert_array_equal(ids, [[0, k + 1, 2 * k, 2 * k, 3, k + 3]])
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, config.model.width)), jnp.float32)
+  every_block = prior.head_bottom(x)  # (2, 6, 2K)
+  want = jnp.stack([every_block[:, p, (p % 2) * k : (p % 2 + 1) * k] for p in range(6)], axis=1)
+  np.testing.assert_allclose(prior._bottom_logits(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_codes_per_bottom_cell_from_extraction_to_images(tmp_path):
+  """A MedUnifier with vqvae.bottom_depth 2: its codes cache as (m, g, g, 2), a prior trains
+  on them with the depth copied from the run, and images are drawn and decoded."""
+  workdir, config = str(tmp_path / "medunifier"), pretrain_config("tiny")
+  config.model.vqvae.bottom_depth = 2
+  pipeline.build_tokenizer(config, cache_dir=os.path.join(workdir, "tokenizer"))
+  save_medunifier(workdir, config, drawn_weights(config), step=1)
+  model = api.load(workdir)
+  g = config.model.vqvae.grid
+  codes = dict(EXTRACT, max_examples=16)
+  index = codes_lib.extract_codes(
+    workdir, str(tmp_path / "codes"), load_model=lambda: model, **codes
+  )
+  assert index["bottom_depth"] == 2
+  cached = codes_lib.CodeSource(str(tmp_path / "codes")).take(np.arange(16))
+  assert cached["codes_bottom"].shape == (16, g, g, 2)
+  config = prior_config(
+    **{
+      "medunifier_workdir": workdir,
+      "num_steps": 2,
+      "codes.dir": str(tmp_path / "codes"),
+      "codes.shard_size": 16,
+      "codes.batch_size": 16,
+      "codes.max_examples": 16,
+      "checkpoint_every": 2,
+    }
+  )
+  result = train_lib.train_prior(config, os.path.join(workdir, "prior"), show_progress=False)
+  assert result["step"] == 2 and np.isfinite(result["metrics"]["loss"])
+  saved = json.load(open(os.path.join(workdir, "prior", "config.json")))
+  assert saved["model"]["bottom_depth"] == 2
+  model = api.load(workdir)
+  tokens = model.tokenize(["no acute findings", "cardiomegaly"])
+  drawn = model.prior.generate(
+    model.graphdef, model.state, tokens["input_ids"], tokens["attention_mask"], steps=3
+  )
+  assert drawn["codes_top"].shape == (2, g // 2, g // 2)
+  assert drawn["codes_bottom"].shape == (2, g, g, 2)
+  assert drawn["images"].shape == (2, 48, 48, 3)
+  # The images are the decoder's reading of the two codebooks' sum at every cell.
+  decoded = model.module.vqvae.decode_codes(
+    jnp.asarray(drawn["codes_top"]), jnp.asarray(drawn["codes_bottom"])
+  )
+  np.testing.assert_allclose(drawn["images"], np.clip(decoded, 0, 1), rtol=1e-5, atol=1e-5)

@@ -342,6 +342,8 @@ def test_geometry_errors_are_clear(tiny, tiny_model):
     vq.VQVAE(_vq_cfg(tiny, grid=7), **w, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="multiple of 4"):
     vq.VQVAE(_vq_cfg(tiny, latent_dim=18), **w, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="bottom_depth .* at least 1, got 0"):
+    vq.VQVAE(_vq_cfg(tiny, bottom_depth=0), **w, rngs=nnx.Rngs(0))
 
   queries, patches, text = _inputs(tiny, 2)
   with pytest.raises(ValueError, match="2x4 grid"):
@@ -499,3 +501,31 @@ def test_tiny_vqvae_overfits_one_batch(tiny, tiny_model):
   out, decoded = _evaluate(model, queries, patches, text)
   assert out.recon.shape == (4, 48, 48, 3)
   np.testing.assert_allclose(decoded, out.recon, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_bottom_codes_quantize_what_the_codes_before_left(tiny):
+  """bottom_depth 3: each depth's code is the nearest of its codebook to the residual the
+  earlier ones leave; the quantized vector is their sum, straight-through to the input."""
+  model = vq.VQVAE(_vq_cfg(tiny, bottom_depth=3), **_widths(tiny), rngs=nnx.Rngs(0))
+  g, width = tiny.model.vqvae.grid, 2 * tiny.model.vqvae.latent_dim
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, g, g, width)) * 0.02, jnp.float32)
+  out = model._quantize_bottom(x, train=False, rngs=None)
+  assert out.codes.shape == (2, g, g, 3)
+  residual = np.asarray(x).reshape(-1, width)
+  codebooks = [model.quantizer_bottom, *model.quantizers_bottom_residual]
+  for depth, quantizer in enumerate(codebooks):
+    book = np.asarray(quantizer.vectors())
+    nearest = np.argmin(((residual[:, None, :] - book[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(out.codes[..., depth].reshape(-1), nearest)
+    residual = residual - book[nearest]
+  np.testing.assert_allclose(out.z_q, model.lookup_bottom(out.codes), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(x - out.z_q).reshape(-1, width), residual, rtol=1e-4, atol=1e-6
+  )
+  # One loss per codebook, and the gradient of the identity to x (not 3 times it).
+  single = model.quantizer_bottom(x, train=False)
+  assert float(out.loss) > float(single.loss)
+  grad = jax.grad(lambda x: jnp.sum(model._quantize_bottom(x, train=False, rngs=None).z_q))(x)
+  np.testing.assert_allclose(grad, np.ones(x.shape), rtol=0, atol=0)
+  with pytest.raises(ValueError, match=r"codes_bottom \(B, 8, 8, 3\)"):
+    model.decode_codes(jnp.zeros((1, g // 2, g // 2), jnp.int32), jnp.zeros((1, g, g), jnp.int32))

@@ -8,6 +8,9 @@ the image back out through the two code levels).
                             codes are in effective use; at most the codebook size)
   num_images                images scored
 
+With several codes per bottom cell (`vqvae.bottom_depth` R > 1) the bottom figures and code
+maps are those of the first codebook, the one a single-code model would have.
+
 Outputs (`WORKDIR/eval/outputs/{entry}_{data set}.npz`, for the report's figures): the first
 `num_examples` inputs and reconstructions as 8-bit images, their code maps, and the code counts
 of each level over the whole set.
@@ -43,6 +46,12 @@ def code_usage(counts: np.ndarray) -> tuple[float, float]:
   return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
 
 
+def first_codes(codes: np.ndarray, level: str) -> np.ndarray:
+  """A level's codes, (B, h, w) or (B, g, g, R) -> (B, h, w): the first codebook's."""
+  codes = np.asarray(codes)
+  return codes[..., 0] if level == "bottom" and codes.ndim == 4 else codes
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """Images in [0, 1] -> uint8 (a quarter of the float32 size on disk)."""
   return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -74,7 +83,8 @@ class ReconstructionEvaluator(common.Evaluator):
     """Runs the compiled reconstruction over `batches`; keeps real (unpadded) rows only.
 
     Returns `psnr` (N,), `counts` {level: (K,) int64}, and the first `num_examples` rows as
-    `inputs` / `recons` (n, S, S, 3) uint8, `codes_top` (n, g/2, g/2), `codes_bottom` (n, g, g).
+    `inputs` / `recons` (n, S, S, 3) uint8, `codes_top` (n, g/2, g/2), `codes_bottom` (n, g, g)
+    (the first codebook's with several codes per cell).
     """
     from tqdm.auto import tqdm
 
@@ -94,14 +104,14 @@ class ReconstructionEvaluator(common.Evaluator):
       psnrs.append(psnr_db(recon, target))
       for level in LEVELS:
         counts[level] += np.bincount(
-          np.asarray(out[f"codes_{level}"])[real].ravel(), minlength=size
+          first_codes(out[f"codes_{level}"], level)[real].ravel(), minlength=size
         )
       take = min(keep_n - kept, len(recon))
       if take > 0:
         examples["inputs"].append(to_uint8(target[:take]))
         examples["recons"].append(to_uint8(recon[:take]))
         for level in LEVELS:
-          examples[f"codes_{level}"].append(np.asarray(out[f"codes_{level}"])[real][:take])
+          examples[f"codes_{level}"].append(first_codes(out[f"codes_{level}"], level)[real][:take])
         kept += take
     if not psnrs:
       raise ValueError(f"data set {dataset!r} yielded no images to reconstruct")

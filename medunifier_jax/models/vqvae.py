@@ -6,10 +6,19 @@ cfg.codebook_size, S the image size, (qh, qw) = cfg.query_grid. Arrays are NHWC.
   queries (B, qh*qw, Hq) -> top bridge -> (B, g/2, g/2, d) -> top quantizer (K x d)
   patch tokens (B, g*g, Dv) + text [CLS] (B, Ht) -> bottom bridge -> (B, g, g, d)
   quantized top -> residual layer -> x2 transposed conv -> (B, g, g, d), concatenated with the
-      bottom encoding -> (B, g, g, 2d) -> bottom quantizer (K x 2d)
+      bottom encoding -> (B, g, g, 2d) -> bottom quantizer (K x 2d), or with
+      `bottom_depth` R > 1 a residual quantizer: R codes per cell (below)
   decoder: quantized top -> its own x2 transposed conv (d) ++ quantized bottom (2d) -> 3d
       -> 3x3 valid conv (g -> g-2) -> residual layer -> k x2 transposed convs -> (B, S, S, 3)
       with S = (g - 2) * 2^k.
+
+The bottom level carries most of an image's detail, one code of K per g x g cell in the paper.
+With `bottom_depth` R > 1 (beyond the paper, off by default) each cell gets R codes from R
+codebooks, each quantizing what the ones before left (residual quantization, as RQ-VAE):
+r_0 = x, c_j = nearest code of r_j in codebook j, r_{j+1} = r_j - e_j(c_j); the quantized
+vector is the sum of the R chosen codes (straight-through to x as a whole), and each codebook's
+loss is its own quantizer's on r_j (so the commitment terms pull x towards every partial sum).
+The codes of a cell are then (B, g, g, R); R = 1 keeps the paper's (B, g, g).
 
 Weights are float32 `nnx.Param`s with logical axis names; `dtype` is the compute dtype (the
 quantizers always work in float32). BatchNorm uses batch statistics when `train=True` (and
@@ -41,7 +50,8 @@ class VQOutput:
   loss_top, loss_bottom: scalar quantizer losses (commitment + codebook terms as configured).
   perplexity_top, perplexity_bottom: exp(entropy) of the batch's code histogram per level.
   usage_top, usage_bottom: fraction of the K codes selected at least once in the batch.
-  codes_top: (B, g/2, g/2) int32; codes_bottom: (B, g, g) int32.
+  codes_top: (B, g/2, g/2) int32; codes_bottom: (B, g, g) int32, or (B, g, g, R) with
+    `bottom_depth` R > 1 (the perplexity and usage are then the first codebook's).
   """
 
   recon: jax.Array
@@ -506,6 +516,11 @@ class VQVAE(nnx.Module):
     self.quantizer_top = quantizer(d)
     self.top_to_bottom = TopToBottom(d, momentum=momentum, rngs=rngs, dtype=dtype)
     self.quantizer_bottom = quantizer(2 * d)
+    # Residual codebooks 2..R of the bottom level (none in the paper's setting).
+    self.bottom_depth = int(cfg.get("bottom_depth", 1))
+    self.quantizers_bottom_residual = nnx.List(
+      [quantizer(2 * d) for _ in range(self.bottom_depth - 1)]
+    )
     self.upsample_top = _upsample_conv(d, d, rngs=rngs, dtype=dtype)
     self.decoder = ImageDecoder(
       3 * d,
@@ -543,7 +558,7 @@ class VQVAE(nnx.Module):
     z_bottom = self.bottom_bridge(patch_tokens, text_cls, train=train)
     top = self.quantizer_top(z_top, train=train, rngs=rngs)
     bottom_in = jnp.concatenate([z_bottom, self.top_to_bottom(top.z_q, train=train)], axis=-1)
-    bottom = self.quantizer_bottom(bottom_in, train=train, rngs=rngs)
+    bottom = self._quantize_bottom(bottom_in, train=train, rngs=rngs)
     return VQOutput(
       recon=self._decode(top.z_q, bottom.z_q, train=train),
       loss_top=top.loss,
@@ -556,6 +571,37 @@ class VQVAE(nnx.Module):
       codes_bottom=bottom.codes,
     )
 
+  def _quantize_bottom(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None):
+    """x (B, g, g, 2d) -> the bottom level's `QuantizerOutput` (module docstring)."""
+    first = self.quantizer_bottom(x, train=train, rngs=rngs)
+    if self.bottom_depth == 1:
+      return first
+    outs, residual = [first], x
+    for quantizer in self.quantizers_bottom_residual:
+      # What the codes so far leave; the chosen code is a constant, so the next quantizer's
+      # commitment term pulls x towards the partial sum.
+      residual = residual - jax.lax.stop_gradient(outs[-1].z_q)
+      outs.append(quantizer(residual, train=train, rngs=rngs))
+    total = sum(jax.lax.stop_gradient(o.z_q) for o in outs)
+    return first._replace(
+      z_q=x + jax.lax.stop_gradient(total - x),
+      loss=sum(o.loss for o in outs),
+      codes=jnp.stack([o.codes for o in outs], axis=-1),
+    )
+
+  def lookup_bottom(self, codes_bottom: jax.Array) -> jax.Array:
+    """Bottom codes (B, g, g) or (B, g, g, R) -> their quantized vectors (B, g, g, 2d) float32."""
+    if self.bottom_depth == 1:
+      return self.quantizer_bottom.lookup(codes_bottom)
+    quantizers = [self.quantizer_bottom, *self.quantizers_bottom_residual]
+    return sum(q.lookup(codes_bottom[..., j]) for j, q in enumerate(quantizers))
+
+  @property
+  def bottom_codes_shape(self) -> tuple[int, ...]:
+    """One image's bottom codes: (g, g), or (g, g, R) with `bottom_depth` R > 1."""
+    g = self.grid
+    return (g, g) if self.bottom_depth == 1 else (g, g, self.bottom_depth)
+
   def decode_codes(
     self, codes_top: jax.Array, codes_bottom: jax.Array, *, train: bool = False
   ) -> jax.Array:
@@ -563,18 +609,20 @@ class VQVAE(nnx.Module):
 
     Args:
       codes_top: (B, g/2, g/2) integer codes of the top level.
-      codes_bottom: (B, g, g) integer codes of the bottom level.
+      codes_bottom: (B, g, g) integer codes of the bottom level; (B, g, g, R) with
+        `bottom_depth` R > 1.
     Returns:
       (B, S, S, 3) images (BatchNorm running averages unless `train`).
     """
     g = self.grid
-    if codes_top.shape[1:] != (g // 2, g // 2) or codes_bottom.shape[1:] != (g, g):
+    if codes_top.shape[1:] != (g // 2, g // 2) or codes_bottom.shape[1:] != self.bottom_codes_shape:
+      want = ", ".join(str(n) for n in self.bottom_codes_shape)
       raise ValueError(
-        f"decode_codes expects codes_top (B, {g // 2}, {g // 2}) and codes_bottom (B, {g}, {g}),"
+        f"decode_codes expects codes_top (B, {g // 2}, {g // 2}) and codes_bottom (B, {want}),"
         f" got {codes_top.shape} and {codes_bottom.shape}."
       )
     z_top = self.quantizer_top.lookup(codes_top).astype(self.dtype or jnp.float32)
-    z_bottom = self.quantizer_bottom.lookup(codes_bottom).astype(self.dtype or jnp.float32)
+    z_bottom = self.lookup_bottom(codes_bottom).astype(self.dtype or jnp.float32)
     return self._decode(z_top, z_bottom, train=train)
 
   def _decode(self, z_top: jax.Array, z_bottom: jax.Array, *, train: bool) -> jax.Array:

@@ -10,7 +10,8 @@ Layout (by default `PRIOR_WORKDIR/codes`, config `codes.dir`):
   shard-00000.npz    examples [0, S), shard-00001.npz [S, 2S), ... in source order:
                        index           int32 (m,)            the source index
                        codes_top       int16/int32 (m, g/2, g/2)
-                       codes_bottom    int16/int32 (m, g, g)
+                       codes_bottom    int16/int32 (m, g, g), or (m, g, g, R) with R
+                                       codes per bottom cell (vqvae.bottom_depth > 1)
                        input_ids       int32 (m, T)
                        attention_mask  int8 (m, T)
                        text_states     float32 (m, T, H)     only with cache_text_states
@@ -70,8 +71,9 @@ def cache_settings(
   cfg: Any, workdir: str, step: int, *, cache_text_states: bool, shard_size: int, num_examples: int
 ) -> dict[str, Any]:
   """The `index.json` content (without `complete`) for the MedUnifier run of `workdir` (its
-  config `cfg`) at checkpoint `step`."""
-  return {
+  config `cfg`) at checkpoint `step`. `bottom_depth` is recorded only when above 1, so that
+  caches written before it existed still match."""
+  settings = {
     "version": VERSION,
     "medunifier_workdir": str(workdir),
     "medunifier_step": int(step),
@@ -86,6 +88,10 @@ def cache_settings(
     "num_examples": int(num_examples),
     "num_shards": -(-int(num_examples) // int(shard_size)),
   }
+  depth = int(cfg.model.vqvae.get("bottom_depth", 1))
+  if depth > 1:
+    settings["bottom_depth"] = depth
+  return settings
 
 
 def read_index(codes_dir: str | os.PathLike) -> dict[str, Any] | None:

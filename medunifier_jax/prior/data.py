@@ -35,7 +35,7 @@ def code_dataset(
 ) -> grain.IterDataset:
   """Endless shuffled host batches of `config.batch_size / shard_count` cached examples.
 
-  Batches hold `codes_top` (b, g/2, g/2), `codes_bottom` (b, g, g), `input_ids`,
+  Batches hold `codes_top` (b, g/2, g/2), `codes_bottom` (b, g, g) or (b, g, g, R), `input_ids`,
   `attention_mask` (b, T) int32, `index` (b,), and `text_states` (b, T, H) float32 when cached.
   """
   shard_index = jax.process_index() if shard_index is None else shard_index

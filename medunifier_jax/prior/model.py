@@ -1,12 +1,15 @@
 """The text-conditioned prior over the VQ-VAE's two code grids (DESIGN.md section 1.4).
 
-Shapes: B batch, g the VQ-VAE's bottom grid (`model.grid`), Nt = (g/2)^2 top codes, Nb = g^2
-bottom codes, N = Nt + Nb, K the codebook size (both levels), D the prior's width, T text
-length, H the Q-Former width, L the null condition's length.
+Shapes: B batch, g the VQ-VAE's bottom grid (`model.grid`), R its codes per bottom cell
+(`model.bottom_depth`, 1 in the paper), Nt = (g/2)^2 top codes, Nb = g^2 R bottom codes,
+N = Nt + Nb, K the codebook size (both levels), D the prior's width, T text length, H the
+Q-Former width, L the null condition's length.
 
 The prior reads one sequence: the top grid in row-major order, then the bottom grid in
-row-major order (`flatten_codes`). Each position is embedded by its level's code table (K codes
-plus a [MASK] id, K), its row and column in that level's grid and a level embedding; pre-norm
+row-major order, a cell's R codes side by side (`flatten_codes`). Each position is embedded by
+its level's code table (K codes plus a [MASK] id, K; the bottom level has one block of K rows
+per depth, each depth's codes being another codebook's), its row and column in that level's grid
+(and its depth) and a level embedding; pre-norm
 blocks of bidirectional self-attention, cross-attention to the text condition and an MLP
 follow, and one output layer per level gives logits over the K codes. The condition is the
 frozen Q-Former's text-mode hidden states projected to D (keys masked by the attention mask),
@@ -28,25 +31,29 @@ from medunifier_jax.models import layers, stack
 CONDITIONS = ("text", "none")
 
 
-def num_codes(grid: int) -> tuple[int, int]:
-  """(Nt, Nb): positions of the top (g/2 x g/2) and the bottom (g x g) grids."""
-  return (grid // 2) ** 2, grid**2
+def num_codes(grid: int, bottom_depth: int = 1) -> tuple[int, int]:
+  """(Nt, Nb): positions of the top (g/2 x g/2) and the bottom (g x g x R) grids."""
+  return (grid // 2) ** 2, grid**2 * bottom_depth
 
 
 def flatten_codes(codes_top: jax.Array, codes_bottom: jax.Array) -> jax.Array:
-  """(B, g/2, g/2) and (B, g, g) -> (B, N) int32, the top grid first (row-major)."""
+  """(B, g/2, g/2) and (B, g, g) or (B, g, g, R) -> (B, N) int32, the top grid first
+  (row-major)."""
   b = codes_top.shape[0]
   return jnp.concatenate([codes_top.reshape(b, -1), codes_bottom.reshape(b, -1)], axis=1).astype(
     jnp.int32
   )
 
 
-def unflatten_codes(tokens: jax.Array, grid: int) -> tuple[jax.Array, jax.Array]:
-  """(B, N) -> (codes_top (B, g/2, g/2), codes_bottom (B, g, g)); the inverse of
-  `flatten_codes`."""
+def unflatten_codes(
+  tokens: jax.Array, grid: int, bottom_depth: int = 1
+) -> tuple[jax.Array, jax.Array]:
+  """(B, N) -> (codes_top (B, g/2, g/2), codes_bottom (B, g, g), or (B, g, g, R) with R > 1);
+  the inverse of `flatten_codes`."""
   nt, _ = num_codes(grid)
   b = tokens.shape[0]
-  return (tokens[:, :nt].reshape(b, grid // 2, grid // 2), tokens[:, nt:].reshape(b, grid, grid))
+  bottom = (grid, grid) if bottom_depth == 1 else (grid, grid, bottom_depth)
+  return tokens[:, :nt].reshape(b, grid // 2, grid // 2), tokens[:, nt:].reshape(b, *bottom)
 
 
 class Attention(nnx.Module):
@@ -133,9 +140,10 @@ def _block_fn(remat: bool):
 class CodePrior(nnx.Module):
   """Bidirectional transformer over [top codes; bottom codes], conditioned on text states.
 
-  Config (`config.model` of configs/prior.py): `grid`, `codebook_size`, `text_width` (those of
-  the frozen MedUnifier), `width`, `depth`, `num_heads`, `mlp_dim`, `dropout`,
-  `attention_dropout`, `layer_norm_eps`, `null_length`, `condition` ("text" | "none").
+  Config (`config.model` of configs/prior.py): `grid`, `codebook_size`, `bottom_depth`
+  (optional, 1 when absent), `text_width` (those of the frozen MedUnifier), `width`, `depth`,
+  `num_heads`, `mlp_dim`, `dropout`, `attention_dropout`, `layer_norm_eps`, `null_length`,
+  `condition` ("text" | "none").
   """
 
   def __init__(
@@ -159,7 +167,10 @@ class CodePrior(nnx.Module):
     self.codebook_size = int(cfg.codebook_size)
     self.mask_id = self.codebook_size  # the id after the K codes, in both levels' tables
     self.condition = str(cfg.condition)
-    self.num_top, self.num_bottom = num_codes(self.grid)
+    self.bottom_depth = int(cfg.get("bottom_depth", 1))
+    if self.bottom_depth < 1:
+      raise ValueError(f"model.bottom_depth must be at least 1, got {self.bottom_depth}")
+    self.num_top, self.num_bottom = num_codes(self.grid, self.bottom_depth)
     d, k, top = int(cfg.width), self.codebook_size, self.grid // 2
     init = nnx.initializers.normal(layers.INIT_STD)
 
@@ -177,12 +188,17 @@ class CodePrior(nnx.Module):
 
     # Names containing "embedding" are spared weight decay (training/optimizer.py).
     self.code_embedding_top = table(k + 1)
-    self.code_embedding_bottom = table(k + 1)
+    # Depth j's code c is row j K + c; [MASK] is the last row (K when R = 1, as the top's).
+    self.code_embedding_bottom = table(self.bottom_depth * k + 1)
     self.row_embedding_top = layers.param(rngs, init, (top, d), (None, "embed"))
     self.column_embedding_top = layers.param(rngs, init, (top, d), (None, "embed"))
     self.row_embedding_bottom = layers.param(rngs, init, (self.grid, d), (None, "embed"))
     self.column_embedding_bottom = layers.param(rngs, init, (self.grid, d), (None, "embed"))
     self.level_embedding = layers.param(rngs, init, (2, d), (None, "embed"))
+    depth_embedding = None
+    if self.bottom_depth > 1:
+      depth_embedding = layers.param(rngs, init, (self.bottom_depth, d), (None, "embed"))
+    self.depth_embedding_bottom = nnx.data(depth_embedding)
     self.text_projection = layers.dense(
       int(cfg.text_width), d, (None, "embed"), rngs=rngs, dtype=dtype
     )
@@ -193,7 +209,10 @@ class CodePrior(nnx.Module):
     self.blocks = nnx.List([PriorBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
     self.final_norm = layers.layer_norm(d, cfg.layer_norm_eps, rngs=rngs, dtype=dtype)
     self.head_top = layers.dense(d, k, ("embed", "vocab"), rngs=rngs, dtype=dtype)
-    self.head_bottom = layers.dense(d, k, ("embed", "vocab"), rngs=rngs, dtype=dtype)
+    # One block of K outputs per depth (`_bottom_logits` uses each position's own block).
+    self.head_bottom = layers.dense(
+      d, self.bottom_depth * k, ("embed", "vocab"), rngs=rngs, dtype=dtype
+    )
     self.dropout = layers.new_dropout(cfg.dropout)
 
   @property
@@ -208,12 +227,35 @@ class CodePrior(nnx.Module):
       pos = (r[:, None, :] + c[None, :, :]).reshape(-1, r.shape[-1])
       return pos + self.level_embedding[level]
 
+    bottom = grid_positions(self.row_embedding_bottom, self.column_embedding_bottom, 1)
+    if self.depth_embedding_bottom is not None:
+      # A cell's R codes side by side: (g^2, 1, D) + (R, D) -> (g^2 R, D).
+      depth = self.depth_embedding_bottom[...]
+      bottom = (bottom[:, None, :] + depth[None]).reshape(-1, bottom.shape[-1])
     return jnp.concatenate(
-      [
-        grid_positions(self.row_embedding_top, self.column_embedding_top, 0),
-        grid_positions(self.row_embedding_bottom, self.column_embedding_bottom, 1),
-      ]
+      [grid_positions(self.row_embedding_top, self.column_embedding_top, 0), bottom]
     )
+
+  def _bottom_ids(self, tokens: jax.Array) -> jax.Array:
+    """Bottom codes (B, Nb) in [0, K] -> rows of `code_embedding_bottom`: j K + c at depth j,
+    [MASK] (K) -> R K."""
+    r, k = self.bottom_depth, self.codebook_size
+    if r == 1:
+      return tokens
+    depth = jnp.arange(tokens.shape[1]) % r
+    return jnp.where(tokens == self.mask_id, r * k, tokens + depth * k)
+
+  def _bottom_logits(self, x: jax.Array) -> jax.Array:
+    """Bottom positions' states (B, Nb, D) -> logits (B, Nb, K), each from its depth's block."""
+    r, k = self.bottom_depth, self.codebook_size
+    if r == 1:
+      return self.head_bottom(x)
+    b, n, d = x.shape
+    head = self.head_bottom
+    kernel = head.kernel[...].reshape(d, r, k).astype(x.dtype)
+    bias = head.bias[...].reshape(r, k).astype(x.dtype)
+    logits = jnp.einsum("bcjd,djk->bcjk", x.reshape(b, n // r, r, d), kernel) + bias
+    return logits.reshape(b, n, k)
 
   def context(
     self,
@@ -261,7 +303,8 @@ class CodePrior(nnx.Module):
     """Logits for every position.
 
     Args:
-      tokens: (B, N) int32, codes in [0, K) or `mask_id`, top grid first (`flatten_codes`).
+      tokens: (B, N) int32, codes in [0, K) or `mask_id` (at every depth), top grid first
+        (`flatten_codes`).
       text_states, text_mask, drop: the condition (`context`); None states: unconditional.
       rngs: dropout randomness (None: deterministic).
     Returns:
@@ -271,11 +314,16 @@ class CodePrior(nnx.Module):
     b, n = tokens.shape
     if n != self.num_positions:
       raise ValueError(
-        f"expected {self.num_positions} codes per row ((g/2)^2 + g^2 with g={self.grid}), got {n}"
+        f"expected {self.num_positions} codes per row ((g/2)^2 + g^2 R with g={self.grid}, "
+        f"R={self.bottom_depth}), got {n}"
       )
     nt = self.num_top
     x = jnp.concatenate(
-      [self.code_embedding_top(tokens[:, :nt]), self.code_embedding_bottom(tokens[:, nt:])], axis=1
+      [
+        self.code_embedding_top(tokens[:, :nt]),
+        self.code_embedding_bottom(self._bottom_ids(tokens[:, nt:])),
+      ],
+      axis=1,
     )
     x = layers.apply_dropout(self.dropout, x + self._positions().astype(x.dtype), rngs)
     context, mask = self.context(text_states, text_mask, drop, batch_size=b)
@@ -287,9 +335,8 @@ class CodePrior(nnx.Module):
       for blk in self.blocks:
         x = block(blk, x, context, mask, rngs)
     x = self.final_norm(x)
-    return jnp.concatenate([self.head_top(x[:, :nt]), self.head_bottom(x[:, nt:])], axis=1).astype(
-      jnp.float32
-    )
+    logits = [self.head_top(x[:, :nt]), self._bottom_logits(x[:, nt:])]
+    return jnp.concatenate(logits, axis=1).astype(jnp.float32)
 
 
 class ConditionedPrior(nnx.Module):

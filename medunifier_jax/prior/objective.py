@@ -41,8 +41,8 @@ def masked_token_loss(
 
   Args:
     model: the training module (`prior` and, without cached states, `text_encoder`).
-    batch: `codes_top` (B, g/2, g/2), `codes_bottom` (B, g, g), `input_ids`, `attention_mask`
-      (B, T), and `text_states` (B, T, H) when cached.
+    batch: `codes_top` (B, g/2, g/2), `codes_bottom` (B, g, g) or (B, g, g, R), `input_ids`
+      and `attention_mask` (B, T), and `text_states` (B, T, H) when cached.
     rng: the step's key (masks, condition dropout, dropout).
     cond_drop: probability that an example sees the null condition instead of its text.
   Returns:

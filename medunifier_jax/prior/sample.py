@@ -127,8 +127,8 @@ def generate_fn(
   null_condition: bool = False,
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
-  codes_bottom (B, g, g): the frozen Q-Former's text states, parallel decoding, the frozen
-  VQ-VAE's decoder (evaluation mode). `settings.guidance` applies only when `guided`.
+  codes_bottom (B, g, g) or (B, g, g, R): the frozen Q-Former's text states, parallel decoding,
+  the frozen VQ-VAE's decoder (evaluation mode). `settings.guidance` applies only when `guided`.
   `null_condition` ignores the reports and samples the text prior's learned null condition
   (its unconditional baseline)."""
   text = None
@@ -146,7 +146,7 @@ def generate_fn(
     temperature=settings.temperature,
     choice_temperature=settings.choice_temperature,
   )
-  top, bottom = unflatten_codes(tokens, prior.grid)
+  top, bottom = unflatten_codes(tokens, prior.grid, prior.bottom_depth)
   images = medunifier.vqvae.decode_codes(top, bottom)
   return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), top, bottom
 
@@ -232,13 +232,15 @@ class TrainedPrior:
     """Raises ValueError when the prior's codes do not fit the MedUnifier's VQ-VAE."""
     vq = medunifier_config.model.vqvae
     m = self.config.model
-    got = (int(vq.grid), int(vq.codebook_size), int(medunifier_config.model.qformer.hidden_size))
-    want = (int(m.grid), int(m.codebook_size), int(m.text_width))
+    width = int(medunifier_config.model.qformer.hidden_size)
+    got = (int(vq.grid), int(vq.codebook_size), int(vq.get("bottom_depth", 1)), width)
+    want = (int(m.grid), int(m.codebook_size), int(m.get("bottom_depth", 1)), int(m.text_width))
     if got != want:
       raise ValueError(
-        f"the prior in {self.workdir} was trained for grid {want[0]}, {want[1]} codes and "
-        f"text width {want[2]}, but this MedUnifier has grid {got[0]}, {got[1]} codes and "
-        f"width {got[2]}; train a prior on this model (python -m medunifier_jax.train "
+        f"the prior in {self.workdir} was trained for grid {want[0]}, {want[1]} codes, "
+        f"{want[2]} per bottom cell and text width {want[3]}, but this MedUnifier has grid "
+        f"{got[0]}, {got[1]} codes, {got[2]} per bottom cell and width {got[3]}; train a prior "
+        "on this model (python -m medunifier_jax.train "
         "--config configs/prior.py:demo --workdir W/prior --config.medunifier_workdir=W)"
       )
 

@@ -50,11 +50,13 @@ def configure(
   step: int = -1,
 ) -> None:
   """Fills, in place, what the frozen MedUnifier dictates: `model.grid`, `model.codebook_size`,
-  `model.text_width`, the Q-Former config of the text encoder, `medunifier_step`."""
+  `model.bottom_depth`, `model.text_width`, the Q-Former config of the text encoder,
+  `medunifier_step`."""
   if medunifier_config is not None:
     m = medunifier_config.model
     config.model.grid = int(m.vqvae.grid)
     config.model.codebook_size = int(m.vqvae.codebook_size)
+    config.model.bottom_depth = int(m.vqvae.get("bottom_depth", 1))
     config.model.text_width = int(m.qformer.hidden_size)
     config.text_encoder.qformer = ml_collections.ConfigDict(m.qformer.to_dict())
     config.text_encoder.vision_width = int(m.vit.width)
@@ -115,10 +117,12 @@ def code_data_fn(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _check_cache(index: dict[str, Any], config: ml_collections.ConfigDict, folder: str) -> None:
-  for key in ("grid", "codebook_size"):
-    if key in index and int(index[key]) != int(config.model[key]):
+  # A cache without bottom_depth predates it: one code per bottom cell.
+  found = {"bottom_depth": 1, **index}
+  for key in ("grid", "codebook_size", "bottom_depth"):
+    if key in found and int(found[key]) != int(config.model.get(key, 1)):
       raise ValueError(
-        f"the code cache in {folder} has {key}={index[key]} but "
+        f"the code cache in {folder} has {key}={found[key]} but "
         f"config.model.{key}={config.model[key]}"
       )
   if config.codes.cache_text_states and not index.get("cache_text_states"):
