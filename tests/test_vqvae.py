@@ -368,13 +368,14 @@ def _res(c):
   return c * h + 9 * h * h + h * c + 2 * (h + h + c)  # three bias-free convs + three BNs
 
 
-def expected_params(q_w, v_w, t_w, d, k, depth, channels, ema=False):
-  """Closed-form parameter count of the VQ-VAE (DESIGN.md section 1.4)."""
+def expected_params(q_w, v_w, t_w, d, k, depth, channels, ema=False, bottom_depth=1):
+  """Closed-form parameter count of the VQ-VAE (DESIGN.md section 1.4); `bottom_depth`
+  bottom codebooks."""
   linear = lambda a, b: a * b + b
   deconv = lambda a, b: 16 * a * b + b
   top = linear(q_w, 2 * d) + linear(2 * d, d) + depth * _res(d)
   bottom = linear(v_w + t_w, d) + linear(d, d) + depth * _res(d)
-  codebooks = 0 if ema else k * d + k * 2 * d
+  codebooks = 0 if ema else k * d + bottom_depth * k * 2 * d
   top_to_bottom = _res(d) + deconv(d, d)
   upsample_top = deconv(d, d)
   widths = [3 * d, *channels, 3]
@@ -388,8 +389,8 @@ def _count(state):
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
-def _check_count(model, config, ema=False):
-  w, cfg = _widths(config), config.model.vqvae
+def _check_count(model, config, ema=False, cfg=None):
+  w, cfg = _widths(config), cfg or config.model.vqvae
   count = _count(nnx.state(model, nnx.Param))
   assert count == expected_params(
     w["query_width"],
@@ -400,17 +401,21 @@ def _check_count(model, config, ema=False):
     cfg.num_res_layers,
     cfg.decoder_channels,
     ema=ema,
+    bottom_depth=cfg.get("bottom_depth", 1),
   )
   return count
 
 
-@pytest.mark.parametrize("variant,ema", [("tiny", False), ("tiny", True), ("paper", True)])
-def test_parameter_count_matches_formula(variant, ema, request):
+@pytest.mark.parametrize(
+  "variant,ema,depth",
+  [("tiny", False, 1), ("tiny", True, 1), ("tiny", False, 3), ("paper", True, 1)],
+)
+def test_parameter_count_matches_formula(variant, ema, depth, request):
   """(The paper configuration without EMA is counted in the next test.)"""
   config = request.getfixturevalue(variant)
-  cfg = _vq_cfg(config, ema=ema)
+  cfg = _vq_cfg(config, ema=ema, bottom_depth=depth)
   model = nnx.eval_shape(lambda: vq.VQVAE(cfg, **_widths(config), rngs=nnx.Rngs(0)))
-  _check_count(model, config, ema=ema)
+  _check_count(model, config, ema=ema, cfg=cfg)
 
 
 def test_paper_config_builds_abstractly_in_bf16(paper):
