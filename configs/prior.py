@@ -7,8 +7,9 @@ Q-Former's text states, trained by masked-code prediction on the project's train
 Variants (the config's own argument selects one):
   paper  8x8 + 16x16 codes, K=512, Q-Former width 768 (configs/pretrain.py:paper); width 512,
          12 blocks, 8 heads, batch 256: a few hours on one accelerator.
-  demo   the demo MedUnifier's 4x4 + 8x8 codes (K=512); width 128, 3 blocks, 400 steps of 32
-         on the first 8192 training pairs: a few minutes on 2 CPU cores.
+  demo   the demo MedUnifier's 4x4 + 8x8x2 codes (K=512, two per bottom cell); width 128,
+         3 blocks, 400 steps of 32 on the first 8192 training pairs: a few minutes on 2 CPU
+         cores.
   tiny   the tiny MedUnifier's geometry (K=32, width 32); used by the tests.
 
 The text states the prior attends to are computed in every step by the frozen Q-Former (paper,
@@ -23,9 +24,9 @@ Launch, after pre-training the MedUnifier in W:
 
 The first run writes the code cache (`codes.dir`, default W/prior/codes) from the MedUnifier's
 latest checkpoint; the same command resumes. `model.grid`, `model.codebook_size`,
-`model.text_width` and `text_encoder` are copied from the MedUnifier run at start (until then
-they hold the values of the pre-training variant of the same name, which serve runs without one,
-e.g. tests).
+`model.bottom_depth`, `model.text_width` and `text_encoder` are copied from the MedUnifier run
+at start (until then they hold the values of the pre-training variant of the same name, which
+serve runs without one, e.g. tests).
 """
 
 from pathlib import Path
