@@ -227,6 +227,17 @@ def check_geometry(model_cfg: ml_collections.ConfigDict) -> int:
   return k
 
 
+def bottom_depth(cfg: ml_collections.ConfigDict) -> int:
+  """Codes per bottom cell of a `model.vqvae` (or a prior's `model`) config: its `bottom_depth`,
+  1 for configs saved before the field existed."""
+  return int(cfg.get("bottom_depth", 1))
+
+
+def bottom_codes_shape(grid: int, depth: int) -> tuple[int, ...]:
+  """One image's bottom codes: (g, g), or (g, g, R) with R > 1 codes per cell."""
+  return (grid, grid) if depth == 1 else (grid, grid, depth)
+
+
 def check_vqvae_geometry(vqvae_cfg: ml_collections.ConfigDict, image_size: int) -> int:
   """The rules of `check_geometry` that the VQ-VAE alone can check (it sees neither the ViT's
   patch size nor the query count); returns k. Same messages, same ValueError."""
@@ -293,7 +304,7 @@ def _vqvae_problems(vq: ml_collections.ConfigDict, image_size: int) -> tuple[lis
       f"model.vqvae.latent_dim must be a positive multiple of 4 (2D sine/cosine position "
       f"encoding and d/2 residual bottlenecks), got {vq.latent_dim}"
     )
-  if int(vq.get("bottom_depth", 1)) < 1:
+  if bottom_depth(vq) < 1:
     problems.append(
       f"model.vqvae.bottom_depth is the number of codes per bottom cell (1: the paper's one "
       f"code); it must be at least 1, got {vq.bottom_depth}"

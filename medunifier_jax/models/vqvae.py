@@ -517,7 +517,7 @@ class VQVAE(nnx.Module):
     self.top_to_bottom = TopToBottom(d, momentum=momentum, rngs=rngs, dtype=dtype)
     self.quantizer_bottom = quantizer(2 * d)
     # Residual codebooks 2..R of the bottom level (none in the paper's setting).
-    self.bottom_depth = int(cfg.get("bottom_depth", 1))
+    self.bottom_depth = config_lib.bottom_depth(cfg)
     self.quantizers_bottom_residual = nnx.List(
       [quantizer(2 * d) for _ in range(self.bottom_depth - 1)]
     )
@@ -599,8 +599,7 @@ class VQVAE(nnx.Module):
   @property
   def bottom_codes_shape(self) -> tuple[int, ...]:
     """One image's bottom codes: (g, g), or (g, g, R) with `bottom_depth` R > 1."""
-    g = self.grid
-    return (g, g) if self.bottom_depth == 1 else (g, g, self.bottom_depth)
+    return config_lib.bottom_codes_shape(self.grid, self.bottom_depth)
 
   def decode_codes(
     self, codes_top: jax.Array, codes_bottom: jax.Array, *, train: bool = False

@@ -42,6 +42,8 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from medunifier_jax import config_lib
+
 INDEX = "index.json"
 VERSION = 1
 
@@ -88,7 +90,7 @@ def cache_settings(
     "num_examples": int(num_examples),
     "num_shards": -(-int(num_examples) // int(shard_size)),
   }
-  depth = int(cfg.model.vqvae.get("bottom_depth", 1))
+  depth = config_lib.bottom_depth(cfg.model.vqvae)
   if depth > 1:
     settings["bottom_depth"] = depth
   return settings

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from medunifier_jax import inference, model_io
+from medunifier_jax import config_lib, inference, model_io
 from medunifier_jax.prior import model as prior_model
 from medunifier_jax.prior import sample
 from medunifier_jax.prior.train import configure
@@ -58,14 +58,14 @@ def sampling_flops(
   prior_def, prior_state = nnx.split(model_io.build_abstract(prior_config, inference=True).prior)
   t = int(medunifier_config.model.max_text_len)
   g = int(medunifier_config.model.vqvae.grid)
-  depth = int(medunifier_config.model.vqvae.get("bottom_depth", 1))
+  depth = config_lib.bottom_depth(medunifier_config.model.vqvae)
   h = int(medunifier_config.model.qformer.hidden_size)
   n = sum(prior_model.num_codes(g, depth))
   ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
   text = jax.ShapeDtypeStruct((1, t, h), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, n), jnp.int32)
   top = jax.ShapeDtypeStruct((1, g // 2, g // 2), jnp.int32)
-  bottom = jax.ShapeDtypeStruct((1, g, g) + ((depth,) if depth > 1 else ()), jnp.int32)
+  bottom = jax.ShapeDtypeStruct((1, *config_lib.bottom_codes_shape(g, depth)), jnp.int32)
 
   def text_encoder(state, ids, mask):
     return nnx.merge(mu_def, state).text_hidden(ids, mask)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from medunifier_jax import config_lib
 from medunifier_jax.models import layers, stack
 
 CONDITIONS = ("text", "none")
@@ -52,7 +53,7 @@ def unflatten_codes(
   the inverse of `flatten_codes`."""
   nt, _ = num_codes(grid)
   b = tokens.shape[0]
-  bottom = (grid, grid) if bottom_depth == 1 else (grid, grid, bottom_depth)
+  bottom = config_lib.bottom_codes_shape(grid, bottom_depth)
   return tokens[:, :nt].reshape(b, grid // 2, grid // 2), tokens[:, nt:].reshape(b, *bottom)
 
 
@@ -167,7 +168,7 @@ class CodePrior(nnx.Module):
     self.codebook_size = int(cfg.codebook_size)
     self.mask_id = self.codebook_size  # the id after the K codes, in both levels' tables
     self.condition = str(cfg.condition)
-    self.bottom_depth = int(cfg.get("bottom_depth", 1))
+    self.bottom_depth = config_lib.bottom_depth(cfg)
     if self.bottom_depth < 1:
       raise ValueError(f"model.bottom_depth must be at least 1, got {self.bottom_depth}")
     self.num_top, self.num_bottom = num_codes(self.grid, self.bottom_depth)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from medunifier_jax import config_lib
 from medunifier_jax.prior.model import CodePrior, unflatten_codes
 
 
@@ -233,8 +234,8 @@ class TrainedPrior:
     vq = medunifier_config.model.vqvae
     m = self.config.model
     width = int(medunifier_config.model.qformer.hidden_size)
-    got = (int(vq.grid), int(vq.codebook_size), int(vq.get("bottom_depth", 1)), width)
-    want = (int(m.grid), int(m.codebook_size), int(m.get("bottom_depth", 1)), int(m.text_width))
+    got = (int(vq.grid), int(vq.codebook_size), config_lib.bottom_depth(vq), width)
+    want = (int(m.grid), int(m.codebook_size), config_lib.bottom_depth(m), int(m.text_width))
     if got != want:
       raise ValueError(
         f"the prior in {self.workdir} was trained for grid {want[0]}, {want[1]} codes, "

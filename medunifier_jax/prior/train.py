@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from medunifier_jax import model_io
+from medunifier_jax import config_lib, model_io
 from medunifier_jax.prior import codes as codes_lib
 from medunifier_jax.prior import data as data_lib
 from medunifier_jax.prior.model import ConditionedPrior
@@ -56,7 +56,7 @@ def configure(
     m = medunifier_config.model
     config.model.grid = int(m.vqvae.grid)
     config.model.codebook_size = int(m.vqvae.codebook_size)
-    config.model.bottom_depth = int(m.vqvae.get("bottom_depth", 1))
+    config.model.bottom_depth = config_lib.bottom_depth(m.vqvae)
     config.model.text_width = int(m.qformer.hidden_size)
     config.text_encoder.qformer = ml_collections.ConfigDict(m.qformer.to_dict())
     config.text_encoder.vision_width = int(m.vit.width)
