@@ -487,6 +487,9 @@ def engine_fields(**changes) -> dict:
     adam_b2=0.95,
     weight_decay=0.05,
     grad_clip_norm=1.0,
+    # Beyond the paper: {submodule name: factor} scales the learning rate (and with it the weight
+    # decay) of every parameter under a submodule of that name; factor 1 changes nothing.
+    lr_multipliers={},
     compute_dtype="float32",  # "bfloat16": bf16 compute, fp32 master weights
     remat=False,  # rematerialise transformer blocks
     # Device mesh: one -1 is filled in with the remaining devices.
@@ -512,6 +515,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Objectives: weight 0 switches one off (its computation is skipped, not just zeroed).
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, itg=1.0, tig=1.0))
+  c.lr_multipliers = ml_collections.ConfigDict(dict(vqvae=1.0))  # --config.lr_multipliers.vqvae=2
   c.label_smoothing = 0.1  # ITC and ITG
   # Beyond the paper: examples whose texts are token for token identical (one report for several
   # images of a study, common normal reports) are not each other's ITC / ITM negatives

@@ -193,6 +193,28 @@ def test_schedule_warms_up_then_decays_to_the_end_value():
   assert float(lr(55)) < float(lr(30))
 
 
+def test_lr_multiplier_scales_one_submodules_updates_and_refuses_unknown_names():
+  """Factor 2 on `out` doubles AdamW's update of its parameters (weight decay included) and
+  leaves every other update as it is; a name no parameter has is an error."""
+  params = nnx.state(state_lib.build_model(tiny(), toy_model_fn), nnx.Param)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+
+  def first_update(**multipliers):
+    tx = opt_lib.make_tx(tiny(learning_rate=1e-2, warmup_steps=0, lr_multipliers=multipliers))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return nnx.to_pure_dict(updates)
+
+  plain, doubled = first_update(), first_update(out=2.0)
+  assert jax.tree.all(jax.tree.map(np.array_equal, first_update(out=1.0), plain))
+  for name in plain:
+    factor = 2.0 if name == "out" else 1.0
+    for a, b in zip(jax.tree.leaves(plain[name]), jax.tree.leaves(doubled[name])):
+      np.testing.assert_allclose(b, factor * a, rtol=1e-6)
+  assert float(jnp.abs(plain["out"]["kernel"]).max()) > 0
+  with pytest.raises(ValueError, match="'vqvae'"):
+    first_update(vqvae=2.0)
+
+
 # ---------------------------------------------------------------- frozen parameters, retrace
 
 

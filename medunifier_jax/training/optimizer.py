@@ -1,4 +1,5 @@
-"""AdamW with warm-up + cosine decay, clipping, selective weight decay, and the trainable filter.
+"""AdamW with warm-up + cosine decay, clipping, selective weight decay, per-submodule learning-rate
+multipliers, and the trainable filter.
 
 Weight decay applies to the weight matrices and convolution kernels of linear maps only. It is
 not applied to
@@ -49,6 +50,10 @@ def trainable_filter(model_config: ml_collections.ConfigDict) -> nnx.filterlib.F
   return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(p)) for p in frozen))
 
 
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
 def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> nnx.State:
   """A tree of bools like `params`: True where weight decay applies (see module docstring)."""
   patterns = [re.compile(p) for p in no_decay_names]
@@ -56,8 +61,7 @@ def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES
   def decays(path, x) -> bool:
     if jnp.ndim(x) < 2:
       return False
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return not any(p.fullmatch(n) for p in patterns for n in names)
+    return not any(p.fullmatch(n) for p in patterns for n in _path_names(path))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -75,8 +79,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   )
 
 
+def under_module(name: str):
+  """A mask function: True for the parameters with `name` as a component of their path; a name
+  no parameter has is an error (a misspelt multiplier would otherwise change nothing)."""
+
+  def mask(params: nnx.State) -> nnx.State:
+    out = jax.tree_util.tree_map_with_path(lambda path, _: name in _path_names(path), params)
+    if not any(jax.tree_util.tree_leaves(out)):
+      raise ValueError(
+        f"lr_multipliers names {name!r}, which is no submodule of the trained parameters"
+      )
+    return out
+
+  return mask
+
+
 def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW (paper values: betas 0.9/0.95, weight decay 0.05)."""
+  """Clip by global norm, then AdamW (paper values: betas 0.9/0.95, weight decay 0.05), then
+  `config.lr_multipliers` ({submodule name: factor}): scaling AdamW's update of a submodule's
+  parameters by a factor is training them at that multiple of the learning rate (weight decay
+  included, as AdamW scales it by the learning rate too)."""
   parts = []
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
@@ -89,6 +111,9 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
       mask=decay_mask,
     )
   )
+  for name, factor in (config.get("lr_multipliers", None) or {}).items():
+    if float(factor) != 1.0:  # 1: no transform, so the optimizer state keeps its structure
+      parts.append(optax.masked(optax.scale(float(factor)), under_module(str(name))))
   return optax.chain(*parts)
 
 
