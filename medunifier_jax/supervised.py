@@ -73,11 +73,13 @@ train_step = nnx.jit(update_step(finding_loss))
 
 def new_encoder(config) -> tuple[SupervisedEncoder, nnx.Optimizer]:
   """A fresh `SupervisedEncoder` over the findings (seeded by config.seed) and its optimizer:
-  the configuration's (`training.optimizer.make_tx`: rate, warm-up, decay, clipping)."""
+  the configuration's (`training.optimizer.make_tx`: rate, warm-up, decay, clipping; not the
+  pre-training's per-submodule `lr_multipliers`, which name parts of a MedUnifier)."""
   model = SupervisedEncoder(
     config.model.vit, findings_lib.NUM_FINDINGS, rngs=nnx.Rngs(int(config.seed))
   )
-  return model, nnx.Optimizer(model, optimizer_lib.make_tx(config), wrt=nnx.Param)
+  tx = optimizer_lib.make_tx(config, multipliers=False)
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def auc_per_finding(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.pretrain import get_config
-from medunifier_jax import pretraining
+from medunifier_jax import pretraining, supervised
 from medunifier_jax.models.medunifier import MedUnifier
 from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import logging as log_lib
@@ -213,6 +213,17 @@ def test_lr_multiplier_scales_one_submodules_updates_and_refuses_unknown_names()
   assert float(jnp.abs(plain["out"]["kernel"]).max()) > 0
   with pytest.raises(ValueError, match="'vqvae'"):
     first_update(vqvae=2.0)
+
+
+def test_lr_multiplier_for_the_vqvae_reaches_its_parameters_only():
+  """The MedUnifier's `vqvae` multiplier marks the VQ-VAE's parameters and nothing else, and the
+  supervised ViT trained beside it (the fidelity classifier) leaves the multipliers out."""
+  config = tiny(**{"lr_multipliers.vqvae": 2.0})
+  model = nnx.eval_shape(lambda: MedUnifier(config.model, rngs=nnx.Rngs(0)))
+  mask = nnx.to_pure_dict(opt_lib.under_module("vqvae")(nnx.state(model, nnx.Param)))
+  assert all(jax.tree.leaves(mask["vqvae"]))
+  assert not any(jax.tree.leaves({k: v for k, v in mask.items() if k != "vqvae"}))
+  nnx.eval_shape(lambda: supervised.new_encoder(config))
 
 
 # ---------------------------------------------------------------- frozen parameters, retrace

@@ -94,11 +94,14 @@ def under_module(name: str):
   return mask
 
 
-def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_tx(
+  config: ml_collections.ConfigDict, multipliers: bool = True
+) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (paper values: betas 0.9/0.95, weight decay 0.05), then
   `config.lr_multipliers` ({submodule name: factor}): scaling AdamW's update of a submodule's
   parameters by a factor is training them at that multiple of the learning rate (weight decay
-  included, as AdamW scales it by the learning rate too)."""
+  included, as AdamW scales it by the learning rate too). `multipliers=False` leaves them out,
+  for models that are not the one the configuration describes (e.g. `supervised.py`'s ViT)."""
   parts = []
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
@@ -111,7 +114,7 @@ def make_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
       mask=decay_mask,
     )
   )
-  for name, factor in (config.get("lr_multipliers", None) or {}).items():
+  for name, factor in (config.get("lr_multipliers", None) or {}).items() if multipliers else ():
     if float(factor) != 1.0:  # 1: no transform, so the optimizer state keeps its structure
       parts.append(optax.masked(optax.scale(float(factor)), under_module(str(name))))
   return optax.chain(*parts)
