@@ -8,7 +8,7 @@ Variants (the config's own argument selects one):
   paper  8x8 + 16x16 codes, K=512, Q-Former width 768 (configs/pretrain.py:paper); width 512,
          12 blocks, 8 heads, batch 256: a few hours on one accelerator.
   demo   the demo MedUnifier's 4x4 + 8x8x2 codes (K=512, two per bottom cell); width 128,
-         3 blocks, 800 steps of 32 on the first 8192 training pairs: a few minutes on 2 CPU
+         3 blocks, 400 steps of 32 on the first 8192 training pairs: a few minutes on 2 CPU
          cores.
   tiny   the tiny MedUnifier's geometry (K=32, width 32); used by the tests.
 
@@ -50,12 +50,13 @@ VARIANTS = {
     "model.mlp_dim": 256,
     "model.null_length": 4,
     # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
-    # (about half a minute to extract), 800 steps of 32. With 400 the loss had flattened at 2.84
-    # as the rate decayed; 800 steps reached 2.68 and raised the images' finding fidelity on
-    # 500 validation images from 0.737 to 0.756 (README, "Status of the demo").
+    # (about half a minute to extract), 400 steps of 32. 800 steps reached a loss of 2.68
+    # against 2.84 and a finding fidelity of 0.756 against 0.737 on 500 validation images, but
+    # took the demo past 20 minutes (README, "What limits the reconstructions' finding
+    # fidelity").
     "codes.max_examples": 8192,
     "batch_size": 32,
-    "num_steps": 800,
+    "num_steps": 400,
     "learning_rate": 1e-3,
     "warmup_steps": 40,
     "weight_decay": 0.01,
