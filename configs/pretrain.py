@@ -458,7 +458,7 @@ def _image_gen_eval() -> dict:
     prior_dir="",  # the text prior; "": WORKDIR/prior
     uncond_prior_dir="",  # condition="none" prior; "": WORKDIR/prior_uncond, else null condition
     sample_steps=12,
-    guidance=3.0,  # chosen on the validation split (configs/prior.py, sample.guidance)
+    guidance=1.0,  # chosen on the validation split (configs/prior.py, sample.guidance)
     temperature=1.0,
     seed=0,  # fixed: never tuned on test
     inception_cache="",  # converted FID Inception weights; "": ~/.cache/medunifier_jax/...

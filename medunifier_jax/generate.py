@@ -1,7 +1,7 @@
 r"""Images from reports: the command-line face of `api.Model.generate_images`.
 
   python -m medunifier_jax.generate --workdir W --prompt "Large right pleural effusion." \
-      --num 8 --out W/generated [--prompt "No acute findings." ...] [--guidance 3.0 --steps 12
+      --num 8 --out W/generated [--prompt "No acute findings." ...] [--guidance 1.0 --steps 12
       --temperature 1.0 --seed 0 --prior DIR]
 
 Loads the MedUnifier of W with the prior trained on its codes (`W/prior`, or `--prior DIR`;
