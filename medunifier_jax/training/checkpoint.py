@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from medunifier_jax.training import tree_paths
+
 STATE, DATA = "state", "data"
 BROKEN = "broken_checkpoints"
 
@@ -331,11 +333,8 @@ def restore_model_state(
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """ "a/b/0/c" -> shape for every array (list indices are ints in nnx state, strings on disk)."""
-
-  def name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {tree_paths.path_str(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def check_fits(item_dir: epath.Path, target: Any, *, partial: bool) -> None:

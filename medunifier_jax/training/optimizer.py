@@ -20,6 +20,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from medunifier_jax.training import tree_paths
+
 # Path components (regular expressions, full match) that mark embedding-like parameters.
 NO_DECAY_NAMES = (
   r".*embedding.*",
@@ -50,10 +52,6 @@ def trainable_filter(model_config: ml_collections.ConfigDict) -> nnx.filterlib.F
   return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(p)) for p in frozen))
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
 def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES) -> nnx.State:
   """A tree of bools like `params`: True where weight decay applies (see module docstring)."""
   patterns = [re.compile(p) for p in no_decay_names]
@@ -61,7 +59,7 @@ def decay_mask(params: nnx.State, no_decay_names: Sequence[str] = NO_DECAY_NAMES
   def decays(path, x) -> bool:
     if jnp.ndim(x) < 2:
       return False
-    return not any(p.fullmatch(n) for p in patterns for n in _path_names(path))
+    return not any(p.fullmatch(n) for p in patterns for n in tree_paths.path_names(path))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -84,7 +82,8 @@ def under_module(name: str):
   no parameter has is an error (a misspelt multiplier would otherwise change nothing)."""
 
   def mask(params: nnx.State) -> nnx.State:
-    out = jax.tree_util.tree_map_with_path(lambda path, _: name in _path_names(path), params)
+    marks = lambda path, _: name in tree_paths.path_names(path)
+    out = jax.tree_util.tree_map_with_path(marks, params)
     if not any(jax.tree_util.tree_leaves(out)):
       raise ValueError(
         f"lr_multipliers names {name!r}, which is no submodule of the trained parameters"
@@ -114,7 +113,8 @@ def make_tx(
       mask=decay_mask,
     )
   )
-  for name, factor in (config.get("lr_multipliers", None) or {}).items() if multipliers else ():
+  multiplied = (config.get("lr_multipliers", None) or {}) if multipliers else {}
+  for name, factor in multiplied.items():
     if float(factor) != 1.0:  # 1: no transform, so the optimizer state keeps its structure
       parts.append(optax.masked(optax.scale(float(factor)), under_module(str(name))))
   return optax.chain(*parts)

@@ -13,6 +13,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medunifier_jax.training import tree_paths
+
 
 def rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:
   """`[(logical, mesh_axis_or_None), ...]` -> dict; the first rule for a name wins."""
@@ -121,24 +123,11 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) ->
       try:
         spec = logical_to_spec(_logical_names(x), shape, mesh, rd)
       except ValueError as e:
-        raise ValueError(f"{_path_str(path)} {tuple(shape)}: {e}") from e
+        raise ValueError(f"{tree_paths.path_str(path)} {tuple(shape)}: {e}") from e
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _path_str(path: Sequence[Any]) -> str:
-  """A tree path as `model/qformer/lm_head/bias`."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
