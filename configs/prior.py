@@ -50,10 +50,10 @@ VARIANTS = {
     "model.mlp_dim": 256,
     "model.null_length": 4,
     # A few minutes after the demo's pre-training: codes of the first 8192 training pairs
-    # (about half a minute to extract), 400 steps of 32. 800 steps reached a loss of 2.68
-    # against 2.84 and a finding fidelity of 0.756 against 0.737 on 500 validation images, but
-    # took the demo past 20 minutes (README, "What limits the reconstructions' finding
-    # fidelity").
+    # (about half a minute to extract), 400 steps of 32. 800 steps (at 3e-3, guidance 1)
+    # reached a loss of 2.66 against 2.74 and a finding fidelity of 0.770 / 0.778 against
+    # 0.765 / 0.764 on 500 validation images (two seeds), but would take the demo past 20
+    # minutes (README, "What limits the reconstructions' finding fidelity").
     "codes.max_examples": 8192,
     "batch_size": 32,
     "num_steps": 400,
