@@ -57,8 +57,9 @@ VARIANTS = {
     "codes.max_examples": 8192,
     "batch_size": 32,
     "num_steps": 400,
-    # Chosen on the validation reports (README, "Drawing images from reports"): with guidance 1,
-    # finding fidelity 0.746 / 0.755 / 0.765 / 0.755 at 1e-3 / 2e-3 / 3e-3 / 5e-3.
+    # Chosen on 500 validation reports (README, "What limits the reconstructions' finding
+    # fidelity"): with guidance 1, finding fidelity 0.746 / 0.755 / 0.765 / 0.755 at 1e-3 /
+    # 2e-3 / 3e-3 / 5e-3.
     "learning_rate": 3e-3,
     "warmup_steps": 40,
     "weight_decay": 0.01,
