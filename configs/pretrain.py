@@ -185,6 +185,9 @@ VARIANTS = {
     "evals.image_gen.num_images": 100,
     "evals.image_gen.kid_subset_size": 50,
     "evals.image_gen.classifier_steps": 600,
+    # Chosen on 500 validation reports (configs/prior.py, sample.temperature / candidates).
+    "evals.image_gen.temperature": 0.8,
+    "evals.image_gen.candidates": 2,
   },
   "tiny": {
     "model.vit.image_size": 48,
@@ -460,6 +463,9 @@ def _image_gen_eval() -> dict:
     sample_steps=12,
     guidance=1.0,  # chosen on the validation split (configs/prior.py, sample.guidance)
     temperature=1.0,
+    # Draws per image for the text prior; the one the MedUnifier's ITM head scores highest
+    # against its report is kept (prior/sample.py). The baselines always draw once.
+    candidates=1,
     seed=0,  # fixed: never tuned on test
     inception_cache="",  # converted FID Inception weights; "": ~/.cache/medunifier_jax/...
     kid_subsets=100,

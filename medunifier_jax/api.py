@@ -196,6 +196,7 @@ class Model:
     steps: int | None = None,
     guidance: float | None = None,
     temperature: float | None = None,
+    candidates: int | None = None,
     seed: int = 0,
   ) -> np.ndarray:
     """Reports -> (len(texts) * num_per_text, S, S, 3) float32 images in [0, 1].
@@ -203,8 +204,9 @@ class Model:
     The prior's codes are drawn by parallel decoding conditioned on each report's text states,
     then decoded by the VQ-VAE (`prior/sample.py`); rows are text 0's samples, then text 1's,
     ... `steps` (decoding steps), `guidance` (classifier-free guidance weight: logits = cond +
-    guidance * (cond - uncond); 0 = conditional only) and `temperature` default to the prior
-    config's `sample` values (12, 1.0, 1.0). The same seed gives the same images.
+    guidance * (cond - uncond); 0 = conditional only), `temperature` and `candidates` (each
+    image the best of that many drafts by this model's image-text matching score; 1: the first
+    draw) default to the prior config's `sample` values. The same seed gives the same images.
 
     Raises:
       ValueError: no prior is attached (the message names the command that trains one), or
@@ -238,6 +240,8 @@ class Model:
       steps=steps,
       guidance=guidance,
       temperature=temperature,
+      candidates=candidates,
+      pixel_stats=(self.config.data.image_mean, self.config.data.image_std),
     )
     return out["images"]
 

@@ -2,7 +2,7 @@ r"""Images from reports: the command-line face of `api.Model.generate_images`.
 
   python -m medunifier_jax.generate --workdir W --prompt "Large right pleural effusion." \
       --num 8 --out W/generated [--prompt "No acute findings." ...] [--guidance 1.0 --steps 12
-      --temperature 1.0 --seed 0 --prior DIR]
+      --temperature 0.8 --candidates 2 --seed 0 --prior DIR]
 
 Loads the MedUnifier of W with the prior trained on its codes (`W/prior`, or `--prior DIR`;
 configs/prior.py says how to train one), draws `--num` images per prompt and writes
@@ -38,7 +38,13 @@ _GUIDANCE = flags.DEFINE_float(
   "prior config's).",
 )
 _TEMPERATURE = flags.DEFINE_float(
-  "temperature", None, "Sampling temperature of the codes (default: the prior config's, 1.0)."
+  "temperature", None, "Sampling temperature of the codes (default: the prior config's)."
+)
+_CANDIDATES = flags.DEFINE_integer(
+  "candidates",
+  None,
+  "Draws per image: keep the one the MedUnifier's image-text matching head scores highest "
+  "against the prompt; 1 = the first draw (default: the prior config's).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
 _PRIOR = flags.DEFINE_string(
@@ -68,6 +74,7 @@ def main(argv: list[str]) -> None:
       steps=_STEPS.value,
       guidance=_GUIDANCE.value,
       temperature=_TEMPERATURE.value,
+      candidates=_CANDIDATES.value,
       seed=_SEED.value,
     )
   except (FileNotFoundError, ValueError) as e:

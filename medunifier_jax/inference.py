@@ -148,7 +148,9 @@ def model_fns(graphdef: nnx.GraphDef) -> ModelFns:
 
 
 @functools.partial(
-  jax.jit, static_argnums=(0, 2), static_argnames=("steps", "guided", "null_condition")
+  jax.jit,
+  static_argnums=(0, 2),
+  static_argnames=("steps", "guided", "null_condition", "candidates"),
 )
 def generate_images(
   mu_def,
@@ -163,11 +165,15 @@ def generate_images(
   steps,
   guided,
   null_condition=False,
+  candidates=1,
+  pixel_stats=None,
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g) or (B, g, g, R) (`prior.sample.generate_fn`; `settings` a
-  `SamplingSettings`). Graph definitions are static: one compilation per architecture pair,
-  steps and input shapes, shared by every checkpoint, seed, guidance weight and temperature."""
+  `SamplingSettings`; `candidates` > 1: the best of that many per row by the MedUnifier's ITM
+  score, `pixel_stats` its image (mean, std)). Graph definitions are static: one compilation
+  per architecture pair, steps, candidates and input shapes, shared by every checkpoint, seed,
+  guidance weight and temperature."""
   from medunifier_jax.prior import sample
 
   mu, prior = nnx.merge(mu_def, mu_state), nnx.merge(prior_def, prior_state)
@@ -181,4 +187,6 @@ def generate_images(
     steps=steps,
     guided=guided,
     null_condition=null_condition,
+    candidates=candidates,
+    pixel_stats=pixel_stats,
   )

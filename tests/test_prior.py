@@ -21,7 +21,7 @@ from PIL import Image
 
 from configs.pretrain import get_config as pretrain_config
 from configs.prior import get_config
-from medunifier_jax import api, model_io
+from medunifier_jax import api, inference, model_io
 from medunifier_jax.data import pipeline, registry
 from medunifier_jax.prior import codes as codes_lib
 from medunifier_jax.prior import export, objective
@@ -387,6 +387,50 @@ def test_generate_images_shape_range_and_seed(with_prior):
   np.testing.assert_array_equal(
     images, model.generate_images(texts, num_per_text=2, steps=4, seed=0)
   )
+
+
+def test_best_of_candidates_is_the_draw_the_matching_head_scores_highest(with_prior):
+  _, model = with_prior
+  k, texts = 3, ["large right pleural effusion", "no acute findings"]
+  tokens = model.tokenize(texts)
+  ids, mask = (jnp.asarray(tokens[key]) for key in ("input_ids", "attention_mask"))
+  stats = tuple(
+    jnp.asarray(v, jnp.float32) for v in (model.config.data.image_mean, model.config.data.image_std)
+  )
+  prior = model.prior
+  settings = sample_lib.SamplingSettings(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(4.5))
+
+  def draw(ids, mask, keys, candidates):
+    return inference.generate_images(
+      model.graphdef,
+      model.state,
+      prior.graphdef,
+      prior.state,
+      ids,
+      mask,
+      keys,
+      settings,
+      steps=4,
+      guided=True,
+      candidates=candidates,
+      pixel_stats=stats,
+    )[0]
+
+  keys = sample_lib.row_keys(0, 2)
+  best = np.asarray(draw(ids, mask, keys, k))
+  # Every candidate drawn alone: row i's candidate j is row i k + j here.
+  every = draw(jnp.repeat(ids, k, 0), jnp.repeat(mask, k, 0), sample_lib.candidate_keys(keys, k), 1)
+  scores = jax.jit(
+    lambda state, images: sample_lib.match_scores(
+      nnx.merge(model.graphdef, state), images, jnp.repeat(ids, k, 0), jnp.repeat(mask, k, 0), stats
+    )
+  )(model.state, every)
+  chosen = np.argmax(np.asarray(scores).reshape(2, k), axis=1)
+  every = np.asarray(every).reshape((2, k) + every.shape[1:])
+  np.testing.assert_allclose(best, every[np.arange(2), chosen], atol=1e-6)
+  # The first candidate is the single draw of the same key; the drafts differ.
+  np.testing.assert_allclose(every[:, 0], np.asarray(draw(ids, mask, keys, 1)), atol=1e-6)
+  assert not np.allclose(every[:, 0], every[:, 1])
 
 
 def test_generate_writes_pngs_and_a_grid(with_prior, tmp_path):

@@ -507,6 +507,8 @@ class ImageGenEvaluator(common.Evaluator):
     """`(batch, row_offset) -> (B, S, S, 3)` images of one prior for the batch's reports."""
     cfg = self.cfg
     steps, temperature = int(cfg.sample_steps), float(cfg.temperature)
+    candidates = int(cfg.get("candidates", 1))
+    pixel_stats = (self.config.data.image_mean, self.config.data.image_std)
     choice = float(prior.config.sample.choice_temperature)
     null = kind == "null_condition"
 
@@ -523,6 +525,9 @@ class ImageGenEvaluator(common.Evaluator):
         choice_temperature=choice,
         row_offset=offset,
         null_condition=null,
+        # The baselines draw once: best-of-k by the report would make them text-aware.
+        candidates=1 if null else candidates,
+        pixel_stats=pixel_stats,
       )["images"]
 
     return draw

@@ -12,6 +12,11 @@ Classifier-free guidance: logits = cond + g (cond - uncond), the unconditional l
 prior's learned null condition; g = 0 gives exactly the conditional logits. Each row draws from
 its own key, fold_in(key(seed), row), so a row's sample depends on the seed and its row index
 only, not on the batch around it.
+
+Best of k (`candidates` > 1, text-conditioned rows only): each row draws k candidates (the
+first from the row's own key, so k = 1 is the single draw; candidate j from fold_in(key, j)),
+and the frozen MedUnifier keeps the one whose image its image-text matching head (ITM) scores
+highest against the row's report: the understanding half judging the generative half's drafts.
 """
 
 from __future__ import annotations
@@ -115,6 +120,27 @@ class SamplingSettings(NamedTuple):
   choice_temperature: jax.Array | float
 
 
+def candidate_keys(keys: jax.Array, k: int) -> jax.Array:
+  """(B,) row keys -> (B k,): row i's candidate j at i k + j draws from keys[i] (j = 0) or
+  fold_in(keys[i], j)."""
+
+  def per_row(key):
+    more = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(1, k))
+    return jnp.concatenate([key[None], more])
+
+  return jax.vmap(per_row)(keys).reshape(-1)
+
+
+def match_scores(medunifier, images, input_ids, attention_mask, pixel_stats) -> jax.Array:
+  """Images (B, S, S, 3) in [0, 1] and their reports (B, T) -> (B,) float32: the MedUnifier's
+  ITM log-probability that image and report match. `pixel_stats`: (mean, std) per channel,
+  the data pipeline's normalisation (`config.data.image_mean` / `image_std`)."""
+  mean, std = pixel_stats
+  tokens = medunifier.image_tokens((images - mean) / std)
+  logits = medunifier.itm_logits(tokens, input_ids, attention_mask)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
+
+
 def generate_fn(
   medunifier,
   prior: CodePrior,
@@ -126,17 +152,29 @@ def generate_fn(
   steps: int,
   guided: bool,
   null_condition: bool = False,
+  candidates: int = 1,
+  pixel_stats: tuple[jax.Array, jax.Array] | None = None,
 ):
   """Reports' tokens (B, T) -> images (B, S, S, 3) float32 in [0, 1], codes_top (B, g/2, g/2),
   codes_bottom (B, g, g) or (B, g, g, R): the frozen Q-Former's text states, parallel decoding,
   the frozen VQ-VAE's decoder (evaluation mode). `settings.guidance` applies only when `guided`.
   `null_condition` ignores the reports and samples the text prior's learned null condition
-  (its unconditional baseline)."""
+  (its unconditional baseline). `candidates` > 1: the best of that many per row by the
+  MedUnifier's ITM score (module docstring; needs `pixel_stats`); rows without text (null
+  condition, an unconditional prior) draw once."""
   text = None
   if null_condition:
     attention_mask, guided = None, False
   elif prior.condition == "text":
     text = medunifier.text_hidden(input_ids, attention_mask)
+  k = int(candidates)
+  rerank = k > 1 and text is not None
+  if rerank:
+    if pixel_stats is None:
+      raise ValueError("candidates > 1 needs pixel_stats, the images' (mean, std)")
+    b = input_ids.shape[0]
+    input_ids, attention_mask = jnp.repeat(input_ids, k, 0), jnp.repeat(attention_mask, k, 0)
+    text, keys = jnp.repeat(text, k, 0), candidate_keys(keys, k)
   tokens = sample_codes(
     prior,
     text,
@@ -148,8 +186,12 @@ def generate_fn(
     choice_temperature=settings.choice_temperature,
   )
   top, bottom = unflatten_codes(tokens, prior.grid, prior.bottom_depth)
-  images = medunifier.vqvae.decode_codes(top, bottom)
-  return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), top, bottom
+  images = jnp.clip(medunifier.vqvae.decode_codes(top, bottom).astype(jnp.float32), 0.0, 1.0)
+  if rerank:
+    scores = match_scores(medunifier, images, input_ids, attention_mask, pixel_stats)
+    best = jnp.argmax(scores.reshape(b, k), axis=1) + jnp.arange(b) * k
+    images, top, bottom = images[best], top[best], bottom[best]
+  return images, top, bottom
 
 
 class TrainedPrior:
@@ -189,15 +231,27 @@ class TrainedPrior:
     choice_temperature: float | None = None,
     row_offset: int = 0,
     null_condition: bool = False,
+    candidates: int | None = None,
+    pixel_stats: tuple[Any, Any] | None = None,
   ) -> dict[str, np.ndarray]:
     """Rows of report tokens (B, T) -> `images` (B, S, S, 3) float32 in [0, 1], `codes_top`,
     `codes_bottom`; the MedUnifier is given as `(graphdef, state)` (`api.Model`'s).
 
     Unset decoding settings come from `config.sample`; row i draws from
     fold_in(key(seed), row_offset + i). `null_condition` samples the learned null condition
-    instead of the reports (`generate_fn`).
+    instead of the reports (`generate_fn`). `candidates` > 1 keeps the best of that many per
+    row by the MedUnifier's ITM score; `pixel_stats` is then the MedUnifier's image
+    normalisation, (`config.data.image_mean`, `config.data.image_std`).
     """
     s = self.config.sample
+    candidates = int(s.get("candidates", 1) if candidates is None else candidates)
+    if candidates < 1:
+      raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if candidates > 1 and pixel_stats is None:
+      raise ValueError(
+        "candidates > 1 needs pixel_stats=(config.data.image_mean, config.data.image_std) of "
+        "the MedUnifier, whose ITM head scores the candidates"
+      )
     steps = int(s.steps if steps is None else steps)
     guidance = float(s.guidance if guidance is None else guidance)
     temperature = float(s.temperature if temperature is None else temperature)
@@ -222,6 +276,10 @@ class TrainedPrior:
       steps=steps,
       guided=guided,
       null_condition=bool(null_condition),
+      candidates=candidates,
+      pixel_stats=None
+      if pixel_stats is None
+      else tuple(jnp.asarray(v, jnp.float32) for v in pixel_stats),
     )
     return {
       "images": np.asarray(images),
