@@ -87,6 +87,7 @@ def inception_cache(tmp_path_factory):
 def config(inception_cache):
   c = get_config("tiny")
   c.evals.image_gen.inception_cache = inception_cache
+  c.evals.image_gen.candidates = 2  # the text prior's best of two drafts (the demo's setting)
   return c
 
 
@@ -146,6 +147,7 @@ def test_every_set_has_fid_kid_with_n_and_fidelity(run, workdir):
   assert saved["results"]["image_gen"]["conditional"]["n_generated"] == N
   protocol = saved["protocol"]["image_gen"]
   assert protocol["sets"]["unconditional"].startswith("unconditional prior")
+  assert protocol["sets"]["conditional"].endswith("the best of 2 drafts by the model's ITM score")
   assert protocol["inception_cache"] and protocol["num_images"] == N
   # The table prints the sample counts as counts, beside the scores.
   rows = {

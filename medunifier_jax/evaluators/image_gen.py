@@ -435,7 +435,10 @@ class ImageGenEvaluator(common.Evaluator):
     )
     if prior is not None:
       out["conditional"] = prior
-      self.used["conditional"] = f"text prior {cond_dir} (step {prior.step})"
+      drafts = int(self.cfg.get("candidates", 1))
+      self.used["conditional"] = f"text prior {cond_dir} (step {prior.step})" + (
+        f", each image the best of {drafts} drafts by the model's ITM score" if drafts > 1 else ""
+      )
     else:
       logging.warning(
         "image_gen: no text prior in %s: only the baselines are scored; train one with\n  %s",
