@@ -168,14 +168,22 @@ def sampling(config, prior_config) -> dict:
 
   steps, guidance = int(prior_config.sample.steps), float(prior_config.sample.guidance)
   guided = prior_config.model.condition == "text" and guidance != 0.0
+  candidates = int(prior_config.sample.get("candidates", 1))
   result = {
     "config": config.get("variant", ""),
     "prior_config": prior_config.get("variant", ""),
-    "flops": cost.sampling_flops(config, prior_config, steps=steps, guided=guided),
+    "flops": cost.sampling_flops(
+      config, prior_config, steps=steps, guided=guided, candidates=candidates
+    ),
   }
   if not _FLOPS_ONLY.value:
     result["speed"] = cost.sampling_speed(
-      config, prior_config, batch_size=_SAMPLING_BATCH.value, steps=steps, guidance=guidance
+      config,
+      prior_config,
+      batch_size=_SAMPLING_BATCH.value,
+      steps=steps,
+      guidance=guidance,
+      candidates=candidates,
     )
   result["platform"] = jax.devices()[0].platform
   return result

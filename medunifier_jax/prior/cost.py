@@ -49,10 +49,13 @@ def sampling_flops(
   *,
   steps: int,
   guided: bool,
+  candidates: int = 1,
 ) -> dict[str, float]:
   """FLOPs of drawing one image: `text_encoder`, `prior_pass` (one pass over the codes),
-  `decoder`, and `per_image` = text + steps x (2 if guided else 1) x prior pass + decoder.
-  Built from shapes only (`model_io.build_abstract`), so paper sizes cost no memory."""
+  `decoder`, and `per_image` = text + k (steps x (2 if guided else 1) x prior pass + decoder
+  [+ judge]) for k = `candidates` drafts, `judge` (k > 1 only) being the MedUnifier's ViT and
+  matching pass that score a draft. Built from shapes only (`model_io.build_abstract`), so
+  paper sizes cost no memory."""
   prior_config = fitted_prior_config(prior_config, medunifier_config)
   mu_def, mu_state = nnx.split(model_io.build_abstract(medunifier_config))
   prior_def, prior_state = nnx.split(model_io.build_abstract(prior_config, inference=True).prior)
@@ -81,9 +84,20 @@ def sampling_flops(
     "prior_pass": _flops(prior_pass, prior_state, tokens, text, ids),
     "decoder": _flops(decoder, mu_state, top, bottom),
   }
-  passes = int(steps) * (2 if guided else 1)
-  out["per_image"] = out["text_encoder"] + passes * out["prior_pass"] + out["decoder"]
-  out.update(steps=int(steps), guided=bool(guided), code_positions=n)
+  k = int(candidates)
+  draft = int(steps) * (2 if guided else 1) * out["prior_pass"] + out["decoder"]
+  if k > 1:
+    size = int(medunifier_config.model.vit.image_size)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    stats = (jnp.zeros(3, jnp.float32), jnp.ones(3, jnp.float32))
+
+    def judge(state, image, ids, mask):
+      return sample.match_scores(nnx.merge(mu_def, state), image, ids, mask, stats)
+
+    out["judge"] = _flops(judge, mu_state, image, ids, ids)
+    draft += out["judge"]
+  out["per_image"] = out["text_encoder"] + k * draft
+  out.update(steps=int(steps), guided=bool(guided), candidates=k, code_positions=n)
   return out
 
 
@@ -94,11 +108,12 @@ def sampling_speed(
   batch_size: int,
   steps: int,
   guidance: float,
+  candidates: int = 1,
   repeats: int = 5,
 ) -> dict[str, Any]:
-  """Images per second of `inference.generate_images` on `batch_size` reports, with randomly
-  initialised models of these sizes (the cost does not depend on the weights); the median of
-  `repeats` timed calls after one compiling call."""
+  """Images per second of `inference.generate_images` on `batch_size` reports (each the best
+  of `candidates` drafts), with randomly initialised models of these sizes (the cost does not
+  depend on the weights); the median of `repeats` timed calls after one compiling call."""
   prior_config = fitted_prior_config(prior_config, medunifier_config)
   mu_def, mu_state = nnx.split(model_io.build(medunifier_config))
   prior = model_io.build(prior_config, inference=True).prior
@@ -126,6 +141,11 @@ def sampling_speed(
       ),
       steps=steps,
       guided=guided,
+      candidates=int(candidates),
+      pixel_stats=(
+        jnp.asarray(medunifier_config.data.image_mean, jnp.float32),
+        jnp.asarray(medunifier_config.data.image_std, jnp.float32),
+      ),
     )
     return jax.block_until_ready(out)
 
@@ -142,6 +162,7 @@ def sampling_speed(
     "batch_size": batch_size,
     "steps": steps,
     "guided": guided,
+    "candidates": int(candidates),
     "first_call_s": compile_s,
     "median_s": median,
     "images_per_s": batch_size / median,
