@@ -241,7 +241,7 @@ class Model:
       guidance=guidance,
       temperature=temperature,
       candidates=candidates,
-      pixel_stats=(self.config.data.image_mean, self.config.data.image_std),
+      pixel_stats=prior_sample.pixel_stats(self.config),
     )
     return out["images"]
 

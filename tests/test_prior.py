@@ -394,9 +394,7 @@ def test_best_of_candidates_is_the_draw_the_matching_head_scores_highest(with_pr
   k, texts = 3, ["large right pleural effusion", "no acute findings"]
   tokens = model.tokenize(texts)
   ids, mask = (jnp.asarray(tokens[key]) for key in ("input_ids", "attention_mask"))
-  stats = tuple(
-    jnp.asarray(v, jnp.float32) for v in (model.config.data.image_mean, model.config.data.image_std)
-  )
+  stats = sample_lib.pixel_stats(model.config)
   prior = model.prior
   settings = sample_lib.SamplingSettings(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(4.5))
 
@@ -431,6 +429,16 @@ def test_best_of_candidates_is_the_draw_the_matching_head_scores_highest(with_pr
   # The first candidate is the single draw of the same key; the drafts differ.
   np.testing.assert_allclose(every[:, 0], np.asarray(draw(ids, mask, keys, 1)), atol=1e-6)
   assert not np.allclose(every[:, 0], every[:, 1])
+  # Drafts without the normalisation the judge needs: an error naming it, before any drawing.
+  with pytest.raises(ValueError, match="pixel_stats"):
+    prior.generate(
+      model.graphdef,
+      model.state,
+      tokens["input_ids"],
+      tokens["attention_mask"],
+      steps=4,
+      candidates=2,
+    )
 
 
 def test_generate_writes_pngs_and_a_grid(with_prior, tmp_path):

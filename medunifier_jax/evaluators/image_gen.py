@@ -508,10 +508,12 @@ class ImageGenEvaluator(common.Evaluator):
 
   def _generator(self, prior, kind: str, graphdef, state, seed: int) -> Callable:
     """`(batch, row_offset) -> (B, S, S, 3)` images of one prior for the batch's reports."""
+    from medunifier_jax.prior import sample as prior_sample
+
     cfg = self.cfg
     steps, temperature = int(cfg.sample_steps), float(cfg.temperature)
     candidates = int(cfg.get("candidates", 1))
-    pixel_stats = (self.config.data.image_mean, self.config.data.image_std)
+    pixel_stats = prior_sample.pixel_stats(self.config)
     choice = float(prior.config.sample.choice_temperature)
     null = kind == "null_condition"
 

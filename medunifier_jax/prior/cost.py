@@ -142,10 +142,7 @@ def sampling_speed(
       steps=steps,
       guided=guided,
       candidates=int(candidates),
-      pixel_stats=(
-        jnp.asarray(medunifier_config.data.image_mean, jnp.float32),
-        jnp.asarray(medunifier_config.data.image_std, jnp.float32),
-      ),
+      pixel_stats=sample.pixel_stats(medunifier_config),
     )
     return jax.block_until_ready(out)
 

@@ -131,6 +131,12 @@ def candidate_keys(keys: jax.Array, k: int) -> jax.Array:
   return jax.vmap(per_row)(keys).reshape(-1)
 
 
+def pixel_stats(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """The MedUnifier's image normalisation, ((3,) mean, (3,) std) float32, from its config's
+  `data.image_mean` / `data.image_std` (what `match_scores` needs)."""
+  return tuple(jnp.asarray(v, jnp.float32) for v in (config.data.image_mean, config.data.image_std))
+
+
 def match_scores(medunifier, images, input_ids, attention_mask, pixel_stats) -> jax.Array:
   """Images (B, S, S, 3) in [0, 1] and their reports (B, T) -> (B,) float32: the MedUnifier's
   ITM log-probability that image and report match. `pixel_stats`: (mean, std) per channel,
@@ -171,7 +177,10 @@ def generate_fn(
   rerank = k > 1 and text is not None
   if rerank:
     if pixel_stats is None:
-      raise ValueError("candidates > 1 needs pixel_stats, the images' (mean, std)")
+      raise ValueError(
+        "candidates > 1 needs pixel_stats (`pixel_stats(config)` of the MedUnifier, whose ITM "
+        "head scores the drafts)"
+      )
     b = input_ids.shape[0]
     input_ids, attention_mask = jnp.repeat(input_ids, k, 0), jnp.repeat(attention_mask, k, 0)
     text, keys = jnp.repeat(text, k, 0), candidate_keys(keys, k)
@@ -232,7 +241,7 @@ class TrainedPrior:
     row_offset: int = 0,
     null_condition: bool = False,
     candidates: int | None = None,
-    pixel_stats: tuple[Any, Any] | None = None,
+    pixel_stats: tuple[jax.Array, jax.Array] | None = None,
   ) -> dict[str, np.ndarray]:
     """Rows of report tokens (B, T) -> `images` (B, S, S, 3) float32 in [0, 1], `codes_top`,
     `codes_bottom`; the MedUnifier is given as `(graphdef, state)` (`api.Model`'s).
@@ -241,17 +250,12 @@ class TrainedPrior:
     fold_in(key(seed), row_offset + i). `null_condition` samples the learned null condition
     instead of the reports (`generate_fn`). `candidates` > 1 keeps the best of that many per
     row by the MedUnifier's ITM score; `pixel_stats` is then the MedUnifier's image
-    normalisation, (`config.data.image_mean`, `config.data.image_std`).
+    normalisation (`pixel_stats(config)`).
     """
     s = self.config.sample
     candidates = int(s.get("candidates", 1) if candidates is None else candidates)
     if candidates < 1:
       raise ValueError(f"candidates must be at least 1, got {candidates}")
-    if candidates > 1 and pixel_stats is None:
-      raise ValueError(
-        "candidates > 1 needs pixel_stats=(config.data.image_mean, config.data.image_std) of "
-        "the MedUnifier, whose ITM head scores the candidates"
-      )
     steps = int(s.steps if steps is None else steps)
     guidance = float(s.guidance if guidance is None else guidance)
     temperature = float(s.temperature if temperature is None else temperature)
@@ -277,9 +281,7 @@ class TrainedPrior:
       guided=guided,
       null_condition=bool(null_condition),
       candidates=candidates,
-      pixel_stats=None
-      if pixel_stats is None
-      else tuple(jnp.asarray(v, jnp.float32) for v in pixel_stats),
+      pixel_stats=pixel_stats,
     )
     return {
       "images": np.asarray(images),
