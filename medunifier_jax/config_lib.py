@@ -166,6 +166,36 @@ def tuples_from_json(config: ml_collections.ConfigDict) -> ml_collections.Config
   return ml_collections.ConfigDict({k: fix(v) for k, v in config.items()})
 
 
+def fill_missing(
+  config: ml_collections.ConfigDict,
+  reference: ml_collections.ConfigDict,
+  *,
+  closed: tuple[str, ...] = ("evals",),
+  prefix: str = "",
+) -> list[str]:
+  """Adds to `config`, in place, every field of `reference` it lacks; returns their dotted names.
+
+  For a config saved by an earlier version of the project (`WORKDIR/config.json`), which lacks
+  the fields added since: they take `reference`'s values. Fields `config` has are kept, and
+  nodes it holds as another type are not entered. Under the `closed` nodes (dotted paths) only
+  existing entries are completed: an evaluation set the run did not have is not added to it.
+  """
+  added = []
+  for name in reference.keys():
+    dotted = f"{prefix}{name}"
+    if name not in config:
+      if prefix.rstrip(".") in closed:
+        continue
+      value = reference[name]
+      config[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      added.append(dotted)
+    elif isinstance(config[name], ml_collections.ConfigDict) and isinstance(
+      reference[name], ml_collections.ConfigDict
+    ):
+      added += fill_missing(config[name], reference[name], closed=closed, prefix=dotted + ".")
+  return added
+
+
 def _source_ref(config: ml_collections.ConfigDict, dotted: str):
   """A one-way reference to the integer field `dotted`, or None when the config has none.
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 from flax import nnx
 
 # Below this many initialised values (on CPU), the initialiser is compiled without optimisation.
@@ -121,11 +122,31 @@ class Restored:
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The run config a training workdir was started with (`WORKDIR/config.json`), with tuples
-  where the config files have them and its derived fields linked again (`config_lib.derive`)."""
+  where the config files have them and its derived fields linked again (`config_lib.derive`).
+
+  A run saved by an earlier version of the project lacks the fields added since (e.g.
+  `evals.image_gen.candidates`): they take today's values for the run's variant in its config
+  file (configs/pretrain.py, or configs/prior.py for a prior), and are logged by name.
+  """
   from medunifier_jax import config_lib
   from medunifier_jax.training import checkpoint as ckpt
 
-  return config_lib.derive(config_lib.tuples_from_json(ckpt.load_config(workdir)))
+  config = config_lib.tuples_from_json(ckpt.load_config(workdir))
+  path = config_lib.CONFIG_DIR / ("prior.py" if is_prior(config) else config_lib.DEFAULT_FILE)
+  module = config_lib.load_module(path)
+  variant = config.get("variant")
+  reference = module.get_config(variant if variant in module.VARIANTS else None)
+  added = config_lib.fill_missing(config, reference)
+  if added:
+    logging.info(
+      "%s/config.json predates %d field(s); they take the values of %s:%s: %s",
+      os.fspath(workdir),
+      len(added),
+      path.name,
+      reference.get("variant"),
+      ", ".join(added),
+    )
+  return config_lib.derive(config)
 
 
 def restore(

@@ -112,6 +112,27 @@ def test_a_run_s_saved_config_is_a_config_file(tmp_path):
     config_lib.load("configs/workdir.py")
 
 
+def test_a_config_saved_before_new_fields_gets_them_from_its_variant(tmp_path):
+  """A workdir from an earlier version lacks fields added since; it loads with today's values
+  for its variant, its own values kept, and no evaluation set added."""
+  from medunifier_jax import model_io
+
+  saved = json.loads(load_config("tiny").to_json_best_effort())
+  del saved["evals"]["image_gen"]["candidates"]  # a field added later
+  del saved["dropout_prng"]
+  del saved["evals"]["finetune"]  # a set this run did not have
+  saved["evals"]["image_gen"]["temperature"] = 0.5  # the run's own value
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = model_io.load_config(tmp_path)
+  today = load_config("tiny")
+  assert config.evals.image_gen.candidates == today.evals.image_gen.candidates
+  assert config.dropout_prng == today.dropout_prng
+  assert config.evals.image_gen.temperature == 0.5 and "finetune" not in config.evals
+  assert config.data.image_size == config.model.vit.image_size  # derived fields linked
+  config.model.vit.image_size = 96
+  assert config.data.image_size == 96
+
+
 # -- geometry --------------------------------------------------------------------------------
 
 
