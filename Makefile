@@ -7,7 +7,7 @@ WORKDIR ?= workdirs/demo
 # Extra flags for the demo, e.g. DEMO_ARGS="--config.num_steps=300" (the tests run a shortened demo).
 DEMO_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10 tests
+
+# The inner loop while editing: every test but the end-to-end runs marked slow (CI runs them all).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: install
 	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR) $(DEMO_ARGS)

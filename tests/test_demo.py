@@ -23,6 +23,9 @@ from cli_runs import ROOT
 
 from medunifier_jax import api
 
+# End to end (runs a shortened demo end to end): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 300
 # The tiny model, 300 steps: with 8 pairs per batch, or with dropout at width 32, ITC and ITM
 # stay at chance for hundreds of steps; 32 pairs without dropout leave it within about 100.

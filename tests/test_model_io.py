@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from medunifier_jax import evaluation, model_io, pretraining
@@ -16,6 +17,7 @@ from tests.configs_util import load_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_evaluate_random_init_builds_the_model_training_starts_from():
   config = load_config("tiny")
   mesh = mesh_lib.make_mesh([("data", 1), ("model", 1)], devices=jax.devices()[:1])

@@ -187,6 +187,7 @@ def _itg(model, images, ids, mask):
   )[1]["loss_itg"]
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_vocabulary_padding_is_never_predicted_and_leaves_itg_unchanged(model, tokens, inputs, cfg):
   images, ids, mask = inputs
   qf = cfg.model.qformer

@@ -202,6 +202,7 @@ def test_weight_zero_skips_the_objective(model, batch):
     obj.compute_losses(model, batch, jax.random.key(0), weights={"itx": 1.0})
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_overfitting_one_batch_halves_every_loss(cfg, model, batch):
   optimizer = nnx.Optimizer(model, optax.adamw(5e-3, b2=0.95, weight_decay=0.0), wrt=nnx.Param)
   weights = dict(cfg.loss_weights)

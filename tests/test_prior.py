@@ -478,6 +478,7 @@ def test_bottom_depth_embeds_and_predicts_each_depth_from_its_own_block():
   np.testing.assert_allclose(prior._bottom_logits(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_two_codes_per_bottom_cell_from_extraction_to_images(tmp_path):
   """A MedUnifier with vqvae.bottom_depth 2: its codes cache as (m, g, g, 2), a prior trains
   on them with the depth copied from the run, and images are drawn and decoded."""

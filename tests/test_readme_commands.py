@@ -19,6 +19,9 @@ import pytest
 from cli_runs import ROOT, cached_env, finished_checkpoints, records
 from PIL import Image
 
+# End to end (runs the README's commands in subprocesses): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 README = (ROOT / "README.md").read_text()
 WORKDIR = "workdirs/run"  # relative to the scratch directory
 TEXTS = ("No acute cardiopulmonary process.", "Right pleural effusion.")

@@ -70,6 +70,7 @@ def _losses_and_grads(model, batch, *, train):
   return total, metrics, nnx.to_pure_dict(nnx.state(grads, nnx.Param))
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_objectives_and_gradients_match_the_unrolled_layers(models, batch):
   plain, scanned = models
   want = _losses_and_grads(nnx.clone(plain), batch, train=False)
@@ -82,6 +83,7 @@ def test_objectives_and_gradients_match_the_unrolled_layers(models, batch):
     assert float(jnp.abs(layer["attention"]["query"]["kernel"]).max()) > 0
 
 
+@pytest.mark.slow  # about 20 s or more here: left out of `make test-fast`
 def test_training_mode_draws_dropout_per_layer_group(models, batch):
   _, scanned = models
   total, metrics, grads = _losses_and_grads(nnx.clone(scanned), batch, train=True)

@@ -87,6 +87,9 @@ def runs():
   return out
 
 
+# The `runs` fixture compiles and runs the step on every mesh: these are left out of
+# `make test-fast`.
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES[1:])
 def test_meshes_give_the_single_device_losses(runs, shape):
   _, _, reference, _ = runs[None]
@@ -98,12 +101,14 @@ def test_meshes_give_the_single_device_losses(runs, shape):
     np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"{key} on mesh {shape}")
 
 
+@pytest.mark.slow
 def test_training_moves_the_loss(runs):
   _, _, metrics, _ = runs[None]
   losses = [float(m["loss"]) for m in metrics]
   assert np.all(np.isfinite(losses)) and len(set(losses)) == NUM_STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_frozen_vit_is_bit_identical_and_has_no_optimizer_state(runs, shape):
   before, after, _, _ = runs[shape]
@@ -119,6 +124,7 @@ def test_frozen_vit_is_bit_identical_and_has_no_optimizer_state(runs, shape):
   assert int(after["optimizer"]["step"]) == NUM_STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_step_is_not_retraced(runs, shape):
   # NUM_STEPS calls of the jitted step: chex.assert_max_traces(n=1) would have raised in the

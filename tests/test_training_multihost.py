@@ -12,6 +12,9 @@ from cli_runs import ROOT, cached_env, finished_checkpoints, records, train_comm
 
 from medunifier_jax import api
 
+# End to end (starts two training processes): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 4
 OVERRIDES = (
   f"--config.num_steps={NUM_STEPS}",

@@ -21,6 +21,9 @@ from medunifier_jax.training import checkpoint as ckpt
 from medunifier_jax.training import mesh as mesh_lib
 from medunifier_jax.training import state as state_lib
 
+# End to end (kills and restarts the training CLI in subprocesses): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 NUM_STEPS, EVERY = 16, 4
 OVERRIDES = (
   f"--config.num_steps={NUM_STEPS}",

@@ -170,7 +170,6 @@ def train_prior(
     `training.loop.train`'s result.
   """
   from medunifier_jax import paths
-  from medunifier_jax.training import checkpoint as ckpt
   from medunifier_jax.training import loop
 
   workdir = paths.resolve(workdir)
@@ -184,7 +183,9 @@ def train_prior(
     frozen = _Frozen(mu, step)
     # Before anything is written to the workdir: a stale cache stops the run here.
     prepare_codes(config, workdir, frozen, show_progress)
-    configure(config, ckpt.load_config(mu), step)
+    # As api.load reads it (fields the run predates filled), so the text encoder is built
+    # from the same Q-Former config as the frozen model it takes its weights from.
+    configure(config, model_io.load_config(mu), step)
   else:
     if not config.codes.cache_text_states:
       raise ValueError(
