@@ -140,8 +140,9 @@ def pixel_stats(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array
 def match_scores(medunifier, images, input_ids, attention_mask, pixel_stats) -> jax.Array:
   """Images (B, S, S, 3) in [0, 1] and their reports (B, T) -> (B,) float32: the MedUnifier's
   ITM log-probability that image and report match. `pixel_stats`: (mean, std) per channel,
-  the data pipeline's normalisation (`config.data.image_mean` / `image_std`)."""
-  mean, std = pixel_stats
+  the data pipeline's normalisation (`config.data.image_mean` / `image_std`; arrays or
+  sequences of 3 floats)."""
+  mean, std = (jnp.asarray(v, jnp.float32) for v in pixel_stats)
   tokens = medunifier.image_tokens((images - mean) / std)
   logits = medunifier.itm_logits(tokens, input_ids, attention_mask)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
