@@ -43,10 +43,40 @@ SQRTM_EPS = 1e-6
 IMAG_TOLERANCE = 1e-3
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "quantize"))
-def _pool_features(graphdef, state, images: jax.Array, quantize: bool) -> jax.Array:
+# On the CPU, XLA hands dots (the Inception's 1x1 convolutions become dots) to its YNN library
+# with this option: the forward takes half the time (3.45 -> 1.72 s for 25 images of 48 px on 2
+# cores), features within 6e-6 of the default's. Set for this computation only, as it slows the
+# small batched products of attention: the training step and the prior's sampling do not gain.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+def _forward(graphdef, state, images: jax.Array, quantize: bool) -> jax.Array:
   """(B, H, W, 3) in [0, 1] -> (B, 2048); compiled once per graph and batch shape."""
   return nnx.merge(graphdef, state)(images, quantize=quantize)
+
+
+@functools.cache
+def _compiled_forward(options: tuple[tuple[str, str], ...]):
+  return jax.jit(_forward, static_argnames=("graphdef", "quantize"), compiler_options=dict(options))
+
+
+@functools.cache
+def _forward_options() -> tuple[tuple[str, str], ...]:
+  """`CPU_COMPILER_OPTIONS` on the CPU where this XLA accepts them (probed once), else none."""
+  if jax.default_backend() != "cpu":
+    return ()
+  options = tuple(CPU_COMPILER_OPTIONS.items())
+  probe = jax.jit(lambda x: x @ x, compiler_options=dict(options))
+  try:
+    probe.lower(np.ones((2, 2), np.float32)).compile()
+  except jax.errors.JaxRuntimeError:  # an XLA that no longer has the option
+    return ()
+  return options
+
+
+def _pool_features(graphdef, state, images, quantize: bool) -> jax.Array:
+  """`_forward`, compiled with the options `_forward_options` picks."""
+  return _compiled_forward(_forward_options())(graphdef, state, images, quantize=quantize)
 
 
 def _batches(images, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
