@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medunifier_jax import compile_options
+
 # -- pure functions of a MedUnifier module -----------------------------------------------------
 
 
@@ -114,7 +116,7 @@ def compiled(fn: Callable, **static: Any) -> Callable:
   def pure(graphdef, state, *arrays):
     return fn(nnx.merge(graphdef, state), *arrays, **static)
 
-  return jax.jit(pure, static_argnums=0)
+  return jax.jit(pure, static_argnums=0, compiler_options=compile_options.for_jit())
 
 
 class ModelFns:
@@ -147,12 +149,22 @@ def model_fns(graphdef: nnx.GraphDef) -> ModelFns:
 # -- text to image -----------------------------------------------------------------------------
 
 
-@functools.partial(
-  jax.jit,
-  static_argnums=(0, 2),
-  static_argnames=("steps", "guided", "null_condition", "candidates"),
-)
-def generate_images(
+def generate_images(*args, **kwargs):
+  """`_generate_images`, compiled with the project's options (`compile_options`)."""
+  return _jitted_generate_images(tuple(compile_options.for_jit().items()))(*args, **kwargs)
+
+
+@functools.cache
+def _jitted_generate_images(options: tuple[tuple[str, Any], ...]) -> Callable:
+  return jax.jit(
+    _generate_images,
+    static_argnums=(0, 2),
+    static_argnames=("steps", "guided", "null_condition", "candidates"),
+    compiler_options=dict(options),
+  )
+
+
+def _generate_images(
   mu_def,
   mu_state,
   prior_def,

@@ -90,17 +90,21 @@ def test_inception_features_rebatches_and_pads(inception, images, features):
   np.testing.assert_allclose(out, features[[0, 1, 0]], rtol=1e-6, atol=1e-6)
 
 
-def test_cpu_compiler_options_keep_the_features(inception, images, features):
-  # The forward compiles with `CPU_COMPILER_OPTIONS` on the CPU (another dot library); the
-  # default compile gives the same features up to float32 accumulation order.
+def test_compiler_options_keep_the_features(inception, images, features):
+  # The forward compiles with the project's options (`compile_options`: on the CPU, XLA's own
+  # convolution instead of the default's library); the default compile gives the same features
+  # up to float32 summation order.
   import jax
   from flax import nnx
 
-  if not image_metrics._forward_options():
+  from medunifier_jax import compile_options
+
+  if not compile_options.for_jit():
     pytest.skip(f"no compiler options here ({jax.default_backend()}, or an XLA without them)")
   graphdef, state = nnx.split(inception)
   plain = np.asarray(image_metrics._compiled_forward(())(graphdef, state, images, quantize=True))
   np.testing.assert_allclose(features, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+  assert np.linalg.norm(features - plain) / np.linalg.norm(plain) < 1e-5
 
 
 def test_preprocess_follows_the_protocol():

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from medunifier_jax import compile_options
 from medunifier_jax.training import optimizer as optimizer_lib
 from medunifier_jax.training import sharding as sharding_lib
 from medunifier_jax.training import tracing
@@ -101,7 +102,8 @@ def jit_train_step(
   """`jax.jit` with the state sharded by its rules, the batch over `data`, the state donated.
 
   `compiler_options` are XLA debug options for this function only (e.g.
-  `{"xla_backend_optimization_level": 0}` trades step time for compile time).
+  `{"xla_backend_optimization_level": 0}` trades step time for compile time), on top of the
+  project's (`compile_options.for_jit`).
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
@@ -109,7 +111,7 @@ def jit_train_step(
     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules), replicated),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
-    compiler_options=compiler_options,
+    compiler_options=compile_options.for_jit(compiler_options),
   )
 
 
