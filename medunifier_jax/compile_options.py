@@ -11,12 +11,15 @@ rounding only (another summation order): Inception features by at most 6e-6.
 
 `for_jit()` gives the options for `jax.jit(..., compiler_options=...)`: `CPU` on the CPU where
 this XLA accepts them (probed once per process by compiling a 2 x 2 product), none on other
-backends or on an XLA that has dropped the option.
+backends or on an XLA that has dropped the option. `jit(fn, ...)` is `jax.jit` with them, for
+module-level functions: the options are settled at the first call, not at import, so that
+importing a module starts no backend.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,3 +48,26 @@ def _accepted(backend: str) -> tuple[tuple[str, Any], ...]:
 def for_jit(extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """The project's options for the default backend, updated with `extra` (a caller's own)."""
   return {**dict(_accepted(jax.default_backend())), **(extra or {})}
+
+
+def jit(fn: Callable, **jit_kwargs: Any) -> Callable:
+  """`jax.jit(fn, compiler_options=for_jit(), **jit_kwargs)`, built at the first call.
+
+  One compiled function per set of options (the default backend's, looked up at each call);
+  `jit_kwargs` are `jax.jit`'s (`static_argnums`, `static_argnames`, ...). `.lower(...)` lowers
+  it ahead of time, as `jax.jit`'s does.
+  """
+
+  @functools.cache
+  def jitted(options: tuple[tuple[str, Any], ...]) -> Callable:
+    return jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
+
+  def current() -> Callable:
+    return jitted(tuple(for_jit().items()))
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return current()(*args, **kwargs)
+
+  call.lower = lambda *args, **kwargs: current().lower(*args, **kwargs)
+  return call

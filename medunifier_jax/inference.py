@@ -149,21 +149,6 @@ def model_fns(graphdef: nnx.GraphDef) -> ModelFns:
 # -- text to image -----------------------------------------------------------------------------
 
 
-def generate_images(*args, **kwargs):
-  """`_generate_images`, compiled with the project's options (`compile_options`)."""
-  return _jitted_generate_images(tuple(compile_options.for_jit().items()))(*args, **kwargs)
-
-
-@functools.cache
-def _jitted_generate_images(options: tuple[tuple[str, Any], ...]) -> Callable:
-  return jax.jit(
-    _generate_images,
-    static_argnums=(0, 2),
-    static_argnames=("steps", "guided", "null_condition", "candidates"),
-    compiler_options=dict(options),
-  )
-
-
 def _generate_images(
   mu_def,
   mu_state,
@@ -202,3 +187,12 @@ def _generate_images(
     candidates=candidates,
     pixel_stats=pixel_stats,
   )
+
+
+# Compiled with the project's options (`compile_options`): one compilation per graph pair,
+# static settings and input shapes.
+generate_images = compile_options.jit(
+  _generate_images,
+  static_argnums=(0, 2),
+  static_argnames=("steps", "guided", "null_condition", "candidates"),
+)

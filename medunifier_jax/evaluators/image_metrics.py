@@ -27,7 +27,6 @@ Features are returned in float64 and every statistic is computed in float64 on t
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator
 
 import jax
@@ -49,16 +48,9 @@ def _forward(graphdef, state, images: jax.Array, quantize: bool) -> jax.Array:
   return nnx.merge(graphdef, state)(images, quantize=quantize)
 
 
-@functools.cache
-def _compiled_forward(options: tuple[tuple[str, str], ...]):
-  return jax.jit(_forward, static_argnames=("graphdef", "quantize"), compiler_options=dict(options))
-
-
-def _pool_features(graphdef, state, images, quantize: bool) -> jax.Array:
-  """`_forward` with the project's compiler options (`compile_options`: on the CPU, XLA's own
-  convolution, twice as fast here as the default's library)."""
-  options = tuple(compile_options.for_jit().items())
-  return _compiled_forward(options)(graphdef, state, images, quantize=quantize)
+# With the project's compiler options (`compile_options`: on the CPU, XLA's own convolution,
+# twice as fast here as the default's library).
+_pool_features = compile_options.jit(_forward, static_argnames=("graphdef", "quantize"))
 
 
 def _batches(images, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
