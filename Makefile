@@ -28,11 +28,11 @@ lint: install
 	$(BIN)/ruff format --check medunifier_jax configs tests launch
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 # The inner loop while editing: every test but the end-to-end runs marked slow (CI runs them all).
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 demo: install
 	$(BIN)/python -m medunifier_jax.demo --workdir $(WORKDIR) $(DEMO_ARGS)
