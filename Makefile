@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 # Test processes (pytest-xdist; a test file stays in one process, so its module fixtures are
-# built once). On 2 cores, 2 ran the fast subset in 5:14 against 6:35 for 1 (README); 0 runs the
-# suite in this process.
+# built once). On 2 cores, 2 ran the whole suite in 14:44 against 19:30 for 1, the fast subset in
+# 5:02 against 6:35; 0 runs the suite in this process.
 TEST_WORKERS ?= 2
 # Extra flags for the demo, e.g. DEMO_ARGS="--config.num_steps=300" (the tests run a shortened demo).
 DEMO_ARGS ?=
