@@ -34,7 +34,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import config_lib, pretraining
+from medunifier_jax import config_lib, host_memory, pretraining
 from medunifier_jax.objectives import OBJECTIVES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
@@ -226,4 +226,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

@@ -28,6 +28,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medunifier_jax import host_memory
+
 _DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py"
 )
@@ -245,4 +247,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

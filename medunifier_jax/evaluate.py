@@ -32,7 +32,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import evaluation
+from medunifier_jax import evaluation, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -72,4 +72,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

@@ -19,6 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
+from medunifier_jax import host_memory
 from medunifier_jax.prior import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The MedUnifier's training workdir.")
@@ -84,4 +85,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

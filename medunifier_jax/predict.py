@@ -27,7 +27,7 @@ import sys
 
 from absl import app, flags, logging
 
-from medunifier_jax import prediction
+from medunifier_jax import host_memory, prediction
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory with a checkpoint.")
 _IMAGES = flags.DEFINE_multi_string(
@@ -109,4 +109,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=_parse_flags)

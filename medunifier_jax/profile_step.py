@@ -25,6 +25,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from medunifier_jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after the warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untraced steps after compilation.")
@@ -272,4 +274,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

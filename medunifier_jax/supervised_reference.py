@@ -18,7 +18,7 @@ This module only parses the flags; the work is `medunifier_jax.supervised`'s.
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import supervised
+from medunifier_jax import host_memory, supervised
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "e.g. configs/pretrain.py:demo", lock_config=True
@@ -35,4 +35,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)

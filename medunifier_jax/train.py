@@ -15,6 +15,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medunifier_jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
@@ -86,4 +88,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()
   app.run(main)
