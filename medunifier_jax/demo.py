@@ -1,7 +1,7 @@
 r"""The newcomer's job: pre-train on phantom radiographs, evaluate every task, write the report.
 
   python -m medunifier_jax.demo --workdir workdirs/demo [--config configs/pretrain.py:demo] \
-      [--config.num_steps=1400] [--skip_train] [--noimage_gen] [--uncond_prior] \
+      [--config.num_steps=1700] [--skip_train] [--noimage_gen] [--uncond_prior] \
       [--prior_config configs/prior.py:demo]
 
 Stages (each with its own progress display):
