@@ -70,13 +70,18 @@ def tunables_with_huge_pages(
   return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
+def tunables_here(env: Mapping[str, str]) -> str | None:
+  """`tunables_with_huge_pages` for this machine (its system, glibc and THP mode)."""
+  return tunables_with_huge_pages(
+    env, system=platform.system(), glibc=_glibc_version(), mode=thp_mode()
+  )
+
+
 def reexec_with_huge_pages() -> None:
   """Restarts this program's command line with `TUNABLE` set (module docstring); returns
   without doing anything when that would gain nothing. Call it from `if __name__ ==
   "__main__"` only: it replaces the running process."""
-  tunables = tunables_with_huge_pages(
-    os.environ, system=platform.system(), glibc=_glibc_version(), mode=thp_mode()
-  )
+  tunables = tunables_here(os.environ)
   argv = getattr(sys, "orig_argv", None)
   if tunables is None or not argv or not sys.executable:
     return
