@@ -52,7 +52,13 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   """Index of the nearest code by squared L2: z (N, C), codebook (K, C) -> (N,) int32."""
   # ||z||^2 is the same for every code, so argmin(||e||^2 - 2 z.e) picks the same code.
   scores = jnp.sum(codebook * codebook, axis=-1)[None, :] - 2.0 * (z @ codebook.T)
-  return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+  # argmin's first index of the minimum, as two plain reductions: XLA's CPU code for argmin's
+  # (value, index) reduction is not vectorised, and over the demo's (2048, 512) scores it takes
+  # 3.1 ms where these take 1.4. A row with NaN has no minimum to match: it gets the last code.
+  k = scores.shape[-1]
+  best = jnp.min(scores, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(scores == best, jnp.arange(k, dtype=jnp.int32), k), axis=-1)
+  return jnp.minimum(first, k - 1)
 
 
 def code_statistics(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
