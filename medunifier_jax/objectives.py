@@ -77,7 +77,7 @@ def _smoothed_ce(
     kept_sum = jnp.sum(logits, axis=-1)
   else:
     lse = jax.nn.logsumexp(jnp.where(keep, logits, _MASKED_LOGIT), axis=-1)
-    kept = jnp.sum(jnp.broadcast_to(keep, logits.shape), axis=-1).astype(jnp.float32)
+    kept = jnp.sum(keep, axis=-1).astype(jnp.float32)  # broadcasts against lse's shape
     kept_sum = jnp.sum(jnp.where(keep, logits, 0.0), axis=-1)
   return lse - (1.0 - label_smoothing) * picked - label_smoothing * kept_sum / kept
 

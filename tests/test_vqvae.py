@@ -534,3 +534,15 @@ def test_residual_bottom_codes_quantize_what_the_codes_before_left(tiny):
   np.testing.assert_allclose(grad, np.ones(x.shape), rtol=0, atol=0)
   with pytest.raises(ValueError, match=r"codes_bottom \(B, 8, 8, 3\)"):
     model.decode_codes(jnp.zeros((1, g // 2, g // 2), jnp.int32), jnp.zeros((1, g, g), jnp.int32))
+
+
+def test_nearest_codes_is_the_first_nearest_by_squared_distance():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(64, 8)).astype(np.float32)
+  codebook = rng.normal(size=(16, 8)).astype(np.float32)
+  codebook[9] = codebook[3]  # a duplicated code: ties go to the first index, as argmin's do
+  z[:4] = codebook[3]
+  distances = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+  codes = np.asarray(qz.nearest_codes(jnp.asarray(z), jnp.asarray(codebook)))
+  np.testing.assert_array_equal(codes, distances.argmin(-1))
+  np.testing.assert_array_equal(codes[:4], 3)
