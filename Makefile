@@ -40,8 +40,8 @@ demo: install
 # Step time of ITC+ITM against the PyTorch BLIP-2 peer (same run), then all four objectives;
 # then text-to-image sampling: images/s at the demo size, FLOPs per image at the paper size.
 bench: install
-	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --objectives itc,itm --peer pytorch --peak_flops 60e9
-	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --peak_flops 60e9
+	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --objectives itc,itm --peer pytorch --peak_flops matmul
+	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs --peak_flops matmul
 	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:demo --prior_config configs/prior.py:demo
 	$(BIN)/python -m medunifier_jax.benchmark --config configs/pretrain.py:paper --prior_config configs/prior.py:paper --flops_only
 

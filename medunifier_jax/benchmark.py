@@ -1,10 +1,14 @@
 r"""Step-time and FLOP/s benchmark of the training step, optionally against a PyTorch peer.
 
   python -m medunifier_jax.benchmark --config configs/pretrain.py:bench_xs \
-      [--objectives itc,itm,itg,tig] [--steps 10] [--peak_flops 60e9] [--peer pytorch]
+      [--objectives itc,itm,itg,tig] [--steps 10] [--peak_flops matmul] [--peer pytorch]
 
 Prints one JSON line: `median_step_s`, `examples_per_s`, `step_flops` (XLA's cost analysis of
-the compiled step), `flops_per_s` (achieved) and, with `--peak_flops`, `mfu`. With
+the compiled step), `flops_per_s` (achieved) and, with `--peak_flops`, `mfu`. `--peak_flops`
+takes the peak FLOP/s of one device (e.g. 197e12 for a TPU v4 chip's bf16) or `matmul`: the
+best rate of a square fp32 matmul timed in the same process, so that `mfu` is then the share of
+the dense matmul rate this machine reaches (on CPUs, whose nominal peak depends on clocks a VM
+does not show, a peak that a step can be held to). With
 `--peer pytorch` the same ITC+ITM work runs in the same process with transformers' BLIP-2
 modules (`Blip2VisionModel` frozen, `Blip2QFormerModel`, `Blip2TextEmbeddings`, dropout 0.1,
 AdamW) at the config's sizes, and the line holds both timings and their ratio.
@@ -43,7 +47,12 @@ _OBJECTIVES = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of the machine, for MFU.")
+_PEAK = flags.DEFINE_string(
+  "peak_flops",
+  None,
+  "Peak FLOP/s of one device, for MFU: a number, or `matmul` to measure a dense fp32 matmul "
+  "in this process and use its rate.",
+)
 _PEER = flags.DEFINE_enum("peer", None, ["pytorch"], "Also time a peer implementation.")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for the PyTorch peer.")
 _PRIOR_CONFIG = config_flags.DEFINE_config_file(
@@ -141,7 +150,40 @@ def benchmark_ab(config_a, config_b, steps: int, warmup: int) -> dict:
   return out
 
 
-def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = None) -> dict:
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the fastest of `repeats` jitted (size, size) @ (size, size) fp32 matmuls on the
+  default device (after one untimed call): the dense rate this machine reaches."""
+  x = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * size**3 / best
+
+
+def parse_peak(value: str | None) -> tuple[float | None, str]:
+  """`--peak_flops` as (FLOP/s per device or None, where it came from)."""
+  if not value:
+    return None, ""
+  if value == "matmul":
+    return matmul_peak(), "measured: fp32 matmul 2048 x 2048, fastest of 5, this process"
+  try:
+    peak = float(value)
+  except ValueError:
+    raise app.UsageError(
+      f"--peak_flops takes FLOP/s per device (e.g. 197e12) or 'matmul', got {value!r}"
+    ) from None
+  if peak <= 0:
+    raise app.UsageError(f"--peak_flops must be positive, got {value!r}")
+  return peak, "given"
+
+
+def benchmark_jax(
+  config, steps: int, warmup: int, peak_flops: float | None = None, peak_source: str = ""
+) -> dict:
   """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
   compiled, one_step, compile_s = pretraining.compile_synthetic_step(config)
   flops = _flops(compiled)
@@ -158,6 +200,7 @@ def benchmark_jax(config, steps: int, warmup: int, peak_flops: float | None = No
   }
   if peak_flops:
     out["peak_flops"] = peak_flops
+    out["peak_flops_source"] = peak_source or "given"
     out["mfu"] = out["flops_per_s"] / (peak_flops * jax.device_count())
   return out
 
@@ -194,6 +237,7 @@ def main(argv):
   if _PRIOR_CONFIG.value is not None:
     print(json.dumps(sampling(_CONFIG.value, _PRIOR_CONFIG.value)))
     return
+  peak, peak_source = parse_peak(_PEAK.value)
   objectives = [o.strip() for o in _OBJECTIVES.value if o.strip()]
   config = with_objectives(_CONFIG.value, objectives)
   result = {
@@ -217,7 +261,7 @@ def main(argv):
     )
     print(json.dumps(result))
     return
-  ours = benchmark_jax(config, _STEPS.value, _WARMUP.value, _PEAK.value)
+  ours = benchmark_jax(config, _STEPS.value, _WARMUP.value, peak, peak_source)
   result.update(ours)
   if _PEER.value == "pytorch":
     result["pytorch"] = peer
