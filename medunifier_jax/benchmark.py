@@ -5,7 +5,7 @@ r"""Step-time and FLOP/s benchmark of the training step, optionally against a Py
 
 Prints one JSON line: `median_step_s`, `examples_per_s`, `step_flops` (XLA's cost analysis of
 the compiled step), `flops_per_s` (achieved) and, with `--peak_flops`, `mfu`. `--peak_flops`
-takes the peak FLOP/s of one device (e.g. 197e12 for a TPU v4 chip's bf16) or `matmul`: the
+takes the peak FLOP/s of one device (e.g. 197e12, a TPU v5e chip's bf16 peak) or `matmul`: the
 best rate of a square fp32 matmul timed in the same process, so that `mfu` is then the share of
 the dense matmul rate this machine reaches (on CPUs, whose nominal peak depends on clocks a VM
 does not show, a peak that a step can be held to). With
