@@ -182,7 +182,7 @@ def parse_peak(value: str | None) -> tuple[float | None, str]:
 
 
 def benchmark_jax(
-  config, steps: int, warmup: int, peak_flops: float | None = None, peak_source: str = ""
+  config, steps: int, warmup: int, peak_flops: float | None = None, peak_source: str = "given"
 ) -> dict:
   """Compiles the step ahead of time, then times `steps` calls on a synthetic batch."""
   compiled, one_step, compile_s = pretraining.compile_synthetic_step(config)
@@ -200,7 +200,7 @@ def benchmark_jax(
   }
   if peak_flops:
     out["peak_flops"] = peak_flops
-    out["peak_flops_source"] = peak_source or "given"
+    out["peak_flops_source"] = peak_source
     out["mfu"] = out["flops_per_s"] / (peak_flops * jax.device_count())
   return out
 
@@ -237,6 +237,10 @@ def main(argv):
   if _PRIOR_CONFIG.value is not None:
     print(json.dumps(sampling(_CONFIG.value, _PRIOR_CONFIG.value)))
     return
+  if _VS.value and _PEAK.value:
+    raise app.UsageError(
+      "--vs times two steps against each other and prints no MFU: drop --peak_flops"
+    )
   peak, peak_source = parse_peak(_PEAK.value)
   objectives = [o.strip() for o in _OBJECTIVES.value if o.strip()]
   config = with_objectives(_CONFIG.value, objectives)
