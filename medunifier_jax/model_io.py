@@ -27,6 +27,14 @@ from flax import nnx
 # Below this many initialised values (on CPU), the initialiser is compiled without optimisation.
 SMALL_INIT = 1 << 24
 
+# Fields of a saved run config whose absence means another value than today's variant gives:
+# they were added with the model's behaviour of before as their base value, and a variant took
+# another since, so a run saved before the field existed was built with the old value.
+ABSENT_MEANS = {
+  "model.vit.stem_channels": 0,  # no convolutional stem (the demo variant has one now)
+  "model.vqvae.bottom_depth": 1,  # one code per bottom cell (the demo variant has two)
+}
+
 
 def is_prior(config: ml_collections.ConfigDict) -> bool:
   """Whether `config` describes an image prior run (configs/prior.py)."""
@@ -126,12 +134,22 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
   A run saved by an earlier version of the project lacks the fields added since (e.g.
   `evals.image_gen.candidates`): they take today's values for the run's variant in its config
-  file (configs/pretrain.py, or configs/prior.py for a prior), and are logged by name.
+  file (configs/pretrain.py, or configs/prior.py for a prior), and are logged by name; the
+  model fields in `ABSENT_MEANS` take the value the run was built with instead.
   """
   from medunifier_jax import config_lib
   from medunifier_jax.training import checkpoint as ckpt
 
   config = config_lib.tuples_from_json(ckpt.load_config(workdir))
+  if not is_prior(config):
+    before = _fill_absent(config, ABSENT_MEANS)
+    if before:
+      logging.info(
+        "%s/config.json predates %s; the run was built with %s",
+        os.fspath(workdir),
+        ", ".join(before),
+        ", ".join(f"{k}={ABSENT_MEANS[k]}" for k in before),
+      )
   path = config_lib.CONFIG_DIR / ("prior.py" if is_prior(config) else config_lib.DEFAULT_FILE)
   module = config_lib.load_module(path)
   variant = config.get("variant")
@@ -147,6 +165,20 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
       ", ".join(added),
     )
   return config_lib.derive(config)
+
+
+def _fill_absent(config: ml_collections.ConfigDict, values: dict[str, Any]) -> list[str]:
+  """Sets each dotted field of `values` that `config` lacks under a node it has; returns them."""
+  filled = []
+  for dotted, value in values.items():
+    *parents, name = dotted.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and name not in node:
+      node[name] = value
+      filled.append(dotted)
+  return filled
 
 
 def restore(

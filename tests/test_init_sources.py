@@ -271,6 +271,16 @@ def test_a_frozen_vit_no_source_loads_is_refused(bert_folder, tmp_path):
     init_sources.check_fresh_start(tiny(), {"qformer": f"hf-bert:{folder}"})
 
 
+def test_a_vit_stem_with_pretrained_vision_weights_is_refused(tmp_path):
+  eva = tmp_path / "eva_vit_g.pth"
+  eva.write_bytes(b"")  # only its existence is checked before the stem
+  stem = tiny(**{"model.vit.stem_channels": 8})
+  for sources in ({"vision": f"lavis-eva:{eva}"}, {"model": f"hf-blip2:{tmp_path}"}):
+    with pytest.raises(ValueError, match=r"stem_channels=8 .*--config.model.vit.stem_channels=0"):
+      init_sources.check_fresh_start(stem, sources)
+  init_sources.check_fresh_start(stem, {"vision": "random"})  # from scratch: accepted
+
+
 # -- two sources, one report ------------------------------------------------------------------
 
 

@@ -78,3 +78,27 @@ def test_the_tracer_diagnostics_hook_still_exists_in_this_jax():
   from medunifier_jax.training import tracing
 
   assert tracing.is_active()
+
+
+@pytest.mark.parametrize("variant", ["demo", "tiny"])
+def test_a_saved_config_without_a_later_model_field_loads_as_it_was_built(tmp_path, variant):
+  """A run saved before `vit.stem_channels` / `vqvae.bottom_depth` existed had no stem and one
+  bottom code, whatever today's variant sets; fields the run saved are kept as they are."""
+  import json
+
+  from medunifier_jax.training import checkpoint as ckpt
+
+  config = load_config(variant)
+  old, kept = tmp_path / "old", tmp_path / "kept"
+  for workdir in (old, kept):
+    ckpt.save_config(workdir, config)
+  saved = json.loads((old / "config.json").read_text())
+  del saved["model"]["vit"]["stem_channels"], saved["model"]["vqvae"]["bottom_depth"]
+  (old / "config.json").write_text(json.dumps(saved))
+
+  loaded = model_io.load_config(old)
+  assert loaded.model.vit.stem_channels == 0
+  assert loaded.model.vqvae.bottom_depth == 1
+  again = model_io.load_config(kept)
+  assert again.model.vit.stem_channels == config.model.vit.stem_channels
+  assert again.model.vqvae.bottom_depth == config.model.vqvae.bottom_depth

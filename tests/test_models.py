@@ -282,6 +282,40 @@ def test_wrong_image_size_is_a_clear_error(model, cfg):
     model.text_hidden(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 6), jnp.int32))
 
 
+def test_vit_stem_is_a_convolution_and_gelu_before_the_patches(cfg):
+  """vit.stem_channels C > 0: patches of gelu(3x3 conv to C channels); 0: no stem parameters."""
+  from medunifier_jax.models import layers, vit
+
+  assert "stem" not in nnx.state(vit.VisionEmbeddings(cfg.model.vit, rngs=nnx.Rngs(0)))
+  c = cfg.model.vit.copy_and_resolve_references()
+  c.unlock()
+  c.stem_channels = 4
+  emb = vit.VisionEmbeddings(c, rngs=nnx.Rngs(0))
+  s, p, d = c.image_size, c.patch_size, c.width
+  assert emb.stem.kernel.shape == (3, 3, 3, 4)
+  assert emb.patch_embedding.kernel.shape == (p, p, 4, d)
+
+  x = jax.random.normal(jax.random.key(3), (2, s, s, 3))
+  dims = ("NHWC", "HWIO", "NHWC")
+  feats = jax.lax.conv_general_dilated(
+    x, emb.stem.kernel[...], (1, 1), "SAME", dimension_numbers=dims
+  )
+  feats = layers.gelu(feats + emb.stem.bias[...])
+  patches = jax.lax.conv_general_dilated(
+    feats, emb.patch_embedding.kernel[...], (p, p), "VALID", dimension_numbers=dims
+  )
+  patches = (patches + emb.patch_embedding.bias[...]).reshape(2, -1, d)
+  cls = jnp.broadcast_to(emb.class_embedding[...], (2, 1, d))
+  expected = jnp.concatenate([cls, patches], axis=1) + emb.position_embedding[...]
+  out = emb(x)
+  assert out.shape == (2, 1 + (s // p) ** 2, d)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+  c.stem_channels = -1
+  with pytest.raises(ValueError, match="stem_channels"):
+    vit.VisionEmbeddings(c, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize(
   "edit, message",
   [

@@ -3,6 +3,7 @@
 Module names follow Hugging Face's `Blip2VisionModel` (the weight importer relies on it):
 
   ours                                    Hugging Face `vision_model.`
+  embeddings.stem  (Conv, optional)       - (none: a stem is trained from scratch)
   embeddings.patch_embedding  (Conv)      embeddings.patch_embedding (OIHW -> HWIO)
   embeddings.class_embedding  (1, 1, D)   embeddings.class_embedding
   embeddings.position_embedding (1,1+N,D) embeddings.position_embedding
@@ -31,13 +32,37 @@ from medunifier_jax.models import layers, stack
 
 
 class VisionEmbeddings(nnx.Module):
-  """Strided-conv patches, a class token and learned absolute positions."""
+  """Strided-conv patches, a class token and learned absolute positions.
+
+  With `cfg.stem_channels` C > 0 (beyond BLIP-2; 0 by default), a 3 x 3 convolution to C
+  channels and a GELU come first, (B, S, S, 3) -> (B, S, S, C), and the patches are cut from
+  those features. A ViT trained from scratch on few images learns faster with such an early
+  convolution (docs/PAPER_NOTES.md); pretrained BLIP-2 / EVA weights have no stem.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype=None):
     d, p = cfg.width, cfg.patch_size
     self.grid = cfg.image_size // p
+    c = int(cfg.get("stem_channels", 0))
+    if c < 0:
+      raise ValueError(f"vit.stem_channels must be 0 (no stem) or positive, got {c}")
+    self.stem = nnx.data(
+      nnx.Conv(
+        3,
+        c,
+        kernel_size=(3, 3),
+        padding="SAME",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=layers.partitioned(layers.DENSE_INIT, (None, None, None, None)),
+        bias_init=layers.partitioned(nnx.initializers.zeros, (None,)),
+        rngs=rngs,
+      )
+      if c
+      else None
+    )
     self.patch_embedding = nnx.Conv(
-      3,
+      c or 3,
       d,
       kernel_size=(p, p),
       strides=(p, p),
@@ -59,7 +84,8 @@ class VisionEmbeddings(nnx.Module):
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """(B, S, S, 3) -> (B, 1 + N, D)."""
-    x = self.patch_embedding(pixel_values)
+    x = pixel_values if self.stem is None else layers.gelu(self.stem(pixel_values))
+    x = self.patch_embedding(x)
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))

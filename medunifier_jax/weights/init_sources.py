@@ -249,8 +249,8 @@ def fills(sources: Mapping[str, str], part: str) -> bool:
 
 def check_fresh_start(config: ml_collections.ConfigDict, sources: Mapping[str, str]) -> None:
   """The checks of a run that starts without a checkpoint, before anything heavy: placeholder
-  and missing paths, a frozen ViT no source loads, a Q-Former taking pretrained word
-  embeddings with a vocabulary trained afresh.
+  and missing paths, a frozen ViT no source loads, a ViT stem no source has, a Q-Former taking
+  pretrained word embeddings with a vocabulary trained afresh.
 
   Raises:
     PlaceholderError, FileNotFoundError, ValueError: each naming the fix.
@@ -287,6 +287,13 @@ def check_fresh_start(config: ml_collections.ConfigDict, sources: Mapping[str, s
       "lavis-blip2:FILE), or set --config.model.vit.frozen=False to train it from scratch. "
       "(--config.init_from.vision=random keeps a frozen random ViT on purpose, e.g. for "
       "tests and benchmarks.)"
+    )
+  if vit is not None and vit.get("stem_channels", 0) and fills(sources, "vision"):
+    raise ValueError(
+      f"config.model.vit.stem_channels={vit.stem_channels} adds a convolutional stem that "
+      "pretrained ViT weights do not have (their patch embedding reads the 3 pixel channels); "
+      "set --config.model.vit.stem_channels=0 to load them, or clear "
+      "--config.init_from.vision to train the ViT with its stem from scratch"
     )
   data = config.get("data", None)
   text = {
