@@ -123,6 +123,18 @@ def override(config: ml_collections.ConfigDict, table: Mapping[str, Any]):
   return config
 
 
+def fill_absent(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> list[str]:
+  """Sets, in place, each dotted field of `values` that `config` lacks under a node it has;
+  returns their names (fields `config` has are kept)."""
+  filled = []
+  for dotted, value in values.items():
+    node, name = _parent(config, dotted)
+    if node is not None and name not in node:
+      node[name] = value
+      filled.append(dotted)
+  return filled
+
+
 def _parent(config: ml_collections.ConfigDict, dotted: str):
   """(the ConfigDict holding `dotted`'s last part, that part), or (None, part) when absent."""
   *parents, name = dotted.split(".")

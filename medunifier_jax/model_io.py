@@ -142,7 +142,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
   config = config_lib.tuples_from_json(ckpt.load_config(workdir))
   if not is_prior(config):
-    before = _fill_absent(config, ABSENT_MEANS)
+    before = config_lib.fill_absent(config, ABSENT_MEANS)
     if before:
       logging.info(
         "%s/config.json predates %s; the run was built with %s",
@@ -165,20 +165,6 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
       ", ".join(added),
     )
   return config_lib.derive(config)
-
-
-def _fill_absent(config: ml_collections.ConfigDict, values: dict[str, Any]) -> list[str]:
-  """Sets each dotted field of `values` that `config` lacks under a node it has; returns them."""
-  filled = []
-  for dotted, value in values.items():
-    *parents, name = dotted.split(".")
-    node = config
-    for part in parents:
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if isinstance(node, ml_collections.ConfigDict) and name not in node:
-      node[name] = value
-      filled.append(dotted)
-  return filled
 
 
 def restore(

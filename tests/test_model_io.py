@@ -80,15 +80,16 @@ def test_the_tracer_diagnostics_hook_still_exists_in_this_jax():
   assert tracing.is_active()
 
 
-@pytest.mark.parametrize("variant", ["demo", "tiny"])
-def test_a_saved_config_without_a_later_model_field_loads_as_it_was_built(tmp_path, variant):
+def test_a_saved_config_without_a_later_model_field_loads_as_it_was_built(tmp_path):
   """A run saved before `vit.stem_channels` / `vqvae.bottom_depth` existed had no stem and one
   bottom code, whatever today's variant sets; fields the run saved are kept as they are."""
   import json
 
   from medunifier_jax.training import checkpoint as ckpt
 
-  config = load_config(variant)
+  config = load_config("demo")
+  # The demo variant sets other values today, so taking the variant's would fail below.
+  assert config.model.vit.stem_channels != 0 and config.model.vqvae.bottom_depth != 1
   old, kept = tmp_path / "old", tmp_path / "kept"
   for workdir in (old, kept):
     ckpt.save_config(workdir, config)
