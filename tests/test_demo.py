@@ -51,7 +51,8 @@ DEMO_ARGS = [
 @pytest.fixture(scope="module")
 def run():
   """`make demo` as the README runs it: from the repository root, the workdir relative to it,
-  the shortened form through DEMO_ARGS, in a user's environment (one CPU device)."""
+  the shortened form through DEMO_ARGS, in a user's environment (one CPU device; XLA_FLAGS
+  keep the suite's fast compile, conftest.py)."""
   venv = Path(sys.prefix)
   if not (venv / ".installed").exists():
     pytest.skip(f"{venv} was not made by `make install`; run the suite with `make test`")
