@@ -2,11 +2,12 @@
 
 import os
 
-# LLVM's backend optimisations off: about half of XLA's CPU compile time, which most tests
-# spend more on than on running what they compile. Subprocesses the tests start inherit it.
+from cli_runs import FAST_COMPILE  # no JAX import: the flags below still come first
+
+# FAST_COMPILE (LLVM's backend optimisations off) saves about half of XLA's CPU compile time,
+# which most tests spend more on than on running what they compile. Subprocesses inherit it.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -36,11 +36,6 @@ def frozen_tiny():
   return config
 
 
-# Compile-time settings for these tests only: LLVM's backend optimisations off halves the CPU
-# compile time; every mesh is compiled with the same options, so the comparison is unaffected.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 def make_mesh(shape):
   if shape is None:
     return mesh_lib.make_mesh([("data", 1), ("model", 1)], devices=jax.devices()[:1])
@@ -72,9 +67,7 @@ def runs():
     fn = chex.assert_max_traces(
       step_lib.make_train_step(graphdef, config, pretraining.loss_fn(config)), n=1
     )
-    train_step = step_lib.jit_train_step(
-      fn, shardings, mesh, config.sharding_rules, compiler_options=COMPILER_OPTIONS
-    )
+    train_step = step_lib.jit_train_step(fn, shardings, mesh, config.sharding_rules)
     rng, metrics = jax.random.key(config.seed), []
     for i in range(NUM_STEPS):
       batch = loop.to_global(pretraining.random_batch(config, seed=i), mesh, config.sharding_rules)
