@@ -17,6 +17,12 @@ negatives. Their off-diagonal ITC logits are left out of both softmaxes (masked,
 positives: the image of the other pair may show something the shared text does not say), label
 smoothing spreads over the remaining classes, and ITM never draws them as hard negatives. A
 batch without duplicates gives exactly the plain losses.
+
+The alignment text (beyond the paper; config.data.alignment_text = "affirmed"): a batch may
+carry `align_ids` / `align_mask`, the report without its negated sentences. ITC, ITM (positives
+and negatives alike), duplicate detection and TIG's text condition then read it, while ITG
+still learns to write the whole report (`input_ids`). Without them every objective reads
+`input_ids`, as in the paper.
 """
 
 from collections.abc import Mapping
@@ -301,7 +307,9 @@ def compute_losses(
   Args:
     model: a `MedUnifier`.
     batch: `image` (B, S, S, 3) normalised, `target_image` (B, S, S, 3) in [0, 1], `input_ids`
-      and `attention_mask` (B, T).
+      and `attention_mask` (B, T); optionally `align_ids` and `align_mask` (B, T), the text
+      ITC, ITM and TIG read instead (the report without its negated sentences, from
+      config.data.alignment_text), while ITG still learns to write `input_ids`.
     rng: the step's PRNG key (dropout, ITM negatives, VQ code restarts).
     weights: Python floats for `itc`, `itm`, `itg`, `tig`; 0 (or absent) skips the objective.
     train: dropout on, BatchNorm batch statistics (and their running-average updates).
@@ -330,6 +338,8 @@ def compute_losses(
     )
   rngs = nnx.Rngs(dropout=key_dropout, codes=key_codes) if train else None
   ids, mask = batch["input_ids"], batch["attention_mask"]
+  # The alignment text: one text pass serves ITC, ITM's positives and TIG's condition.
+  align_ids, align_mask = batch.get("align_ids", ids), batch.get("align_mask", mask)
   sub = check_itm_itg_tig_batch(itm_itg_tig_batch, ids.shape[0])
   whole = sub in (0, ids.shape[0])
 
@@ -350,10 +360,12 @@ def compute_losses(
     queries, query_kvs = model.image_queries_with_kv(image_tokens, image_kvs=image_kvs, rngs=rngs)
   if on["itc"] or on["itm"] or on["tig"]:
     # ITC and TIG read [CLS] alone (B, 1, H): the last layer skips the other positions.
-    text_hidden = split_examples(model.text_hidden(ids, mask, cls_only=True, rngs=rngs), ids)
+    text_hidden = split_examples(
+      model.text_hidden(align_ids, align_mask, cls_only=True, rngs=rngs), ids
+    )
 
   if on["itc"] or on["itm"]:
-    same_text = duplicate_texts(ids)
+    same_text = duplicate_texts(align_ids)
     metrics["duplicate_fraction"] = jnp.mean(
       jnp.any(other_duplicates(same_text), axis=-1).astype(jnp.float32)
     )
@@ -372,8 +384,8 @@ def compute_losses(
       losses["itm"] = itm_loss(
         model,
         head(image_tokens),
-        head(ids),
-        head(mask),
+        head(align_ids),
+        head(align_mask),
         square(logits_i2t),
         key_itm,
         image_kvs=head(image_kvs),

@@ -25,7 +25,21 @@ from medunifier_jax.training.task import Task
 
 # What the pre-training step reads from a batch (docs/ARCHITECTURE.md, "Batches").
 BATCH_KEYS = ("image", "target_image", "input_ids", "attention_mask")
+# The alignment text's entries, under config.data.alignment_text = "affirmed".
+ALIGN_KEYS = ("align_ids", "align_mask")
 IMPORT_REPORT = "import_report.json"
+
+
+def aligns_affirmed(config: ml_collections.ConfigDict) -> bool:
+  """Whether batches carry the alignment text (`ALIGN_KEYS`; data/pipeline.py)."""
+  from medunifier_jax.data import pipeline
+
+  return pipeline.check_alignment_text(config.data) == "affirmed"
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch entries the step reads: `BATCH_KEYS`, and `ALIGN_KEYS` when batches carry them."""
+  return BATCH_KEYS + (ALIGN_KEYS if aligns_affirmed(config) else ())
 
 
 def model_fn(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -71,12 +85,14 @@ def batch_shapes(
 ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one training batch of `global_batch` pairs (ahead-of-time lowering)."""
   s, t = int(config.model.vit.image_size), int(config.model.max_text_len)
-  return {
+  text = jax.ShapeDtypeStruct((global_batch, t), jnp.int32)
+  shapes = {
     "image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
     "target_image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
-    "input_ids": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
-    "attention_mask": jax.ShapeDtypeStruct((global_batch, t), jnp.int32),
+    "input_ids": text,
+    "attention_mask": text,
   }
+  return shapes | ({k: text for k in ALIGN_KEYS} if aligns_affirmed(config) else {})
 
 
 def random_batch(
@@ -95,12 +111,18 @@ def random_batch(
   ids = rs.randint(5, int(qf.dec_token_id), size=(b, t)).astype(np.int32)
   ids[:, 0] = int(qf.cls_token_id)
   ids = np.where(mask == 1, ids, int(qf.pad_token_id)).astype(np.int32)
-  return {
+  batch = {
     "image": ((target - mean) / std).astype(np.float32),
     "target_image": target,
     "input_ids": ids,
     "attention_mask": mask,
   }
+  if aligns_affirmed(config):
+    # A shorter text, as a report without some of its sentences is.
+    align_mask = (np.arange(t)[None, :] < np.maximum(lengths // 2, 2)[:, None]).astype(np.int32)
+    batch["align_ids"] = np.where(align_mask == 1, ids, int(qf.pad_token_id)).astype(np.int32)
+    batch["align_mask"] = align_mask
+  return batch
 
 
 def compile_synthetic_step(config: ml_collections.ConfigDict):
@@ -142,6 +164,7 @@ def preflight(config: ml_collections.ConfigDict, resuming: bool) -> None:
   from medunifier_jax.weights import init_sources
 
   objectives.check_itm_itg_tig_batch(config.get("itm_itg_tig_batch", 0), int(config.batch_size))
+  aligns_affirmed(config)  # raises on an unknown config.data.alignment_text
   sources = init_sources.parse(config.get("init_from"))
   if not resuming:
     init_sources.check_fresh_start(config, sources)
@@ -187,7 +210,7 @@ def task(config: ml_collections.ConfigDict) -> Task:
   return Task(
     model_fn=model_fn,
     loss_fn=loss_fn(config),
-    batch_keys=BATCH_KEYS,
+    batch_keys=batch_keys(config),
     abstract_batch=batch_shapes,
     data_fn=data_fn,
     eval_fn=eval_fn,

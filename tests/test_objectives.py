@@ -392,6 +392,27 @@ def test_itm_itg_tig_on_the_first_examples_itc_on_the_whole_batch(model, batch):
     obj.compute_losses(model, batch, _key(6), weights=weights, itm_itg_tig_batch=5)
 
 
+def test_the_alignment_text_feeds_itc_itm_tig_while_itg_writes_the_report(model, batch):
+  """align_ids equal to input_ids: every loss as without them. A shorter alignment text changes
+  ITC, ITM and TIG and leaves ITG's loss as it was (evaluation mode: no dropout)."""
+  weights = {"itc": 1.0, "itm": 1.0, "itg": 1.0, "tig": 1.0}
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  short = mask * (jnp.arange(ids.shape[1]) < 5)
+  same = dict(batch, align_ids=ids, align_mask=mask)
+  shorter = dict(batch, align_ids=jnp.where(short == 1, ids, 0), align_mask=short)
+
+  @nnx.jit
+  def three(m, batches, rng):
+    return [obj.compute_losses(m, b, rng, weights=weights, train=False)[1] for b in batches]
+
+  plain, with_same, with_shorter = three(model, (batch, same, shorter), _key(7))
+  for name in obj.METRIC_KEYS:
+    np.testing.assert_allclose(with_same[name], plain[name], rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(with_shorter["loss_itg"], plain["loss_itg"], rtol=1e-6)
+  for name in ("loss_itc", "loss_itm", "loss_tig"):
+    assert float(with_shorter[name]) != float(plain[name]), name
+
+
 def test_training_refuses_a_larger_itm_itg_tig_batch_before_compiling(cfg):
   from medunifier_jax import pretraining
 
@@ -401,6 +422,26 @@ def test_training_refuses_a_larger_itm_itg_tig_batch_before_compiling(cfg):
     pretraining.preflight(config, resuming=True)
   config.itm_itg_tig_batch = int(config.batch_size)
   pretraining.preflight(config, resuming=True)
+
+
+def test_affirmed_alignment_text_enters_the_step_batch(cfg):
+  """The task's batch entries, the ahead-of-time shapes and the synthetic batch carry the
+  alignment text exactly when config.data.alignment_text asks for it; a typo stops preflight."""
+  from medunifier_jax import pretraining
+
+  config = cfg.copy_and_resolve_references()
+  assert pretraining.task(config).batch_keys == pretraining.BATCH_KEYS
+  config.data.alignment_text = "affirmed"
+  keys = pretraining.task(config).batch_keys
+  assert keys == pretraining.BATCH_KEYS + pretraining.ALIGN_KEYS
+  shapes, host = pretraining.batch_shapes(config, 4), pretraining.random_batch(config, 0, 4)
+  assert set(shapes) == set(host) == set(keys)
+  for key in keys:
+    assert (shapes[key].shape, shapes[key].dtype) == (host[key].shape, host[key].dtype), key
+  assert (host["align_mask"].sum(1) < host["attention_mask"].sum(1)).all()
+  config.data.alignment_text = "negated"
+  with pytest.raises(ValueError, match="config.data.alignment_text is 'negated'"):
+    pretraining.preflight(config, resuming=True)
 
 
 # -- temperature and ln_vision --------------------------------------------------------------------

@@ -208,6 +208,35 @@ def test_global_batch_shards_over_the_data_axis(tokenizer):
     sharding_lib.global_batch({"index": np.arange(6)}, mesh)
 
 
+def test_alignment_text_rides_in_training_batches_only(tokenizer):
+  """alignment_text "affirmed": training batches carry the report without its negated
+  sentences as align_ids / align_mask beside the whole report; evaluation batches do not."""
+  src = ListSource(40)
+  src.reports = [f"Case {i}. Heart enlarged. No effusion (XXXX)." for i in range(40)]
+  c = _config(alignment_text="affirmed")
+  (batch,) = _take(
+    iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0, shard_count=1)), 1
+  )
+  (plain,) = _take(
+    iter(pipeline.train_dataset(_config(), tokenizer, source=src, shard_index=0, shard_count=1)),
+    1,
+  )
+  assert "align_ids" not in plain and batch.keys() == plain.keys() | {"align_ids", "align_mask"}
+  for key in plain:
+    np.testing.assert_array_equal(batch[key], plain[key], err_msg=key)
+  for row, i in enumerate(batch["index"]):
+    expected = tok_lib.tokenize(tokenizer, [f"Case {i}. Heart enlarged."], 24)
+    np.testing.assert_array_equal(batch["align_ids"][row], expected["input_ids"][0])
+    np.testing.assert_array_equal(batch["align_mask"][row], expected["attention_mask"][0])
+    assert batch["align_mask"][row].sum() < batch["attention_mask"][row].sum()
+  (evaluated,) = _take(iter(pipeline.eval_dataset(c, tokenizer, source=src, batch_size=8)), 1)
+  assert "align_ids" not in evaluated
+  with pytest.raises(ValueError, match="alignment_text is 'negated'; set it to one of"):
+    pipeline.train_dataset(
+      _config(alignment_text="negated"), tokenizer, source=src, shard_index=0, shard_count=1
+    )
+
+
 def test_clear_errors_for_bad_batch_size_and_bad_records(tokenizer, monkeypatch):
   src = ListSource(40)
   with pytest.raises(ValueError, match="not divisible by the 3 hosts"):

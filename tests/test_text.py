@@ -133,3 +133,18 @@ def test_cleaning_and_splitting_invariants_on_real_openi_reports():
     words = lambda s: re.sub(r"\W", "", s)
     unnumbered = re.sub(r"(^|\s)\d{1,2}\.\s+(?=[A-Z])", " ", report)
     assert words("".join(sentences)) == words(unnumbered), report
+
+
+def test_affirmed_sentences_drop_negated_sentences_and_keep_normal_reports_whole():
+  report = text.clean_report(
+    "Heart is enlarged. No pleural effusion or pneumothorax. Lungs are free of consolidation. "
+    "Mild edema, not improved. Opacity measures 2.5 cm. Prior nodule has resolved."
+  )
+  assert text.affirmed_sentences(report) == "Heart is enlarged. Opacity measures 2.5 cm."
+  # Whole words only: "known" and "nothing" carry no cue; case does not matter.
+  assert text.affirmed_sentences("Known granuloma. NOTHING else.") == "Known granuloma. NOTHING else."
+  assert text.affirmed_sentences("Known granuloma. NEGATIVE for mass.") == "Known granuloma."
+  # A report whose every sentence is negated keeps them all, so no pair loses its text.
+  normal = "No acute disease. No effusion."
+  assert text.affirmed_sentences(normal) == normal
+  assert text.affirmed_sentences("") == ""

@@ -7,7 +7,9 @@ Training (`train_dataset`), per epoch e:
     -> `ExampleProcessor`: read the record, fit it into the square (`data/images.py`, when the
        stored size differs: aspect kept, black padding), gray -> 3 channels, `image`
        normalised with config.data.image_mean/std and `target_image` in [0, 1], report
-       cleaned (`text.clean_report`) and tokenised to config.data.max_text_len
+       cleaned (`text.clean_report`) and tokenised to config.data.max_text_len; with
+       config.data.alignment_text = "affirmed", also the report without its negated sentences
+       (`text.affirmed_sentences`), the text the alignment objectives read
     -> one stream repeated over epochs without end (or `num_epochs`), cut into host batches of
        config.batch_size / H examples; host h takes host batches h, h+H, ..., so global batch k
        is stream positions [kB, (k+1)B) in order whatever the number of hosts (the hosts are
@@ -35,7 +37,8 @@ Batches (docs/ARCHITECTURE.md, "Batches"); B host batch, S image size, T text le
 F findings:
   image float32 (B,S,S,3), target_image float32 (B,S,S,3), input_ids int32 (B,T),
   attention_mask int32 (B,T), index int32 (B,) (the source index), labels float32 (B,F) and
-  label int32 (B,) when the records have them, mask bool (B,) in evaluation batches.
+  label int32 (B,) when the records have them, mask bool (B,) in evaluation batches;
+  align_ids / align_mask int32 (B,T) in training batches under alignment_text "affirmed".
 """
 
 from __future__ import annotations
@@ -73,6 +76,18 @@ def gray_unit_image(image: Any, size: int, record_id: str) -> np.ndarray:
   return images.unit_image(image, size, name=f"record {record_id}")
 
 
+def check_alignment_text(data_config: Any) -> str:
+  """config.data.alignment_text ("report" when absent: configs that predate the option)."""
+  value = data_config.get("alignment_text", "report")
+  if value not in text_lib.ALIGNMENT_TEXTS:
+    raise ValueError(
+      f"config.data.alignment_text is {value!r}; set it to one of {text_lib.ALIGNMENT_TEXTS} "
+      '("report": every objective reads the report; "affirmed": ITC, ITM and TIG read it '
+      "without its negated sentences)"
+    )
+  return value
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExampleProcessor:
   """Reads source[index] and turns it into one example (the per-example part of a batch).
@@ -86,9 +101,14 @@ class ExampleProcessor:
   image_mean: tuple[float, float, float]
   image_std: tuple[float, float, float]
   max_words: int | None = text_lib.DEFAULT_MAX_WORDS
+  alignment_text: str = "report"  # "affirmed": also `align_ids` / `align_mask`
 
   @classmethod
-  def from_config(cls, source: Any, tokenizer: Any, data_config: Any) -> ExampleProcessor:
+  def from_config(
+    cls, source: Any, tokenizer: Any, data_config: Any, *, training: bool = False
+  ) -> ExampleProcessor:
+    """The processor for `data_config`; only `training` examples carry the alignment text
+    (evaluation reads the reports as they are)."""
     return cls(
       source=source,
       encoder=tokenizer_lib.fixed_length_encoder(tokenizer, int(data_config.max_text_len)),
@@ -96,11 +116,13 @@ class ExampleProcessor:
       image_mean=tuple(float(m) for m in data_config.image_mean),
       image_std=tuple(float(s) for s in data_config.image_std),
       max_words=data_config.get("max_words", text_lib.DEFAULT_MAX_WORDS),
+      alignment_text=check_alignment_text(data_config) if training else "report",
     )
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     """Example for source[index]: image/target_image (S,S,3), input_ids/attention_mask (T,),
-    index (), and labels (F,) / label () when the record has them."""
+    index (), labels (F,) / label () when the record has them, and align_ids/align_mask (T,)
+    under alignment_text "affirmed"."""
     index = int(index)
     record = self.source[index]
     record_id = str(record.get("id", index))
@@ -114,6 +136,13 @@ class ExampleProcessor:
       "attention_mask": tokens["attention_mask"][0],
       "index": np.int32(index),
     }
+    if self.alignment_text == "affirmed":
+      # Filtered before the cut to max_words, so kept sentences fill the freed words.
+      whole = text_lib.clean_report(record["report"], max_words=None)
+      affirmed = text_lib.clean_report(text_lib.affirmed_sentences(whole), self.max_words)
+      align = tokenizer_lib.encode(self.encoder, [affirmed])
+      example["align_ids"] = align["input_ids"][0]
+      example["align_mask"] = align["attention_mask"][0]
     if record.get("labels") is not None:
       example["labels"] = np.asarray(record["labels"], np.float32)
     if record.get("label") is not None:
@@ -261,7 +290,7 @@ def train_dataset(
     where=f"split {split!r} has",
     remedy=" or use a larger split",
   )
-  ds = ds.map(ExampleProcessor.from_config(source, tokenizer, config.data))
+  ds = ds.map(ExampleProcessor.from_config(source, tokenizer, config.data, training=True))
   # Host h takes host-batches h, h + H, ... of one stream: global batch k is stream positions
   # [k B, (k + 1) B) in order on any number of hosts, so runs on 1 and on H hosts see the same
   # batches (and only the taken batches are read).

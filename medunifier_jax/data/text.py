@@ -55,6 +55,12 @@ _WHITESPACE = re.compile(r"\s+")
 _DEID_RUN = re.compile(r"\bX{3,}\b(?:[\s,]+X{3,}\b)*")
 _ENUMERATION = re.compile(r"^\(?\d{1,2}[.)](?:\s+|$)")
 _HAS_WORD = re.compile(r"\w")
+# A cleaned report's sentence ends at a full stop followed by white space ("2.5 cm" stays whole).
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
+# Cues that make a sentence state an absence ("No effusion.", "Lungs are free of consolidation.",
+# "Negative for pneumothorax.", "Previous opacity has resolved.").
+_NEGATION = re.compile(r"\b(?:no|not|without|negative|free of|resolved)\b", re.IGNORECASE)
+ALIGNMENT_TEXTS = ("report", "affirmed")
 
 
 def clean_report(
@@ -82,6 +88,26 @@ def clean_report(
   if max_words is not None:
     words = words[:max_words]
   return " ".join(words)
+
+
+def affirmed_sentences(text: str) -> str:
+  """A cleaned report without the sentences that carry a negation cue (`_NEGATION`).
+
+  The alignment objectives' text under `config.data.alignment_text = "affirmed"` (README,
+  "what holds the alignment figures back"): a bag-of-findings text side reads "No
+  cardiomegaly." much as "cardiomegaly", and most sentences of normal reports are of that kind.
+  Sentences end at a full stop followed by white space. A report whose every sentence is
+  negated (a normal study) is returned whole, so no pair loses its text.
+
+  Args:
+    text: a report cleaned by `clean_report` (full stops kept).
+
+  Returns:
+    The kept sentences joined by single spaces, in order.
+  """
+  sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+  kept = [s for s in sentences if not _NEGATION.search(s)]
+  return " ".join(kept) if kept else " ".join(sentences)
 
 
 def cleaning_rule() -> dict[str, object]:
