@@ -142,7 +142,8 @@ def test_affirmed_sentences_drop_negated_sentences_and_keep_normal_reports_whole
   )
   assert text.affirmed_sentences(report) == "Heart is enlarged. Opacity measures 2.5 cm."
   # Whole words only: "known" and "nothing" carry no cue; case does not matter.
-  assert text.affirmed_sentences("Known granuloma. NOTHING else.") == "Known granuloma. NOTHING else."
+  kept = "Known granuloma. NOTHING else."
+  assert text.affirmed_sentences(kept) == kept
   assert text.affirmed_sentences("Known granuloma. NEGATIVE for mass.") == "Known granuloma."
   # A report whose every sentence is negated keeps them all, so no pair loses its text.
   normal = "No acute disease. No effusion."
