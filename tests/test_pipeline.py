@@ -218,8 +218,7 @@ def test_alignment_text_rides_in_training_batches_only(tokenizer):
     iter(pipeline.train_dataset(c, tokenizer, source=src, shard_index=0, shard_count=1)), 1
   )
   (plain,) = _take(
-    iter(pipeline.train_dataset(_config(), tokenizer, source=src, shard_index=0, shard_count=1)),
-    1,
+    iter(pipeline.train_dataset(_config(), tokenizer, source=src, shard_index=0, shard_count=1)), 1
   )
   assert "align_ids" not in plain and batch.keys() == plain.keys() | {"align_ids", "align_mask"}
   for key in plain:
