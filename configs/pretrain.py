@@ -352,8 +352,7 @@ def _data() -> ml_collections.ConfigDict:
   d.max_text_len = 0  # model.max_text_len
   d.max_words = 95  # reports are cut to this many words before tokenising (the paper's code)
   # The text ITC, ITM and TIG read: "report" (the paper) or "affirmed" (the report without its
-  # negated sentences; ITG still writes the whole report). README, "what holds the alignment
-  # figures back".
+  # negated sentences; ITG still writes the whole report; docs/PAPER_NOTES.md section 9).
   d.alignment_text = "report"
   d.image_mean = (0.48145466, 0.4578275, 0.40821073)  # the BLIP-2 / CLIP normalisation
   d.image_std = (0.26862954, 0.26130258, 0.27577711)

@@ -338,7 +338,8 @@ def compute_losses(
     )
   rngs = nnx.Rngs(dropout=key_dropout, codes=key_codes) if train else None
   ids, mask = batch["input_ids"], batch["attention_mask"]
-  # The alignment text: one text pass serves ITC, ITM's positives and TIG's condition.
+  # The text ITC, ITM and TIG read (the report itself unless the batch carries another); ITG
+  # learns to write `ids`.
   align_ids, align_mask = batch.get("align_ids", ids), batch.get("align_mask", mask)
   sub = check_itm_itg_tig_batch(itm_itg_tig_batch, ids.shape[0])
   whole = sub in (0, ids.shape[0])

@@ -93,9 +93,9 @@ def clean_report(
 def affirmed_sentences(text: str) -> str:
   """A cleaned report without the sentences that carry a negation cue (`_NEGATION`).
 
-  The alignment objectives' text under `config.data.alignment_text = "affirmed"` (README,
-  "what holds the alignment figures back"): a bag-of-findings text side reads "No
-  cardiomegaly." much as "cardiomegaly", and most sentences of normal reports are of that kind.
+  The alignment objectives' text under `config.data.alignment_text = "affirmed"`
+  (docs/PAPER_NOTES.md section 9): a text side learned from scratch reads "No cardiomegaly."
+  much as "cardiomegaly", and most sentences of the reports are of that kind.
   Sentences end at a full stop followed by white space. A report whose every sentence is
   negated (a normal study) is returned whole, so no pair loses its text.
 
