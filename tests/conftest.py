@@ -1,6 +1,9 @@
-"""Test set-up: eight simulated CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: eight simulated CPU devices and a compilation cache shared by the run's
+processes, set before JAX is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 from cli_runs import FAST_COMPILE  # no JAX import: the flags below still come first
 
@@ -13,6 +16,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# `make test` runs two processes (pytest-xdist), and several tests run the CLI in subprocesses;
+# many compile the same programs (the tiny model's steps and encoders). JAX's persistent cache
+# in one folder for the whole run lets each program be compiled once: the processes pytest
+# starts inherit this variable, so only the first process (the one that made it) removes it.
+# A folder the caller set is used as it is and kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="medunifier-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+
 
 def pytest_collection_modifyitems(config, items):
   """Files holding tests marked `slow` run first, each file's tests in their order.
@@ -23,3 +36,8 @@ def pytest_collection_modifyitems(config, items):
   """
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
