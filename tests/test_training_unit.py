@@ -472,3 +472,12 @@ def test_unreadable_checkpoints_are_set_aside_and_the_previous_one_restored(tmp_
   # Inference reads the newest good checkpoint without changing the workdir.
   model_state, step = ckpt.restore_model_state(tmp_path, abstract["model"])
   assert step == 1
+
+
+def test_a_batch_without_an_entry_the_step_reads_is_refused_by_name():
+  # A custom data function that misses an entry (e.g. the alignment text a config asks for)
+  # is named before anything travels to the devices, not a bare KeyError.
+  mesh = mesh_lib.make_mesh([("data", -1), ("model", 1)])
+  batch = {"image": np.zeros((8, 4), np.float32), "input_ids": np.zeros((8, 3), np.int32)}
+  with pytest.raises(KeyError, match=r"lacks \['align_ids'\].*batch has \['image', 'input_ids'\]"):
+    loop.to_global(batch, mesh, [], ("image", "input_ids", "align_ids"))
