@@ -20,11 +20,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # many compile the same programs (the tiny model's steps and encoders). JAX's persistent cache
 # in one folder for the whole run lets each program be compiled once: the processes pytest
 # starts inherit this variable, so only the first process (the one that made it) removes it.
-# A folder the caller set is used as it is and kept.
+# A folder the caller set is used as it is and kept. A size limit makes JAX take a file lock
+# around each read and write (without one, a process could read an entry another is writing;
+# JAX would then compile the program itself, with a warning).
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = tempfile.mkdtemp(prefix="medunifier-test-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 
 def pytest_collection_modifyitems(config, items):
