@@ -36,15 +36,17 @@ def to_global(
   are for evaluation).
   """
   keys = batch.keys() if keys is None else keys
-  missing = [k for k in keys if k not in batch]
-  if missing:
+  try:
+    picked = {k: batch[k] for k in keys}
+  except KeyError:
     # A custom `data_fn` (or one written for another config) meets the step's entries here.
+    missing = [k for k in keys if k not in batch]
     raise KeyError(
       f"the training batch lacks {missing}, which the step reads (it reads {list(keys)}; the "
       f"batch has {sorted(batch)}). Make the data function yield them, or change the config "
       "that asks for them (the task's batch_keys follow it)."
-    )
-  return sharding_lib.global_batch({k: batch[k] for k in keys}, mesh, rules)
+    ) from None
+  return sharding_lib.global_batch(picked, mesh, rules)
 
 
 def _checkpointable(it: Any) -> Any | None:
