@@ -38,7 +38,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import config_lib, host_memory, pretraining
+from medunifier_jax import compilation_cache, config_lib, host_memory, pretraining
 from medunifier_jax.objectives import OBJECTIVES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:bench_xs")
@@ -234,6 +234,7 @@ def sampling(config, prior_config) -> dict:
 
 def main(argv):
   del argv
+  compilation_cache.disable()  # compile_s is a compile, never a read from a cache
   if _PRIOR_CONFIG.value is not None:
     print(json.dumps(sampling(_CONFIG.value, _PRIOR_CONFIG.value)))
     return

@@ -43,11 +43,12 @@ def main(argv: list[str]) -> None:
   _simulate_devices(_SIMULATED.value)
   import jax
 
-  from medunifier_jax import pretraining
+  from medunifier_jax import compilation_cache, pretraining
   from medunifier_jax.training import aot
   from medunifier_jax.training import mesh as mesh_lib
   from medunifier_jax.training import state as state_lib
 
+  compilation_cache.disable()  # compile_s is a compile, never a read from a cache
   config = _CONFIG.value
   mesh = mesh_lib.make_mesh(config.mesh)
   t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medunifier_jax import host_memory
+from medunifier_jax import compilation_cache, host_memory
 
 _DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py"
@@ -235,6 +235,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  compilation_cache.enable()
   run_demo(
     _CONFIG.value,
     _WORKDIR.value,

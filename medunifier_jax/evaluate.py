@@ -32,7 +32,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import evaluation, host_memory
+from medunifier_jax import compilation_cache, evaluation, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -58,6 +58,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compilation_cache.enable()
   config = _CONFIG.value
   if _DECODE_BENCHMARK.value:
     max_len = int(config.model.max_text_len)

@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from medunifier_jax import host_memory
+from medunifier_jax import compilation_cache, host_memory
 from medunifier_jax.prior import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The MedUnifier's training workdir.")
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}; pass each prompt with --prompt")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  compilation_cache.enable()
   from medunifier_jax import api, paths
 
   if _NUM.value < 1:

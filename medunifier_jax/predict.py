@@ -27,7 +27,7 @@ import sys
 
 from absl import app, flags, logging
 
-from medunifier_jax import host_memory, prediction
+from medunifier_jax import compilation_cache, host_memory, prediction
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory with a checkpoint.")
 _IMAGES = flags.DEFINE_multi_string(
@@ -71,6 +71,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Checkpoint-restore INFO lines would bury the table; --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
+  compilation_cache.enable()
   decoding = {"method": _METHOD.value}
   if _METHOD.value == "beam":
     decoding["num_beams"] = _NUM_BEAMS.value

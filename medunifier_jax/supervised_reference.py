@@ -18,7 +18,7 @@ This module only parses the flags; the work is `medunifier_jax.supervised`'s.
 from absl import app, flags
 from ml_collections import config_flags
 
-from medunifier_jax import host_memory, supervised
+from medunifier_jax import compilation_cache, host_memory, supervised
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "e.g. configs/pretrain.py:demo", lock_config=True
@@ -31,6 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compilation_cache.enable()
   supervised.run(_CONFIG.value, _WORKDIR.value, _EVAL_EVERY.value)
 
 

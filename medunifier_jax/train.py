@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medunifier_jax import host_memory
+from medunifier_jax import compilation_cache, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -68,6 +68,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   import jax
 
+  compilation_cache.enable()
   if _is_multi_process():
     # JAX detects TPU metadata, SLURM and Open MPI itself; an explicit coordinator comes with
     # the process count and id (`_explicit_coordinator`).
