@@ -38,6 +38,8 @@ import os
 import platform
 from collections.abc import Mapping
 
+from medunifier_jax import paths
+
 ENV = "JAX_COMPILATION_CACHE_DIR"
 OPT_OUT = "MEDUNIFIER_COMPILATION_CACHE"
 # The demo's step and initialisation take about 3 MB on the CPU; a paper-size step for an
@@ -67,8 +69,7 @@ def machine_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
 def default_dir(env: Mapping[str, str] = os.environ, cpuinfo: str = "/proc/cpuinfo") -> str:
   """`$XDG_CACHE_HOME/medunifier_jax/xla/TAG` (`~/.cache` without the variable), TAG =
   `machine_tag(cpuinfo)`."""
-  base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "medunifier_jax", "xla", machine_tag(cpuinfo))
+  return paths.user_cache_dir("xla", machine_tag(cpuinfo), env=env)
 
 
 def enable(env: Mapping[str, str] = os.environ) -> str | None:

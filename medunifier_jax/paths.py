@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -24,6 +25,14 @@ CONFIG_PATHS = ("data.data_dir", "data.tokenizer_dir")
 # Config fields of the form "KIND:DIR" (weight sources), or mappings of names to such strings
 # (`init_from.vision`, `init_from.qformer`).
 CONFIG_SOURCES = ("init_from",)
+
+
+def user_cache_dir(*parts: str, env: Mapping[str, str] | None = None) -> str:
+  """`$XDG_CACHE_HOME/medunifier_jax/PARTS...` (`~/.cache` without the variable): what the
+  project keeps once per user, not per workdir (converted weights, compiled programs)."""
+  env = os.environ if env is None else env
+  base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "medunifier_jax", *parts)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -64,6 +64,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
+from medunifier_jax import paths
 from medunifier_jax.data import findings as findings_lib
 from medunifier_jax.evaluators import common, image_metrics
 
@@ -88,8 +89,7 @@ PROMPT_STREAM = 7001
 def default_inception_cache() -> str:
   """Where the converted FID Inception weights live when `inception_cache` is unset: one copy
   per user (87 MB), not per workdir."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "medunifier_jax", "fid_inception")
+  return paths.user_cache_dir("fid_inception")
 
 
 @functools.lru_cache(maxsize=2)
@@ -378,7 +378,6 @@ class ImageGenEvaluator(common.Evaluator):
 
   def __init__(self, config, task_config, tokenizer):
     super().__init__(config, task_config, tokenizer)
-    from medunifier_jax import paths
 
     if len(self.datasets) != 1:
       raise ValueError(
