@@ -16,9 +16,12 @@ Layout (by default `PRIOR_WORKDIR/codes`, config `codes.dir`):
                        attention_mask  int8 (m, T)
                        text_states     float32 (m, T, H)     only with cache_text_states
 
-Each example is processed exactly as pre-training reads it (`data.pipeline.ExampleProcessor`:
-the image fitted and normalised, the report cleaned and tokenised) and encoded in evaluation
-mode (BatchNorm running averages, no dropout), so the codes are those `Model.reconstruct` gives.
+Each example is processed as evaluation reads it (`data.pipeline.ExampleProcessor`: the image
+fitted and normalised, the whole report cleaned and tokenised) and encoded in evaluation mode
+(BatchNorm running averages, no dropout), so the codes are those `Model.reconstruct` gives.
+Under `data.alignment_text = "affirmed"` pre-training's TIG pass read the report without its
+negated sentences; the codes here, like `reconstruct` and the prior's condition, read the whole
+report (a difference in the [CLS] state that grounds the bottom level only).
 A shard is written to a temporary name and renamed when complete: a rerun skips complete shards
 and redoes the others. A cache whose `index.json` names another MedUnifier step or other
 settings is refused (`StaleCodesError`), never silently reused.
