@@ -1,6 +1,7 @@
 """The programs' persistent compilation cache (`compilation_cache`): the folder it picks, the
 user's choice and opt-out respected, and a damaged folder costing a compile, never a run."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -98,3 +99,30 @@ def test_programs_fill_the_folder_and_survive_damaged_entries(tmp_path):
   again, stderr = run()
   assert again == first
   assert "Error reading persistent compilation cache entry" in stderr
+
+
+# The programs that train, evaluate or generate use the cache; those that print compile times
+# turn it off.
+USES_CACHE = ("train", "evaluate", "demo", "generate", "predict", "supervised_reference")
+NO_CACHE = ("benchmark", "compile_report")
+
+
+def calls_in_main(name: str) -> set[str]:
+  tree = ast.parse((ROOT / "medunifier_jax" / f"{name}.py").read_text(encoding="utf-8"))
+  main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+  return {
+    f"{n.func.value.id}.{n.func.attr}"
+    for n in ast.walk(main)
+    if isinstance(n, ast.Call)
+    and isinstance(n.func, ast.Attribute)
+    and isinstance(n.func.value, ast.Name)
+  }
+
+
+@pytest.mark.parametrize("name", USES_CACHE + NO_CACHE)
+def test_each_program_enables_or_disables_the_cache(name):
+  calls = calls_in_main(name)
+  want, unwanted = "compilation_cache.enable", "compilation_cache.disable"
+  if name in NO_CACHE:
+    want, unwanted = unwanted, want
+  assert want in calls and unwanted not in calls, sorted(calls)
