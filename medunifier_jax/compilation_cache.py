@@ -6,7 +6,7 @@ about 57 s and loads back in 6 s, its initialisation in 26 s and 4.5 s (docs/PER
 "Where the demo step's compile goes").
 
 The programs that train, evaluate and generate (`train`, `evaluate`, `demo`, `generate`,
-`predict`) call `enable()` before they compile anything:
+`predict`, `supervised_reference`) call `enable()` before they compile anything:
 - a cache the user chose is left as it is: `JAX_COMPILATION_CACHE_DIR` set, even to "" (none);
 - otherwise JAX gets a folder per user and chip type, `$XDG_CACHE_HOME/medunifier_jax/xla/TAG`
   (by default under `~/.cache`; TAG names the CPU's instruction set, `machine_tag`), capped at
@@ -27,8 +27,7 @@ way, so a shared or damaged folder costs compiles, never a run. JAX does not rep
 entry: the warning comes back in every run until the folder (or the file it names) is deleted.
 
 The programs that print compile times (`benchmark`, `compile_report`) call `disable()`, so that
-those are compiles, never reads. Library use (`import medunifier_jax`)
-changes no JAX setting.
+those are compiles, never reads. Library use (`import medunifier_jax`) changes no JAX setting.
 """
 
 from __future__ import annotations
