@@ -56,10 +56,13 @@ def test_enable_points_jax_at_the_default_folder(restored_jax_config, tmp_path):
   assert folder == compilation_cache.default_dir({"XDG_CACHE_HOME": str(tmp_path)})
   assert jax.config.jax_compilation_cache_dir == folder
   assert jax.config.jax_compilation_cache_max_size == compilation_cache.MAX_BYTES
+  # A size the user set is JAX's to read (at import): enable leaves the setting as it is.
+  jax.config.update("jax_compilation_cache_max_size", 123)
   kept = compilation_cache.enable(
     {"XDG_CACHE_HOME": str(tmp_path), "JAX_COMPILATION_CACHE_MAX_SIZE": "123"}
   )
-  assert kept == folder  # a size the user set is JAX's to read
+  assert kept == folder
+  assert jax.config.jax_compilation_cache_max_size == 123
 
 
 PROGRAM = textwrap.dedent(
